@@ -1,0 +1,33 @@
+# One-command set-up for a fresh machine: `make demo` runs the demo, `make test` runs the tests.
+# Both create .venv at the project root and install blockkd into it (PyTorch from the package registry).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: demo test bench-speed bench-accuracy data venv
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Fashion-MNIST, real data, from Debian's package where apt is available (else blockkd downloads it).
+data:
+	@if [ ! -f $(FMNIST) ] && command -v apt-get >/dev/null 2>&1; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null; fi
+
+demo: venv data
+	$(VENV)/bin/blockkd demo
+
+test: venv data
+	$(VENV)/bin/python -m pytest tests -q
+
+bench-speed: venv
+	$(PY) benchmarks/speed.py
+
+bench-accuracy: venv data
+	$(PY) benchmarks/accuracy.py

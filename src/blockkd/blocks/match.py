@@ -1,0 +1,80 @@
+"""Bring a student and a teacher to the same number of blocks, with boundaries at the same resolutions.
+
+Why by resolution: a connector between a student block and a teacher block is cheapest and most
+meaningful when both outputs have the same spatial size. Each side cuts after the last of its natural
+stages at every resolution the two share; stages at resolutions the other side lacks join their
+neighbours (the last block always runs to the head).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch.nn as nn
+
+from ..errors import BlockKDError
+from .core import Blocks, balanced_ends, split
+
+Resolution = tuple[int, ...]
+
+
+def _fmt(resolutions: Sequence[Resolution]) -> str:
+    return "[" + ", ".join("x".join(map(str, r)) for r in resolutions) + "]"
+
+
+def _last_index(resolutions: Sequence[Resolution]) -> dict[Resolution, int]:
+    return {r: i for i, r in enumerate(resolutions)}
+
+
+def common_resolutions(rs: Sequence[Resolution], rt: Sequence[Resolution]) -> list[Resolution]:
+    """Resolutions at which both sides have a stage end, in order along both networks."""
+    last_s, last_t = _last_index(rs), _last_index(rt)
+    out, prev_t = [], -1
+    for r in sorted(last_s, key=last_s.get):
+        if r in last_t and last_t[r] > prev_t:
+            out.append(r)
+            prev_t = last_t[r]
+    return out
+
+
+def _ends(resolutions: Sequence[Resolution], cut_at: Sequence[Resolution]) -> list[int]:
+    last = _last_index(resolutions)
+    return [last[r] + 1 for r in cut_at] + [len(resolutions)]
+
+
+def match(student: nn.Module, teacher: nn.Module, input_shape: Sequence[int], n: int | None = None
+          ) -> tuple[Blocks, Blocks]:
+    """Block views of ``student`` and ``teacher`` with the same number of blocks.
+
+    Default: a boundary after every resolution both share, where both sides go on past it, and one at the
+    end (both last blocks feed the head); so n is the number of shared resolutions, plus one when both
+    networks continue past the last of them. A smaller ``n`` keeps that many of those boundaries (the
+    extra stages go to the earlier blocks); a larger one, up to the smaller natural stage count, pairs the
+    stages by position instead (the connectors then resample).
+    """
+    input_shape = tuple(input_shape)
+    s_nat, t_nat = split(student, input_shape=input_shape), split(teacher, input_shape=input_shape)
+    rs = [shape[1:] for shape in s_nat.probe(input_shape)]
+    rt = [shape[1:] for shape in t_nat.probe(input_shape)]
+    common = common_resolutions(rs, rt)
+    a, b = len(rs), len(rt)
+    last_s, last_t = _last_index(rs), _last_index(rt)
+    inner = [r for r in common if last_s[r] < a - 1 and last_t[r] < b - 1]  # boundaries before the ends
+
+    def fail(why: str) -> BlockKDError:
+        return BlockKDError(f"cannot bring student {type(student).__name__} ({a} stages ending at {_fmt(rs)}) "
+                            f"and teacher {type(teacher).__name__} ({b} stages ending at {_fmt(rt)}) to the same "
+                            f"number of blocks: {why}")
+
+    if n is None:
+        if not common:
+            raise fail(f"they share no resolution; pass n <= {min(a, b)} to pair stages by position")
+        n = len(inner) + 1
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise fail(f"n must be a positive integer, got {n!r}")
+    if n <= len(inner) + 1:
+        cut_at = [inner[i - 1] for i in balanced_ends(len(inner) + 1, n)[:-1]]
+        return s_nat.regroup(_ends(rs, cut_at)), t_nat.regroup(_ends(rt, cut_at))
+    if n > min(a, b):
+        raise fail(f"n={n} exceeds both the {len(inner) + 1} resolution-aligned blocks (shared resolutions "
+                   f"{_fmt(common)}) and the {min(a, b)} stages of the shallower side")
+    return s_nat.regroup(balanced_ends(a, n)), t_nat.regroup(balanced_ends(b, n))

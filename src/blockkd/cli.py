@@ -1,0 +1,167 @@
+"""Command line: ``blockkd train|eval|models|methods|demo``.
+
+Why so thin: the CLI only parses arguments and calls the library, so everything it does is also
+available (and tested) from Python. Its one job of its own is to turn a user mistake
+(:class:`BlockKDError`) into one ``error:`` line and exit status 2, while bugs keep their traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Sequence
+
+from .errors import BlockKDError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _train(args: argparse.Namespace) -> int:
+    from . import config
+
+    cfg = config.load(args.config, args.overrides)
+    if args.print_config:
+        print(config.dump(cfg), end="")
+        return 0
+    from . import engine
+
+    summary = engine.train(cfg, resume=args.resume, overwrite=args.overwrite)
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            value = " ".join(f"{k}={_short(v)}" for k, v in value.items() if not isinstance(v, (dict, list)))
+        if not isinstance(value, list):
+            print(f"{key}: {_short(value)}")
+    return 0
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from . import config
+
+    data = config.parse_data_overrides(args.data)  # bad inputs fail before a checkpoint is read
+    if args.device is not None:
+        config.check("train.device", args.device, "--device")
+    from . import engine
+
+    m = engine.evaluate_checkpoint(args.checkpoint, data or None, device=args.device)
+    what = f"{m.get('model', 'student')} ({m.get('method', '?')}, epoch {m.get('epoch', '?')}) on {m.get('data', '?')}"
+    print(f"{what}: top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  loss {m['loss']:.4f}  "
+          f"{m['images_per_s']:.0f} images/s")
+    return 0
+
+
+def _table(rows: list[tuple[str, str]], header: tuple[str, str]) -> None:
+    width = max(len(r[0]) for r in [header, *rows])
+    for name, rest in [header, *rows]:
+        print(f"{name:<{width}}  {rest}")
+
+
+def _models(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import models
+
+    rows = []
+    for name in models.names():
+        with torch.device("meta"):  # shapes only: no memory, no init cost
+            model = models.create(name, num_classes=100)
+        rows.append((name, f"{models.num_params(model) / 1e6:7.2f}"))
+    _table(rows, ("model", "params (M, 100 classes)"))
+    return 0
+
+
+def _methods(args: argparse.Namespace) -> int:
+    from . import methods
+    from .config import format_value
+
+    rows = []
+    for name in methods.names():
+        doc = (methods.get(name).__doc__ or "").strip().splitlines()
+        options = ", ".join(f"{k}={format_value(v)}" for k, v in methods.defaults(name).items()) or "(none)"
+        teacher = "needs a teacher" if methods.needs_teacher(name) else "no teacher"
+        rows += [(name, doc[0] if doc else ""), ("", f"{teacher}; options: {options}")]
+    _table(rows, ("method", "description"))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    return int(demo.run(args) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # ``--debug`` is accepted before and after the subcommand: the subcommands' copy has no default,
+    # so it cannot reset a ``--debug`` given before them.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of an error")
+    parser = argparse.ArgumentParser(
+        prog="blockkd", description="Block-wise Logit Distillation and a knowledge-distillation toolkit.",
+        epilog="Recipes and their keys: docs/config.md. Example: blockkd train "
+               "configs/cifar100/resnet32x4_resnet8x4/blockkd.yaml optim.lr=0.1")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", parents=[common], help="train from a YAML recipe",
+                       description="Train from a YAML recipe; key=value arguments override its keys.")
+    p.add_argument("config", help="recipe file (YAML)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.lr=0.1 train.epochs=2")
+    p.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved recipe (all defaults filled in) and exit")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", parents=[common], help="evaluate a checkpoint's student",
+                       description="Top-1/top-5 accuracy, loss and throughput of a checkpoint's student.")
+    p.add_argument("checkpoint", help="run folder, its best/ or last/ folder")
+    p.add_argument("--data", nargs="+", action="extend", default=[], metavar="key=value",
+                   help="data keys to change, e.g. root=/data eval_batch_size=512")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("models", parents=[common], help="list the model zoo")
+    p.set_defaults(func=_models)
+    p = sub.add_parser("methods", parents=[common], help="list the distillation methods and their options")
+    p.set_defaults(func=_methods)
+
+    p = sub.add_parser("demo", parents=[common], help="the Fashion-MNIST demo (teacher, KD, DKD, Block-KD)")
+    p.add_argument("--quick", action="store_true", help="a smaller, faster run")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
+    p.add_argument("--epochs", type=int, default=None, help="override the recipes' number of epochs")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def _split_extras(parser: argparse.ArgumentParser, args: argparse.Namespace, extras: list[str]) -> None:
+    """``blockkd train CFG --resume optim.lr=0.1``: argparse leaves ``optim.lr=0.1`` over; it is an override."""
+    if extras and args.command == "train" and not any(e.startswith("-") for e in extras):
+        args.overrides += extras
+    elif extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command in ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    _split_extras(parser, args, extras)
+    try:
+        return args.func(args)
+    except BlockKDError as e:
+        if args.debug:
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _one_line(e: Any) -> str:
+    return " ".join(str(e).split()) or type(e).__name__

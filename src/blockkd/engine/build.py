@@ -1,0 +1,73 @@
+"""Models of a run: the student and the teacher, built for the data and loaded from their checkpoints.
+
+Why here: a teacher checkpoint can be one of our run folders, a ``.safetensors`` file, or a foreign
+``.pth`` from RepDistiller/mdistiller; a mismatch with the data (class count, input channels) must be a
+one-line error naming both sides, before any training starts.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .. import models
+from ..errors import BlockKDError
+from .checkpoint import checkpoint_dir, load_checkpoint
+
+
+def _signature(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -> tuple[int | None, int | None]:
+    """(classes, input channels) that ``sd`` was trained for: the rows of the model's classifier weight
+    (its last 2-D weight) and the in-channels of its first conv, looked up in ``sd`` under the model's keys."""
+    mats = [k for k, v in own.items() if v.dim() == 2 and k.endswith("weight")]
+    convs = [k for k, v in own.items() if v.dim() == 4]
+    classes = sd[mats[-1]].shape[0] if mats and mats[-1] in sd and sd[mats[-1]].dim() == 2 else None
+    channels = sd[convs[0]].shape[1] if convs and convs[0] in sd and sd[convs[0]].dim() == 4 else None
+    return classes, channels
+
+
+def check_fits(model: nn.Module, sd: dict[str, torch.Tensor], *, role: str, path: str | Path, data) -> None:
+    """Raise a BlockKDError naming the checkpoint and the data when ``sd`` cannot fit ``model``."""
+    own = model.state_dict()
+    classes, channels = _signature(own, sd)
+    want_classes, want_channels = data.num_classes, data.input_shape[0]
+    if (classes is not None and classes != want_classes) or (channels is not None and channels != want_channels):
+        raise BlockKDError(
+            f"{role} checkpoint {path} is for {classes} classes and {channels} input channels, but the data "
+            f"({data.name}) has {want_classes} classes and {want_channels} channels")
+    for k, v in sd.items():
+        if k in own and tuple(own[k].shape) != tuple(v.shape):
+            raise BlockKDError(f"{role} checkpoint {path} does not fit the model: {k} has shape {tuple(v.shape)}, "
+                               f"the model expects {tuple(own[k].shape)} (wrong model name?)")
+
+
+def load_model_weights(model: nn.Module, path: str | Path, *, role: str, name: str, data) -> nn.Module:
+    """Load ``path`` (our run/checkpoint folder, a ``.safetensors``, or a foreign ``.pth``) into ``model``."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise BlockKDError(f"{role} checkpoint {path} does not exist")
+    if path.is_dir():
+        ckpt = load_checkpoint(checkpoint_dir(path), with_state=False)
+        trained = ckpt.meta.get("config", {}).get("model", {}).get("name")
+        if trained and trained != name:
+            raise BlockKDError(f"{role} checkpoint {ckpt.path} holds a {trained}, but {role}.name is {name}")
+        sd = ckpt.student_weights()
+    else:  # weights_only / safetensors: no code from the file runs
+        sd = models.read_state_dict(path)
+        if any(k.startswith("student.") for k in sd):  # one of our weights.safetensors files
+            sd = {k[len("student."):]: v for k, v in sd.items() if k.startswith("student.")}
+    check_fits(model, sd, role=role, path=path, data=data)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]  # absent from old checkpoints
+    if missing or unexpected:
+        raise BlockKDError(f"{role} checkpoint {path} does not fit {name}: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]} (wrong {role}.name?)")
+    return model
+
+
+def build_model(section: dict, data, *, role: str) -> nn.Module:
+    """``models.create`` for the data's classes and channels, then the section's checkpoint, if any."""
+    model = models.create(section["name"], num_classes=data.num_classes, in_channels=data.input_shape[0])
+    if section.get("checkpoint"):
+        load_model_weights(model, section["checkpoint"], role=role, name=section["name"], data=data)
+    return model

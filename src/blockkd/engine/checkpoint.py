@@ -1,0 +1,241 @@
+"""Checkpoints: folders holding ``weights.safetensors``, ``optim.safetensors`` and ``meta.json``.
+
+Why this shape: safetensors + JSON load without pickle (a checkpoint from elsewhere cannot run code),
+the weights file is usable on its own, and ``meta.json`` is readable by people and other tools.
+A checkpoint is written into a temporary folder beside its destination, fsynced, then renamed into
+place; the previous one is kept as ``<name>.prev/`` until the new one is complete, so a kill at any
+moment leaves at least one readable checkpoint. ``meta.json`` records the sha256 of both tensor files:
+a truncated or corrupt file is caught on load and named.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import safetensors.torch
+import torch
+
+from ..errors import BlockKDError
+
+FORMAT = "blockkd-checkpoint"
+VERSION = 1
+WEIGHTS, OPTIM, META = "weights.safetensors", "optim.safetensors", "meta.json"
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A loaded checkpoint: the trained tensors, the metadata, and the (rebuilt) nested training state."""
+
+    path: Path
+    weights: dict[str, torch.Tensor]
+    meta: dict
+    state: dict  # meta["state"] with its tensors put back (optimizer, scheduler, scaler ...)
+
+    def student_weights(self) -> dict[str, torch.Tensor]:
+        """The student's own state_dict (keys without the ``student.`` prefix)."""
+        return {k[len("student."):]: v for k, v in self.weights.items() if k.startswith("student.")}
+
+
+# ------------------------------------------------------------------------------- nested state <-> JSON
+def flatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """``obj`` as JSON with each tensor replaced by ``{"__tensor__": key}`` and stored in ``tensors``.
+
+    Dicts with non-string keys (the optimizer's per-parameter state is keyed by int) become
+    ``{"__items__": [[key, value], ...]}`` so the keys come back with their type.
+    """
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj.detach()  # copied to the CPU when written
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: flatten(v, tensors) for k, v in obj.items()}
+        return {"__items__": [[k, flatten(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [flatten(v, tensors) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint")
+
+
+def unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`flatten`."""
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        if set(obj) == {"__items__"}:
+            return {k: unflatten(v, tensors) for k, v in obj["__items__"]}
+        return {k: unflatten(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [unflatten(v, tensors) for v in obj]
+    return obj
+
+
+# ------------------------------------------------------------------------------- files
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write and fsync, so a rename that follows never publishes a half-written file."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` atomically (temp file beside it, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write_bytes(tmp, text.encode("utf-8"))
+    os.replace(tmp, path)
+
+
+def _tensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    return safetensors.torch.save({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()})
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def save_checkpoint(folder: str | Path, *, weights: dict[str, torch.Tensor], meta: dict,
+                    state: dict | None = None, keep_prev: bool = True) -> Path:
+    """Write a checkpoint folder atomically; ``state`` (nested, with tensors) goes to optim.safetensors.
+
+    ``keep_prev``: leave the replaced checkpoint as ``<folder>.prev/`` (the fallback for ``--resume``).
+    """
+    folder = Path(folder)
+    tmp = _fresh_tmp(folder)
+    state_tensors: dict[str, torch.Tensor] = {}
+    state_json = flatten(state or {}, state_tensors)
+    files = {WEIGHTS: _tensors_bytes(weights), OPTIM: _tensors_bytes(state_tensors)}
+    for name, data in files.items():
+        write_bytes(tmp / name, data)
+    meta = {"format": FORMAT, "version": VERSION, **meta, "state": state_json,
+            "sha256": {name: _sha256(data) for name, data in files.items()}}
+    write_bytes(tmp / META, json.dumps(meta, indent=1).encode("utf-8"))
+    return _publish(tmp, folder, keep_prev)
+
+
+def copy_checkpoint(src: str | Path, folder: str | Path, *, keep_prev: bool = False) -> Path:
+    """Publish a copy of checkpoint ``src`` as ``folder`` (``best/`` from a fresh ``last/``), atomically.
+
+    Real copies, not hard links: damage to one file must not reach the other checkpoint.
+    """
+    src, folder = Path(src), Path(folder)
+    tmp = _fresh_tmp(folder)
+    for name in (WEIGHTS, OPTIM, META):
+        write_bytes(tmp / name, (src / name).read_bytes())
+    return _publish(tmp, folder, keep_prev)
+
+
+def _fresh_tmp(folder: Path) -> Path:
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by a run killed while writing
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _publish(tmp: Path, folder: Path, keep_prev: bool) -> Path:
+    """Swap the complete ``tmp`` folder in as ``folder``; the old one survives as ``<folder>.prev`` until then."""
+    prev = folder.with_name(f"{folder.name}.prev")
+    _fsync_dir(tmp)
+    if folder.exists():
+        if prev.exists():
+            shutil.rmtree(prev)
+        os.replace(folder, prev)
+    os.replace(tmp, folder)
+    _fsync_dir(folder.parent)
+    if not keep_prev and prev.exists():
+        shutil.rmtree(prev)
+    return folder
+
+
+def _read_tensors(path: Path, sha: str | None) -> dict[str, torch.Tensor]:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise BlockKDError(f"cannot read checkpoint file {path}: {e.strerror}") from None
+    if sha is not None and _sha256(data) != sha:
+        raise BlockKDError(f"checkpoint file {path} is corrupt or truncated (sha256 mismatch with meta.json)")
+    try:
+        return safetensors.torch.load(data)
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise BlockKDError(f"checkpoint file {path} is not a readable safetensors file ({e})") from None
+
+
+def read_meta(folder: str | Path) -> dict:
+    """``meta.json`` of a checkpoint folder, checked for format and version."""
+    path = Path(folder) / META
+    try:
+        meta = json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise BlockKDError(f"{folder} is not a checkpoint folder (no {META})") from None
+    except (OSError, ValueError) as e:
+        raise BlockKDError(f"checkpoint file {path} is unreadable or corrupt ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise BlockKDError(f"{path} is not a blockkd checkpoint (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+    if meta.get("version", 0) > VERSION:
+        raise BlockKDError(f"{path} has checkpoint format version {meta['version']}; this blockkd reads up to "
+                           f"{VERSION} (upgrade blockkd)")
+    return meta
+
+
+def load_checkpoint(folder: str | Path, *, with_state: bool = True) -> Checkpoint:
+    """Load and verify a checkpoint folder; any missing, truncated or corrupt file -> BlockKDError naming it."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    sha = meta.get("sha256", {})
+    weights = _read_tensors(folder / WEIGHTS, sha.get(WEIGHTS))
+    state = unflatten(meta.get("state", {}), _read_tensors(folder / OPTIM, sha.get(OPTIM))) if with_state else {}
+    return Checkpoint(folder, weights, meta, state)
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    """A checkpoint folder from a checkpoint folder or a run folder (its ``best/``, else ``last/``)."""
+    path = Path(path)
+    if (path / META).is_file():
+        return path
+    for name in ("best", "last", "last.prev"):
+        if (path / name / META).is_file():
+            return path / name
+    raise BlockKDError(f"{path} is neither a run folder with best/ or last/ nor a checkpoint folder")
+
+
+def load_resumable(run_dir: Path, warn: Callable[[str], None]) -> Checkpoint | None:
+    """The newest readable checkpoint of a run: ``last/``, else ``last.prev/``, ``best/`` (with a warning).
+
+    None when the run has no checkpoint at all; BlockKDError when every one is unreadable.
+    """
+    errors = []
+    for name in ("last", "last.prev", "best", "best.prev"):
+        folder = run_dir / name
+        if not folder.exists():
+            continue
+        try:
+            ckpt = load_checkpoint(folder)
+        except BlockKDError as e:
+            errors.append(str(e))
+            continue
+        if errors:
+            warn(f"{'; '.join(errors)}; resuming from {name}/ (epoch {ckpt.meta.get('epoch')}) instead")
+        return ckpt
+    if errors:
+        raise BlockKDError(f"no readable checkpoint in {run_dir}: {'; '.join(errors)}")
+    return None

@@ -1,0 +1,75 @@
+"""The interface every distillation method implements.
+
+Why one base class: the trainer, the checkpoints and the CLI treat every method the same way —
+``distiller(x, y, epoch=e)`` gives ``(student_logits, losses)`` in training and the student's logits
+otherwise; only ``trainable_parameters()`` are optimised; only ``train_state_dict()`` is saved.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Iterator
+
+import torch
+import torch.nn as nn
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Freeze a teacher: no gradients, eval mode (BN statistics never change)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+class Distiller(nn.Module):
+    """Base distiller: a student, an optional frozen teacher and method-specific extra modules.
+
+    Subclasses set ``defaults`` (their options), ``needs_teacher``, and implement
+    :meth:`forward_train`. ``epoch`` is training progress in epochs as a float (2.5 = half-way
+    through the third epoch): the one mechanism for losses that depend on progress (DKD's warm-up).
+    """
+
+    defaults: ClassVar[dict[str, Any]] = {}
+    needs_teacher: ClassVar[bool] = True
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None,
+                 input_shape: tuple[int, ...] = (3, 32, 32)):
+        super().__init__()
+        self.student = student
+        self.teacher = freeze(teacher) if teacher is not None else None
+        self.input_shape = tuple(input_shape)
+
+    def train(self, mode: bool = True) -> "Distiller":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher stays in eval mode whatever the distiller's mode
+        return self
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, *, epoch: float = 0.0):
+        if not self.training or y is None:
+            return self.student(x)
+        return self.forward_train(x, y, epoch=epoch)
+
+    def forward_train(self, x: torch.Tensor, y: torch.Tensor, *, epoch: float):
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits, without autograd bookkeeping."""
+        return self.teacher(x)
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """What the optimizer updates: every parameter outside the teacher."""
+        for name, p in self.named_parameters():
+            if not name.startswith("teacher.") and p.requires_grad:
+                yield p
+
+    def train_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything trained (student and extra modules such as connectors), never the teacher."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
+
+    def load_train_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("teacher.")]
+        if missing or unexpected:
+            from ..errors import BlockKDError
+            raise BlockKDError(
+                f"checkpoint does not fit this distiller: missing {missing[:5]}, unexpected {unexpected[:5]}")

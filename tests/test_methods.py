@@ -1,0 +1,237 @@
+"""Distillers: interface, frozen teacher, gradients, loss formulas checked independently."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import blockkd
+from blockkd.errors import BlockKDError
+from blockkd.methods.losses import dkd_parts, kl_div
+
+SHAPE = (3, 32, 32)
+
+
+def make(method, student="resnet8", teacher="resnet14", num_classes=10, shape=SHAPE, **options):
+    s = blockkd.models.create(student, num_classes=num_classes, in_channels=shape[0])
+    t = blockkd.models.create(teacher, num_classes=num_classes, in_channels=shape[0])
+    return blockkd.methods.create(method, s, t, input_shape=shape, **options)
+
+
+def batch(n=8, shape=SHAPE, num_classes=10):
+    return torch.randn(n, *shape), torch.randint(0, num_classes, (n,))
+
+
+def reference_kl(student, target, t):
+    """KL(p_target ‖ p_student) · t², written out: Σ p (log p − log q), mean over the batch."""
+    p = torch.softmax(target.double() / t, 1)
+    q = torch.softmax(student.double() / t, 1)
+    return (p * (p.log() - q.log())).sum(1).mean() * t * t
+
+
+def test_registry_lists_methods_and_rejects_bad_options():
+    assert {"ce", "kd", "dkd", "blockkd", "blockkd-lite"} <= set(blockkd.methods.names())
+    with pytest.raises(BlockKDError, match="did you mean 'temperature'"):
+        make("kd", temprature=3)
+    with pytest.raises(BlockKDError, match="needs a teacher"):
+        blockkd.methods.create("kd", blockkd.models.create("resnet8", num_classes=10))
+    with pytest.raises(BlockKDError, match="did you mean 'blockkd'"):
+        blockkd.methods.create("blokkd", None)
+
+
+def test_kd_loss_matches_formula():
+    s, t = torch.randn(5, 7), torch.randn(5, 7) * 3
+    assert torch.allclose(kl_div(s, t, 4.0).double(), reference_kl(s, t, 4.0), atol=1e-5)
+
+
+def test_dkd_parts_match_hand_computation():
+    s = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    t = torch.tensor([[3.0, 0.0, 1.0], [1.0, 1.0, 2.0]])
+    y = torch.tensor([0, 2])
+    T = 2.0
+    tckd_ref = nckd_ref = 0.0
+    for si, ti, yi in zip(s.tolist(), t.tolist(), y.tolist()):
+        ps = [math.exp(v / T) for v in si]
+        pt = [math.exp(v / T) for v in ti]
+        bs = [ps[yi] / sum(ps), 1 - ps[yi] / sum(ps)]
+        bt = [pt[yi] / sum(pt), 1 - pt[yi] / sum(pt)]
+        tckd_ref += sum(a * math.log(a / b) for a, b in zip(bt, bs))
+        qs = [v for j, v in enumerate(ps) if j != yi]
+        qt = [v for j, v in enumerate(pt) if j != yi]
+        qs = [v / sum(qs) for v in qs]
+        qt = [v / sum(qt) for v in qt]
+        nckd_ref += sum(a * math.log(a / b) for a, b in zip(qt, qs))
+    tckd, nckd = dkd_parts(s, t, y, T)
+    assert tckd.item() == pytest.approx(tckd_ref / 2 * T * T, rel=1e-5)
+    assert nckd.item() == pytest.approx(nckd_ref / 2 * T * T, rel=1e-5)
+
+
+def test_dkd_warmup_ramps_kd_terms():
+    d = make("dkd", warmup=4.0)
+    d.train()
+    x, y = batch()
+    _, early = d(x, y, epoch=1.0)
+    _, late = d(x, y, epoch=10.0)
+    assert early["loss_ce"].item() == pytest.approx(late["loss_ce"].item(), rel=1e-5)
+    assert early["loss_nckd"].item() == pytest.approx(late["loss_nckd"].item() / 4, rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["ce", "kd", "dkd", "blockkd", "blockkd-lite"])
+def test_interface_and_frozen_teacher(method):
+    d = make(method)
+    d.train()
+    if d.teacher is not None:
+        assert not d.teacher.training and all(not p.requires_grad for p in d.teacher.parameters())
+        before = copy.deepcopy(d.teacher.state_dict())
+    assert not any(k.startswith("teacher.") for k in d.train_state_dict())
+    teacher_params = {id(p) for p in d.teacher.parameters()} if d.teacher is not None else set()
+    params = list(d.trainable_parameters())
+    assert params and not any(id(p) in teacher_params for p in params)
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    for step in range(3):
+        x, y = batch()
+        logits, losses = d(x, y, epoch=step)
+        assert logits.shape == (8, 10)
+        assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        opt.step()
+    if d.teacher is not None:
+        after = d.teacher.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before), "teacher changed"
+    d.eval()
+    x, _ = batch()
+    assert torch.equal(d(x), d.student(x))
+
+
+def test_blockkd_gradients_reach_student_and_connectors_never_teacher():
+    d = make("blockkd")
+    d.train()
+    x, y = batch()
+    _, losses = d(x, y)
+    sum(losses.values()).backward()
+    for name, p in d.student.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    for name, p in d.connectors.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in d.teacher.parameters())
+
+
+def test_blockkd_attributes():
+    d = make("blockkd", temperature=3.0, alpha=0.5, beta=2.0, gamma=0.25)
+    n = d.num_blocks
+    assert n == 3 and len(d.connectors) == n
+    assert d.stone_weights == [0.25, 0.5, 1.0]
+    assert (d.temperature, d.alpha, d.beta, d.gamma) == (3.0, 0.5, 2.0, 0.25)
+    assert isinstance(d.connectors, torch.nn.ModuleList)
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_blockkd_loss_equals_paper_formula(detach):
+    d = make("blockkd", temperature=3.0, alpha=0.3, beta=0.7, gamma=0.5, detach_ensemble=detach)
+    d.train()
+    x, y = batch()
+    logits, losses = d(x, y)
+    stones = d.stones(x)  # train-mode BN uses batch statistics: same values as inside forward
+    with torch.no_grad():
+        t = d.teacher(x)
+    T, w = 3.0, d.stone_weights
+    ens = torch.stack(stones).mean(0)
+    ce = lambda z: F.cross_entropy(z.double(), y)
+    L_task = ce(logits) + sum(wi * ce(z) for wi, z in zip(w, stones))
+    L_distill = reference_kl(logits, t, T) + sum(wi * reference_kl(z, t, T) for wi, z in zip(w, stones))
+    L_cross = reference_kl(logits, ens, T) + sum(reference_kl(z, ens, T) for z in stones)
+    expected = 0.3 * L_task + 0.7 * L_distill + 0.5 * L_cross
+    total = sum(losses.values())
+    assert total.item() == pytest.approx(expected.item(), rel=1e-4)
+    assert (losses["loss_task_student"] + losses["loss_task_stones"]).item() == pytest.approx(0.3 * L_task.item(), rel=1e-4)
+    assert losses["loss_cross"].item() == pytest.approx(0.5 * L_cross.item(), rel=1e-4)
+    # Detaching the ensemble changes the gradient, not the value.
+    grads = torch.autograd.grad(losses["loss_cross"], list(d.connectors.parameters()))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_stones_are_the_hybrid_models():
+    """N_i computed by hand from the models' own block views equals stones(x)[i]."""
+    d = make("blockkd").eval()
+    x, _ = batch(4)
+    s_view, t_view = d._views
+    with torch.no_grad():
+        stones = d.stones(x)
+        for i in range(d.num_blocks):
+            h = x
+            for b in s_view.blocks[: i + 1]:
+                h = b(h)
+            h = d.connectors[i](h)
+            for b in t_view.blocks[i + 1:]:
+                h = b(h)
+            assert torch.allclose(t_view.head(h), stones[i], atol=1e-5)
+        # the last stone uses the teacher's head alone
+        assert len(stones) == 3
+
+
+def test_batched_and_separate_stones_agree():
+    a = make("blockkd", batched_stones=True)
+    b = make("blockkd", batched_stones=False)
+    b.load_state_dict(a.state_dict())
+    a.train(), b.train()
+    x, y = batch()
+    la, lb = a(x, y)[1], b(x, y)[1]
+    for k in la:
+        assert la[k].item() == pytest.approx(lb[k].item(), rel=1e-5, abs=1e-6), k
+
+
+@pytest.mark.parametrize("sampling", ["weighted", "uniform"])
+def test_lite_sampling_is_unbiased(sampling):
+    d = make("blockkd-lite", sampling=sampling)
+    torch.manual_seed(0)
+    total = torch.zeros(d.num_blocks)
+    draws = 4000
+    for _ in range(draws):
+        idx, coef = d.pick_stones()
+        assert len(idx) == 1
+        for i, c in zip(idx, coef):
+            total[i] += c
+    assert torch.allclose(total / draws, torch.tensor(d.stone_weights), rtol=0.08)
+    full = make("blockkd", stones_per_step=3)
+    assert full.pick_stones() == ([0, 1, 2], full.stone_weights)
+
+
+def test_unmatchable_pair_is_a_clear_error():
+    with pytest.raises(BlockKDError, match="block"):
+        make("blockkd", num_blocks=9)
+    with pytest.raises(BlockKDError, match="stones_per_step"):
+        make("blockkd", stones_per_step=5)
+
+
+PAIRS = [("vgg13", "MobileNetV2"), ("resnet32x4", "ShuffleV1"), ("resnet32x4", "ShuffleV2"),
+         ("ResNet50", "MobileNetV2"), ("wrn_40_2", "ShuffleV1"), ("resnet32x4", "resnet8x4")]
+
+
+@pytest.mark.parametrize("teacher,student", PAIRS)
+@pytest.mark.parametrize("method", ["blockkd", "blockkd-lite"])
+def test_heterogeneous_pairs_train_one_step(teacher, student, method):
+    d = make(method, student=student, teacher=teacher, num_classes=100)
+    d.train()
+    x, y = batch(4, num_classes=100)
+    opt = torch.optim.SGD(d.trainable_parameters(), lr=0.01)
+    _, losses = d(x, y)
+    loss = sum(losses.values())
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for p in d.connectors.parameters()) or method == "blockkd-lite"
+    opt.step()
+
+
+@pytest.mark.parametrize("teacher,student", [("resnet34", "resnet18"), ("resnet50", "mobilenet_v2")])
+def test_torchvision_pairs_train_one_step(teacher, student):
+    import torchvision
+    t = getattr(torchvision.models, teacher)(num_classes=10)
+    s = getattr(torchvision.models, student)(num_classes=10)
+    d = blockkd.methods.create("blockkd", s, t, input_shape=(3, 64, 64)).train()
+    x, y = torch.randn(2, 3, 64, 64), torch.randint(0, 10, (2,))
+    _, losses = d(x, y)
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in d.connectors.parameters())
+    assert all(p.grad is None for p in d.teacher.parameters())
