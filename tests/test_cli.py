@@ -168,7 +168,11 @@ def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(config, "load", interrupted)
+    monkeypatch.setattr(config, "parse_data_overrides", interrupted)
     assert cli.main(["train", "x.yaml"]) == 130
+    assert capsys.readouterr().err == (
+        "interrupted; run the same command with --resume to continue from the last checkpoint\n")
+    assert cli.main(["eval", "runs/x"]) == 130
     assert capsys.readouterr().err == "interrupted\n"
 
 

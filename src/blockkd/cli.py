@@ -159,7 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        resume = "; run the same command with --resume to continue from the last checkpoint"
+        print("interrupted" + (resume if args.command == "train" else ""), file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -531,3 +531,26 @@ _Dumper.add_representer(tuple, _flow_list)
 def dump(cfg: Mapping) -> str:
     """``cfg`` as YAML, sections in schema order (``load`` of the result gives ``cfg`` back)."""
     return yaml.dump(dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
+
+
+def fingerprint(cfg: Mapping, ignore: Iterable[str] = ("output",)) -> str:
+    """A short stable hash of ``cfg`` without the ``ignore``d sections/dotted keys.
+
+    Why: a cached artefact (the demo's teacher) is reused only when the recipe that made it is the same.
+    """
+    import hashlib
+    import json
+
+    flat = {k: v for k, v in _flatten(cfg).items()
+            if not any(k == i or k.startswith(i + ".") for i in ignore)}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _flatten(cfg: Mapping, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

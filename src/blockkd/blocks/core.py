@@ -151,12 +151,12 @@ def split(model: nn.Module, n: int | None = None, *, input_shape: Sequence[int] 
     the resolution changes (default: the first conv's channels at 64x64).
     """
     blocks = natural(model, input_shape)
-    if n is None or n == len(blocks):
+    if n is None:
         return blocks
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(blocks):
         raise BlockKDError(f"cannot split {type(model).__name__} into {n!r} blocks: it has {len(blocks)} "
                            f"natural stages; choose 1 <= n <= {len(blocks)}")
-    return blocks.regroup(balanced_ends(len(blocks), n))
+    return blocks if n == len(blocks) else blocks.regroup(balanced_ends(len(blocks), n))
 
 
 def named_sequence(module: nn.Module) -> list[tuple[str, nn.Module]]:

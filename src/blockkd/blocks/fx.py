@@ -5,12 +5,12 @@ kept), propagate shapes at a probe input, and find the *cuts*: points of the gra
 value is alive, so that everything after them depends on that value only. Cuts are grouped into runs
 of equal resolution; each stage ends at the shallowest cut of its run (the fewest enclosing modules
 broken, latest on ties), so stages end between modules, not inside a residual block. A final run of
-1x1 maps is the global pool: the head starts there (or after the last spatial map when the model pools
-straight to a vector). Each stage and the head become a GraphModule over the model's own modules.
+1x1 maps (or without parameters) is the global pool: the head starts there (or after the last spatial
+map when the model pools straight to a vector). Each stage and the head become a GraphModule over
+the model's own modules.
 """
 from __future__ import annotations
 
-import inspect
 from itertools import groupby
 
 import torch
@@ -33,16 +33,24 @@ def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
 
 
+class _Call(nn.Module):
+    """Calls the model with the input alone, so extra forward arguments keep their Python defaults."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        return self.model(x)
+
+
 def _trace(model: nn.Module) -> fx.GraphModule:
-    params = list(inspect.signature(model.forward).parameters.values())[1:]
-    if any(p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
-        raise BlockKDError("its forward takes more than one required input")
-    concrete = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    root = _Call(model)
     try:
-        graph = _Tracer().trace(model, concrete_args=concrete or None)
+        graph = _Tracer().trace(root)
     except Exception as e:  # fx raises many types for untraceable Python (data-dependent control flow ...)
         raise BlockKDError(f"torch.fx cannot trace it: {_first_line(e)}") from None
-    return fx.GraphModule(model, graph)
+    return fx.GraphModule(root, graph)
 
 
 def _shape_prop(gm: fx.GraphModule, model: nn.Module, input_shape: tuple[int, ...]) -> None:
@@ -81,6 +89,13 @@ def _depth(a: fx.Node, b: fx.Node) -> int:
     return depth
 
 
+def _has_params(gm: fx.GraphModule, nodes: list[fx.Node], start: int, stop: int) -> bool:
+    """Whether ``nodes[start+1:stop+1]`` use parameters (through a module or a fetched attribute)."""
+    return any(any(a.op == "get_attr" for a in n.all_input_nodes)
+               or n.op == "call_module" and next(gm.get_submodule(n.target).parameters(), None) is not None
+               for n in nodes[start + 1:stop + 1])
+
+
 def _cuts(nodes: list[fx.Node]) -> list[int]:
     """Positions i (0 = the input) after which ``nodes[i]`` is the only value still needed."""
     index = {n: i for i, n in enumerate(nodes)}
@@ -96,7 +111,7 @@ def _cuts(nodes: list[fx.Node]) -> list[int]:
     return cuts
 
 
-def _subgraph(model: nn.Module, nodes: list[fx.Node], start: int, stop: int, name: str,
+def _subgraph(root: nn.Module, nodes: list[fx.Node], start: int, stop: int, name: str,
               output: fx.Node | None = None) -> fx.GraphModule:
     """A GraphModule taking ``nodes[start]``'s value and running ``nodes[start+1:stop+1]`` (or up to ``output``)."""
     graph = fx.Graph()
@@ -111,28 +126,26 @@ def _subgraph(model: nn.Module, nodes: list[fx.Node], start: int, stop: int, nam
     for node in nodes[start + 1:stop + 1]:
         env[node] = graph.node_copy(node, arg)
     graph.output(fx.map_arg(output.args[0], arg) if output is not None else env[nodes[stop]])
-    return fx.GraphModule(model, graph, class_name=name)
+    return fx.GraphModule(root, graph, class_name=name)
 
 
 def fx_split(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[list[nn.Module], nn.Module]:
     """Stages (one per resolution, the first including the stem) and head of a traceable CNN."""
     gm = _trace(model)
     _shape_prop(gm, model, input_shape)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if any(n.users for n in placeholders[1:]):
-        raise BlockKDError("its forward uses more than one input")
-    output = next(n for n in gm.graph.nodes if n.op == "output")
-    nodes = [placeholders[0]] + [n for n in gm.graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
-    nodes.append(output)
+    nodes = [n for n in gm.graph.nodes if n.op != "get_attr"]  # the input, the operations, the output
+    output = nodes[-1]
     spatial = [(i, _resolution(nodes[i])) for i in _cuts(nodes) if i > 0 and _resolution(nodes[i])]
     runs = [(res, [i for i, _ in group]) for res, group in groupby(spatial, key=lambda c: c[1])]
-    if len(runs) > 1 and runs[-1][0] == (1, 1):
-        runs = runs[:-1]  # the global pool's output: the head starts after the run before it
+    # The global pool's output (1x1), or a parameter-free resize (torchvision VGG's 7x7 adaptive pool),
+    # belongs to the head, which then starts after the run before it.
+    while len(runs) > 1 and (runs[-1][0] == (1, 1) or not _has_params(gm, nodes, runs[-2][1][-1], runs[-1][1][-1])):
+        runs.pop()
     if not runs or runs[-1][0] == (1, 1):
         raise BlockKDError(f"found no spatial stages at input shape {input_shape}; pass a larger input_shape "
                            f"or a model whose layers can be cut between single tensors")
     ends = [max(cuts, key=lambda i: (-_depth(nodes[i], nodes[i + 1]), i)) for _, cuts in runs[:-1]]
     ends.append(runs[-1][1][-1])
     prefix = type(model).__name__
-    stages = [_subgraph(model, nodes, a, b, f"{prefix}Stage{k}") for k, (a, b) in enumerate(zip([0] + ends, ends), 1)]
-    return stages, _subgraph(model, nodes, ends[-1], len(nodes) - 2, f"{prefix}Head", output=output)
+    stages = [_subgraph(gm, nodes, a, b, f"{prefix}Stage{k}") for k, (a, b) in enumerate(zip([0] + ends, ends), 1)]
+    return stages, _subgraph(gm, nodes, ends[-1], len(nodes) - 2, f"{prefix}Head", output=output)

@@ -5,22 +5,25 @@ the weights file is usable on its own, and ``meta.json`` is readable by people a
 A checkpoint is written into a temporary folder beside its destination, fsynced, then renamed into
 place; the previous one is kept as ``<name>.prev/`` until the new one is complete, so a kill at any
 moment leaves at least one readable checkpoint. ``meta.json`` records the sha256 of both tensor files:
-a truncated or corrupt file is caught on load and named.
+a truncated or corrupt file is caught on load and named. A write that fails (a full disk) removes its
+temporary folder, puts the previous checkpoint back if it was already moved aside, and raises one line.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import safetensors.torch
 import torch
 
 from ..errors import BlockKDError
+from .runtime import fault_point
 
 FORMAT = "blockkd-checkpoint"
 VERSION = 1
@@ -120,16 +123,14 @@ def save_checkpoint(folder: str | Path, *, weights: dict[str, torch.Tensor], met
     ``keep_prev``: leave the replaced checkpoint as ``<folder>.prev/`` (the fallback for ``--resume``).
     """
     folder = Path(folder)
-    tmp = _fresh_tmp(folder)
     state_tensors: dict[str, torch.Tensor] = {}
     state_json = flatten(state or {}, state_tensors)
     files = {WEIGHTS: _tensors_bytes(weights), OPTIM: _tensors_bytes(state_tensors)}
-    for name, data in files.items():
-        write_bytes(tmp / name, data)
     meta = {"format": FORMAT, "version": VERSION, **meta, "state": state_json,
             "sha256": {name: _sha256(data) for name, data in files.items()}}
-    write_bytes(tmp / META, json.dumps(meta, indent=1).encode("utf-8"))
-    return _publish(tmp, folder, keep_prev)
+    files[META] = json.dumps(meta, indent=1).encode("utf-8")
+    with _writing(folder) as tmp:
+        return _write_and_publish(tmp, folder, files, keep_prev, meta.get("epoch"))
 
 
 def copy_checkpoint(src: str | Path, folder: str | Path, *, keep_prev: bool = False) -> Path:
@@ -138,29 +139,53 @@ def copy_checkpoint(src: str | Path, folder: str | Path, *, keep_prev: bool = Fa
     Real copies, not hard links: damage to one file must not reach the other checkpoint.
     """
     src, folder = Path(src), Path(folder)
-    tmp = _fresh_tmp(folder)
-    for name in (WEIGHTS, OPTIM, META):
-        write_bytes(tmp / name, (src / name).read_bytes())
-    return _publish(tmp, folder, keep_prev)
+    with _writing(folder) as tmp:
+        files = {name: (src / name).read_bytes() for name in (WEIGHTS, OPTIM, META)}
+        return _write_and_publish(tmp, folder, files, keep_prev, json.loads(files[META]).get("epoch"))
 
 
-def _fresh_tmp(folder: Path) -> Path:
+@contextlib.contextmanager
+def _writing(folder: Path) -> Iterator[Path]:
+    """A fresh temporary folder beside ``folder``; an OSError (disk full, permissions) becomes one line,
+    and the partial temporary folder is removed (the previous checkpoint is untouched or put back)."""
     tmp = folder.with_name(f".{folder.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by a run killed while writing
-    tmp.mkdir(parents=True)
-    return tmp
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a run killed while writing
+        tmp.mkdir(parents=True)
+        yield tmp
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise BlockKDError(f"cannot write checkpoint {folder}: {e.strerror or e}; the previous checkpoint "
+                           f"is kept") from None
 
 
-def _publish(tmp: Path, folder: Path, keep_prev: bool) -> Path:
+def _write_and_publish(tmp: Path, folder: Path, files: dict[str, bytes], keep_prev: bool, epoch: Any) -> Path:
+    where = {"folder": folder.name, "epoch": epoch}
+    for name, data in files.items():
+        write_bytes(tmp / name, data)
+        fault_point("checkpoint_write", **where)
+    return _publish(tmp, folder, keep_prev, where)
+
+
+def _publish(tmp: Path, folder: Path, keep_prev: bool, where: dict) -> Path:
     """Swap the complete ``tmp`` folder in as ``folder``; the old one survives as ``<folder>.prev`` until then."""
     prev = folder.with_name(f"{folder.name}.prev")
     _fsync_dir(tmp)
-    if folder.exists():
-        if prev.exists():
-            shutil.rmtree(prev)
-        os.replace(folder, prev)
-    os.replace(tmp, folder)
+    moved = False
+    try:
+        if folder.exists():
+            if prev.exists():
+                shutil.rmtree(prev)
+            os.replace(folder, prev)
+            moved = True
+            fault_point("checkpoint_rename", **where)
+        os.replace(tmp, folder)
+    except OSError:
+        if moved and not folder.exists():
+            os.replace(prev, folder)  # put the previous checkpoint back
+        raise
+    fault_point("checkpoint_renamed", **where)
     _fsync_dir(folder.parent)
     if not keep_prev and prev.exists():
         shutil.rmtree(prev)

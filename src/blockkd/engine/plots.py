@@ -46,3 +46,23 @@ def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
     path = Path(path)
     fig.savefig(path, dpi=100)
     return path
+
+
+def plot_comparison(runs: dict[str, str | Path], path: str | Path, key: str = "test_top1") -> Path:
+    """Test top-1 per epoch of several runs (``name -> metrics.jsonl``) on one axis."""
+    import json
+
+    fig = Figure(figsize=(6.5, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for name, metrics in runs.items():
+        history = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
+        ax.plot(*_series(history, key), marker=".", label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test top-1 (%)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    return path

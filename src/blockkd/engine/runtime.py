@@ -11,6 +11,10 @@ import contextlib
 import dataclasses
 import os
 import random
+import signal
+import sys
+import threading
+import time
 from typing import Any, Iterator
 
 import numpy as np
@@ -200,3 +204,49 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(_unb64(state["torch"]))
     if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+
+
+# ----------------------------------------------------------------------------------------- signals, faults
+@contextlib.contextmanager
+def defer_sigint() -> Iterator[None]:
+    """Hold back a Ctrl-C until the block is done, then deliver it: a checkpoint being written is finished
+    (and ``last/`` and ``best/`` agree) before the run stops. Only the main thread can handle signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        signal.raise_signal(signal.SIGINT)
+
+
+FAULT_ENV = "BLOCKKD_FAULT"
+
+
+def fault_point(point: str, **where: Any) -> None:
+    """Test hook for the reliability suite (tests/faults); does nothing unless ``$BLOCKKD_FAULT`` is set.
+
+    ``BLOCKKD_FAULT=[pause@]POINT[:key=value,...]``: when the run reaches ``POINT`` with every ``key``
+    equal to ``value``, the process SIGKILLs itself (default), or with ``pause@`` prints
+    ``fault point POINT reached`` to stderr and sleeps (up to 10 minutes) so a test can signal it there.
+    Points: ``step`` (step=global step index, before it runs), ``checkpoint_write`` (a tensor file
+    written, meta.json not yet), ``checkpoint_rename`` (old folder moved aside, new one not yet in place),
+    ``checkpoint_renamed`` (new folder in place); the checkpoint points have ``folder`` and ``epoch``.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    action, _, spec = spec.rpartition("@")
+    name, _, conditions = spec.partition(":")
+    want = dict(c.split("=", 1) for c in conditions.split(",") if c)
+    if name != point or any(str(where.get(k)) != v for k, v in want.items()):
+        return
+    if action == "pause":
+        print(f"fault point {point} reached", file=sys.stderr, flush=True)
+        time.sleep(600)
+    else:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -7,11 +7,13 @@ continues exactly (data order comes from ``set_epoch``, RNG/optimizer/scheduler 
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -23,13 +25,26 @@ from .. import methods, models
 from ..errors import BlockKDError
 from . import runtime
 from .build import build_model, check_fits
-from .checkpoint import checkpoint_dir, copy_checkpoint, load_checkpoint, load_resumable, save_checkpoint
+from .checkpoint import (checkpoint_dir, copy_checkpoint, load_checkpoint, load_resumable, read_meta,
+                         save_checkpoint)
 from .logger import RunLogger
 from .plots import plot_curves
 from .runtime import Runtime
 from .schedule import build_scheduler
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "last", "last.prev", "best", "summary.json")
+
+
+# ------------------------------------------------------------------------------------------- memory
+@contextlib.contextmanager
+def oom_advice(key: str, batch_size: int) -> Iterator[None]:
+    """Turn running out of device memory into one line that says which batch size to lower, and to what."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        what = "eval batch size" if "eval" in key else "batch size"
+        tip = f"try {key}={batch_size // 2}" if batch_size > 1 else "try a smaller model or a larger device"
+        raise BlockKDError(f"out of memory at {what} {batch_size}; {tip}") from None
 
 
 # ------------------------------------------------------------------------------------------- evaluate
@@ -76,7 +91,8 @@ def evaluate_checkpoint(path: str | Path, data_overrides: dict | None = None,
     model.to(rt.device)
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
-    result = evaluate(model, data.test, rt)
+    with oom_advice("data.eval_batch_size", data_cfg["eval_batch_size"]):
+        result = evaluate(model, data.test, rt)
     return {"checkpoint": str(ckpt.path), "epoch": ckpt.meta.get("epoch"), "model": cfg["model"]["name"],
             "method": cfg["method"]["name"], "data": data_cfg["name"], **result}
 
@@ -262,6 +278,31 @@ class Trainer:
         self.wall_before = float(meta.get("wall_time_s", 0.0))
         self.guard.skipped = int(meta.get("skipped_steps", 0))
         self.log.info(f"resuming {self.run_dir} from {ckpt.path.name}/ after epoch {self.epoch} (step {self.step})")
+        self.log.metrics(self.history)  # a kill after the checkpoint but before the metrics files left them behind
+        self.repair_best(ckpt.path)
+
+    def repair_best(self, resumed_from: Path) -> None:
+        """Make ``best/`` hold ``best_epoch`` again: a kill between writing ``last/`` and copying it to
+        ``best/`` (or while swapping ``best/``) leaves an older or missing ``best/`` behind."""
+        if self.best_epoch is None or not runtime.is_main():
+            return
+
+        def epoch_of(folder: Path) -> int | None:
+            try:
+                return read_meta(folder).get("epoch")
+            except BlockKDError:
+                return None
+
+        best = self.run_dir / "best"
+        if epoch_of(best) == self.best_epoch:
+            return
+        source = next((f for f in (resumed_from, self.run_dir / "best.prev") if epoch_of(f) == self.best_epoch), None)
+        if source is None:
+            self.log.warning(f"{best} does not hold the best epoch ({self.best_epoch}) and no checkpoint of it is "
+                             f"left; it will be replaced by the next best epoch")
+            return
+        self.log.warning(f"{best} did not hold the best epoch ({self.best_epoch}); restored it from {source.name}/")
+        copy_checkpoint(source, best)
 
     def wall_time(self) -> float:
         return self.wall_before + time.perf_counter() - self.started
@@ -275,10 +316,11 @@ class Trainer:
                 "skipped_steps": self.guard.skipped, "rng": runtime.rng_state()}
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict()}
-        last = save_checkpoint(self.run_dir / "last", weights=self.distiller.train_state_dict(), meta=meta,
-                               state=state, keep_prev=True)
-        if is_best:
-            copy_checkpoint(last, self.run_dir / "best")
+        with runtime.defer_sigint():  # Ctrl-C waits until last/ (and best/) are complete and agree
+            last = save_checkpoint(self.run_dir / "last", weights=self.distiller.train_state_dict(), meta=meta,
+                                   state=state, keep_prev=True)
+            if is_best:
+                copy_checkpoint(last, self.run_dir / "best")
 
     # -- loop ----------------------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, i: int) -> torch.Tensor | None:
@@ -319,6 +361,7 @@ class Trainer:
             for i, (x, y) in enumerate(self.data.train):
                 if self.out_of_steps():
                     break
+                runtime.fault_point("step", step=self.step)
                 stats = self.train_step(x, y, epoch, i)
                 if stats is not None:
                     acc = stats if acc is None else acc + stats
@@ -371,16 +414,37 @@ class Trainer:
         log.info(f"run {self.run_dir}: method {cfg['method']['name']}, student {cfg['model']['name']} "
                  f"({n_params / 1e6:.2f}M params){teacher}; {self.data.name}: {self.data.train_size} train / "
                  f"{self.data.test_size} test images, {self.steps_per_epoch} steps/epoch; {self.rt.describe()}")
-        self.evaluate_teacher()
+        try:
+            self.epochs_loop()
+        except KeyboardInterrupt:
+            self.log.warning(f"interrupted in epoch {self.epoch + 1}; {self.saved_note()}")
+            raise
+        return self.finish(n_params)
+
+    def saved_note(self) -> str:
+        """What a ``--resume`` would continue from, as read back from the disk."""
+        try:
+            return f"{self.run_dir / 'last'} holds epoch {read_meta(self.run_dir / 'last')['epoch']}"
+        except BlockKDError:
+            return "no checkpoint was written yet"
+
+    def epochs_loop(self) -> None:
+        cfg, log = self.cfg, self.log
+        train_oom = functools.partial(oom_advice, "data.batch_size", int(cfg["data"]["batch_size"]))
+        eval_oom = functools.partial(oom_advice, "data.eval_batch_size", int(cfg["data"]["eval_batch_size"]))
+        with eval_oom():
+            self.evaluate_teacher()
         eval_every = max(1, int(cfg["train"]["eval_every"]))
         while self.epoch < self.epochs and not self.out_of_steps():
             epoch = self.epoch
             epoch_start = time.perf_counter()
             self.data.set_epoch(epoch)
-            trained = self.run_epoch(epoch)
+            with train_oom():
+                trained = self.run_epoch(epoch)
             last = epoch + 1 == self.epochs or self.out_of_steps()
-            test = evaluate(self.distiller.student, self.data.test, self.rt) \
-                if (epoch + 1) % eval_every == 0 or last else {}
+            with eval_oom():
+                test = evaluate(self.distiller.student, self.data.test, self.rt) \
+                    if (epoch + 1) % eval_every == 0 or last else {}
             if test and test["top1"] > self.best_top1:
                 self.best_top1, self.best_epoch = test["top1"], epoch + 1
             row: dict[str, Any] = {
@@ -397,7 +461,6 @@ class Trainer:
             log.metrics(self.history)
             log.scalars("epoch", {k: v for k, v in row.items() if k not in ("epoch", "step")}, self.epoch)
             log.info(_epoch_line(row, self.epochs))
-        return self.finish(n_params)
 
     def out_of_steps(self) -> bool:
         return self.max_steps is not None and self.step >= self.max_steps
