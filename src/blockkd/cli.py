@@ -66,6 +66,9 @@ def _models(args: argparse.Namespace) -> int:
 
     rows = []
     for name in models.names():
+        if name in models.FAMILY_NAMES:  # torchvision.<name>, timm.<name>: any model of that library
+            rows.append((name, f"{'-':>7}"))
+            continue
         with torch.device("meta"):  # shapes only: no memory, no init cost
             model = models.create(name, num_classes=100)
         rows.append((name, f"{models.num_params(model) / 1e6:7.2f}"))

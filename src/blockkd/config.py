@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Mapping
 import yaml
 
 from .errors import BlockKDError
-from .registry import closest, unknown
+from .registry import UnknownNameError, closest, unknown
 
 __all__ = ["SCHEMA", "REQUIRED", "load", "validate", "dump", "run_name", "parse_overrides", "parse_value",
            "parse_data_overrides", "format_value", "check"]
@@ -436,6 +436,7 @@ def validate(cfg: Mapping, *, origins: Mapping[str, str] | None = None, source: 
     for name, default in _data_defaults().items():
         out["data"][name] = get(f"data.{name}", default, DATA_CHECKS.get(name) or like(default))
     _check_names(out, where)
+    _check_synthetic_size(out["data"], where)
     out["method"]["options"] = _method_options(out["method"], where)
     _check_teacher(out, source)
     if out["output"]["name"] is None:
@@ -447,14 +448,22 @@ def _check_names(cfg: dict, where: Callable[[str], str]) -> None:
     """Model, teacher, method and dataset names must be registered (closest-name errors)."""
     from . import data, methods, models
 
-    for key, choices in (("model.name", models.names()), ("teacher.name", models.names()),
-                         ("method.name", methods.names()), ("data.name", data.names())):
+    for key in ("model.name", "teacher.name", "method.name", "data.name"):
         section, name = key.split(".")
         value = cfg[section][name]
-        if value is not None and value not in choices:
-            kind = {"model": "model", "teacher": "teacher model", "method": "method", "data": "dataset"}[section]
-            err = unknown(kind, value, choices)  # the registry's message, with where the name was set
-            raise type(err)(str(err).replace(repr(value), f"{value!r} ({key} in {where(key)})", 1))
+        if value is None:
+            continue
+        kind = {"model": "model", "teacher": "teacher model", "method": "method", "data": "dataset"}[section]
+        try:
+            if section in ("model", "teacher"):
+                models.check_name(value)  # also resolves torchvision.<name> and timm.<name>
+            else:
+                choices = methods.names() if section == "method" else data.names()
+                if value not in choices:
+                    raise unknown(kind, value, choices)
+        except UnknownNameError as err:  # the registry's message, with where the name was set
+            message = str(err).replace("unknown model", f"unknown {kind}", 1)
+            raise UnknownNameError(message.replace(repr(value), f"{value!r} ({key} in {where(key)})", 1)) from None
 
 
 def _method_options(method: dict, where: Callable[[str], str]) -> dict:
@@ -490,6 +499,25 @@ def parse_data_overrides(items: Iterable[str]) -> dict[str, Any]:
             raise _unknown_key(f"data.{key}", where, [f"data.{k}" for k in defaults])
         out[key] = _checked(f"data.{key}", parse_value(text), DATA_CHECKS.get(key) or like(defaults[key]), where)
     return out
+
+
+SYNTHETIC_MAX_BYTES = 1 << 33
+
+
+def _check_synthetic_size(data: dict, where: Callable[[str], str]) -> None:
+    """Synthetic images are generated in host memory: refuse sizes that cannot fit before trying (an
+    allocation failure deep inside torch would be a traceback, not a message)."""
+    if data["name"] != "synthetic":
+        return
+    side = data["image_size"] or 32
+    images = data["train_size"] + data["test_size"] + data["num_classes"]  # class templates too
+    size = 4 * images * data["channels"] * side * side  # float32 while generated
+    if size > SYNTHETIC_MAX_BYTES:
+        raise BlockKDError(f"synthetic data of {data['train_size']}+{data['test_size']} images of "
+                           f"{data['channels']}x{side}x{side} in {data['num_classes']} classes would need "
+                           f"{size / 2**30:.3g} GiB (in {where('data')}); the limit is "
+                           f"{SYNTHETIC_MAX_BYTES >> 30} GiB: lower data.train_size, test_size, image_size "
+                           f"or num_classes")
 
 
 def _check_teacher(cfg: dict, source: str) -> None:

@@ -43,7 +43,7 @@ def _overrides(args) -> list[str]:
     return extra
 
 
-def _teacher(folder: Path, extra: list[str], quick: bool) -> tuple[Path, dict]:
+def train_or_reuse_teacher(folder: Path, extra: list[str]) -> tuple[Path, dict]:
     """Train the teacher once per distinct recipe; later demos reuse it from the cache."""
     cfg = config.load(folder / "teacher.yaml", extra)
     key = config.fingerprint(cfg, ignore=("output", "train.device"))
@@ -67,7 +67,7 @@ def run(args) -> int:
     folder, extra = recipes_dir(), _overrides(args)
     out = Path(args.out or "runs/demo")
     start = time.perf_counter()
-    teacher_dir, teacher_summary = _teacher(folder, extra, args.quick)
+    teacher_dir, teacher_summary = train_or_reuse_teacher(folder, extra)
     results: dict[str, dict[str, Any]] = {}
     for method in METHODS:
         cfg = config.load(folder / f"{method}.yaml",

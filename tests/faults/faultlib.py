@@ -1,8 +1,11 @@
-"""Shared pieces of the reliability suite: tiny recipes, ``blockkd`` subprocesses, file snapshots.
+"""Shared pieces of the reliability suite: tiny recipes, ``blockkd`` commands, file snapshots.
 
-Why subprocesses: a kill, a Ctrl-C or a crash must be observed the way a user meets it (exit status,
-stderr, what is left on disk), so most tests run ``python -m blockkd`` exactly as the command line does.
-They run two at a time (the CI machine has two cores; each spends seconds importing torch).
+Why separate processes: a kill, a Ctrl-C or a crash must be observed the way a user meets it (exit
+status, stderr, what is left on disk), so the tests run ``python -m blockkd ARGS``, each command in a
+process of its own. Importing torch costs seconds per process, which the two-core CI cannot pay forty
+times, so commands come from a fork server (:class:`Commands`): a fresh interpreter that has imported
+blockkd forks one child per command, and the child runs ``python -m blockkd``'s ``__main__`` with its
+own argv, working directory, environment, stdout/stderr and exit status. Two servers run side by side.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import copy
 import io
 import json
 import os
+import queue
 import subprocess
 import sys
 from pathlib import Path
@@ -49,9 +53,10 @@ def recipe(**dotted: Any) -> dict:
     return cfg
 
 
-def write_recipe(path: Path, cfg: dict | None = None, **dotted: Any) -> Path:
+def write_recipe(path: Path, **dotted: Any) -> Path:
+    """``recipe(**dotted)`` as a YAML file at ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg if cfg is not None else recipe(**dotted), sort_keys=False))
+    path.write_text(yaml.safe_dump(recipe(**dotted), sort_keys=False))
     return path
 
 
@@ -61,12 +66,102 @@ def env(**extra: str) -> dict[str, str]:
     return {**base, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **extra}
 
 
-def blockkd(args: Iterable[str], cwd: Path, fault: str | None = None, timeout: float = 240,
+_SERVER = r"""
+import json, os, runpy, signal, sys, tempfile, time, traceback
+import blockkd.cli, blockkd.engine  # the slow imports (torch, torchvision), paid once per server
+BASE_ENV = dict(os.environ)
+
+def child(job, out, err):
+    os.chdir(job["cwd"])
+    os.environ.clear()
+    os.environ.update({**BASE_ENV, **job["env"]})
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0), os.dup2(out, 1), os.dup2(err, 2)
+    sys.argv = ["blockkd", *job["args"]]
+    try:  # what `python -m blockkd ARGS` does, down to the traceback and status of an uncaught exception
+        runpy.run_module("blockkd", run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else print(e.code, file=sys.stderr) or 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(code)
+
+for line in sys.stdin:
+    job = json.loads(line)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                child(job, out.fileno(), err.fileno())
+            finally:
+                os._exit(70)
+        deadline, timed_out = time.monotonic() + job["timeout"], False
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+            if time.monotonic() > deadline and not timed_out:
+                os.kill(pid, signal.SIGKILL)
+                timed_out = True
+            time.sleep(0.02)
+        out.seek(0), err.seek(0)
+        reply = {"returncode": os.waitstatus_to_exitcode(done[1]), "timed_out": timed_out,
+                 "stdout": out.read().decode(errors="replace"), "stderr": err.read().decode(errors="replace")}
+    print(json.dumps(reply), flush=True)
+"""
+
+
+class ForkServer:
+    """One fork server (see the module docstring): ``run`` is ``subprocess.run`` for ``blockkd`` commands."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", _SERVER], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env())
+
+    def run(self, args: Iterable[Any], cwd: Path, fault: str | None = None, timeout: float = 240,
             ) -> subprocess.CompletedProcess:
-    """``python -m blockkd ARGS`` in ``cwd`` (``fault``: the BLOCKKD_FAULT hook, see engine/runtime.py)."""
-    extra = {"BLOCKKD_FAULT": fault} if fault else {}
-    return subprocess.run([sys.executable, "-m", "blockkd", *map(str, args)], cwd=cwd, env=env(**extra),
-                          capture_output=True, text=True, timeout=timeout)
+        args = list(map(str, args))
+        job = {"args": args, "cwd": str(cwd), "timeout": timeout,
+               "env": {"BLOCKKD_FAULT": fault} if fault else {}}
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the fork server died (status {self.proc.wait()})")
+        reply = json.loads(line)
+        if reply["timed_out"]:
+            raise subprocess.TimeoutExpired(["blockkd", *args], timeout, reply["stdout"], reply["stderr"])
+        return subprocess.CompletedProcess(["blockkd", *args], reply["returncode"], reply["stdout"], reply["stderr"])
+
+    def close(self) -> None:
+        self.proc.kill()  # nothing to flush: every command ran in a child that has exited
+        self.proc.wait()
+
+
+class Commands:
+    """``blockkd`` commands, each in its own process, two at a time (two fork servers)."""
+
+    def __init__(self, servers: int = 2) -> None:
+        self.idle: queue.Queue[ForkServer] = queue.Queue()
+        for _ in range(servers):
+            self.idle.put(ForkServer())
+        self.servers = servers
+
+    def run(self, args: Iterable[Any], cwd: Path, fault: str | None = None, timeout: float = 240,
+            ) -> subprocess.CompletedProcess:
+        server = self.idle.get()
+        try:
+            return server.run(args, cwd, fault, timeout)
+        finally:
+            self.idle.put(server)
+
+    def run_many(self, jobs: dict[str, tuple]) -> dict[str, subprocess.CompletedProcess]:
+        """``{name: run(*job)}`` for ``job = (args, cwd[, fault])``, all servers busy at once."""
+        return parallel(jobs, lambda job: self.run(*job))
+
+    def close(self) -> None:
+        for _ in range(self.servers):
+            self.idle.get().close()
 
 
 def cli_here(args: Iterable[str], cwd: Path) -> subprocess.CompletedProcess:

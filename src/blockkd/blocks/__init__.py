@@ -1,7 +1,8 @@
 """Block views of classifiers: ``split(model, n)`` -> ``Blocks`` (stages + head) and ``match``.
 
-Registered splitters (looked up along the model's class MRO) cover the CIFAR zoo and torchvision's
-ResNets and MobileNetV2; any other model that torch.fx can trace is cut where its resolution changes.
+Registered splitters (looked up along the model's class MRO) cover the CIFAR zoo, torchvision's
+ResNets and MobileNetV2 and timm's CNNs (through their ``feature_info``); any other model that torch.fx
+can trace is cut where its resolution changes.
 For your own architecture::
 
     @blockkd.blocks.register_splitter(MyNet)
@@ -10,7 +11,7 @@ For your own architecture::
 
 or, when its forward runs its children in order, ``register_splitter(MyNet)(children_splitter(["stage2"], "pool"))``.
 """
-from . import torchvision, zoo  # noqa: F401  (registers the built-in splitters)
+from . import timm, torchvision, zoo  # noqa: F401  (registers the built-in splitters; imports neither library)
 from .core import Blocks, balanced_ends, children_splitter, find_splitter, named_sequence, register_splitter, split
 from .match import common_resolutions, match
 

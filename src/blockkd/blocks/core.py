@@ -97,7 +97,8 @@ def register_splitter(model_class: type | str) -> Callable[[Splitter], Splitter]
     """Decorator: ``fn(model) -> (list_of_stage_modules, head)`` splits instances of ``model_class``.
 
     Lookup follows the model's class MRO, so subclasses inherit it. ``model_class`` may also be the
-    dotted ``"module.QualName"`` of a class, to register without importing its library.
+    dotted ``"module.QualName"`` of a class, to register without importing its library, or ``"package.*"``
+    for every class of a package (``"timm.*"``), consulted after the exact classes of the whole MRO.
     """
 
     def deco(fn: Splitter) -> Splitter:
@@ -108,12 +109,13 @@ def register_splitter(model_class: type | str) -> Callable[[Splitter], Splitter]
 
 
 def find_splitter(model: nn.Module) -> Splitter | None:
-    """The splitter registered for the nearest class in ``type(model).__mro__``, or None."""
-    for cls in type(model).__mro__:
+    """The splitter registered for the nearest class in ``type(model).__mro__``, else for its package."""
+    mro = type(model).__mro__
+    for cls in mro:
         for key in (cls, f"{cls.__module__}.{cls.__qualname__}"):
             if key in _SPLITTERS:
                 return _SPLITTERS[key]
-    return None
+    return next((_SPLITTERS[k] for k in (f"{c.__module__.partition('.')[0]}.*" for c in mro) if k in _SPLITTERS), None)
 
 
 def _default_input_shape(model: nn.Module) -> tuple[int, int, int]:

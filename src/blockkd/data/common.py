@@ -7,10 +7,11 @@ under DDP; keeping those rules in one place is what makes the two paths intercha
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -137,3 +138,19 @@ def check_not_empty(loader: Iterable, what: str, size: int, batch_size: int) -> 
     if len(loader) == 0:  # type: ignore[arg-type]
         raise BlockKDError(f"{what} has {size} images, fewer than one batch of {batch_size} "
                            f"(lower data.batch_size or set data.drop_last=false)")
+
+
+DEBUG_LOG_ENV = "BLOCKKD_DEBUG_LOG"
+
+
+def debug_log(rank: int, record: dict | Callable[[], dict]) -> None:
+    """Test hook, off unless ``$BLOCKKD_DEBUG_LOG=PATH``: rank ``rank`` appends ``record`` as a JSON line to
+    ``PATH.rank<rank>``. In-memory training loaders log each batch's sample indices as they deliver it
+    (``{"epoch", "indices"}``), the trainer each rank's weight digest after every epoch, so a test can
+    check that DDP ranks saw disjoint data and ended with identical weights. ``record`` may be a function,
+    called only when the hook is on.
+    """
+    path = os.environ.get(DEBUG_LOG_ENV)
+    if path:
+        with open(f"{path}.rank{rank}", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record() if callable(record) else record) + "\n")

@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from .common import (AUGMENT, SHUFFLE, DataBundle, Normalize, check_not_empty, eval_shard, generator,
+from .common import (AUGMENT, SHUFFLE, DataBundle, Normalize, check_not_empty, debug_log, eval_shard, generator,
                      per_rank_batch, per_rank_eval_batch, split_indices)
 
 
@@ -121,6 +121,8 @@ class DeviceLoader:
             gen = generator(self.seed, self.epoch, self.rank, AUGMENT, device=self.x.device)
             params = zip(*(p.split(sizes) for p in sample_crop_flip(len(idx), self.padding, self.flip, gen)))
         for i in idx.split(sizes):
+            if self.shuffle:
+                debug_log(self.rank, lambda: {"epoch": self.epoch, "indices": i.tolist()})
             x = self.x[i]
             if params is not None:
                 x = crop_flip(x, self.padding, *next(params))

@@ -26,8 +26,10 @@ def _signature(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -> tup
     return classes, channels
 
 
-def check_fits(model: nn.Module, sd: dict[str, torch.Tensor], *, role: str, path: str | Path, data) -> None:
-    """Raise a BlockKDError naming the checkpoint and the data when ``sd`` cannot fit ``model``."""
+def check_fits(model: nn.Module, sd: dict[str, torch.Tensor], *, role: str, path: str | Path, data,
+               name: str | None = None) -> None:
+    """Raise a BlockKDError naming the checkpoint and the data when ``sd`` cannot fit ``model`` (``name``:
+    the model's name in the recipe section ``role``)."""
     own = model.state_dict()
     classes, channels = _signature(own, sd)
     want_classes, want_channels = data.num_classes, data.input_shape[0]
@@ -37,16 +39,20 @@ def check_fits(model: nn.Module, sd: dict[str, torch.Tensor], *, role: str, path
             f"({data.name}) has {want_classes} classes and {want_channels} channels")
     for k, v in sd.items():
         if k in own and tuple(own[k].shape) != tuple(v.shape):
-            raise BlockKDError(f"{role} checkpoint {path} does not fit the model: {k} has shape {tuple(v.shape)}, "
-                               f"the model expects {tuple(own[k].shape)} (wrong model name?)")
+            model_name = name or "the model"
+            raise BlockKDError(f"{role} checkpoint {path} does not fit {model_name}: {k} has shape "
+                               f"{tuple(v.shape)}, {model_name} expects {tuple(own[k].shape)}"
+                               + (f" (wrong {role}.name?)" if name else ""))
 
 
 def load_model_weights(model: nn.Module, path: str | Path, *, role: str, name: str, data) -> nn.Module:
-    """Load ``path`` (our run/checkpoint folder, a ``.safetensors``, or a foreign ``.pth``) into ``model``."""
-    path = Path(path).expanduser()
-    if not path.exists():
+    """Load ``path`` (our run/checkpoint folder, a ``.safetensors``, a foreign ``.pth``, or torchvision's
+    pretrained weights as ``torchvision://DEFAULT``) into ``model``."""
+    if str(path).startswith("torchvision://"):
+        sd = models.torchvision_state_dict(name, str(path))
+    elif not (path := Path(path).expanduser()).exists():
         raise BlockKDError(f"{role} checkpoint {path} does not exist")
-    if path.is_dir():
+    elif path.is_dir():
         ckpt = load_checkpoint(checkpoint_dir(path), with_state=False)
         trained = ckpt.meta.get("config", {}).get("model", {}).get("name")
         if trained and trained != name:
@@ -56,7 +62,7 @@ def load_model_weights(model: nn.Module, path: str | Path, *, role: str, name: s
         sd = models.read_state_dict(path)
         if any(k.startswith("student.") for k in sd):  # one of our weights.safetensors files
             sd = {k[len("student."):]: v for k, v in sd.items() if k.startswith("student.")}
-    check_fits(model, sd, role=role, path=path, data=data)
+    check_fits(model, sd, role=role, path=path, data=data, name=name)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]  # absent from old checkpoints
     if missing or unexpected:

@@ -161,6 +161,7 @@ def _writing(folder: Path) -> Iterator[Path]:
 
 
 def _write_and_publish(tmp: Path, folder: Path, files: dict[str, bytes], keep_prev: bool, epoch: Any) -> Path:
+    """Write ``files`` into ``tmp``, then swap it in as ``folder`` (``epoch`` names the fault points)."""
     where = {"folder": folder.name, "epoch": epoch}
     for name, data in files.items():
         write_bytes(tmp / name, data)
@@ -171,24 +172,28 @@ def _write_and_publish(tmp: Path, folder: Path, files: dict[str, bytes], keep_pr
 def _publish(tmp: Path, folder: Path, keep_prev: bool, where: dict) -> Path:
     """Swap the complete ``tmp`` folder in as ``folder``; the old one survives as ``<folder>.prev`` until then."""
     prev = folder.with_name(f"{folder.name}.prev")
+    old = folder.with_name(f".{folder.name}.prev.old")  # the replaced prev, deleted once the swap is done
     _fsync_dir(tmp)
-    moved = False
+    if old.exists():
+        shutil.rmtree(old)
+    done: list[tuple[Path, Path]] = []
     try:
         if folder.exists():
-            if prev.exists():
-                shutil.rmtree(prev)
-            os.replace(folder, prev)
-            moved = True
+            for src, dst in ((prev, old), (folder, prev)):
+                if src.exists():
+                    os.replace(src, dst)
+                    done.append((src, dst))
             fault_point("checkpoint_rename", **where)
         os.replace(tmp, folder)
     except OSError:
-        if moved and not folder.exists():
-            os.replace(prev, folder)  # put the previous checkpoint back
+        for src, dst in reversed(done):  # a failed swap changes nothing
+            os.replace(dst, src)
         raise
     fault_point("checkpoint_renamed", **where)
     _fsync_dir(folder.parent)
-    if not keep_prev and prev.exists():
-        shutil.rmtree(prev)
+    for stale in [old] if keep_prev else [old, prev]:
+        if stale.exists():
+            shutil.rmtree(stale)
     return folder
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import hashlib
 import os
 import random
 import signal
@@ -64,6 +65,42 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.parallel.DistributedDataParallel:
+    """``model`` (a distiller) under DDP, synchronising only what training changes.
+
+    Gradients: DDP all-reduces only parameters that require them, so the frozen teacher's never are.
+    Buffers: ``broadcast_buffers=False``. The buffers training changes are BatchNorm running statistics
+    (in the zoo, torchvision and timm CNNs), which the training forward does not read; DDP's default would
+    broadcast every buffer,
+    the teacher's included, before each step. The trainer broadcasts rank 0's trained buffers once per
+    epoch instead (``broadcast_tensors``), which ends in what the per-step broadcast would give: rank 0's
+    running averages (with SyncBatchNorm every rank's are equal anyway).
+    At construction DDP broadcasts rank 0's weights once, the teacher's included: every rank starts from
+    the same student and uses the same teacher.
+    ``find_unused_parameters``: some methods leave parameters unused in a step (blockkd-lite draws one
+    connector per step).
+    """
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+        find_unused_parameters=True)
+
+
+def broadcast_tensors(tensors: list[torch.Tensor]) -> None:
+    """Overwrite ``tensors`` in place with rank 0's (a no-op for one process)."""
+    if is_distributed():
+        for t in tensors:
+            dist.broadcast(t, src=0)
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over a state_dict's names and bytes, in key order: equal digests mean identical weights."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def init_distributed(device: torch.device) -> None:
@@ -233,9 +270,10 @@ def fault_point(point: str, **where: Any) -> None:
     ``BLOCKKD_FAULT=[pause@]POINT[:key=value,...]``: when the run reaches ``POINT`` with every ``key``
     equal to ``value``, the process SIGKILLs itself (default), or with ``pause@`` prints
     ``fault point POINT reached`` to stderr and sleeps (up to 10 minutes) so a test can signal it there.
-    Points: ``step`` (step=global step index, before it runs), ``checkpoint_write`` (a tensor file
-    written, meta.json not yet), ``checkpoint_rename`` (old folder moved aside, new one not yet in place),
-    ``checkpoint_renamed`` (new folder in place); the checkpoint points have ``folder`` and ``epoch``.
+    Points: ``step`` (step=global step index, before it runs), ``checkpoint_write`` (after each file
+    written into the temporary folder: a kill there leaves a half-written checkpoint), ``checkpoint_rename``
+    (old folder moved aside, new one not yet in place), ``checkpoint_renamed`` (new folder in place,
+    nothing after it done); the checkpoint points have ``folder`` (last, best) and ``epoch``.
     """
     spec = os.environ.get(FAULT_ENV)
     if not spec:

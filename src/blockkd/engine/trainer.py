@@ -22,6 +22,7 @@ import yaml
 
 from .. import data as data_lib
 from .. import methods, models
+from ..data.common import debug_log
 from ..errors import BlockKDError
 from . import runtime
 from .build import build_model, check_fits
@@ -209,10 +210,7 @@ class Trainer:
         self.distiller = self._build_distiller()
         self.model: nn.Module = self.distiller  # what the training step calls: maybe DDP- and compile-wrapped
         if runtime.is_distributed():
-            # Some methods leave parameters unused in a step (blockkd-lite draws one connector).
-            self.model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-                find_unused_parameters=True)
+            self.model = runtime.wrap_ddp(self.model, rt.device)
         if tcfg["compile"]:
             self.model = torch.compile(self.model)
 
@@ -245,11 +243,15 @@ class Trainer:
         if cfg["train"]["sync_bn"] and runtime.is_distributed():
             if rt.device.type != "cuda":
                 raise BlockKDError(f"train.sync_bn needs CUDA devices (this run uses {rt.device}); set it to false")
-            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)  # before the method builds views of it
         method = cfg["method"]["name"]
         teacher = build_model(cfg["teacher"], data, role="teacher") \
             if methods.needs_teacher(method) and cfg["teacher"]["name"] else None
         distiller = methods.create(method, student, teacher, data.input_shape, **cfg["method"]["options"])
+        if cfg["train"]["sync_bn"] and runtime.is_distributed():  # the method's own modules (connectors), in place
+            for name, child in distiller.named_children():
+                if name not in ("student", "teacher"):
+                    nn.SyncBatchNorm.convert_sync_batchnorm(child)
         distiller.to(rt.device)
         if rt.channels_last:
             distiller.to(memory_format=torch.channels_last)
@@ -316,11 +318,10 @@ class Trainer:
                 "skipped_steps": self.guard.skipped, "rng": runtime.rng_state()}
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict()}
-        with runtime.defer_sigint():  # Ctrl-C waits until last/ (and best/) are complete and agree
-            last = save_checkpoint(self.run_dir / "last", weights=self.distiller.train_state_dict(), meta=meta,
-                                   state=state, keep_prev=True)
-            if is_best:
-                copy_checkpoint(last, self.run_dir / "best")
+        last = save_checkpoint(self.run_dir / "last", weights=self.distiller.train_state_dict(), meta=meta,
+                               state=state, keep_prev=True)
+        if is_best:
+            copy_checkpoint(last, self.run_dir / "best")
 
     # -- loop ----------------------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, i: int) -> torch.Tensor | None:
@@ -441,6 +442,7 @@ class Trainer:
             self.data.set_epoch(epoch)
             with train_oom():
                 trained = self.run_epoch(epoch)
+            self.sync_buffers()
             last = epoch + 1 == self.epochs or self.out_of_steps()
             with eval_oom():
                 test = evaluate(self.distiller.student, self.data.test, self.rt) \
@@ -457,10 +459,19 @@ class Trainer:
                 "skipped_steps": self.guard.skipped}
             self.history.append(row)
             self.epoch = epoch + 1
-            self.save(is_best=self.best_epoch == epoch + 1)
-            log.metrics(self.history)
+            with runtime.defer_sigint():  # Ctrl-C waits until last/, best/ and the metrics files agree
+                self.save(is_best=self.best_epoch == epoch + 1)
+                log.metrics(self.history)
             log.scalars("epoch", {k: v for k, v in row.items() if k not in ("epoch", "step")}, self.epoch)
             log.info(_epoch_line(row, self.epochs))
+
+    def sync_buffers(self) -> None:
+        """Rank 0's trained buffers (BN running statistics) on every rank, before evaluating and saving
+        (see ``runtime.wrap_ddp``); with ``$BLOCKKD_DEBUG_LOG`` each rank then logs a digest of its weights."""
+        trained = self.distiller.train_state_dict()
+        runtime.broadcast_tensors([b for n, b in self.distiller.named_buffers() if n in trained])
+        debug_log(runtime.rank(), lambda: {"epoch": self.epoch + 1, "step": self.step,
+                                           "weights_sha256": runtime.state_digest(self.distiller.train_state_dict())})
 
     def out_of_steps(self) -> bool:
         return self.max_steps is not None and self.step >= self.max_steps

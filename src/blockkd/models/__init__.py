@@ -1,9 +1,10 @@
-"""The CIFAR model zoo: names, factories and checkpoint loading.
+"""The CIFAR model zoo, torchvision and timm models by prefix: names, factories and checkpoint loading.
 
 Why the names and keys of RepDistiller/mdistiller: every KD paper on CIFAR-100 starts from their public
 teachers, so ``load_weights(create("resnet32x4"), "ckpt_epoch_240.pth")`` must work with no key mapping.
 Every zoo model ends with a global ``nn.AdaptiveAvgPool2d(1)``, so 28x28 and 32x32 inputs both work, and
 its forward is a plain sequence of its child modules (in registration order), which the block splitter uses.
+``torchvision.<name>`` and ``timm.<name>`` (see ``external``) are resolved by prefix, not registered.
 """
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ import torch
 import torch.nn as nn
 
 from ..errors import BlockKDError
-from ..registry import Registry
-from . import mobilenetv2, resnet_cifar, resnetv2, shufflenetv1, shufflenetv2, vgg, wrn
+from ..registry import Registry, UnknownNameError
+from . import external, mobilenetv2, resnet_cifar, resnetv2, shufflenetv1, shufflenetv2, vgg, wrn
 
-__all__ = ["names", "create", "register", "load_weights", "num_params", "read_state_dict"]
+__all__ = ["names", "create", "check_name", "register", "load_weights", "num_params", "read_state_dict",
+           "torchvision_state_dict", "FAMILY_NAMES"]
 
 Factory = Callable[..., nn.Module]  # fn(num_classes, in_channels) -> nn.Module
 _MODELS: Registry[Factory] = Registry("model")
@@ -30,14 +32,35 @@ def register(name: str) -> Callable[[Factory], Factory]:
     return _MODELS.register(name)
 
 
+# What ``names()`` lists for the libraries resolved by prefix (their models are not enumerated).
+FAMILY_NAMES = tuple(f"{f}.<name>" for f in external.FAMILIES)
+torchvision_state_dict = external.torchvision_state_dict
+
+
 def names() -> list[str]:
-    """All registered model names, zoo first, in registration order."""
-    return _MODELS.names()
+    """All registered model names, zoo first, in registration order, then ``torchvision.<name>``, ``timm.<name>``."""
+    return _MODELS.names() + list(FAMILY_NAMES)
+
+
+def check_name(name: str) -> None:
+    """Raise ``UnknownNameError`` with the closest valid name unless ``create(name)`` would find the model."""
+    if external.family(name):
+        external.check(name)
+    elif name not in _MODELS:
+        import torchvision.models as tvm
+
+        if name in tvm.list_models(module=tvm):  # ImageNet users type the bare torchvision name
+            raise UnknownNameError(f"unknown model {name!r}; did you mean 'torchvision.{name}'?")
+        _MODELS.get(name)  # the registry's closest-name error
 
 
 def create(name: str, num_classes: int = 100, in_channels: int = 3) -> nn.Module:
-    """A freshly initialised model; unknown names raise with the closest valid name."""
-    factory = _MODELS.get(name)
+    """A freshly initialised model; unknown names raise with the closest valid name.
+
+    ``torchvision.<name>`` / ``timm.<name>``: that library's model (see ``external.create``).
+    """
+    check_name(name)
+    factory = partial(external.create, name) if external.family(name) else _MODELS.get(name)
     for what, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise BlockKDError(f"{what} must be a positive integer, got {value!r}")

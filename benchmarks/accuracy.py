@@ -1,0 +1,259 @@
+"""Accuracy of every method on Fashion-MNIST (real data), over several seeds: one command.
+
+    python benchmarks/accuracy.py [--seeds 0 1 2] [--methods ce kd dkd blockkd blockkd-lite] [--epochs N]
+                                  [--train-subset N] [--val [N]] [--quick] [--out results/accuracy.json]
+
+How, and why this way: every run is a plain ``blockkd.config.load`` of a ``configs/fashion_mnist`` recipe
+plus overrides, trained by ``blockkd.engine.train`` (no second training loop), so the numbers are those a
+user gets from the recipes. One teacher, trained once with the same data and schedule overrides and cached
+by ``blockkd.demo`` (keyed by its recipe's fingerprint), serves every student. For each seed, every
+method gets the same ``train.seed``, hence the same initialisation and data order. Reported per method:
+mean ± std over seeds of the last-epoch top-1 and of the best-epoch top-1 (the best epoch is chosen on
+the evaluated split, so it is optimistic and labelled as such), the gain over ``ce`` (means of the last
+epochs) and the wall-clock time. ``--val`` evaluates on images held out from the training set instead of
+the test split, for tuning without ever looking at the test split.
+
+Subset and schedule are the recipes' own (``configs/fashion_mnist/base.yaml``) unless ``--train-subset``
+(0: all 60000 images) or ``--epochs`` (students only) say otherwise. Outputs: a table on stdout, ``--out`` (JSON), and
+beside it ``accuracy.png`` (bars with error bars, mean test-accuracy curves) and ``accuracy.md``
+(README section).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from blockkd import config, methods
+from blockkd import data as data_lib
+from blockkd.demo import recipes_dir, train_or_reuse_teacher
+from blockkd.engine import runtime, train
+from blockkd.errors import BlockKDError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (REPO, fmt, machine_info, machine_line, markdown_table, mean_std, plural, section,  # noqa: E402
+                    text_table, write_json, write_text)
+
+METHODS = ["ce", "kd", "dkd", "blockkd", "blockkd-lite"]
+# epochs / train_subset None: the recipes' own (configs/fashion_mnist/base.yaml).
+DEFAULTS: dict[str, Any] = {"seeds": [0, 1, 2], "methods": METHODS, "epochs": None, "train_subset": None}
+# --quick: the whole pipeline in seconds (the smoke test); add --val N to keep evaluation small too.
+QUICK: dict[str, Any] = {"seeds": [0], "methods": ["ce", "blockkd"], "epochs": 1, "train_subset": 128}
+QUICK_TEACHER = ["train.epochs=1", "data.batch_size=64"]
+# What may differ between the runs of one recipe without making it another recipe.
+RUN_KEYS = ("output", "train.seed", "train.device", "teacher.checkpoint")
+
+
+# ----------------------------------------------------------------------------------------- runs
+def overrides(s: dict[str, Any], quick: bool) -> tuple[list[str], list[str]]:
+    """(teacher's, students') overrides. Both see the same images (the subset, and never the held-out
+    ones); ``--epochs`` changes the students' schedule only, the teacher keeps its recipe's."""
+    shared = ["output.tensorboard=false", "output.plot=false"]
+    if s["train_subset"] is not None:
+        shared.append(f"data.train_subset={s['train_subset'] or 'null'}")  # 0: all images
+    shared += [f"data.val_split={s['val']}"] if s["val"] else []
+    shared += [f"train.device={s['device']}"] if s["device"] else []
+    teacher = shared + (QUICK_TEACHER if quick else [])
+    students = shared + ([f"train.epochs={s['epochs']}"] if s["epochs"] else []) + (QUICK_TEACHER[1:] if quick else [])
+    return teacher, students
+
+
+def history_of(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_student(folder: Path, method: str, seed: int, extra: list[str], teacher_dir: Path, runs: Path
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train ``method`` with ``seed``; returns (its resolved config, its per-run result)."""
+    uses_teacher = methods.needs_teacher(method)
+    cfg = config.load(folder / f"{method}.yaml", extra + [
+        f"train.seed={seed}", f"output.dir={runs}", f"output.name={method}-seed{seed}",
+        *([f"teacher.checkpoint={teacher_dir}"] if uses_teacher else [])])
+    print(f"\n== {method}, seed {seed}: {cfg['model']['name']}" + (f" <- {cfg['teacher']['name']}" if uses_teacher
+                                                                    else ""), flush=True)
+    summary = train(cfg, overwrite=True)
+    history = history_of(summary["run_dir"])
+    return cfg, {"method": method, "seed": seed, "last_top1": summary["last"]["test_top1"],
+                 "last_epoch": summary["last"]["epoch"], "best_top1": summary["best"]["test_top1"],
+                 "best_epoch": summary["best"]["epoch"], "wall_time_s": summary["wall_time_s"],
+                 "images_per_s": summary["images_per_s"], "run_dir": summary["run_dir"],
+                 "curve": [[r["epoch"], r["test_top1"]] for r in history if r.get("test_top1") is not None]}
+
+
+def aggregate(runs: list[dict[str, Any]], method_names: list[str]) -> dict[str, dict[str, Any]]:
+    """Per method: mean ± std of last/best top-1 and of time, the gain over ce, the mean curve."""
+    out: dict[str, dict[str, Any]] = {}
+    for m in method_names:
+        mine = [r for r in runs if r["method"] == m]
+        curves = [dict(r["curve"]) for r in mine]  # epoch -> top-1 of each run
+        epochs = sorted({e for c in curves for e in c})
+        curve = [mean_std([c[e] for c in curves if e in c]) for e in epochs]
+        out[m] = {"seeds": [r["seed"] for r in mine], "last_top1": mean_std([r["last_top1"] for r in mine]),
+                  "best_top1": mean_std([r["best_top1"] for r in mine]), "best_epoch": [r["best_epoch"] for r in mine],
+                  "wall_time_s": mean_std([r["wall_time_s"] for r in mine]),
+                  "curve": {"epoch": epochs, "mean": [c["mean"] for c in curve], "std": [c["std"] for c in curve]}}
+    ce = out.get("ce", {}).get("last_top1", {}).get("mean")
+    for m, v in out.items():
+        v["gain_vs_ce"] = None if ce is None or m == "ce" else v["last_top1"]["mean"] - ce
+    return out
+
+
+# ----------------------------------------------------------------------------------------- report
+def setup_of(cfg: dict[str, Any], teacher: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
+    """What was run, from a student's resolved config: models, data split sizes, schedule, seeds."""
+    sizes = data_lib.build(cfg["data"], device="cpu")  # the exact split sizes the runs used
+    return {"dataset": cfg["data"]["name"], "student": cfg["model"]["name"], "teacher": teacher["model"],
+            "split": "val" if s["val"] else "test", "val_split": s["val"], "train_subset": cfg["data"]["train_subset"],
+            "train_images": sizes.train_size, "eval_images": sizes.test_size, "epochs": cfg["train"]["epochs"],
+            "teacher_epochs": teacher["epochs"], "seeds": s["seeds"], "methods": s["methods"],
+            "batch_size": cfg["data"]["batch_size"], "lr": cfg["optim"]["lr"], "schedule": cfg["schedule"]["name"]}
+
+
+def pm(stat: dict[str, Any]) -> str:
+    return f"{stat['mean']:.2f} ± {stat['std']:.2f}"
+
+
+def table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    split = report["setup"]["split"]
+    header = ["model", "method", "seeds", f"{split} top-1, last epoch", f"{split} top-1, best epoch (optimistic)",
+              "gain vs ce (last)", "time/run"]
+    t = report["teacher"]
+    rows = [[t["model"], "teacher (ce)", 1, fmt(t["last_top1"]), fmt(t["best_top1"]), "",
+             f"{t['wall_time_s'] / 60:.1f} min" if t.get("wall_time_s") else ""]]
+    for m, v in report["methods"].items():
+        rows.append([report["setup"]["student"], m, len(v["seeds"]), pm(v["last_top1"]), pm(v["best_top1"]),
+                     "" if v["gain_vs_ce"] is None else f"{v['gain_vs_ce']:+.2f}",
+                     f"{v['wall_time_s']['mean'] / 60:.1f} min"])
+    return header, rows
+
+
+def setup_line(report: dict[str, Any]) -> str:
+    u = report["setup"]
+    data = f"{u['train_images']} training images" + (" (all)" if not u["train_subset"] else " (fixed subset)")
+    where = (f"the test split ({u['eval_images']} images)" if u["split"] == "test"
+             else f"{u['eval_images']} images held out from the training set (data.val_split; the test split is unused)")
+    return (f"Fashion-MNIST, {u['teacher']} -> {u['student']}, recipes `configs/fashion_mnist/<method>.yaml` with "
+            f"{data}, {plural(u['epochs'], 'epoch')} ({u['schedule']} schedule, SGD lr {u['lr']}, batch "
+            f"{u['batch_size']}; teacher {plural(u['teacher_epochs'], 'epoch')}), "
+            f"seeds {', '.join(map(str, u['seeds']))}; evaluated on {where}. Mean ± std over seeds; the best "
+            f"epoch is picked on the same split, so it is optimistic. One teacher serves all students.")
+
+
+def plot(report: dict[str, Any], path: Path) -> Path:
+    """Left: last/best top-1 per method with ±std error bars; right: mean top-1 per epoch (±std band)."""
+    split, res = report["setup"]["split"], report["methods"]
+    fig = Figure(figsize=(12, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_bar, ax_curve = fig.subplots(1, 2, width_ratios=[1, 1.3])
+    names = list(res)
+    xs = range(len(names))
+    for offset, key, label in ((-0.2, "last_top1", "last epoch"), (0.2, "best_top1", "best epoch (optimistic)")):
+        means, stds = [res[m][key]["mean"] for m in names], [res[m][key]["std"] for m in names]
+        bars = ax_bar.bar([x + offset for x in xs], means, 0.4, yerr=stds, capsize=4, label=label)
+        ax_bar.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
+    lows = [res[m][k]["mean"] - res[m][k]["std"] for m in names for k in ("last_top1", "best_top1")]
+    highs = [res[m][k]["mean"] + res[m][k]["std"] for m in names for k in ("last_top1", "best_top1")]
+    teacher = report["teacher"]["last_top1"]
+    ax_bar.set_ylim(max(0.0, min(lows) - 2), min(100.0, max(highs + [teacher]) + 1.5))  # zoomed: differences are small
+    ax_bar.axhline(teacher, color="grey", ls="--", lw=1, label=f"teacher {teacher:.2f}")
+    ax_bar.set_xticks(list(xs), names)
+    ax_bar.set_ylabel(f"{split} top-1 (%), mean ± std over seeds")
+    ax_bar.legend(fontsize=7, loc="best")
+    for m in names:
+        c = res[m]["curve"]
+        lo = [a - b for a, b in zip(c["mean"], c["std"])]
+        hi = [a + b for a, b in zip(c["mean"], c["std"])]
+        (line,) = ax_curve.plot(c["epoch"], c["mean"], marker=".", label=m)
+        ax_curve.fill_between(c["epoch"], lo, hi, color=line.get_color(), alpha=0.15)
+    ax_curve.axhline(teacher, color="grey", ls="--", lw=1, label="teacher")
+    ax_curve.set_xlabel("epoch")
+    ax_curve.set_ylabel(f"{split} top-1 (%)")
+    ax_curve.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_curve.set_xlim(0.5, max([e for m in names for e in res[m]["curve"]["epoch"]], default=1) + 0.5)
+    ax_curve.grid(alpha=0.3)
+    ax_curve.legend(fontsize=7)
+    u = report["setup"]
+    fig.suptitle(f"Fashion-MNIST, {u['teacher']} -> {u['student']}: {u['train_images']} training images, "
+                 f"{plural(u['epochs'], 'epoch')}, {plural(len(u['seeds']), 'seed')}")
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def render_markdown(report: dict[str, Any], png: Path) -> str:
+    try:
+        image = png.resolve().relative_to(REPO).as_posix()
+    except ValueError:
+        image = png.name
+    return section("Accuracy (Fashion-MNIST)", [
+        setup_line(report), markdown_table(*table(report)), f"![accuracy per method]({image})",
+        f"Machine: {machine_line(report['machine'])}; {report['minutes']:.0f} min in all. "
+        f"Reproduce: `{report['command']}`."])
+
+
+# ----------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--seeds", nargs="+", type=int, help="training seeds (default 0 1 2)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, help="methods (default all; ce gives the baseline)")
+    p.add_argument("--epochs", type=int, help="students' epochs (default: the recipes'; the teacher keeps its own)")
+    p.add_argument("--train-subset", type=int, help="train on this many images, 0 = all (default: the recipes')")
+    p.add_argument("--val", type=int, nargs="?", const=10000, default=0, metavar="N",
+                   help="evaluate on N images held out from the training set (default N 10000), not the test split")
+    p.add_argument("--device", help="train.device of every run (default: the recipes' auto)")
+    p.add_argument("--quick", action="store_true", help="tiny subset, 1 epoch, 1 seed, ce and blockkd: the smoke test")
+    p.add_argument("--out", default="results/accuracy.json", help="JSON output; .png and .md go beside it")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if v is not None and k in DEFAULTS}
+    s = {**DEFAULTS, **(QUICK if args.quick else {}), **given, "val": args.val, "device": args.device}
+    out = Path(args.out)
+    runs_dir = out.with_name(out.stem + "-runs")
+    started = time.perf_counter()
+    try:
+        folder = recipes_dir()
+        teacher_extra, extra = overrides(s, args.quick)
+        teacher_dir, teacher = train_or_reuse_teacher(folder, teacher_extra)
+        recipes: dict[str, dict[str, Any]] = {}
+        results = []
+        for seed in s["seeds"]:
+            for method in s["methods"]:
+                cfg, result = run_student(folder, method, seed, extra, teacher_dir, runs_dir)
+                result["fingerprint"] = config.fingerprint(cfg, ignore=RUN_KEYS)
+                recipes.setdefault(method, {"file": str((folder / f"{method}.yaml").relative_to(folder.parents[1])),
+                                            "fingerprint": result["fingerprint"], "config": cfg})
+                results.append(result)
+    except BlockKDError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    first = next(iter(recipes.values()))["config"]
+    report: dict[str, Any] = {
+        "machine": machine_info(runtime.resolve_device(first["train"]["device"])),
+        "command": "python benchmarks/accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "setup": {**setup_of(first, teacher, s), "overrides": extra, "teacher_overrides": teacher_extra},
+        "teacher": {"model": teacher["model"], "run_dir": str(teacher_dir), "last_top1": teacher["last"]["test_top1"],
+                    "best_top1": teacher["best"]["test_top1"], "wall_time_s": teacher.get("wall_time_s")},
+        "recipes": recipes, "methods": aggregate(results, s["methods"]), "runs": results,
+        "minutes": (time.perf_counter() - started) / 60,
+    }
+    write_json(out, report)
+    png = plot(report, out.with_suffix(".png"))
+    md = write_text(out.with_suffix(".md"), render_markdown(report, png))
+    print("\n" + setup_line(report) + "\n\n" + text_table(*table(report)))
+    print(f"\n{out}, {png}, {md} ({report['minutes']:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Helpers shared by ``speed.py`` and ``accuracy.py``: machine description, JSON output, tables.
+
+Why here: both benchmarks must describe the machine the same way (numbers without their machine are
+meaningless), write their JSON the same way (atomically, so an interrupted run never leaves half a
+file) and render the same table both as aligned text (stdout) and as markdown (the README section).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (Linux: /proc/cpuinfo), else whatever the platform reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (with ``-dirty`` when files changed), or None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=REPO,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def machine_info(device: torch.device | str | None = None) -> dict[str, Any]:
+    """Date, hardware and software versions; deliberately no hostname or user name."""
+    import torchvision
+
+    import blockkd
+
+    device = torch.device(device) if device is not None else None
+    cuda = device is not None and device.type == "cuda"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "blockkd": getattr(blockkd, "__version__", None),
+        "git": git_commit(),
+        "device": str(device) if device is not None else None,
+        "device_name": torch.cuda.get_device_name(device) if cuda else cpu_model(),
+        "cuda": torch.version.cuda if cuda else None,
+    }
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    """One markdown line naming the machine and software behind a set of numbers."""
+    dev = "CPU" if info.get("cuda") is None else f"{info['device_name']} (CUDA {info['cuda']})"
+    return (f"{info['date'][:10]}; device {dev}; CPU {info['cpu']} ({info['cpu_cores']} cores, "
+            f"{info['torch_threads']} torch threads); torch {info['torch']}, torchvision {info['torchvision']}, "
+            f"Python {info['python']}, {info['os']}" + (f"; blockkd {info['git']}" if info.get("git") else ""))
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON via a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def mean_std(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation (0 for one value) and the values themselves."""
+    values = [float(v) for v in values]
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values), "values": values}
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def fmt(value: Any, spec: str = ".2f") -> str:
+    """A table cell: numbers formatted with ``spec``, None as an empty cell."""
+    if value is None:
+        return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return format(value, spec)
+    return str(value)
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Columns aligned with spaces, for the terminal."""
+    cells = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured markdown table (``|`` inside cells escaped)."""
+    def line(cells: Sequence[Any]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(header), line(["---"] * len(header))] + [line(r) for r in rows])
+
+
+def section(title: str, paragraphs: Sequence[str]) -> str:
+    """A README section: a level-3 heading then paragraphs (tables included) separated by blank lines."""
+    return "\n\n".join([f"### {title}", *[p.strip() for p in paragraphs if p and p.strip()]]) + "\n"

@@ -1,0 +1,96 @@
+"""Block-KD term weights (α, β, γ) against a confident teacher, on the tests' synthetic data (about 30 s a run).
+
+A resnet14 teacher is trained on synthetic 16x16 data, its classifier scaled so that its logit std is 20
+(same argmax), then a resnet8 student is trained for 4 cosine epochs at SGD lr 0.05 with each setting.
+This is the quick sweep behind Block-KD's default weights; benchmarks/stability.py checks the choice on
+Fashion-MNIST.
+
+    python benchmarks/weight_sweep.py [--variants kd unit norm ...] [--out results/weight_sweep.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from blockkd import config, data
+from blockkd.engine import train
+from blockkd.engine.build import build_model
+
+VARIANTS = {  # name -> (method, options)
+    "ce": ("ce", {}),
+    "kd": ("kd", {}),
+    "unit": ("blockkd", dict(alpha=1.0, beta=1.0, gamma=1.0)),
+    "unit, clip 5": ("blockkd", dict(alpha=1.0, beta=1.0, gamma=1.0)),
+    "kd weights": ("blockkd", dict(alpha=0.1, beta=0.9, gamma=0.9)),
+    "tenth": ("blockkd", dict(alpha=0.1, beta=0.1, gamma=0.1)),
+    "α=β=1, γ=0": ("blockkd", dict(alpha=1.0, beta=1.0, gamma=0.0)),
+    "α=β=1, γ=0.1": ("blockkd", dict(alpha=1.0, beta=1.0, gamma=0.1)),
+    "normalised": ("blockkd", dict(alpha=0.36, beta=0.36, gamma=0.25)),
+    "normalised, T=8": ("blockkd", dict(temperature=8.0, alpha=0.36, beta=0.36, gamma=0.25)),
+    "α=β=0.36, γ=0": ("blockkd", dict(alpha=0.36, beta=0.36, gamma=0.0)),
+    "defaults": ("blockkd", {}),
+}
+
+
+def recipe(out: Path, name: str, method: str, **extra) -> dict:
+    cfg = {
+        "model": {"name": "resnet8"}, "method": {"name": method},
+        "data": {"name": "synthetic", "image_size": 16, "num_classes": 10, "train_size": 512, "test_size": 256,
+                 "batch_size": 64, "eval_batch_size": 256},
+        "optim": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
+        "schedule": {"name": "cosine"},
+        "train": {"epochs": 4, "device": "cpu", "seed": 0},
+        "output": {"dir": str(out), "name": name, "progress": False, "tensorboard": False, "plot": False},
+    }
+    for section, values in extra.items():
+        cfg[section] = {**cfg.get(section, {}), **values}
+    return config.validate(cfg)
+
+
+def confident_teacher(work: Path, target_std: float = 20.0) -> dict:
+    train(recipe(work, "teacher", "ce", model={"name": "resnet14"}), overwrite=True)
+    bundle = data.build(recipe(work, "probe", "ce")["data"], device="cpu")
+    teacher = build_model({"name": "resnet14", "checkpoint": str(work / "teacher")}, bundle, role="teacher").eval()
+    with torch.no_grad():
+        x, _ = next(iter(bundle.test))
+        scale = target_std / teacher(x).std(dim=1).mean().item()
+        teacher.fc.weight.mul_(scale)
+        teacher.fc.bias.mul_(scale)
+    path = work / "confident.safetensors"
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(path))
+    return {"name": "resnet14", "checkpoint": str(path)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    p.add_argument("--out", default="results/weight_sweep.json")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    work = out.parent / "weight_sweep_runs"
+    work.mkdir(parents=True, exist_ok=True)
+    teacher = confident_teacher(work)
+    rows = []
+    for name in args.variants:
+        method, options = VARIANTS[name]
+        extra = {"train": {"grad_clip": 5.0}} if "clip" in name else {}
+        if method != "ce":
+            extra["teacher"] = teacher
+        cfg = recipe(work, name.replace(" ", "_").replace(",", "").replace("=", ""), method, **extra)
+        cfg["method"]["options"].update(options)
+        s = train(cfg, overwrite=True)
+        rows.append({"variant": name, "method": method, "options": cfg["method"]["options"],
+                     "test_top1": s["last"]["test_top1"]})
+        print(f"{name:22s} test top-1 {s['last']['test_top1']:6.2f}", flush=True)
+    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Models from torchvision and timm by prefixed name: ``torchvision.resnet18``, ``timm.mobilenetv3_small_050``.
+
+Why prefixes resolved on demand rather than registered names: torchvision has ~80 classification models
+and timm over a thousand; listing them would drown the zoo, and importing either library costs seconds,
+so a library is only imported when one of its names is used. Pretrained torchvision weights are named
+``torchvision://DEFAULT`` (or any tag of the model's weights enum, e.g. ``torchvision://IMAGENET1K_V1``).
+"""
+from __future__ import annotations
+
+import difflib
+
+import torch
+import torch.nn as nn
+
+from ..errors import BlockKDError
+from ..registry import UnknownNameError
+
+FAMILIES = ("torchvision", "timm")
+WEIGHTS_SCHEME = "torchvision://"
+
+
+def family(name: str) -> str | None:
+    """``"torchvision"`` or ``"timm"`` for a prefixed name, else None."""
+    prefix, dot, rest = name.partition(".")
+    return prefix if dot and rest and prefix in FAMILIES else None
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise BlockKDError("timm models need the timm package: pip install 'blockkd[timm]'") from None
+    return timm
+
+
+def _available(fam: str) -> list[str]:
+    if fam == "torchvision":
+        import torchvision.models as tvm
+
+        return tvm.list_models(module=tvm)  # classification models only
+    return _timm().list_models()
+
+
+def check(name: str) -> None:
+    """Raise ``UnknownNameError`` (with the closest name of that library) unless ``name`` exists."""
+    fam = family(name)
+    assert fam is not None, name
+    base = name.partition(".")[2]
+    choices = _available(fam)
+    if base in choices:
+        return
+    hint = difflib.get_close_matches(base, choices, n=1, cutoff=0.5)
+    tip = (f"; did you mean '{fam}.{hint[0]}'?" if hint else
+           "; see torchvision.models.list_models()" if fam == "torchvision" else "; see timm.list_models()")
+    raise UnknownNameError(f"unknown model {name!r}{tip}")
+
+
+def _replace_first_conv(model: nn.Module, in_channels: int) -> nn.Module:
+    """torchvision models are built for RGB; a new first conv (fresh weights) takes ``in_channels``."""
+    path, conv = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), (None, None))
+    if conv is None or conv.groups != 1:
+        raise BlockKDError(f"cannot adapt {type(model).__name__} to {in_channels} input channels: its first "
+                           f"layer is not a plain Conv2d")
+    model.set_submodule(path, nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                                        conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode))
+    return model
+
+
+def create(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    """A randomly initialised torchvision or timm model.
+
+    torchvision: ``get_model(name, weights=None, num_classes=...)``; for ``in_channels != 3`` the first
+    conv is replaced by a freshly initialised one (pretrained RGB weights then no longer fit it).
+    timm: ``create_model(name, pretrained=False, num_classes=..., in_chans=...)``.
+    """
+    check(name)
+    fam, base = name.split(".", 1)
+    if fam == "torchvision":
+        import torchvision.models as tvm
+
+        model = tvm.get_model(base, weights=None, num_classes=num_classes)
+        return model if in_channels == 3 else _replace_first_conv(model, in_channels)
+    return _timm().create_model(base, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+
+
+def torchvision_state_dict(name: str, spec: str) -> dict[str, torch.Tensor]:
+    """The weights ``spec`` = ``torchvision://TAG`` of the torchvision model ``name`` (downloaded or cached).
+
+    Offline, the one-line error gives the URL to fetch on a connected machine and the path to pass instead.
+    """
+    tag = spec[len(WEIGHTS_SCHEME):] or "DEFAULT"
+    if family(name) != "torchvision":
+        raise BlockKDError(f"{spec} names torchvision weights, but the model is {name!r}, not a torchvision.* model")
+    import torchvision.models as tvm
+
+    check(name)
+    enum = tvm.get_model_weights(name.split(".", 1)[1])
+    if tag not in enum.__members__:
+        raise BlockKDError(f"{name} has no weights {tag!r}; choose from {', '.join(enum.__members__)}")
+    weights = enum[tag]
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as e:  # URLError, OSError, hash mismatch, ...: no connection or a broken download
+        file = weights.url.rsplit("/", 1)[-1]
+        raise BlockKDError(f"cannot download the {name} weights {weights} ({type(e).__name__}: {e}); on a machine "
+                           f"with internet access download {weights.url} and pass its path instead of {spec}, "
+                           f"e.g. teacher.checkpoint=checkpoints/imagenet/{file}") from None

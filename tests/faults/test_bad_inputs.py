@@ -1,0 +1,94 @@
+"""Guarantee 4 (command line): every bad input ends ``blockkd train`` with exit status 2 and ONE
+``error:`` line on stderr that names the problem (no traceback); ``--debug`` shows the traceback."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import safetensors.torch
+
+from blockkd import models
+from faultlib import one_error_line, write_recipe
+
+NO_RANDOM = "teacher.allow_random=false"
+
+# name -> (arguments after ``blockkd train``, regex the error line must match)
+CASES = {
+    "unknown-model": (["ok.yaml", "model.name=resnet9"],
+                      r"unknown model 'resnet9' \(model\.name in override 'model\.name=resnet9'\); "
+                      r"did you mean 'resnet8'\?"),
+    "unknown-method": (["ok.yaml", "method.name=blockdk"], r"unknown method 'blockdk' .*did you mean 'blockkd'\?"),
+    "mistyped-key": (["ok.yaml", "optim.lrr=0.1"],
+                     r"unknown key 'optim\.lrr' in override 'optim\.lrr=0\.1'; did you mean 'optim\.lr'\?"),
+    "mistyped-key-in-file": (["typo.yaml"],
+                             r"unknown key 'train\.epoch' in typo\.yaml; did you mean 'train\.epochs'\?"),
+    "unknown-option": (["ok.yaml", "method.options.temp=2"], r"did you mean 'method\.options\.temperature'\?"),
+    "wrong-type": (["ok.yaml", "train.epochs=two"], r"invalid train\.epochs=two .*expected an integer >= 1"),
+    "out-of-range": (["ok.yaml", "optim.lr=-1"], r"invalid optim\.lr=-1 .*expected a number > 0"),
+    "invalid-yaml": (["broken.yaml"], r"invalid YAML in broken\.yaml, line 2, column \d+: "),
+    "missing-recipe": (["nope.yaml"], r"recipe file not found: nope\.yaml"),
+    "missing-dataset": (["ok.yaml", "data.name=imagefolder", "data.root=nowhere"],
+                        r"image folder not found: nowhere/train .*set data\.root"),
+    "missing-teacher": (["ok.yaml", "teacher.checkpoint=missing.pth", NO_RANDOM],
+                        r"teacher checkpoint missing\.pth does not exist"),
+    "teacher-architecture-keys": (["ok.yaml", "teacher.checkpoint=resnet8.safetensors", NO_RANDOM],
+                                  r"teacher checkpoint resnet8\.safetensors does not fit resnet14: "
+                                  r"missing \['layer1\.1\.conv1\.weight'.*\(wrong teacher\.name\?\)"),
+    "teacher-architecture-shapes": (["ok.yaml", "teacher.checkpoint=resnet8x4.safetensors", NO_RANDOM],
+                                    r"teacher checkpoint resnet8x4\.safetensors does not fit resnet14: bn1\.bias has "
+                                    r"shape \(32,\), resnet14 expects \(16,\) \(wrong teacher\.name\?\)"),
+    "class-count": (["ok.yaml", "teacher.checkpoint=resnet14-100.safetensors", NO_RANDOM],
+                    r"teacher checkpoint resnet14-100\.safetensors is for 100 classes and 3 input channels, but "
+                    r"the data \(synthetic\) has 10 classes and 3 channels"),
+    "input-channels": (["ok.yaml", "teacher.checkpoint=resnet14.safetensors", "data.channels=1", NO_RANDOM],
+                       r"is for 10 classes and 3 input channels, but the data \(synthetic\) has 10 classes and 1 "),
+    "blocks-unmatchable": (["ok.yaml", "method.options.num_blocks=9"],
+                           r"cannot bring student CifarResNet .* to the same number of blocks: n=9 exceeds"),
+    "output-not-writable": (["ok.yaml", "output.dir=a-file/sub"],
+                            r"run folder a-file/sub/output-not-writable is not writable \(Not a directory\)"),
+    "run-exists": (["ok.yaml", "output.name=done"],
+                   r"run folder runs/done exists; pass --resume to continue or --overwrite to replace it"),
+    "overwrite-foreign-folder": (["ok.yaml", "output.name=notes", "--overwrite"],
+                                 r"runs/notes does not look like a blockkd run folder; refusing to delete it"),
+}
+DEBUG = {"debug-config": ["ok.yaml", "optim.lrr=0.1", "--debug"],
+         "debug-engine": ["ok.yaml", "method.options.num_blocks=9", "--debug"]}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, commands):
+    cwd = tmp_path_factory.mktemp("bad")
+    write_recipe(cwd / "ok.yaml")
+    (cwd / "typo.yaml").write_text("base: ok.yaml\ntrain: {epoch: 3}\n")
+    (cwd / "broken.yaml").write_text("model: {name: resnet8\ntrain: {epochs: 2}\n")
+    (cwd / "a-file").write_text("")
+    for name, classes in (("resnet8", 10), ("resnet8x4", 10), ("resnet14", 10), ("resnet14", 100)):
+        suffix = "" if classes == 10 else f"-{classes}"
+        safetensors.torch.save_file(models.create(name, num_classes=classes).state_dict(),
+                                    str(cwd / f"{name}{suffix}.safetensors"))
+    (cwd / "runs" / "done").mkdir(parents=True)
+    (cwd / "runs" / "done" / "metrics.jsonl").write_text("{}\n")  # a run that made progress
+    (cwd / "runs" / "notes").mkdir()
+    (cwd / "runs" / "notes" / "notes.txt").write_text("not a run")
+    # each in a run folder of its own (they run side by side), unless the case is about the run folder
+    jobs = {name: (["train", *args, *([] if "output.name" in str(args) else [f"output.name={name}"])], cwd)
+            for name, (args, _) in CASES.items()}
+    jobs |= {name: (["train", *args], cwd) for name, args in DEBUG.items()}
+    return cwd, commands.run_many(jobs)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_one_clear_line(results, name):
+    cwd, out = results
+    line = one_error_line(out[name])
+    assert re.search(CASES[name][1], line), line
+    assert out[name].stdout == ""  # nothing was started
+    assert (cwd / "runs" / "notes" / "notes.txt").exists() and (cwd / "a-file").is_file()
+
+
+@pytest.mark.parametrize("name", list(DEBUG))
+def test_debug_shows_the_traceback(results, name):
+    _, out = results
+    proc = out[name]
+    assert proc.returncode != 0 and "Traceback (most recent call last)" in proc.stderr
+    assert re.search(r"BlockKDError: (unknown key 'optim\.lrr'|cannot bring student)", proc.stderr)

@@ -1,0 +1,145 @@
+"""Smoke test of benchmarks/: both scripts run end to end with --quick and report consistent numbers.
+
+The benchmarks measure and never assert timings; this test checks the structure of what they write and
+that every derived number (ratios, means, gains, FLOP floors) is computed from the reported ones.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from blockkd.data import fashion_mnist
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+METHODS = ["ce", "kd", "dkd", "blockkd", "blockkd-lite"]
+approx = pytest.approx
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    """Both scripts with --quick, side by side (one thread each), in a scratch folder with its own cache."""
+    if fashion_mnist.find(None) is None:
+        pytest.fail("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist); the accuracy "
+                    "benchmark needs real data")
+    tmp = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(tmp / "cache")}
+    commands = {
+        "speed": ["speed.py", "--quick", "--out", "out/speed.json"],
+        "accuracy": ["accuracy.py", "--quick", "--val", "300", "--out", "out/accuracy.json"],
+    }
+    procs = {k: subprocess.Popen([sys.executable, str(BENCH / c[0]), *c[1:]], cwd=tmp, env=env, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for k, c in commands.items()}
+    out = {}
+    for name, proc in procs.items():
+        text, _ = proc.communicate(timeout=240)
+        assert proc.returncode == 0, f"{name}.py failed:\n{text[-4000:]}"
+        out[name] = (tmp / "out", text)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- speed
+def test_speed_report(runs):
+    folder, stdout = runs["speed"]
+    report = json.loads((folder / "speed.json").read_text())
+    s = report["settings"]
+    assert report["machine"]["torch"] and report["machine"]["cpu_cores"] >= 1 and report["machine"]["date"]
+    assert "hostname" not in json.dumps(report["machine"]).lower()
+    rows = {r["label"]: r for r in report["train_step"]}
+    assert list(rows) == METHODS + ["blockkd (unbatched)"]
+    assert rows["blockkd (unbatched)"]["options"] == {"batched_stones": False}
+    kd = rows["kd"]["images_per_s"]
+    for label, r in rows.items():
+        assert "error" not in r, r
+        windows = r["window_images_per_s"]
+        assert len(windows) == s["windows"] and all(w > 0 for w in windows)
+        if label == "blockkd-lite":  # the mean over all timed steps, at least random_steps of them
+            assert r["steps_per_window"] * s["windows"] >= s["random_steps"]
+            assert r["images_per_s"] == approx(statistics.harmonic_mean(windows))
+        else:
+            assert r["images_per_s"] == approx(statistics.median(windows))
+        assert r["step_ms"] == approx(1000 * s["batch_size"] / r["images_per_s"])
+        assert r["cost_vs_kd"] == approx(kd / r["images_per_s"])
+        assert r["peak_memory_mb"] >= r["rss_at_start_mb"] > 0
+    assert rows["kd"]["cost_vs_kd"] == 1.0
+    assert all(r["goal_vs_kd"] is None for r in rows.values())  # goals are stated for resnet32x4:resnet8x4 only
+
+    f = report["flops"]["resnet14:resnet8"]
+    per_step = f["per_step"]
+    for label, r in rows.items():
+        assert r["flops_per_step"] == per_step[label] and r["flops_vs_kd"] == approx(per_step[label] / per_step["kd"])
+    # The parts add up to the counted steps, so the floor derived from them is the steps' FLOP ratio.
+    assert f["kd_from_parts"] == approx(per_step["kd"], rel=1e-3)
+    assert f["blockkd_from_parts"] == approx(per_step["blockkd"], rel=1e-3)
+    assert per_step["blockkd (unbatched)"] == per_step["blockkd"]
+    assert f["floor_blockkd"] == approx(f["blockkd_from_parts"] / f["kd_from_parts"])
+    assert per_step["ce"] < per_step["kd"] < per_step["blockkd-lite"] < per_step["blockkd"]
+    stones = [f["parts"][f"stone {i} forward"] for i in range(1, f["num_blocks"] + 1)]
+    assert stones == sorted(stones, reverse=True)  # deeper stones run shorter teacher suffixes
+
+    (batched,) = report["batched_stones"]
+    assert batched["speedup"] == approx(rows["blockkd"]["images_per_s"] / rows["blockkd (unbatched)"]["images_per_s"])
+    (data,) = report["data_path"]
+    assert data["dataset"] == "synthetic" and data["images"] == s["data_size"]  # 512 = 8 full batches of 64
+    assert data["device_images_per_s"] > 0 and data["torchvision_images_per_s"] > 0
+    assert data["speedup"] == approx(data["device_images_per_s"] / data["torchvision_images_per_s"])
+
+    md = (folder / "speed.md").read_text()
+    assert md.startswith("### Speed") and "| resnet14:resnet8 | fp32 | blockkd-lite |" in md
+    assert "time vs kd" in stdout and "FLOP floor of blockkd vs kd" in stdout
+
+
+def test_variants_and_profile():
+    speed = load_script("speed")
+    assert speed.parse_variant("fp32") == {"amp": "off", "channels_last": False, "compile": False}
+    assert speed.parse_variant("bf16+cl+compile") == {"amp": "bf16", "channels_last": True, "compile": True}
+    for bad in ("fp32+bf16", "cl", "bf16+fast"):
+        with pytest.raises(Exception, match="variant"):
+            speed.parse_variant(bad)
+    case = speed.Case("resnet14:resnet8", "blockkd", "fp32", "cpu", batch_size=4, image_size=16, num_classes=10)
+    table = speed.profile(case, steps=1)
+    assert "aten::convolution" in table and "Self CPU" in table
+
+
+# ----------------------------------------------------------------------------------------- accuracy
+def test_accuracy_report(runs):
+    folder, stdout = runs["accuracy"]
+    report = json.loads((folder / "accuracy.json").read_text())
+    setup = report["setup"]
+    assert setup["split"] == "val" and setup["eval_images"] == 300 and setup["train_images"] == 128
+    assert setup["epochs"] == 1 and setup["seeds"] == [0] and setup["methods"] == ["ce", "blockkd"]
+    assert 0 <= report["teacher"]["last_top1"] <= 100
+    assert Path(report["teacher"]["run_dir"]).is_relative_to(folder.parent / "cache")  # trained once, cached
+
+    runs_ = {r["method"]: r for r in report["runs"]}
+    assert set(runs_) == {"ce", "blockkd"}
+    for method, r in runs_.items():
+        assert 0 <= r["last_top1"] <= 100 and r["last_top1"] <= r["best_top1"] <= 100 and r["wall_time_s"] > 0
+        assert r["curve"][-1] == [1, r["last_top1"]]
+        m = report["methods"][method]
+        assert m["last_top1"]["mean"] == r["last_top1"] and m["last_top1"]["std"] == 0.0
+        cfg = report["recipes"][method]["config"]
+        assert cfg["method"]["name"] == method and cfg["train"]["seed"] == 0 and cfg["data"]["val_split"] == 300
+        assert report["recipes"][method]["fingerprint"] == r["fingerprint"]
+    assert report["methods"]["ce"]["gain_vs_ce"] is None
+    assert report["methods"]["blockkd"]["gain_vs_ce"] == approx(runs_["blockkd"]["last_top1"] - runs_["ce"]["last_top1"])
+
+    assert (folder / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (folder / "accuracy.md").read_text()
+    assert md.startswith("### Accuracy") and "| resnet8 | blockkd | 1 |" in md and "accuracy.png" in md
+    assert "val top-1, last epoch" in stdout and "held out from the training set" in stdout

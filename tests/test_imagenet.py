@@ -1,0 +1,147 @@
+"""The ImageNet code path on a tiny generated image folder: recipes, torchvision models and weights, folder loader.
+
+The recipe runs as shipped (configs/imagenet/resnet34_resnet18/blockkd.yaml) with the real torchvision
+ResNet-34 -> ResNet-18, overriding only what a 2-step CPU run needs: the data root and image size, batch
+sizes, workers, and the teacher checkpoint (a random ResNet-34 saved by the test, since torchvision's
+pretrained weights cannot be downloaded here).
+"""
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from blockkd import config, data, engine, methods, models
+from blockkd.data.folder import random_flip
+from blockkd.engine.checkpoint import load_checkpoint
+from blockkd.errors import BlockKDError
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "configs/imagenet"
+CLASSES = 3
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory) -> Path:
+    """3 classes of 8 training and 2 validation JPEGs; each image is a left-to-right brightness ramp
+    (so a horizontal flip is visible) tinted by its class."""
+    root = tmp_path_factory.mktemp("imagenet")
+    ramp = np.linspace(20, 235, 80)[None, :, None]
+    for split, count in (("train", 8), ("val", 2)):
+        for k in range(CLASSES):
+            folder = root / split / f"n0{k}"
+            folder.mkdir(parents=True)
+            tint = np.eye(3)[k] * 20
+            for i in range(count):
+                image = np.broadcast_to(ramp + tint + i, (72 + 2 * i, 80, 3)).clip(0, 255).astype(np.uint8)
+                Image.fromarray(image).save(folder / f"{i}.JPEG", quality=95)
+    return root
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_imagenet_recipe_trains_torchvision_pair_from_a_local_teacher_file(image_root, tmp_path, num_workers):
+    teacher = torchvision.models.resnet34(num_classes=CLASSES)
+    torch.save(teacher.state_dict(), tmp_path / "resnet34.pth")
+    cfg = config.load(RECIPES / "resnet34_resnet18/blockkd.yaml", [
+        f"data.root={image_root}", "data.image_size=64", "data.batch_size=4", "data.eval_batch_size=8",
+        f"data.num_workers={num_workers}", f"teacher.checkpoint={tmp_path / 'resnet34.pth'}", "train.max_steps=2",
+        "train.device=cpu", f"output.dir={tmp_path / 'runs'}", "output.tensorboard=false", "output.plot=false",
+        "output.progress=false"])
+    assert (cfg["optim"]["lr"], cfg["schedule"]["milestones"]) == (0.2, [30, 60, 90])  # the recipe's own
+    summary = engine.train(cfg)
+    assert summary["steps"] == 2 and summary["epochs"] == 1
+
+    # The teacher that was distilled from is the saved file: its test accuracy is that file's.
+    test = data.build(cfg["data"], device="cpu").test
+    assert summary["teacher_test_top1"] == pytest.approx(engine.evaluate(teacher, test)["top1"])
+    weights = load_checkpoint(Path(summary["run_dir"]) / "last").weights
+    student = {k[len("student."):] for k in weights if k.startswith("student.")}
+    assert student == set(torchvision.models.resnet18(num_classes=CLASSES).state_dict())
+    assert any(k.startswith("connectors.") for k in weights)  # the blockkd path, with its connectors
+
+    torch.save(torchvision.models.resnet34(num_classes=5).state_dict(), tmp_path / "resnet34.pth")
+    with pytest.raises(BlockKDError, match="resnet34.pth is for 5 classes"):  # the file is what is loaded
+        engine.train(cfg, overwrite=True)
+
+
+def test_recipes_follow_mdistiller_imagenet_settings():
+    for pair, beta in (("resnet34_resnet18", 0.5), ("resnet50_mobilenet_v2", 2.0)):
+        for method in ("ce", "kd", "dkd", "blockkd", "blockkd-lite"):
+            cfg = config.load(RECIPES / pair / f"{method}.yaml")
+            assert cfg["method"]["name"] == method and cfg["model"]["name"].startswith("torchvision.")
+            assert (cfg["data"]["name"], cfg["data"]["root"], cfg["data"]["batch_size"]) == (
+                "imagefolder", "data/imagenet", 512)
+            assert cfg["optim"] == {"name": "sgd", "lr": 0.2, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4}
+            assert (cfg["schedule"]["milestones"], cfg["schedule"]["gamma"], cfg["train"]["epochs"]) == (
+                [30, 60, 90], 0.1, 100)
+            assert cfg["teacher"]["checkpoint"] == "torchvision://IMAGENET1K_V1"
+        assert config.load(RECIPES / pair / "kd.yaml")["method"]["options"] == {
+            "temperature": 1.0, "ce_weight": 0.5, "kd_weight": 0.5}
+        dkd = config.load(RECIPES / pair / "dkd.yaml")["method"]["options"]
+        assert dkd == {"temperature": 1.0, "alpha": 1.0, "beta": beta, "ce_weight": 1.0, "warmup": 1.0}
+        cfg = config.load(RECIPES / pair / "blockkd.yaml")
+        student, teacher = (models.create(cfg[k]["name"], num_classes=10) for k in ("model", "teacher"))
+        distiller = methods.create("blockkd", student, teacher, (3, 64, 64), **cfg["method"]["options"])
+        assert distiller.num_blocks == 4  # stages end at strides 4, 8, 16, 32 on both sides
+
+
+def test_torchvision_and_timm_names():
+    assert models.names()[-2:] == ["torchvision.<name>", "timm.<name>"]
+    gray = models.create("torchvision.resnet18", num_classes=7, in_channels=1)  # first conv replaced
+    assert gray(torch.zeros(2, 1, 32, 32)).shape == (2, 7)
+    assert isinstance(models.create("timm.test_resnet", num_classes=5), torch.nn.Module)
+    for name, hint in (("torchvision.resnet19", "torchvision.resnet18"), ("resnet18", "torchvision.resnet18"),
+                       ("timm.mobilenetv3_smal_050", "timm.mobilenetv3_small_050")):
+        with pytest.raises(BlockKDError, match=f"unknown model '{name}'; did you mean '{hint}'"):
+            models.create(name)
+    with pytest.raises(BlockKDError, match=r"unknown teacher model 'torchvision.resnet35' \(teacher.name in override"):
+        config.load(RECIPES / "resnet34_resnet18/kd.yaml", ["teacher.name=torchvision.resnet35"])
+
+
+def test_torchvision_weights_cached_offline_and_unknown(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(BlockKDError, match=r"cannot download .* download https://download.pytorch.org/models/"
+                                           r"resnet18-f37072fd.pth and pass its path instead of torchvision://DEFAULT"):
+        models.torchvision_state_dict("torchvision.resnet18", "torchvision://DEFAULT")
+    # Once downloaded (here: a file put where torch.hub caches it), it is read without the network.
+    sd = torchvision.models.resnet18().state_dict()
+    (tmp_path / "hub/checkpoints").mkdir(parents=True, exist_ok=True)
+    torch.save(sd, tmp_path / "hub/checkpoints/resnet18-f37072fd.pth")
+    loaded = models.torchvision_state_dict("torchvision.resnet18", "torchvision://IMAGENET1K_V1")
+    assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], sd[k]) for k in sd)
+    with pytest.raises(BlockKDError, match="has no weights 'IMAGENET9K'; choose from IMAGENET1K_V1, DEFAULT"):
+        models.torchvision_state_dict("torchvision.resnet18", "torchvision://IMAGENET9K")
+    with pytest.raises(BlockKDError, match="not a torchvision"):
+        models.torchvision_state_dict("resnet8", "torchvision://DEFAULT")
+
+
+def test_folder_loader_flips_on_the_device(image_root):
+    cfg = {"name": "imagefolder", "root": str(image_root), "image_size": 32, "batch_size": 24,
+           "eval_batch_size": 6, "num_workers": 0}
+
+    def direction(x: torch.Tensor) -> torch.Tensor:  # +1: dark to bright (as stored), -1: mirrored
+        return torch.sign(x[:, :, :, -4:].mean((1, 2, 3)) - x[:, :, :, :4].mean((1, 2, 3)))
+
+    bundle = data.build(cfg, device="cpu")
+    signs = []
+    for epoch in range(3):
+        bundle.set_epoch(epoch)
+        signs += [direction(x) for x, _ in bundle.train]
+    signs = torch.cat(signs)
+    assert 0.25 < (signs < 0).float().mean() < 0.75  # about half of the training images are mirrored
+    assert all((direction(x) > 0).all() for x, _ in bundle.test)  # evaluation never flips
+    assert all((direction(x) > 0).all() for x, _ in data.build({**cfg, "augment": False}, device="cpu").train)
+
+    x = torch.arange(24, dtype=torch.uint8).view(4, 1, 2, 3)
+    out = random_flip(x, torch.Generator().manual_seed(0))
+    assert all(torch.equal(o, i) or torch.equal(o, i.flip(-1)) for o, i in zip(out, x))
