@@ -29,7 +29,8 @@ from blockkd import config, engine
 from blockkd.engine.checkpoint import load_checkpoint
 from blockkd.engine.runtime import state_digest
 
-DATA = "{name: synthetic, num_classes: 10, train_size: 64, test_size: 32, batch_size: 16, eval_batch_size: 32, augment: false}"
+DATA = ("{name: synthetic, num_classes: 10, train_size: 64, test_size: 32, batch_size: 16, eval_batch_size: 32, "
+        "augment: false}")
 COMMON = f"""
 data: {DATA}
 optim: {{lr: 0.05}}
