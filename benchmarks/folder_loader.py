@@ -7,6 +7,9 @@ then times full epochs of ``blockkd.data.build({"name": "imagefolder", ...}).tra
 average), so expect fewer images/s per core there.
 
     python benchmarks/folder_loader.py --images 2000 --workers 2 --device auto
+
+Without a GPU, set OMP_NUM_THREADS=1: the main process's intra-op threads (normalising on the CPU)
+otherwise fight the workers for the cores (5x fewer images/s on a busy 2-core machine).
 """
 from __future__ import annotations
 
