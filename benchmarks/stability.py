@@ -24,6 +24,9 @@ from blockkd.engine import train
 from blockkd.engine.build import build_model
 from blockkd.errors import BlockKDError
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import make_confident  # noqa: E402
+
 # name -> (recipe in configs/fashion_mnist, overrides). "α=β=γ=1" is the objective with unit weights.
 UNIT = ["method.options.alpha=1", "method.options.beta=1", "method.options.gamma=1"]
 VARIANTS = {
@@ -34,26 +37,12 @@ VARIANTS = {
 }
 
 
-@torch.no_grad()
-def logit_std(model, loader) -> float:
-    """Mean over test samples of the std of the logits across classes."""
-    model.eval()
-    stds = [model(x).float().std(dim=1) for x, _ in loader]
-    return torch.cat(stds).mean().item()
-
-
 def confident_teacher(teacher_run: Path, target_std: float, out: Path) -> tuple[Path, float, float]:
     """The demo teacher with its classifier scaled to ``target_std``, saved as safetensors."""
     cfg = config.load(demo.recipes_dir() / "teacher.yaml")
     bundle = data_lib.build(cfg["data"], device="cpu")
     model = build_model({"name": cfg["model"]["name"], "checkpoint": str(teacher_run)}, bundle, role="teacher")
-    before = logit_std(model, bundle.test)
-    scale = target_std / before if target_std > 0 else 1.0
-    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
-    with torch.no_grad():
-        head.weight.mul_(scale)
-        head.bias.mul_(scale)
-    after = logit_std(model, bundle.test)
+    before, after = make_confident(model, bundle.test, target_std) if target_std > 0 else (0.0, 0.0)
     path = out / "confident_teacher.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path, before, after

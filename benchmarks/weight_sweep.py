@@ -22,6 +22,9 @@ from blockkd import config, data
 from blockkd.engine import train
 from blockkd.engine.build import build_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import make_confident  # noqa: E402
+
 VARIANTS = {  # name -> (method, options)
     "ce": ("ce", {}),
     "kd": ("kd", {}),
@@ -56,12 +59,8 @@ def recipe(out: Path, name: str, method: str, **extra) -> dict:
 def confident_teacher(work: Path, target_std: float = 20.0) -> dict:
     train(recipe(work, "teacher", "ce", model={"name": "resnet14"}), overwrite=True)
     bundle = data.build(recipe(work, "probe", "ce")["data"], device="cpu")
-    teacher = build_model({"name": "resnet14", "checkpoint": str(work / "teacher")}, bundle, role="teacher").eval()
-    with torch.no_grad():
-        x, _ = next(iter(bundle.test))
-        scale = target_std / teacher(x).std(dim=1).mean().item()
-        teacher.fc.weight.mul_(scale)
-        teacher.fc.bias.mul_(scale)
+    teacher = build_model({"name": "resnet14", "checkpoint": str(work / "teacher")}, bundle, role="teacher")
+    make_confident(teacher, bundle.test, target_std)
     path = work / "confident.safetensors"
     save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(path))
     return {"name": "resnet14", "checkpoint": str(path)}

@@ -569,16 +569,17 @@ def fingerprint(cfg: Mapping, ignore: Iterable[str] = ("output",)) -> str:
     import hashlib
     import json
 
-    flat = {k: v for k, v in _flatten(cfg).items()
+    flat = {k: v for k, v in flatten(cfg).items()
             if not any(k == i or k.startswith(i + ".") for i in ignore)}
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _flatten(cfg: Mapping, prefix: str = "") -> dict[str, Any]:
+def flatten(cfg: Mapping, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (empty mappings stay leaves)."""
     out: dict[str, Any] = {}
     for k, v in cfg.items():
         if isinstance(v, Mapping) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out

@@ -23,6 +23,7 @@ import yaml
 from .. import data as data_lib
 from .. import methods, models
 from ..data.common import debug_log
+from ..config import flatten
 from ..errors import BlockKDError
 from . import runtime
 from .build import build_model, check_fits
@@ -186,16 +187,6 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
         raise BlockKDError(f"run folder {run_dir} is not writable ({e.strerror})") from None
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 # ------------------------------------------------------------------------------------------- trainer
 class Trainer:
     """One run: the distiller, its optimizer and schedule, the data, and the run's progress state."""
@@ -264,8 +255,8 @@ class Trainer:
             self.log.warning(f"nothing to resume in {self.run_dir} (no checkpoint yet); starting from scratch")
             return
         meta, state = ckpt.meta, ckpt.state
-        saved = _flat(meta["config"])
-        changed = {k: v for k, v in _flat(self.cfg).items() if saved.get(k, v) != v and not k.startswith("output.")}
+        saved = flatten(meta["config"])
+        changed = {k: v for k, v in flatten(self.cfg).items() if saved.get(k, v) != v and not k.startswith("output.")}
         if changed:
             self.log.warning("resuming with changed settings: " + ", ".join(f"{k}={v}" for k, v in changed.items()))
         self.distiller.load_train_state_dict(ckpt.weights)
