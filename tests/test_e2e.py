@@ -68,7 +68,7 @@ def test_teacher_then_blockkd_student_then_resume_then_eval(teacher):
     rows = history(run)
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     final = json.loads((run / "summary.json").read_text())
-    assert final["last"]["epoch"] == 4 and final["last"]["test_top1"] > 30
+    assert final["last"]["epoch"] == 4 and final["last"]["test_top1"] > 20  # twice chance
     assert final["best"]["test_top1"] >= final["last"]["test_top1"]
 
     evaluated = cli("eval", str(run), cwd=out)
