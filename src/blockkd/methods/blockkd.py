@@ -75,12 +75,7 @@ class BlockKD(Distiller):
     # -- pieces ------------------------------------------------------------------------------------
     def student_features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Every student block's output and the student's logits, from one forward pass."""
-        s_view = self._views[0]
-        feats, h = [], x
-        for block in s_view.blocks:
-            h = block(h)
-            feats.append(h)
-        return feats, s_view.head(h)
+        return self._views[0].features(x)
 
     def run_stones(self, feats: list[torch.Tensor], which: list[int]) -> list[torch.Tensor]:
         """Logits of the stepping-stones ``which`` (0-based, ascending) from the student's features.
