@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from blockkd import config, data as data_lib, demo, models
+from blockkd import config, data as data_lib, demo
 from blockkd.engine import train
 from blockkd.engine.build import build_model
 from blockkd.errors import BlockKDError

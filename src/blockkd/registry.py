@@ -6,9 +6,9 @@ error with the closest valid name when mistyped; one helper does that for all re
 from __future__ import annotations
 
 import difflib
+from typing import Generic, Iterator, TypeVar
 
 from .errors import BlockKDError
-from typing import Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
 

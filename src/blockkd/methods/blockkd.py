@@ -19,7 +19,6 @@ weight gradients of their own (their parameters have ``requires_grad=False``).
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from ..blocks import match
 from ..errors import BlockKDError
