@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo test bench-speed bench-accuracy data venv
+.PHONY: demo test bench-speed bench-accuracy bench-tune data venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +31,6 @@ bench-speed: venv
 
 bench-accuracy: venv data
 	$(PY) benchmarks/accuracy.py
+
+bench-tune: venv data
+	$(PY) benchmarks/tune.py

@@ -1,6 +1,6 @@
 """Accuracy of every method on Fashion-MNIST (real data), over several seeds: one command.
 
-    python benchmarks/accuracy.py [--seeds 0 1 2] [--methods ce kd dkd blockkd blockkd-lite] [--epochs N]
+    python benchmarks/accuracy.py [--seeds 0 1 2 3 4] [--methods ce kd dkd blockkd blockkd-lite] [--epochs N]
                                   [--train-subset N] [--val [N]] [--quick] [--out results/accuracy.json]
 
 How, and why this way: every run is a plain ``blockkd.config.load`` of a ``configs/fashion_mnist`` recipe
@@ -43,7 +43,7 @@ from common import (REPO, fmt, machine_info, machine_line, markdown_table, mean_
 
 METHODS = ["ce", "kd", "dkd", "blockkd", "blockkd-lite"]
 # epochs / train_subset None: the recipes' own (configs/fashion_mnist/base.yaml).
-DEFAULTS: dict[str, Any] = {"seeds": [0, 1, 2], "methods": METHODS, "epochs": None, "train_subset": None}
+DEFAULTS: dict[str, Any] = {"seeds": [0, 1, 2, 3, 4], "methods": METHODS, "epochs": None, "train_subset": None}
 # --quick: the whole pipeline in seconds (the smoke test); add --val N to keep evaluation small too.
 QUICK: dict[str, Any] = {"seeds": [0], "methods": ["ce", "blockkd"], "epochs": 1, "train_subset": 128}
 QUICK_TEACHER = ["train.epochs=1", "data.batch_size=64"]
@@ -70,12 +70,14 @@ def history_of(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_student(folder: Path, method: str, seed: int, extra: list[str], teacher_dir: Path, runs: Path
-                ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Train ``method`` with ``seed``; returns (its resolved config, its per-run result)."""
+def run_student(folder: Path, method: str, seed: int, extra: list[str], teacher_dir: Path, runs: Path,
+                name: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train ``method`` with ``seed``; returns (its resolved config, its per-run result).
+
+    ``name`` (default: the method) names the run folder ``<name>-seed<seed>`` under ``runs``."""
     uses_teacher = methods.needs_teacher(method)
     cfg = config.load(folder / f"{method}.yaml", extra + [
-        f"train.seed={seed}", f"output.dir={runs}", f"output.name={method}-seed{seed}",
+        f"train.seed={seed}", f"output.dir={runs}", f"output.name={name or method}-seed{seed}",
         *([f"teacher.checkpoint={teacher_dir}"] if uses_teacher else [])])
     print(f"\n== {method}, seed {seed}: {cfg['model']['name']}" + (f" <- {cfg['teacher']['name']}" if uses_teacher
                                                                     else ""), flush=True)
@@ -201,7 +203,7 @@ def render_markdown(report: dict[str, Any], png: Path) -> str:
 # ----------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--seeds", nargs="+", type=int, help="training seeds (default 0 1 2)")
+    p.add_argument("--seeds", nargs="+", type=int, help="training seeds (default 0 1 2 3 4)")
     p.add_argument("--methods", nargs="+", choices=METHODS, help="methods (default all; ce gives the baseline)")
     p.add_argument("--epochs", type=int, help="students' epochs (default: the recipes'; the teacher keeps its own)")
     p.add_argument("--train-subset", type=int, help="train on this many images, 0 = all (default: the recipes')")

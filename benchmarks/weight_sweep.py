@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,8 @@ VARIANTS = {  # name -> (method, options)
     "normalised, T=8": ("blockkd", dict(temperature=8.0, alpha=0.36, beta=0.36, gamma=0.25)),
     "α=β=0.36, γ=0": ("blockkd", dict(alpha=0.36, beta=0.36, gamma=0.0)),
     "defaults": ("blockkd", {}),
+    "defaults, conv3x3_bn": ("blockkd", dict(connector="conv3x3_bn")),
+    "defaults, stone_warmup 1": ("blockkd", dict(stone_warmup=1.0)),
 }
 
 
@@ -69,6 +72,7 @@ def confident_teacher(work: Path, target_std: float = 20.0) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="student seeds (the teacher is trained once)")
     p.add_argument("--out", default="results/weight_sweep.json")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -76,18 +80,24 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     teacher = confident_teacher(work)
     rows = []
-    for name in args.variants:
-        method, options = VARIANTS[name]
-        extra = {"train": {"grad_clip": 5.0}} if "clip" in name else {}
-        if method != "ce":
-            extra["teacher"] = teacher
-        cfg = recipe(work, name.replace(" ", "_").replace(",", "").replace("=", ""), method, **extra)
-        cfg["method"]["options"].update(options)
-        s = train(cfg, overwrite=True)
-        rows.append({"variant": name, "method": method, "options": cfg["method"]["options"],
-                     "test_top1": s["last"]["test_top1"]})
-        print(f"{name:22s} test top-1 {s['last']['test_top1']:6.2f}", flush=True)
-    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "rows": rows}, indent=2))
+    for seed in args.seeds:
+        for name in args.variants:
+            method, options = VARIANTS[name]
+            extra = {"train": {"seed": seed, **({"grad_clip": 5.0} if "clip" in name else {})}}
+            if method != "ce":
+                extra["teacher"] = teacher
+            cfg = recipe(work, name.replace(" ", "_").replace(",", "").replace("=", "") + f"-seed{seed}", method, **extra)
+            cfg["method"]["options"].update(options)
+            s = train(cfg, overwrite=True)
+            rows.append({"variant": name, "seed": seed, "method": method, "options": cfg["method"]["options"],
+                         "test_top1": s["last"]["test_top1"]})
+            print(f"{name:26s} seed {seed}  test top-1 {s['last']['test_top1']:6.2f}", flush=True)
+    means = {n: statistics.fmean(r["test_top1"] for r in rows if r["variant"] == n) for n in args.variants}
+    for name, mean in means.items():
+        print(f"{name:26s} mean over {len(args.seeds)} seed(s): {mean:6.2f}")
+    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "seeds": args.seeds,
+                               "command": "python benchmarks/weight_sweep.py " + " ".join(sys.argv[1:]),
+                               "rows": rows, "mean_test_top1": means}, indent=2))
     return 0
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from blockkd import config, methods
 from blockkd.data import fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,3 +144,63 @@ def test_accuracy_report(runs):
     md = (folder / "accuracy.md").read_text()
     assert md.startswith("### Accuracy") and "| resnet8 | blockkd | 1 |" in md and "accuracy.png" in md
     assert "val top-1, last epoch" in stdout and "held out from the training set" in stdout
+
+
+# ----------------------------------------------------------------------------------------- tuning
+def test_tuning_report(tmp_path):
+    """tune.py runs each variant's options (checked in the run folders' configs) on the held-out split."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, str(BENCH / "tune.py"), "--quick", "--jobs", "2", "--out", "out/tuning.json"],
+                          cwd=tmp_path, env=env, text=True, capture_output=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "tuning.json").read_text())
+    variants = report["variants"]
+    assert list(variants) == ["kd", "blockkd", "blockkd T 2"] and report["setup"]["val_split"] == 300
+    assert report["setup"]["jobs"] == 2 and report["setup"]["threads_per_job"] >= 1
+    for r in report["runs"]:
+        cfg = config.load(tmp_path / r["run_dir"] / "config.yaml")  # run_dir is relative to the cwd
+        assert cfg["data"]["val_split"] == 300 and cfg["method"]["name"] == ("kd" if r["variant"] == "kd" else "blockkd")
+        if r["variant"] != "kd":
+            assert cfg["method"]["options"]["temperature"] == (2.0 if r["variant"] == "blockkd T 2" else 4.0)
+            # variants start from the method's defaults, not from the recipe's own connector
+            assert cfg["method"]["options"]["connector"] == methods.defaults("blockkd")["connector"]
+        v = variants[r["variant"]]
+        assert v["last_top1"]["values"] == [r["last_top1"]]
+        assert v["gain_vs_kd"] == approx(r["last_top1"] - variants["kd"]["last_top1"]["mean"])
+    assert variants["blockkd T 2"]["options"] == {"temperature": 2.0}
+    md = (tmp_path / "out" / "tuning.md").read_text()
+    assert md.startswith("### Tuning Block-KD") and "| blockkd T 2 | temperature=2.0 | 1 |" in md
+
+    # --append: a second seed of kd joins the first run's results; the rest is kept as it was.
+    proc = subprocess.run([sys.executable, str(BENCH / "tune.py"), "--quick", "--append", "--variants", "kd", "--seeds",
+                           "1", "--out", "out/tuning.json"], cwd=tmp_path, env=env, text=True, capture_output=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    merged = json.loads((tmp_path / "out" / "tuning.json").read_text())
+    assert [i["command"].split("tune.py ")[1] for i in merged["invocations"]] == [
+        "--quick --jobs 2 --out out/tuning.json", "--quick --append --variants kd --seeds 1 --out out/tuning.json"]
+    assert merged["variants"]["kd"]["seeds"] == [0, 1]
+    assert merged["variants"]["blockkd T 2"]["last_top1"] == variants["blockkd T 2"]["last_top1"]
+    kd_runs = [r["last_top1"] for r in merged["runs"] if r["variant"] == "kd"]
+    assert merged["variants"]["kd"]["last_top1"]["mean"] == approx(statistics.fmean(kd_runs))
+    assert merged["setup"]["seeds"] == [0, 1]
+
+
+# ----------------------------------------------------------------------------------------- README
+def test_readme_results_are_the_committed_benchmark_output(tmp_path):
+    """The README's results sections are exactly results/*.md, and --check notices any difference."""
+    readme = load_script("readme")
+    assert readme.main(["--check"]) == 0, "README.md is out of date: run python benchmarks/readme.py"
+    text = (ROOT / "README.md").read_text()
+    names = [m["name"] for m in readme.MARKERS.finditer(text)]
+    assert {"results/speed.md", "results/accuracy.md"} <= set(names)
+    (tmp_path / "results").mkdir()
+    for name in names:
+        (tmp_path / name).write_text((ROOT / name).read_text())
+    (tmp_path / "README.md").write_text(text)
+    first = tmp_path / names[0]
+    first.write_text(first.read_text() + "\nedited\n")
+    assert readme.main(["--check", "--readme", str(tmp_path / "README.md")]) == 1
+    assert readme.main(["--readme", str(tmp_path / "README.md")]) == 0
+    assert "\nedited\n<!-- END" in (tmp_path / "README.md").read_text()
+    assert readme.main(["--check", "--readme", str(tmp_path / "README.md")]) == 0

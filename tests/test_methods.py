@@ -152,6 +152,40 @@ def test_blockkd_loss_equals_paper_formula(detach):
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+def test_stone_warmup_ramps_the_stone_terms_only():
+    d = make("blockkd", stone_warmup=2.0)
+    full = make("blockkd")
+    full.load_state_dict(d.state_dict())
+    d.train(), full.train()
+    x, y = batch()
+    for epoch, ramp in ((0.0, 0.0), (0.5, 0.25), (2.0, 1.0), (5.0, 1.0)):
+        torch.manual_seed(0)
+        got = d(x, y, epoch=epoch)[1]
+        torch.manual_seed(0)
+        ref = full(x, y, epoch=epoch)[1]
+        for k in ref:
+            scale = 1.0 if k.endswith("_student") else ramp  # the student's own terms never ramp
+            assert got[k].item() == pytest.approx(scale * ref[k].item(), rel=1e-5, abs=1e-7), (epoch, k)
+    with pytest.raises(BlockKDError, match="stone_warmup"):
+        make("blockkd", stone_warmup=-1)
+
+
+@pytest.mark.parametrize("kind, convs", [("conv1x1_bn", [1]), ("conv3x3_bn", [3]), ("conv1x1_bn_relu", [1]),
+                                         ("conv3x3_bn_relu_conv1x1_bn", [3, 1])])
+def test_connector_kinds(kind, convs):
+    """Each kind maps the student's block output to the teacher's shape with the layers its name says."""
+    d = make("blockkd", student="resnet8", teacher="wrn_16_2", connector=kind)
+    s_shapes = d._views[0].probe(SHAPE)
+    t_shapes = d._views[1].probe(SHAPE)
+    for c, s_shape, t_shape in zip(d.connectors, s_shapes, t_shapes):
+        conv = [m for m in c.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert [m.kernel_size[0] for m in conv] == convs and conv[-1].out_channels == t_shape[0]
+        assert any(isinstance(m, torch.nn.ReLU) for m in c.modules()) == ("relu" in kind)
+        assert tuple(c.eval()(torch.randn(2, *s_shape)).shape[1:]) == tuple(t_shape)
+    with pytest.raises(BlockKDError, match="unknown connector"):
+        make("blockkd", connector="conv5x5")
+
+
 def test_stones_are_the_hybrid_models():
     """N_i computed by hand from the models' own block views equals stones(x)[i]."""
     d = make("blockkd").eval()

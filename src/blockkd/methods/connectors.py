@@ -11,7 +11,15 @@ import torch.nn.functional as F
 
 from ..errors import BlockKDError
 
-KINDS = ("conv1x1_bn", "conv3x3_bn", "conv1x1_bn_relu")
+# name -> the layers after resampling, as (kernel, relu after BN) per conv: each conv is followed by BN.
+LAYERS = {
+    "conv1x1_bn": [(1, False)],
+    "conv3x3_bn": [(3, False)],
+    "conv1x1_bn_relu": [(1, True)],
+    # A two-layer adapter: a 3x3 conv + BN + ReLU at the teacher's width, then a 1x1 conv + BN.
+    "conv3x3_bn_relu_conv1x1_bn": [(3, True), (1, False)],
+}
+KINDS = tuple(LAYERS)
 
 
 class Connector(nn.Module):
@@ -26,12 +34,12 @@ class Connector(nn.Module):
         if kind not in KINDS:
             raise BlockKDError(f"unknown connector {kind!r}; choose from {', '.join(KINDS)}")
         (c_in, *self.in_size), (c_out, *self.out_size) = in_shape, out_shape
-        k = 3 if kind.startswith("conv3x3") else 1
-        layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.BatchNorm2d(c_out)]
-        if kind.endswith("relu"):
-            layers.append(nn.ReLU(inplace=True))
+        layers: list[nn.Module] = []
+        for j, (k, relu) in enumerate(LAYERS[kind]):
+            conv = nn.Conv2d(c_in if j == 0 else c_out, c_out, k, padding=k // 2, bias=False)
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            layers += [conv, nn.BatchNorm2d(c_out)] + ([nn.ReLU(inplace=True)] if relu else [])
         self.proj = nn.Sequential(*layers)
-        nn.init.kaiming_normal_(self.proj[0].weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = tuple(self.out_size)
