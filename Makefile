@@ -24,7 +24,7 @@ demo: venv data
 	$(VENV)/bin/blockkd demo
 
 test: venv data
-	$(VENV)/bin/python -m pytest tests -q
+	$(VENV)/bin/python -m pytest tests
 
 bench-speed: venv
 	$(PY) benchmarks/speed.py

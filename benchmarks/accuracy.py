@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -196,8 +197,9 @@ def render_markdown(report: dict[str, Any], png: Path) -> str:
         image = png.name
     return section("Accuracy (Fashion-MNIST)", [
         setup_line(report), markdown_table(*table(report)), f"![accuracy per method]({image})",
-        f"Machine: {machine_line(report['machine'])}; {report['minutes']:.0f} min in all. "
-        f"Reproduce: `{report['command']}`."])
+        f"Machine: {machine_line(report['machine'])}; {report['minutes']:.0f} min in all. Reproduce"
+        + (", in order: " if len(report["invocations"]) > 1 else ": ")
+        + "; ".join(f"`{i['command']}`" for i in report["invocations"]) + "."])
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -210,6 +212,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--val", type=int, nargs="?", const=10000, default=0, metavar="N",
                    help="evaluate on N images held out from the training set (default N 10000), not the test split")
     p.add_argument("--device", help="train.device of every run (default: the recipes' auto)")
+    p.add_argument("--append", action="store_true", help="keep the runs already in --out for other methods or seeds "
+                   "(same teacher and overrides) and report all of them")
     p.add_argument("--quick", action="store_true", help="tiny subset, 1 epoch, 1 seed, ce and blockkd: the smoke test")
     p.add_argument("--out", default="results/accuracy.json", help="JSON output; .png and .md go beside it")
     return p.parse_args(argv)
@@ -226,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         folder = recipes_dir()
         teacher_extra, extra = overrides(s, args.quick)
         teacher_dir, teacher = train_or_reuse_teacher(folder, teacher_extra)
+        before = json.loads(out.read_text()) if args.append and out.is_file() else None
+        if before and (before["teacher"]["run_dir"] != str(teacher_dir) or before["setup"]["overrides"] != extra):
+            raise BlockKDError(f"--append: {out} was made with another teacher or other overrides")
         recipes: dict[str, dict[str, Any]] = {}
         results = []
         for seed in s["seeds"]:
@@ -238,15 +245,24 @@ def main(argv: list[str] | None = None) -> int:
     except BlockKDError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    invocations = [{"command": shlex.join(["python", "benchmarks/accuracy.py", *(sys.argv[1:] if argv is None else argv)]),
+                    "minutes": (time.perf_counter() - started) / 60}]
+    if before:  # keep the earlier runs of other (method, seed) pairs
+        done = {(r["method"], r["seed"]) for r in results}
+        results = [r for r in before["runs"] if (r["method"], r["seed"]) not in done] + results
+        recipes = {**before["recipes"], **recipes}
+        invocations = before.get("invocations", [{k: before.get(k) for k in ("command", "minutes")}]) + invocations
+        s["methods"] = [m for m in METHODS if m in recipes]
+        s["seeds"] = sorted({r["seed"] for r in results})
     first = next(iter(recipes.values()))["config"]
     report: dict[str, Any] = {
         "machine": machine_info(runtime.resolve_device(first["train"]["device"])),
-        "command": "python benchmarks/accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "invocations": invocations,
         "setup": {**setup_of(first, teacher, s), "overrides": extra, "teacher_overrides": teacher_extra},
         "teacher": {"model": teacher["model"], "run_dir": str(teacher_dir), "last_top1": teacher["last"]["test_top1"],
                     "best_top1": teacher["best"]["test_top1"], "wall_time_s": teacher.get("wall_time_s")},
         "recipes": recipes, "methods": aggregate(results, s["methods"]), "runs": results,
-        "minutes": (time.perf_counter() - started) / 60,
+        "minutes": sum(i["minutes"] for i in invocations),
     }
     write_json(out, report)
     png = plot(report, out.with_suffix(".png"))

@@ -146,6 +146,28 @@ def test_accuracy_report(runs):
     assert "val top-1, last epoch" in stdout and "held out from the training set" in stdout
 
 
+def test_accuracy_append_adds_methods_and_refuses_other_settings(runs, tmp_path):
+    """--append keeps the earlier runs and adds the new method; a different setting is refused."""
+    folder, _ = runs["accuracy"]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "accuracy.json").write_text((folder / "accuracy.json").read_text())
+    before = json.loads((folder / "accuracy.json").read_text())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(folder.parent / "cache")}  # the cached teacher
+    base = [sys.executable, str(BENCH / "accuracy.py"), "--quick", "--val", "300", "--append", "--out", "out/accuracy.json"]
+    proc = subprocess.run(base + ["--methods", "kd"], cwd=tmp_path, env=env, text=True, capture_output=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    after = json.loads((tmp_path / "out" / "accuracy.json").read_text())
+    assert after["setup"]["methods"] == ["ce", "kd", "blockkd"] and set(after["recipes"]) == {"ce", "kd", "blockkd"}
+    assert [r for r in after["runs"] if r["method"] != "kd"] == before["runs"]
+    assert after["methods"]["kd"]["gain_vs_ce"] == approx(after["methods"]["kd"]["last_top1"]["mean"]
+                                                           - before["methods"]["ce"]["last_top1"]["mean"])
+    assert len(after["invocations"]) == 2 and "--append --out out/accuracy.json --methods kd" in after["invocations"][1]["command"]
+    assert "| resnet8 | kd | 1 |" in (tmp_path / "out" / "accuracy.md").read_text()
+    proc = subprocess.run(base + ["--methods", "kd", "--epochs", "2"], cwd=tmp_path, env=env, text=True,
+                          capture_output=True, timeout=240)
+    assert proc.returncode == 2 and "another teacher or other overrides" in proc.stderr
+
+
 # ----------------------------------------------------------------------------------------- tuning
 def test_tuning_report(tmp_path):
     """tune.py runs each variant's options (checked in the run folders' configs) on the held-out split."""
