@@ -39,8 +39,8 @@ from blockkd.engine import runtime, train
 from blockkd.errors import BlockKDError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (REPO, fmt, machine_info, machine_line, markdown_table, mean_std, plural, section,  # noqa: E402
-                    text_table, write_json, write_text)
+from common import (REPO, append_runs, fmt, machine_info, machine_line, markdown_table, mean_std,  # noqa: E402
+                    plural, section, text_table, write_json, write_text)
 
 METHODS = ["ce", "kd", "dkd", "blockkd", "blockkd-lite"]
 # epochs / train_subset None: the recipes' own (configs/fashion_mnist/base.yaml).
@@ -248,10 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     invocations = [{"command": shlex.join(["python", "benchmarks/accuracy.py", *(sys.argv[1:] if argv is None else argv)]),
                     "minutes": (time.perf_counter() - started) / 60}]
     if before:  # keep the earlier runs of other (method, seed) pairs
-        done = {(r["method"], r["seed"]) for r in results}
-        results = [r for r in before["runs"] if (r["method"], r["seed"]) not in done] + results
+        results, invocations = append_runs(before, results, invocations, key=lambda r: (r["method"], r["seed"]))
         recipes = {**before["recipes"], **recipes}
-        invocations = before.get("invocations", [{k: before.get(k) for k in ("command", "minutes")}]) + invocations
         s["methods"] = [m for m in METHODS if m in recipes]
         s["seeds"] = sorted({r["seed"] for r in results})
     first = next(iter(recipes.values()))["config"]

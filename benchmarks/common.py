@@ -13,7 +13,7 @@ import platform
 import statistics
 import subprocess
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -96,6 +96,15 @@ def mean_std(values: Sequence[float]) -> dict[str, Any]:
     values = [float(v) for v in values]
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "n": len(values), "values": values}
+
+
+def append_runs(before: dict[str, Any], runs: list[dict], invocations: list[dict], key: Callable[[dict], Any]
+                ) -> tuple[list[dict], list[dict]]:
+    """``--append``: an earlier report's runs first, minus those redone now (same ``key``), then ``runs``;
+    and every invocation in order (a report from before invocations were kept counts as one)."""
+    done = {key(r) for r in runs}
+    earlier = before.get("invocations", [{k: before.get(k) for k in ("command", "minutes")}])
+    return [r for r in before["runs"] if key(r) not in done] + runs, earlier + invocations
 
 
 def plural(n: int, word: str) -> str:

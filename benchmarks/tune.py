@@ -27,7 +27,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy  # noqa: E402
-from common import machine_info, machine_line, markdown_table, mean_std, section, text_table, write_json, write_text  # noqa: E402
+from common import (append_runs, machine_info, machine_line, markdown_table, mean_std, section, text_table,  # noqa: E402
+                    write_json, write_text)
 
 # name -> (method, method.options): the baselines, then one Block-KD choice changed at a time. Block-KD
 # variants start from the method's defaults (blockkd.methods.defaults), not from the recipe's options.
@@ -159,9 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                     "date": machine_info()["date"]}]
     if args.append and out.is_file():  # earlier runs first, minus those just redone
         before = json.loads(out.read_text())
-        done = {(r["variant"], r["seed"]) for r in results}
-        results = [r for r in before["runs"] if (r["variant"], r["seed"]) not in done] + results
-        invocations = before.get("invocations", [{k: before.get(k) for k in ("command", "minutes")}]) + invocations
+        results, invocations = append_runs(before, results, invocations, key=lambda r: (r["variant"], r["seed"]))
         seeds = sorted({r["seed"] for r in results})
     names = [n for n in VARIANTS if any(r["variant"] == n for r in results)]
     summary = summarise(results, names)
