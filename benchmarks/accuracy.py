@@ -40,7 +40,7 @@ from blockkd.errors import BlockKDError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (REPO, append_runs, fmt, machine_info, machine_line, markdown_table, mean_std,  # noqa: E402
-                    plural, section, text_table, write_json, write_text)
+                    plural, reproduce_line, section, text_table, write_json, write_text)
 
 METHODS = ["ce", "kd", "dkd", "blockkd", "blockkd-lite"]
 # epochs / train_subset None: the recipes' own (configs/fashion_mnist/base.yaml).
@@ -197,9 +197,8 @@ def render_markdown(report: dict[str, Any], png: Path) -> str:
         image = png.name
     return section("Accuracy (Fashion-MNIST)", [
         setup_line(report), markdown_table(*table(report)), f"![accuracy per method]({image})",
-        f"Machine: {machine_line(report['machine'])}; {report['minutes']:.0f} min in all. Reproduce"
-        + (", in order: " if len(report["invocations"]) > 1 else ": ")
-        + "; ".join(f"`{i['command']}`" for i in report["invocations"]) + "."])
+        f"Machine: {machine_line(report['machine'])}; {report['minutes']:.0f} min in all. "
+        + reproduce_line(report["invocations"])])
 
 
 # ----------------------------------------------------------------------------------------- main

@@ -107,6 +107,12 @@ def append_runs(before: dict[str, Any], runs: list[dict], invocations: list[dict
     return [r for r in before["runs"] if key(r) not in done] + runs, earlier + invocations
 
 
+def reproduce_line(invocations: list[dict]) -> str:
+    """"Reproduce: `cmd`." or, after --append, "Reproduce, in order: `cmd1`; `cmd2`."."""
+    return ("Reproduce" + (", in order: " if len(invocations) > 1 else ": ")
+            + "; ".join(f"`{i['command']}`" for i in invocations) + ".")
+
+
 def plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 

@@ -27,8 +27,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy  # noqa: E402
-from common import (append_runs, machine_info, machine_line, markdown_table, mean_std, section, text_table,  # noqa: E402
-                    write_json, write_text)
+from common import (append_runs, machine_info, machine_line, markdown_table, mean_std, reproduce_line,  # noqa: E402
+                    section, text_table, write_json, write_text)
 
 # name -> (method, method.options): the baselines, then one Block-KD choice changed at a time. Block-KD
 # variants start from the method's defaults (blockkd.methods.defaults), not from the recipe's options.
@@ -188,8 +188,8 @@ def render(report: dict[str, Any], out: Path) -> tuple[str, Path]:
     title = "Tuning Block-KD (validation split" + (f", {epochs[-1]} epochs)" if epochs else ")")
     md = write_text(out.with_suffix(".md"), section(title, [
         text, markdown_table(*table(report["variants"])),
-        f"Machine: {machine_line(report['machine'])}; {report['minutes']:.0f} min in all. Reproduce, in order: "
-        + "; ".join(f"`{i['command']}`" for i in report["invocations"]) + "."]))
+        f"Machine: {machine_line(report['machine'])}; {report['minutes']:.0f} min in all. "
+        + reproduce_line(report["invocations"])]))
     return text, md
 
 

@@ -25,7 +25,7 @@ from ..errors import BlockKDError
 from . import register
 from .base import Distiller
 from .connectors import KINDS, build_connectors
-from .losses import cross_entropy, kl_div
+from .losses import cross_entropy, kl_div, linear_warmup
 
 SAMPLINGS = ("weighted", "uniform")
 
@@ -147,7 +147,7 @@ class BlockKD(Distiller):
             ens = ens.detach()
         cross_scale = self.num_blocks / len(which)  # unbiased for the Σ_i over stones when sampling
         cross = kl_div(logits, ens, T) + cross_scale * sum(kl_div(z, ens, T) for z in stone_logits)
-        ramp = min(1.0, epoch / self.stone_warmup) if self.stone_warmup > 0 else 1.0
+        ramp = linear_warmup(epoch, self.stone_warmup)
         return logits, {
             "loss_task_student": self.alpha * cross_entropy(logits, y),
             "loss_task_stones": ramp * self.alpha * task_stones,

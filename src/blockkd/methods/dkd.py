@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from . import register
 from .base import Distiller
-from .losses import cross_entropy, dkd_parts
+from .losses import cross_entropy, dkd_parts, linear_warmup
 
 
 @register("dkd")
@@ -22,7 +22,7 @@ class DKD(Distiller):
         self.ce_weight, self.warmup = float(ce_weight), float(warmup)
 
     def warmup_factor(self, epoch: float) -> float:
-        return 1.0 if self.warmup <= 0 else min(float(epoch) / self.warmup, 1.0)
+        return linear_warmup(epoch, self.warmup)
 
     def forward_train(self, x, y, *, epoch):
         logits = self.student(x)

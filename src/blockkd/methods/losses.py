@@ -46,3 +46,8 @@ def dkd_parts(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target
     # 0 · log 0 terms (the masked target class) must contribute exactly 0.
     nckd = (q_t * (torch.log(q_t.clamp_min(1e-30)) - log_q_s)).masked_fill(gt, 0.0).sum(1).mean()
     return tckd * (t * t), nckd * (t * t)
+
+
+def linear_warmup(epoch: float, epochs: float) -> float:
+    """min(epoch / epochs, 1): the factor of a loss term that ramps in over ``epochs`` (0: always 1)."""
+    return 1.0 if epochs <= 0 else min(float(epoch) / epochs, 1.0)
