@@ -170,9 +170,9 @@ def test_method_options_typed_by_their_defaults(tmp):
     assert set(options) == set(methods.defaults("blockkd"))
     assert error(recipe, ["method.options.alpha=true"]) == (
         "invalid method.options.alpha=true in override 'method.options.alpha=true': "
-        "expected a number (default 0.35) for method 'blockkd'")
+        "expected a number >= 0 for method 'blockkd'")
     assert error(recipe, ["method.options.gamma=[1]"]).startswith("invalid method.options.gamma=[1] in override")
-    assert error(recipe, ["method.options.detach_ensemble=1"]).endswith("expected true or false (default true) "
+    assert error(recipe, ["method.options.detach_ensemble=1"]).endswith("expected true or false "
                                                                          "for method 'blockkd'")
     assert error(recipe, ["method.options.temprature=2"]) == (
         "unknown key 'method.options.temprature' in override 'method.options.temprature=2'; "

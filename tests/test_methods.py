@@ -32,7 +32,7 @@ def reference_kl(student, target, t):
 
 def test_registry_lists_methods_and_rejects_bad_options():
     assert {"ce", "kd", "dkd", "blockkd", "blockkd-lite"} <= set(blockkd.methods.names())
-    with pytest.raises(BlockKDError, match="did you mean 'temperature'"):
+    with pytest.raises(BlockKDError, match="did you mean 'method.options.temperature'"):
         make("kd", temprature=3)
     with pytest.raises(BlockKDError, match="needs a teacher"):
         blockkd.methods.create("kd", blockkd.models.create("resnet8", num_classes=10))
@@ -123,7 +123,7 @@ def test_blockkd_attributes():
     n = d.num_blocks
     assert n == 3 and len(d.connectors) == n
     assert d.stone_weights == [0.25, 0.5, 1.0]
-    assert (d.temperature, d.alpha, d.beta, d.gamma) == (3.0, 0.5, 2.0, 0.25)
+    assert (d.opts.temperature, d.opts.alpha, d.opts.beta, d.opts.gamma) == (3.0, 0.5, 2.0, 0.25)
     assert isinstance(d.connectors, torch.nn.ModuleList)
 
 
@@ -182,7 +182,7 @@ def test_connector_kinds(kind, convs):
         assert [m.kernel_size[0] for m in conv] == convs and conv[-1].out_channels == t_shape[0]
         assert any(isinstance(m, torch.nn.ReLU) for m in c.modules()) == ("relu" in kind)
         assert tuple(c.eval()(torch.randn(2, *s_shape)).shape[1:]) == tuple(t_shape)
-    with pytest.raises(BlockKDError, match="unknown connector"):
+    with pytest.raises(BlockKDError, match=r"invalid method\.options\.connector=conv5x5 .*expected one of conv1x1_bn"):
         make("blockkd", connector="conv5x5")
 
 

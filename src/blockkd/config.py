@@ -467,19 +467,10 @@ def _check_names(cfg: dict, where: Callable[[str], str]) -> None:
 
 
 def _method_options(method: dict, where: Callable[[str], str]) -> dict:
-    """The method's defaults overlaid with the recipe's options, each checked like its default."""
-    from . import methods
+    """The method's options dataclass from the recipe's options, as a plain mapping."""
+    from . import methods, schema
 
-    defaults = methods.defaults(method["name"])
-    options = dict(defaults)
-    for name, value in method["options"].items():
-        key = f"method.options.{name}"
-        if not defaults:
-            raise BlockKDError(f"method {method['name']!r} takes no options, got {key} in {where(key)}")
-        if name not in defaults:
-            raise _unknown_key(key, where(key), [f"method.options.{d}" for d in defaults])
-        options[name] = _checked(key, value, like(defaults[name]), where(key), f" for method {method['name']!r}")
-    return options
+    return schema.to_dict(methods.parse_options(method["name"], method["options"], where=where))
 
 
 def check(key: str, value: Any, where: str = "the command line") -> Any:

@@ -25,6 +25,7 @@ from .. import methods, models
 from ..data.common import debug_log
 from ..config import flatten
 from ..errors import BlockKDError
+from ..schema import OptionError
 from . import runtime
 from .build import build_model, check_fits
 from .checkpoint import (checkpoint_dir, copy_checkpoint, load_checkpoint, load_resumable, read_meta,
@@ -238,7 +239,10 @@ class Trainer:
         method = cfg["method"]["name"]
         teacher = build_model(cfg["teacher"], data, role="teacher") \
             if methods.needs_teacher(method) and cfg["teacher"]["name"] else None
-        distiller = methods.create(method, student, teacher, data.input_shape, **cfg["method"]["options"])
+        try:
+            distiller = methods.create(method, student, teacher, data.input_shape, **cfg["method"]["options"])
+        except OptionError as e:
+            raise BlockKDError(f"invalid method.options.{e.key} in {cfg.get('_source', 'the recipe')}: {e}") from None
         if cfg["train"]["sync_bn"] and runtime.is_distributed():  # the method's own modules (connectors), in place
             for name, child in distiller.named_children():
                 if name not in ("student", "teacher"):

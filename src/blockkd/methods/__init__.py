@@ -1,17 +1,19 @@
 """Distillation methods: one module per method, one common interface (:class:`Distiller`).
 
 ``create(name, student, teacher=None, input_shape=(3, 32, 32), **options)`` builds a distiller;
-``defaults(name)`` lists a method's options with their default values (the config layer validates
-recipes against it before any work starts).
+each method declares its options once, as a dataclass (``get(name).Options``, see
+:mod:`blockkd.schema`): ``parse_options`` validates a recipe's options against it before any work
+starts, ``describe(name)`` lists them for the CLI and the docs.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import torch.nn as nn
 
+from .. import schema
 from ..errors import BlockKDError
-from ..registry import Registry, unknown
+from ..registry import Registry
 from .base import Distiller
 
 METHODS: Registry[type[Distiller]] = Registry("method")
@@ -30,9 +32,21 @@ def get(name: str) -> type[Distiller]:
     return METHODS.get(name)
 
 
+def parse_options(name: str, values: Mapping[str, Any] | None, *,
+                  where: Callable[[str], str] = lambda key: "the method's options") -> Any:
+    """Method ``name``'s options dataclass from ``values`` (defaults filled in, every value checked)."""
+    return schema.parse(get(name).Options, values, prefix="method.options.", where=where,
+                        owner=f"method {name!r}")
+
+
 def defaults(name: str) -> dict[str, Any]:
     """The options of method ``name`` and their default values."""
-    return dict(get(name).defaults)
+    return schema.to_dict(get(name).Options())
+
+
+def describe(name: str) -> list[tuple[str, str, str, str]]:
+    """``(option, default, expected, help)`` for each option of method ``name``."""
+    return schema.describe(get(name).Options)
 
 
 def needs_teacher(name: str) -> bool:
@@ -40,19 +54,24 @@ def needs_teacher(name: str) -> bool:
 
 
 def create(name: str, student: nn.Module, teacher: nn.Module | None = None,
-           input_shape: tuple[int, ...] = (3, 32, 32), **options) -> Distiller:
-    """Build the distiller ``name`` around ``student`` (and ``teacher``), validating ``options``."""
+           input_shape: tuple[int, ...] = (3, 32, 32), options: Any = None, **values) -> Distiller:
+    """Build the distiller ``name`` around ``student`` (and ``teacher``).
+
+    Options come either validated (``options``: the method's ``Options`` instance, as the engine passes
+    them) or as keywords, checked here: ``create("kd", s, t, temperature=2)``.
+    """
     cls = get(name)
-    for key in options:
-        if key not in cls.defaults:
-            raise unknown(f"option of method {name!r}", key, cls.defaults)
+    if options is None:
+        options = parse_options(name, values)
+    elif values:
+        raise BlockKDError("pass the options either as an Options instance or as keywords, not both")
     if cls.needs_teacher and teacher is None:
         raise BlockKDError(f"method {name!r} needs a teacher (set teacher.name and teacher.checkpoint)")
-    opts = {**cls.defaults, **options}
-    return cls(student, teacher, input_shape=tuple(input_shape), **opts)
+    return cls(student, teacher, options, tuple(input_shape))
 
 
 # Registration happens on import of each method module.
 from . import ce, kd, dkd, blockkd  # noqa: E402,F401
 
-__all__ = ["Distiller", "create", "defaults", "get", "names", "needs_teacher", "register"]
+__all__ = ["Distiller", "create", "defaults", "describe", "get", "names", "needs_teacher", "parse_options",
+           "register"]

@@ -6,6 +6,7 @@ otherwise; only ``trainable_parameters()`` are optimised; only ``train_state_dic
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar, Iterator
 
 import torch
@@ -19,23 +20,35 @@ def freeze(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """The options of a method that takes none."""
+
+
 class Distiller(nn.Module):
     """Base distiller: a student, an optional frozen teacher and method-specific extra modules.
 
-    Subclasses set ``defaults`` (their options), ``needs_teacher``, and implement
-    :meth:`forward_train`. ``epoch`` is training progress in epochs as a float (2.5 = half-way
-    through the third epoch): the one mechanism for losses that depend on progress (DKD's warm-up).
+    Subclasses set ``Options`` (a frozen dataclass of :func:`blockkd.schema.option` fields: the one
+    declaration of their options, their checks and help), ``needs_teacher``, ``paper`` (a citation
+    for listings) and implement :meth:`forward_train`, reading their options from ``self.opts``.
+    ``epoch`` is training progress in epochs as a float (2.5 = half-way through the third epoch): the
+    one mechanism for losses that depend on progress (DKD's warm-up).
     """
 
-    defaults: ClassVar[dict[str, Any]] = {}
+    Options: ClassVar[type] = NoOptions
     needs_teacher: ClassVar[bool] = True
+    paper: ClassVar[str] = ""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None = None,
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, options: Any = None,
                  input_shape: tuple[int, ...] = (3, 32, 32)):
         super().__init__()
+        self.opts = options if options is not None else self.Options()
         self.student = student
         self.teacher = freeze(teacher) if teacher is not None else None
         self.input_shape = tuple(input_shape)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.opts).items())
 
     def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)

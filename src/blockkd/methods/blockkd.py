@@ -18,65 +18,80 @@ weight gradients of their own (their parameters have ``requires_grad=False``).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..blocks import match
 from ..errors import BlockKDError
+from ..schema import BOOL, OptionError, choice, integer, number, option, optional
 from . import register
 from .base import Distiller
 from .connectors import KINDS, build_connectors
+from .kd import TEMPERATURE, WEIGHT
 from .losses import cross_entropy, kl_div, linear_warmup
 
 SAMPLINGS = ("weighted", "uniform")
+
+
+@dataclass(frozen=True)
+class BlockKDOptions:
+    temperature: float = option(4.0, TEMPERATURE, "T of every KL term (T² scaling)")
+    # Measured (benchmarks/weight_sweep.py, benchmarks/stability.py): with a confident teacher
+    # α = β = γ = 1 trains far worse than KD at SGD lr 0.05; about 1/(1 + Σw) for α and β and a small
+    # γ match or beat it. See docs/blockkd.md.
+    alpha: float = option(0.35, WEIGHT, "α: weight of L_task (student + stepping-stones)")
+    beta: float = option(0.35, WEIGHT, "β: weight of L_distill (student + stepping-stones)")
+    gamma: float = option(0.05, WEIGHT, "γ: weight of L_cross (agreement with the stones' ensemble)")
+    detach_ensemble: bool = option(True, BOOL, "the stones' ensemble is a target in L_cross (no gradient into it)")
+    # 1x1 conv + BN: the usual adapter, and the stable one with a confident teacher. On Fashion-MNIST a
+    # 3x3 conv + BN did better (benchmarks/tune.py), and that recipe sets it; see docs/blockkd.md.
+    connector: str = option("conv1x1_bn", choice(*KINDS), "C_i: the layers mapping a student block's output "
+                            "into the teacher's feature space")
+    num_blocks: int | None = option(None, optional(integer(1)), "n; null: one block per spatial resolution "
+                                    "both networks share")
+    stones_per_step: int | None = option(None, optional(integer(1)), "k stepping-stones per step (null: all), "
+                                         "reweighted so the expected loss is the full one; k <= n")
+    sampling: str = option("weighted", choice(*SAMPLINGS), "how the k stones are drawn: ∝ w_i or uniformly")
+    batched_stones: bool = option(True, BOOL, "stones crossing the same teacher block run there as one batch")
+    stone_warmup: float = option(0.0, number(0), "epochs over which the stones' terms and L_cross ramp up "
+                                 "linearly from 0")
+
+    def check(self) -> None:
+        if self.stones_per_step is not None and self.num_blocks is not None and self.stones_per_step > self.num_blocks:
+            raise OptionError("stones_per_step", f"{self.stones_per_step} stones per step, but num_blocks is "
+                                                 f"{self.num_blocks}")
 
 
 @register("blockkd")
 class BlockKD(Distiller):
     """Block-KD: the student plus n stepping-stone hybrids, trained through logits (the paper's method)."""
 
-    defaults = {
-        "temperature": 4.0,
-        # Measured (benchmarks/weight_sweep.py, benchmarks/stability.py): with a confident teacher
-        # α = β = γ = 1 trains far worse than KD at SGD lr 0.05; about 1/(1 + Σw) for α and β and a small
-        # γ match or beat it. See docs/blockkd.md.
-        "alpha": 0.35,
-        "beta": 0.35,
-        "gamma": 0.05,
-        "detach_ensemble": True,
-        # 1x1 conv + BN: the usual adapter, and the stable one with a confident teacher. On Fashion-MNIST a
-        # 3x3 conv + BN did better (benchmarks/tune.py), and that recipe sets it; see docs/blockkd.md.
-        "connector": "conv1x1_bn",
-        "num_blocks": None,
-        "stones_per_step": None,
-        "sampling": "weighted",
-        "batched_stones": True,
-        # Epochs over which the stones' terms and L_cross ramp up linearly from 0 (0: from the start).
-        "stone_warmup": 0.0,
-    }
+    Options = BlockKDOptions
+    paper = "Yu et al., Decoupling Dark Knowledge via Block-wise Logit Distillation, IEEE TAI 2024"
 
-    def __init__(self, student, teacher, input_shape=(3, 32, 32), *, temperature, alpha, beta, gamma,
-                 detach_ensemble, connector, num_blocks, stones_per_step, sampling, batched_stones, stone_warmup):
-        super().__init__(student, teacher, input_shape)
-        if connector not in KINDS:
-            raise BlockKDError(f"unknown connector {connector!r}; choose from {', '.join(KINDS)}")
-        if sampling not in SAMPLINGS:
-            raise BlockKDError(f"unknown stone sampling {sampling!r}; choose from {', '.join(SAMPLINGS)}")
-        self.temperature, self.alpha, self.beta, self.gamma = map(float, (temperature, alpha, beta, gamma))
-        self.detach_ensemble, self.batched_stones, self.sampling = bool(detach_ensemble), bool(batched_stones), sampling
-        if float(stone_warmup) < 0:
-            raise BlockKDError(f"stone_warmup must be >= 0 epochs, got {stone_warmup}")
-        self.stone_warmup = float(stone_warmup)
-        s_view, t_view = match(student, self.teacher, self.input_shape, n=num_blocks)
+    def __init__(self, student, teacher, options=None, input_shape=(3, 32, 32)):
+        super().__init__(student, teacher, options, input_shape)
+        o = self.opts
+        try:
+            s_view, t_view = match(student, self.teacher, self.input_shape, n=o.num_blocks)
+        except BlockKDError as e:
+            if o.num_blocks is None:
+                raise
+            raise OptionError("num_blocks", str(e)) from None
         # A plain tuple: the views share the models' modules and must not be registered a second time
         # (that would duplicate every key in the state_dict).
         self._views = (s_view, t_view)
         n = len(s_view.blocks)
         self.num_blocks = n
         self.stone_weights = [1.0 / 2 ** (n - i) for i in range(1, n + 1)]
-        if stones_per_step is not None and not 1 <= int(stones_per_step) <= n:
-            raise BlockKDError(f"stones_per_step must be between 1 and the number of blocks ({n}), got {stones_per_step}")
-        self.stones_per_step = None if stones_per_step is None or int(stones_per_step) == n else int(stones_per_step)
-        self.connectors = build_connectors(s_view.probe(self.input_shape), t_view.probe(self.input_shape), connector)
+        k = o.stones_per_step
+        if k is not None and k > n:
+            raise OptionError("stones_per_step", f"stones_per_step must be between 1 and the number of blocks "
+                                                 f"({n}), got {k}")
+        self.stones_per_step = None if k is None or k == n else k
+        self.connectors = build_connectors(s_view.probe(self.input_shape), t_view.probe(self.input_shape),
+                                           o.connector)
 
     # -- pieces ------------------------------------------------------------------------------------
     def student_features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -92,7 +107,7 @@ class BlockKD(Distiller):
         """
         t_view = self._views[1]
         n = self.num_blocks
-        if not self.batched_stones:
+        if not self.opts.batched_stones:
             out = []
             for i in which:
                 h = self.connectors[i](feats[i])
@@ -126,7 +141,7 @@ class BlockKD(Distiller):
         n, k, w = self.num_blocks, self.stones_per_step, self.stone_weights
         if k is None:
             return list(range(n)), list(w)
-        if self.sampling == "uniform":
+        if self.opts.sampling == "uniform":
             idx = sorted(torch.randperm(n)[:k].tolist())
             return idx, [w[i] * n / k for i in idx]
         draws = torch.multinomial(torch.tensor(w), k, replacement=True).tolist()
@@ -135,25 +150,26 @@ class BlockKD(Distiller):
 
     # -- objective ---------------------------------------------------------------------------------
     def forward_train(self, x, y, *, epoch):
+        o = self.opts
         feats, logits = self.student_features(x)
         t_logits = self.teacher_logits(x)
         which, coef = self.pick_stones()
         stone_logits = self.run_stones(feats, which)
-        T = self.temperature
+        T = o.temperature
         task_stones = sum(c * cross_entropy(z, y) for c, z in zip(coef, stone_logits))
         distill_stones = sum(c * kl_div(z, t_logits, T) for c, z in zip(coef, stone_logits))
         ens = torch.stack(stone_logits).mean(0)
-        if self.detach_ensemble:
+        if o.detach_ensemble:
             ens = ens.detach()
         cross_scale = self.num_blocks / len(which)  # unbiased for the Σ_i over stones when sampling
         cross = kl_div(logits, ens, T) + cross_scale * sum(kl_div(z, ens, T) for z in stone_logits)
-        ramp = linear_warmup(epoch, self.stone_warmup)
+        ramp = linear_warmup(epoch, o.stone_warmup)
         return logits, {
-            "loss_task_student": self.alpha * cross_entropy(logits, y),
-            "loss_task_stones": ramp * self.alpha * task_stones,
-            "loss_distill_student": self.beta * kl_div(logits, t_logits, T),
-            "loss_distill_stones": ramp * self.beta * distill_stones,
-            "loss_cross": ramp * self.gamma * cross,
+            "loss_task_student": o.alpha * cross_entropy(logits, y),
+            "loss_task_stones": ramp * o.alpha * task_stones,
+            "loss_distill_student": o.beta * kl_div(logits, t_logits, T),
+            "loss_distill_stones": ramp * o.beta * distill_stones,
+            "loss_cross": ramp * o.gamma * cross,
         }
 
 
@@ -161,4 +177,7 @@ class BlockKD(Distiller):
 class BlockKDLite(BlockKD):
     """Block-KD at a fraction of the cost: one stepping-stone per step, drawn with p_i ∝ w_i and reweighted."""
 
-    defaults = {**BlockKD.defaults, "stones_per_step": 1}
+    @dataclass(frozen=True)
+    class Options(BlockKDOptions):
+        stones_per_step: int | None = option(1, optional(integer(1)), "k stepping-stones per step, reweighted "
+                                             "so the expected loss is the full one; k <= n")

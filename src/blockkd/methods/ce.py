@@ -10,11 +10,11 @@ from .losses import cross_entropy
 class CE(Distiller):
     """Student trained with cross-entropy on the labels alone (no teacher)."""
 
-    defaults = {}
     needs_teacher = False
+    paper = "the student trained alone"
 
-    def __init__(self, student, teacher=None, input_shape=(3, 32, 32)):
-        super().__init__(student, None, input_shape)  # a given teacher is ignored, never frozen or saved
+    def __init__(self, student, teacher=None, options=None, input_shape=(3, 32, 32)):
+        super().__init__(student, None, options, input_shape)  # a given teacher is ignored, never frozen or saved
 
     def forward_train(self, x, y, *, epoch):
         logits = self.student(x)

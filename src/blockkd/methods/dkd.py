@@ -1,9 +1,22 @@
 """Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from ..schema import number, option
 from . import register
 from .base import Distiller
+from .kd import TEMPERATURE, WEIGHT
 from .losses import cross_entropy, dkd_parts, linear_warmup
+
+
+@dataclass(frozen=True)
+class DKDOptions:
+    temperature: float = option(4.0, TEMPERATURE, "T of the softened softmax (KL scaled by T²)")
+    alpha: float = option(1.0, WEIGHT, "weight of TCKD (target vs. non-target)")
+    beta: float = option(8.0, WEIGHT, "weight of NCKD (among the non-target classes)")
+    ce_weight: float = option(1.0, WEIGHT, "weight of the cross-entropy with the labels")
+    warmup: float = option(20.0, number(0), "epochs over which TCKD and NCKD ramp up linearly from 0")
 
 
 @register("dkd")
@@ -14,23 +27,20 @@ class DKD(Distiller):
     progress passed by the trainer (1.0 at the end of the first epoch, as in mdistiller).
     """
 
-    defaults = {"temperature": 4.0, "alpha": 1.0, "beta": 8.0, "ce_weight": 1.0, "warmup": 20.0}
-
-    def __init__(self, student, teacher, input_shape=(3, 32, 32), *, temperature, alpha, beta, ce_weight, warmup):
-        super().__init__(student, teacher, input_shape)
-        self.temperature, self.alpha, self.beta = float(temperature), float(alpha), float(beta)
-        self.ce_weight, self.warmup = float(ce_weight), float(warmup)
+    Options = DKDOptions
+    paper = "Zhao et al., Decoupled Knowledge Distillation, CVPR 2022"
 
     def warmup_factor(self, epoch: float) -> float:
-        return linear_warmup(epoch, self.warmup)
+        return linear_warmup(epoch, self.opts.warmup)
 
     def forward_train(self, x, y, *, epoch):
+        o = self.opts
         logits = self.student(x)
         t_logits = self.teacher_logits(x)
-        tckd, nckd = dkd_parts(logits, t_logits, y, self.temperature)
+        tckd, nckd = dkd_parts(logits, t_logits, y, o.temperature)
         ramp = self.warmup_factor(epoch)
         return logits, {
-            "loss_ce": self.ce_weight * cross_entropy(logits, y),
-            "loss_tckd": ramp * self.alpha * tckd,
-            "loss_nckd": ramp * self.beta * nckd,
+            "loss_ce": o.ce_weight * cross_entropy(logits, y),
+            "loss_tckd": ramp * o.alpha * tckd,
+            "loss_nckd": ramp * o.beta * nckd,
         }
