@@ -30,6 +30,37 @@ def reference_kl(student, target, t):
     return (p * (p.log() - q.log())).sum(1).mean() * t * t
 
 
+def reference_standardize(z):
+    """Sun et al. (CVPR 2024): per-sample (z − mean) / (std + 1e-7), std with Bessel's correction."""
+    z = z.double()
+    mean = z.mean(1, keepdim=True)
+    std = ((z - mean) ** 2).sum(1, keepdim=True).div(z.shape[1] - 1).sqrt()
+    return (z - mean) / (std + 1e-7)
+
+
+def reference_dkd(student, target, y, t, alpha, beta):
+    """Zhao et al.: α·KL(b_target ‖ b_student) + β·KL(p̂_target ‖ p̂_student), · t², mean over the batch."""
+    p, q = torch.softmax(target.double() / t, 1), torch.softmax(student.double() / t, 1)
+    gt = F.one_hot(y, p.shape[1]).bool()
+    bp = torch.stack([p[gt], 1 - p[gt]], 1)
+    bq = torch.stack([q[gt], 1 - q[gt]], 1)
+    tckd = (bp * (bp.log() - bq.log())).sum(1)
+    hp = p[~gt].view(len(p), -1)
+    hq = q[~gt].view(len(q), -1)
+    hp, hq = hp / hp.sum(1, keepdim=True), hq / hq.sum(1, keepdim=True)
+    nckd = (hp * (hp.log() - hq.log())).sum(1)
+    return (alpha * tckd + beta * nckd).mean() * t * t
+
+
+def reference_divergence(kind, ls, t, alpha=1.0, beta=8.0):
+    """d(student, target, y) of Block-KD, built from the references above."""
+    def d(student, target, y):
+        if ls:
+            student, target = reference_standardize(student), reference_standardize(target)
+        return reference_kl(student, target, t) if kind == "kl" else reference_dkd(student, target, y, t, alpha, beta)
+    return d
+
+
 def test_registry_lists_methods_and_rejects_bad_options():
     assert {"ce", "kd", "dkd", "blockkd", "blockkd-lite"} <= set(blockkd.methods.names())
     with pytest.raises(BlockKDError, match="did you mean 'method.options.temperature'"):
@@ -128,8 +159,10 @@ def test_blockkd_attributes():
 
 
 @pytest.mark.parametrize("detach", [True, False])
-def test_blockkd_loss_equals_paper_formula(detach):
-    d = make("blockkd", temperature=3.0, alpha=0.3, beta=0.7, gamma=0.5, detach_ensemble=detach)
+@pytest.mark.parametrize("divergence, ls", [("kl", False), ("kl", True), ("dkd", False), ("dkd", True)])
+def test_blockkd_loss_equals_paper_formula(detach, divergence, ls):
+    d = make("blockkd", temperature=3.0, alpha=0.3, beta=0.7, gamma=0.5, detach_ensemble=detach,
+             divergence=divergence, logit_standardization=ls, dkd_alpha=0.5, dkd_beta=3.0)
     d.train()
     x, y = batch()
     logits, losses = d(x, y)
@@ -137,15 +170,19 @@ def test_blockkd_loss_equals_paper_formula(detach):
     with torch.no_grad():
         t = d.teacher(x)
     T, w = 3.0, d.stone_weights
+    div = reference_divergence(divergence, ls, T, alpha=0.5, beta=3.0)
     ens = torch.stack(stones).mean(0)
     ce = lambda z: F.cross_entropy(z.double(), y)
     L_task = ce(logits) + sum(wi * ce(z) for wi, z in zip(w, stones))
-    L_distill = reference_kl(logits, t, T) + sum(wi * reference_kl(z, t, T) for wi, z in zip(w, stones))
-    L_cross = reference_kl(logits, ens, T) + sum(reference_kl(z, ens, T) for z in stones)
+    L_distill = div(logits, t, y) + sum(wi * div(z, t, y) for wi, z in zip(w, stones))
+    # L_cross with dkd: the target class of every term is the label y (see the module's docstring).
+    L_cross = div(logits, ens, y) + sum(div(z, ens, y) for z in stones)
     expected = 0.3 * L_task + 0.7 * L_distill + 0.5 * L_cross
     total = sum(losses.values())
     assert total.item() == pytest.approx(expected.item(), rel=1e-4)
     assert (losses["loss_task_student"] + losses["loss_task_stones"]).item() == pytest.approx(0.3 * L_task.item(), rel=1e-4)
+    assert (losses["loss_distill_student"] + losses["loss_distill_stones"]).item() == pytest.approx(
+        0.7 * L_distill.item(), rel=1e-4)
     assert losses["loss_cross"].item() == pytest.approx(0.5 * L_cross.item(), rel=1e-4)
     # Detaching the ensemble changes the gradient, not the value.
     grads = torch.autograd.grad(losses["loss_cross"], list(d.connectors.parameters()))
@@ -218,7 +255,7 @@ def test_batched_and_separate_stones_agree():
 
 @pytest.mark.parametrize("sampling", ["weighted", "uniform"])
 def test_lite_sampling_is_unbiased(sampling):
-    d = make("blockkd-lite", sampling=sampling)
+    d = make("blockkd-lite", sampling=sampling, stones_per_step=1)
     torch.manual_seed(0)
     total = torch.zeros(d.num_blocks)
     draws = 4000

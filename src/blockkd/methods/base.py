@@ -64,6 +64,15 @@ class Distiller(nn.Module):
     def forward_train(self, x: torch.Tensor, y: torch.Tensor, *, epoch: float):
         raise NotImplementedError
 
+    def eval_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named logits to evaluate (accuracy of each): the student's here; Block-KD adds its stones and
+        their ensemble. Runs in the current mode and grad mode (evaluate under ``eval()`` and ``no_grad``)."""
+        return {"student": self.student(x)}
+
+    def diagnostics(self, x: torch.Tensor, y: torch.Tensor, *, epoch: float) -> dict[str, float]:
+        """Method-specific numbers to log every N steps (Block-KD: each stone's gradient norm); none here."""
+        return {}
+
     @torch.no_grad()
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The teacher's logits, without autograd bookkeeping."""

@@ -9,34 +9,66 @@ frozen teacher's blocks i+1..n and head:
 Feature alignment is thus measured through logits. Objective (see docs/blockkd.md for the choices):
 
     L_task    = CE(Y^S, y)        + Σ_i w_i CE(Y^{N_i}, y)          w_i = 1 / 2^(n-i)
-    L_distill = KL_T(Y^T ‖ Y^S)   + Σ_i w_i KL_T(Y^T ‖ Y^{N_i})
-    L_cross   = KL_T(Y^ens ‖ Y^S) + Σ_i KL_T(Y^ens ‖ Y^{N_i})         Y^ens = mean_i Y^{N_i}
+    L_distill = d(Y^S, Y^T)       + Σ_i w_i d(Y^{N_i}, Y^T)
+    L_cross   = d(Y^S, Y^ens)     + Σ_i d(Y^{N_i}, Y^ens)           Y^ens = mean_i Y^{N_i}
     L         = α·L_task + β·L_distill + γ·L_cross
+
+d is the paper's T²·KL(target ‖ student) by default (``divergence: kl``); ``divergence: dkd`` makes every
+term (student's and stones' distill terms, every L_cross term) DKD's dkd_alpha·TCKD + dkd_beta·NCKD, and
+``logit_standardization`` z-scores both sides of every term first (:mod:`blockkd.methods.divergences`).
+DKD needs a target class per sample: the distill terms use the label y, as DKD does; the L_cross terms use
+the label y too (not the ensemble's argmax), so that every term splits "target vs. the rest" at the same
+class, whatever the stones currently predict, and the loss stays a smooth function of the logits.
 
 The frozen teacher blocks carry gradients to the connectors and the student but never compute
 weight gradients of their own (their parameters have ``requires_grad=False``).
+
+Which stones run each step (``stones_per_step``, ``sampling``):
+
+- ``stones_per_step: null`` with ``sampling`` ``weighted`` or ``uniform``: every stone on the whole batch,
+  the full objective above (``sampling`` is then unused).
+- ``stones_per_step: k`` with ``weighted`` / ``uniform``: k stones drawn per step, reweighted so that the
+  expected task/distill sums are the full ones (:meth:`BlockKD.pick_stones`); the ensemble is the mean of
+  the drawn stones and the Σ_i of L_cross is scaled by n/k.
+- ``sampling: split`` (``stones_per_step`` must be null): every stone runs every step, each on its own
+  random share of the batch (a random permutation cut into n near-equal parts, :meth:`BlockKD.split_batch`),
+  so the stones together cost about one stone on the whole batch. The teacher's blocks are in eval mode, so
+  a sample's stone logits do not depend on which other samples share its batch (the connector's BN in train
+  mode does: it normalises with its share's statistics). Each stone's task and distill term is the mean over
+  its share, an unbiased estimate of its full-batch term, with the weight w_i unchanged. L_cross: no stone
+  sees the whole batch, so there is no per-sample ensemble of n stones; each sample's "ensemble" is the one
+  stone that saw it, Ŷ_j = Y^{N_s(j)}_j, and L_cross = d(Y^S, Ŷ) over the whole batch (the stones' own terms
+  d(Y^{N_i}, Ŷ) are identically 0 and omitted). Its expectation is (1/n) Σ_i d(Y^S, Y^{N_i}): the student is
+  pulled towards each stone on that stone's samples, as with one stone per step, where the ensemble of the
+  one drawn stone gives the same cross term. With a batch smaller than n, the stones left without samples
+  skip that step.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 
 from ..blocks import match
 from ..errors import BlockKDError
 from ..schema import BOOL, OptionError, choice, integer, number, option, optional
 from . import register
 from .base import Distiller
-from .connectors import KINDS, build_connectors
+from .connectors import KINDS, LAYERS, build_connectors
+from .divergences import (LogitDivergence, divergence_option, dkd_alpha_option, dkd_beta_option,
+                          logit_standardization_option)
 from .kd import TEMPERATURE, WEIGHT
-from .losses import cross_entropy, kl_div, linear_warmup
+from .losses import cross_entropy, linear_warmup
 
-SAMPLINGS = ("weighted", "uniform")
+SAMPLINGS = ("weighted", "uniform", "split")
+CONNECTOR_INITS = ("default", "teacher_stats")
 
 
 @dataclass(frozen=True)
 class BlockKDOptions:
-    temperature: float = option(4.0, TEMPERATURE, "T of every KL term (T² scaling)")
+    temperature: float = option(4.0, TEMPERATURE, "T of every distillation term (T² scaling)")
     # Measured (benchmarks/weight_sweep.py, benchmarks/stability.py): with a confident teacher
     # α = β = γ = 1 trains far worse than KD at SGD lr 0.05; about 1/(1 + Σw) for α and β and a small
     # γ match or beat it. See docs/blockkd.md.
@@ -44,15 +76,25 @@ class BlockKDOptions:
     beta: float = option(0.35, WEIGHT, "β: weight of L_distill (student + stepping-stones)")
     gamma: float = option(0.05, WEIGHT, "γ: weight of L_cross (agreement with the stones' ensemble)")
     detach_ensemble: bool = option(True, BOOL, "the stones' ensemble is a target in L_cross (no gradient into it)")
+    divergence: str = divergence_option()
+    dkd_alpha: float = dkd_alpha_option()
+    dkd_beta: float = dkd_beta_option()
+    logit_standardization: bool = logit_standardization_option()
     # 1x1 conv + BN: the usual adapter, and the stable one with a confident teacher. On Fashion-MNIST a
     # 3x3 conv + BN did better (benchmarks/tune.py), and that recipe sets it; see docs/blockkd.md.
     connector: str = option("conv1x1_bn", choice(*KINDS), "C_i: the layers mapping a student block's output "
                             "into the teacher's feature space")
+    connector_init: str = option("default", choice(*CONNECTOR_INITS), "default: PyTorch's BN init; teacher_stats: "
+                                 "each connector's last BN starts with the per-channel mean and std of the "
+                                 "teacher's block output on the first training batch")
     num_blocks: int | None = option(None, optional(integer(1)), "n; null: one block per spatial resolution "
                                     "both networks share")
     stones_per_step: int | None = option(None, optional(integer(1)), "k stepping-stones per step (null: all), "
-                                         "reweighted so the expected loss is the full one; k <= n")
-    sampling: str = option("weighted", choice(*SAMPLINGS), "how the k stones are drawn: ∝ w_i or uniformly")
+                                         "reweighted so the expected loss is the full one; k <= n; null with "
+                                         "sampling split")
+    sampling: str = option("weighted", choice(*SAMPLINGS), "with stones_per_step k: draw the k stones ∝ w_i "
+                           "(weighted) or uniformly; split: every stone every step, each on its own random "
+                           "1/n share of the batch")
     batched_stones: bool = option(True, BOOL, "stones crossing the same teacher block run there as one batch")
     stone_warmup: float = option(0.0, number(0), "epochs over which the stones' terms and L_cross ramp up "
                                  "linearly from 0")
@@ -61,6 +103,13 @@ class BlockKDOptions:
         if self.stones_per_step is not None and self.num_blocks is not None and self.stones_per_step > self.num_blocks:
             raise OptionError("stones_per_step", f"{self.stones_per_step} stones per step, but num_blocks is "
                                                  f"{self.num_blocks}")
+        if self.sampling == "split" and self.stones_per_step is not None:
+            raise OptionError("stones_per_step", f"sampling split runs every stone every step, each on its share "
+                                                 f"of the batch; stones_per_step must be null, got "
+                                                 f"{self.stones_per_step}")
+        if self.connector_init == "teacher_stats" and LAYERS[self.connector][-1][1]:
+            raise OptionError("connector_init", f"teacher_stats sets the affine parameters of the connector's last "
+                                                f"BN, but connector {self.connector} ends with a ReLU after it")
 
 
 @register("blockkd")
@@ -90,16 +139,27 @@ class BlockKD(Distiller):
             raise OptionError("stones_per_step", f"stones_per_step must be between 1 and the number of blocks "
                                                  f"({n}), got {k}")
         self.stones_per_step = None if k is None or k == n else k
+        self.divergence = LogitDivergence(o.divergence, o.temperature, o.logit_standardization,
+                                          o.dkd_alpha, o.dkd_beta)
         self.connectors = build_connectors(s_view.probe(self.input_shape), t_view.probe(self.input_shape),
                                            o.connector)
+        if o.connector_init == "teacher_stats":
+            # A buffer, so that it is saved with the connectors: a resumed run does not initialise them again.
+            # Only registered with teacher_stats, so the checkpoints of the default keep their keys.
+            self.register_buffer("connectors_initialised", torch.zeros((), dtype=torch.bool))
+            self._init_pending = True
 
     # -- pieces ------------------------------------------------------------------------------------
     def student_features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Every student block's output and the student's logits, from one forward pass."""
         return self._views[0].features(x)
 
-    def run_stones(self, feats: list[torch.Tensor], which: list[int]) -> list[torch.Tensor]:
+    def run_stones(self, feats: list[torch.Tensor], which: list[int],
+                   rows: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Logits of the stepping-stones ``which`` (0-based, ascending) from the student's features.
+
+        ``rows`` (one index tensor per stone of ``which``): stone ``which[k]`` runs on the samples
+        ``rows[k]`` of the batch only (``split`` sampling); default: every stone on the whole batch.
 
         Batched mode concatenates, at each teacher block, every stone that passes through it: the
         teacher is in eval mode, so its blocks act per-sample and the results are unchanged, while
@@ -107,18 +167,19 @@ class BlockKD(Distiller):
         """
         t_view = self._views[1]
         n = self.num_blocks
+        inputs = {i: feats[i] if rows is None else feats[i][r] for i, r in zip(which, rows or which)}
         if not self.opts.batched_stones:
             out = []
             for i in which:
-                h = self.connectors[i](feats[i])
+                h = self.connectors[i](inputs[i])
                 for block in t_view.blocks[i + 1:]:
                     h = block(h)
                 out.append(t_view.head(h))
             return out
-        chosen, h, sizes = set(which), None, []
+        h, sizes = None, []
         for i in range(which[0], n):
-            if i in chosen:
-                z = self.connectors[i](feats[i])
+            if i in inputs:
+                z = self.connectors[i](inputs[i])
                 h = z if h is None else torch.cat([h, z])
                 sizes.append(z.shape[0])
             if i + 1 < n:
@@ -130,13 +191,26 @@ class BlockKD(Distiller):
         feats, _ = self.student_features(x)
         return self.run_stones(feats, list(range(self.num_blocks)))
 
+    def eval_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The logits of ``student``, ``stone1`` … ``stoneN`` and their ``ensemble`` (mean), e.g. for evaluation.
+
+        Runs in the distiller's current mode and grad mode: call it under ``eval()`` and ``torch.no_grad()``
+        to evaluate (the stones' connectors then use their BN running statistics).
+        """
+        feats, logits = self.student_features(x)
+        stones = self.run_stones(feats, list(range(self.num_blocks)))
+        out = {"student": logits}
+        out.update({f"stone{i + 1}": z for i, z in enumerate(stones)})
+        out["ensemble"] = torch.stack(stones).mean(0)
+        return out
+
     def pick_stones(self) -> tuple[list[int], list[float]]:
         """Which stones run this step and the coefficient of each in the task/distill sums.
 
-        All stones: coefficient w_i. ``stones_per_step=k`` (the lite variant) draws k of them and
-        reweights so that the expected loss equals the full one: "weighted" draws i.i.d. with
-        p_i ∝ w_i (coefficient count_i·Σw/k, cheap: the shallow, costly stones are rare);
-        "uniform" draws k distinct stones (coefficient w_i·n/k).
+        All stones (also with ``split``, where each runs on its share): coefficient w_i.
+        ``stones_per_step=k`` (the lite variant) draws k of them and reweights so that the expected loss
+        equals the full one: "weighted" draws i.i.d. with p_i ∝ w_i (coefficient count_i·Σw/k, cheap: the
+        shallow, costly stones are rare); "uniform" draws k distinct stones (coefficient w_i·n/k).
         """
         n, k, w = self.num_blocks, self.stones_per_step, self.stone_weights
         if k is None:
@@ -148,36 +222,197 @@ class BlockKD(Distiller):
         idx = sorted(set(draws))
         return idx, [draws.count(i) * sum(w) / k for i in idx]
 
+    def split_batch(self, batch_size: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+        """``split`` sampling: the sample indices of each stone, one tensor per stone (1..n in order).
+
+        A uniformly random permutation of the batch cut into n parts whose sizes differ by at most one
+        (the first ``batch_size % n`` parts get the extra sample): the parts are disjoint, cover the batch,
+        and each is a uniformly random subset of its size, so a mean over it is unbiased for the batch's.
+        Drawn from torch's CPU generator (reproducible under ``torch.manual_seed``, as ``pick_stones``).
+        """
+        return list(torch.randperm(batch_size).to(device).tensor_split(self.num_blocks))
+
     # -- objective ---------------------------------------------------------------------------------
+    def _stone_terms(self, logits, stone_logits, t_logits, y):
+        """Unweighted (CE, distill, cross) of the student and of each stone in ``stone_logits``."""
+        d = self.divergence
+        ens = torch.stack(stone_logits).mean(0)
+        if self.opts.detach_ensemble:
+            ens = ens.detach()
+        student = (cross_entropy(logits, y), d(logits, t_logits, y), d(logits, ens, y))
+        stones = [(cross_entropy(z, y), d(z, t_logits, y), d(z, ens, y)) for z in stone_logits]
+        return student, stones
+
+    def _split_terms(self, feats, logits, t_logits, y):
+        """``split`` sampling: (task_stones, distill_stones, cross), see the module's docstring."""
+        d, w = self.divergence, self.stone_weights
+        shares = self.split_batch(logits.shape[0], logits.device)
+        which = [i for i, r in enumerate(shares) if len(r)]
+        rows = [shares[i] for i in which]
+        stone_logits = self.run_stones(feats, which, rows)
+        task = sum(w[i] * cross_entropy(z, y[r]) for i, r, z in zip(which, rows, stone_logits))
+        distill = sum(w[i] * d(z, t_logits[r], y[r]) for i, r, z in zip(which, rows, stone_logits))
+        # Ŷ_j: the logits of the stone that saw sample j, put back in the batch's order.
+        order = torch.cat(rows)
+        hat = torch.cat(stone_logits)[torch.argsort(order)]
+        if self.opts.detach_ensemble:
+            hat = hat.detach()
+        return task, distill, d(logits, hat, y)
+
     def forward_train(self, x, y, *, epoch):
         o = self.opts
         feats, logits = self.student_features(x)
+        self._maybe_init_connectors(x, feats)
         t_logits = self.teacher_logits(x)
-        which, coef = self.pick_stones()
-        stone_logits = self.run_stones(feats, which)
-        T = o.temperature
-        task_stones = sum(c * cross_entropy(z, y) for c, z in zip(coef, stone_logits))
-        distill_stones = sum(c * kl_div(z, t_logits, T) for c, z in zip(coef, stone_logits))
-        ens = torch.stack(stone_logits).mean(0)
-        if o.detach_ensemble:
-            ens = ens.detach()
-        cross_scale = self.num_blocks / len(which)  # unbiased for the Σ_i over stones when sampling
-        cross = kl_div(logits, ens, T) + cross_scale * sum(kl_div(z, ens, T) for z in stone_logits)
+        if o.sampling == "split":
+            task_stones, distill_stones, cross = self._split_terms(feats, logits, t_logits, y)
+            ce_s, distill_s = cross_entropy(logits, y), self.divergence(logits, t_logits, y)
+        else:
+            which, coef = self.pick_stones()
+            stone_logits = self.run_stones(feats, which)
+            (ce_s, distill_s, cross_s), stones = self._stone_terms(logits, stone_logits, t_logits, y)
+            task_stones = sum(c * ce for c, (ce, _, _) in zip(coef, stones))
+            distill_stones = sum(c * dist for c, (_, dist, _) in zip(coef, stones))
+            cross_scale = self.num_blocks / len(which)  # unbiased for the Σ_i over stones when sampling
+            cross = cross_s + cross_scale * sum(cr for _, _, cr in stones)
         ramp = linear_warmup(epoch, o.stone_warmup)
         return logits, {
-            "loss_task_student": o.alpha * cross_entropy(logits, y),
+            "loss_task_student": o.alpha * ce_s,
             "loss_task_stones": ramp * o.alpha * task_stones,
-            "loss_distill_student": o.beta * kl_div(logits, t_logits, T),
+            "loss_distill_student": o.beta * distill_s,
             "loss_distill_stones": ramp * o.beta * distill_stones,
             "loss_cross": ramp * o.gamma * cross,
         }
 
+    # -- diagnostics -------------------------------------------------------------------------------
+    def part_gradients(self, x, y, *, epoch: float = 0.0) -> dict[str, list[torch.Tensor]]:
+        """The gradient, in the student's parameters, of each part of the full objective L.
+
+        Parts: ``student`` = α·CE(Y^S) + β·d(Y^S, Y^T) + ramp·γ·d(Y^S, Y^ens) and, for each stone i,
+        ``stone{i}`` = ramp·(α·w_i·CE(Y^{N_i}) + β·w_i·d(Y^{N_i}, Y^T) + γ·d(Y^{N_i}, Y^ens)); they sum to L
+        (all stones on the whole batch, whatever ``stones_per_step`` and ``sampling``: the objective that the
+        sampled variants estimate). With ``detach_ensemble: false`` the gradient that d(·, Y^ens) sends
+        through the ensemble belongs to the part of the term's first argument. A parameter that a part does
+        not reach gets a zero gradient. Runs in the current mode (train mode: BN batch statistics, as in
+        training); the BN running statistics of the student and the connectors are restored afterwards.
+        """
+        o = self.opts
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        saved = {k: b.detach().clone() for k, b in self.named_buffers() if not k.startswith("teacher.")}
+        try:
+            with torch.enable_grad():
+                feats, logits = self.student_features(x)
+                t_logits = self.teacher_logits(x)
+                stone_logits = self.run_stones(feats, list(range(self.num_blocks)))
+                (ce_s, dist_s, cross_s), stones = self._stone_terms(logits, stone_logits, t_logits, y)
+                ramp = linear_warmup(epoch, o.stone_warmup)
+                parts = {"student": o.alpha * ce_s + o.beta * dist_s + ramp * o.gamma * cross_s}
+                for i, ((ce, dist, cross), w) in enumerate(zip(stones, self.stone_weights)):
+                    parts[f"stone{i + 1}"] = ramp * (o.alpha * w * ce + o.beta * w * dist + o.gamma * cross)
+                out = {}
+                names = list(parts)
+                for k, name in enumerate(names):
+                    grads = [None] * len(params)
+                    if parts[name].requires_grad:
+                        grads = list(torch.autograd.grad(parts[name], params, retain_graph=k + 1 < len(names),
+                                                         allow_unused=True))
+                    out[name] = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+                return out
+        finally:
+            buffers = dict(self.named_buffers())
+            with torch.no_grad():
+                for k, b in saved.items():
+                    buffers[k].copy_(b)
+
+    def diagnostics(self, x, y, *, epoch: float = 0.0) -> dict[str, float]:
+        """``grad_norm_student``, ``grad_norm_stone1`` …: the L2 norm of each part's gradient in the student's
+        parameters (:meth:`part_gradients`): how much each stepping-stone, and the student's own terms, pull
+        on the student. Costs one forward and n + 1 backward passes: call it every N steps, not every step.
+        """
+        out = {}
+        for name, grads in self.part_gradients(x, y, epoch=epoch).items():
+            out[f"grad_norm_{name}"] = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+        return out
+
+    # -- connector initialisation ------------------------------------------------------------------
+    def _maybe_init_connectors(self, x: torch.Tensor, feats: list[torch.Tensor]) -> None:
+        """``connector_init: teacher_stats``: initialise the connectors on the first training batch, once."""
+        if not getattr(self, "_init_pending", False):
+            return
+        self._init_pending = False  # the flag is read (a device sync) on the first call only
+        if not bool(self.connectors_initialised):
+            self.init_connectors_from_teacher(x, feats)
+
+    @torch.no_grad()
+    def init_connectors_from_teacher(self, x: torch.Tensor, feats: list[torch.Tensor]) -> None:
+        """Set each connector's last BN so that the connector's output starts with the per-channel mean and
+        std of the teacher's own output at that block, measured on the batch ``x`` (the first training batch).
+
+        Why the batch and not the teacher's BN running statistics: the running statistics of the BN after a
+        teacher block describe the *next conv's* output, not the block's output F^T_i (and the last block is
+        followed by the head, which has none); F^T_i's statistics can only be measured. With the last BN's
+        weight = std(F^T_i) and bias = mean(F^T_i) (biased std over batch and positions, per channel), its
+        train-mode output on this batch has exactly that mean and, up to BN's eps, that std. Its running
+        statistics are set to this batch's pre-BN statistics too, so that eval mode starts matched as well.
+        Under torch.distributed the statistics are averaged over the processes, so every replica starts equal.
+        """
+        t_feats, _ = self._views[1].features(x)
+        for conn, f_t, f_s in zip(self.connectors, t_feats, feats):
+            bn = [m for m in conn.modules() if isinstance(m, nn.BatchNorm2d)][-1]
+            mean_t, var_t = _channel_moments(f_t)
+            captured = []
+            hook = bn.register_forward_hook(lambda m, inp, out: captured.append(inp[0]))
+            saved = {k: b.clone() for k, b in conn.named_buffers()}
+            try:
+                conn(f_s.detach())
+            finally:
+                hook.remove()
+                for k, b in conn.named_buffers():
+                    b.copy_(saved[k])
+            mean_in, var_in = _channel_moments(captured[0])
+            count = captured[0].numel() // captured[0].shape[1]
+            bn.weight.copy_(var_t.sqrt())
+            bn.bias.copy_(mean_t)
+            bn.running_mean.copy_(mean_in)
+            bn.running_var.copy_(var_in * count / max(count - 1, 1))  # BN's running variance is unbiased
+        self.connectors_initialised.fill_(True)
+
+
+def _channel_moments(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (dim 1) mean and biased variance over every other dim, averaged over processes."""
+    f = f.detach().double()
+    dims = [d for d in range(f.dim()) if d != 1]
+    count = torch.tensor(float(f.numel() // f.shape[1]), dtype=torch.float64, device=f.device)
+    sums = torch.stack([f.sum(dims), f.pow(2).sum(dims)])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+        torch.distributed.all_reduce(count)
+    mean = sums[0] / count
+    var = (sums[1] / count - mean * mean).clamp_min(0)
+    return mean.float(), var.float()
+
 
 @register("blockkd-lite")
 class BlockKDLite(BlockKD):
-    """Block-KD at a fraction of the cost: one stepping-stone per step, drawn with p_i ∝ w_i and reweighted."""
+    """Block-KD at about the cost of one stone per step: every stone on its own 1/n share of the batch.
+
+    ``sampling: split`` (the default here, see :class:`BlockKD`). The former lite variant, k stones drawn per
+    step, remains available with ``sampling: weighted`` or ``uniform`` and ``stones_per_step: k``; without a
+    k those samplings would run every stone on the whole batch (the full method), which is refused.
+    """
 
     @dataclass(frozen=True)
     class Options(BlockKDOptions):
-        stones_per_step: int | None = option(1, optional(integer(1)), "k stepping-stones per step, reweighted "
-                                             "so the expected loss is the full one; k <= n")
+        stones_per_step: int | None = option(None, optional(integer(1)), "with sampling weighted or uniform: k "
+                                             "stepping-stones per step, reweighted so the expected loss is the "
+                                             "full one (k <= n); null with sampling split")
+        sampling: str = option("split", choice(*SAMPLINGS), "split: every stone every step, each on its own "
+                               "random 1/n share of the batch; weighted / uniform: draw stones_per_step stones "
+                               "∝ w_i or uniformly")
+
+        def check(self) -> None:
+            super().check()
+            if self.sampling != "split" and self.stones_per_step is None:
+                raise OptionError("sampling", f"blockkd-lite with sampling {self.sampling} draws stones_per_step "
+                                              f"stones per step: set stones_per_step (1 was the former default), "
+                                              f"or use sampling split (the default), or method blockkd")

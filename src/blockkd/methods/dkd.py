@@ -7,7 +7,8 @@ from ..schema import number, option
 from . import register
 from .base import Distiller
 from .kd import TEMPERATURE, WEIGHT
-from .losses import cross_entropy, dkd_parts, linear_warmup
+from .divergences import LogitDivergence, logit_standardization_option
+from .losses import cross_entropy, linear_warmup
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,7 @@ class DKDOptions:
     beta: float = option(8.0, WEIGHT, "weight of NCKD (among the non-target classes)")
     ce_weight: float = option(1.0, WEIGHT, "weight of the cross-entropy with the labels")
     warmup: float = option(20.0, number(0), "epochs over which TCKD and NCKD ramp up linearly from 0")
+    logit_standardization: bool = logit_standardization_option()
 
 
 @register("dkd")
@@ -24,7 +26,8 @@ class DKD(Distiller):
     """DKD: ce_weight · CE + warm-up · (alpha · TCKD + beta · NCKD).
 
     The KD terms ramp up linearly, ``min(epoch / warmup, 1)``, with ``epoch`` the float training
-    progress passed by the trainer (1.0 at the end of the first epoch, as in mdistiller).
+    progress passed by the trainer (1.0 at the end of the first epoch, as in mdistiller). With
+    ``logit_standardization`` both sets of logits are z-scored per sample first (Sun et al., CVPR 2024).
     """
 
     Options = DKDOptions
@@ -37,7 +40,7 @@ class DKD(Distiller):
         o = self.opts
         logits = self.student(x)
         t_logits = self.teacher_logits(x)
-        tckd, nckd = dkd_parts(logits, t_logits, y, o.temperature)
+        tckd, nckd = LogitDivergence("dkd", o.temperature, o.logit_standardization).parts(logits, t_logits, y)
         ramp = self.warmup_factor(epoch)
         return logits, {
             "loss_ce": o.ce_weight * cross_entropy(logits, y),
