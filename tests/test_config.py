@@ -100,7 +100,7 @@ def test_cifar100_pairs_and_methods():
         dkd = config.load(folder / "dkd.yaml")["method"]["options"]
         assert dkd == {**dkd, "temperature": 4.0, "alpha": 1.0, "beta": beta, "ce_weight": 1.0, "warmup": 20.0}
         kd = config.load(folder / "kd.yaml")["method"]["options"]
-        assert kd == {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}
+        assert kd == {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9, "logit_standardization": False}
 
 
 def test_fashion_mnist_recipes_share_one_pair():

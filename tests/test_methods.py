@@ -306,3 +306,224 @@ def test_torchvision_pairs_train_one_step(teacher, student):
     sum(losses.values()).backward()
     assert all(p.grad is not None for p in d.connectors.parameters())
     assert all(p.grad is None for p in d.teacher.parameters())
+
+
+# ------------------------------------------------------------------------------ evaluation of the stones
+def test_eval_logits_are_the_stones_and_their_ensemble():
+    d = make("blockkd").eval()
+    x, _ = batch(4)
+    with torch.no_grad():
+        out = d.eval_logits(x)
+        stones = d.stones(x)
+        assert list(out) == ["student", "stone1", "stone2", "stone3", "ensemble"]
+        assert torch.equal(out["student"], d.student(x))
+        for i, z in enumerate(stones):
+            assert torch.allclose(out[f"stone{i + 1}"], z, atol=1e-6)
+        assert torch.allclose(out["ensemble"], torch.stack(stones).mean(0), atol=1e-6)
+    kd = make("kd").eval()
+    with torch.no_grad():
+        assert list(kd.eval_logits(x)) == ["student"] and torch.equal(kd.eval_logits(x)["student"], kd.student(x))
+    assert kd.diagnostics(x, torch.zeros(4, dtype=torch.long), epoch=0.0) == {}
+
+
+# ------------------------------------------------------------------------------------------- diagnostics
+def test_diagnostics_are_finite_and_restore_bn_statistics():
+    d = make("blockkd").train()
+    x, y = batch()
+    before = {k: v.clone() for k, v in d.state_dict().items()}
+    out = d.diagnostics(x, y, epoch=1.0)
+    assert list(out) == ["grad_norm_student", "grad_norm_stone1", "grad_norm_stone2", "grad_norm_stone3"]
+    assert all(math.isfinite(v) and v > 0 for v in out.values())
+    after = d.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "diagnostics changed a buffer"
+    assert all(p.grad is None for p in d.parameters())
+
+
+def test_diagnostics_parts_sum_to_the_loss_gradient():
+    """The parts are the loss, split: their gradients add up to the gradient of the training loss."""
+    d = make("blockkd", gamma=0.3, stone_warmup=4.0).train()
+    x, y = batch()
+    parts = d.part_gradients(x, y, epoch=1.0)
+    params = [p for p in d.student.parameters() if p.requires_grad]
+    _, losses = d(x, y, epoch=1.0)
+    full = torch.autograd.grad(sum(losses.values()), params)
+    for k, g in enumerate(full):
+        assert torch.allclose(sum(part[k] for part in parts.values()), g, rtol=1e-4, atol=1e-6)
+
+
+def test_diagnostics_attribute_gradients_to_the_right_stone():
+    d = make("blockkd", gamma=0.5).train()
+    x, y = batch()
+    s_blocks = d._views[0].blocks
+    params = [p for p in d.student.parameters() if p.requires_grad]
+    parts = d.part_gradients(x, y, epoch=1.0)
+    for i in range(d.num_blocks):
+        # Stone i runs the student's blocks 1..i only: no gradient reaches deeper blocks or the head.
+        reached = {id(p) for b in s_blocks[: i + 1] for p in b.parameters()}
+        grads = parts[f"stone{i + 1}"]
+        assert all(torch.count_nonzero(g) == 0 for p, g in zip(params, grads) if id(p) not in reached), i
+        assert sum(g.abs().sum() for p, g in zip(params, grads) if id(p) in reached) > 0, i
+    # The student's own part reaches every block and the head.
+    assert all(torch.count_nonzero(g) > 0 for g in parts["student"])
+    zero = make("blockkd", alpha=0.0, beta=0.0, gamma=0.0).train()
+    assert all(v == 0.0 for v in zero.diagnostics(x, y, epoch=1.0).values())
+
+
+@pytest.mark.parametrize("silenced", [0, 1, 2])
+def test_diagnostics_of_a_silenced_stone_are_zero(silenced):
+    """A connector with zero output cuts its stone off the student: that stone's norm only is zero."""
+    d = make("blockkd", gamma=0.5).train()
+    bn = [m for m in d.connectors[silenced].modules() if isinstance(m, torch.nn.BatchNorm2d)][-1]
+    with torch.no_grad():
+        bn.weight.zero_(), bn.bias.zero_()
+    x, y = batch()
+    out = d.diagnostics(x, y, epoch=1.0)
+    for i in range(d.num_blocks):
+        assert (out[f"grad_norm_stone{i + 1}"] == 0.0) == (i == silenced), (i, out)
+    assert out["grad_norm_student"] > 0
+
+
+# ----------------------------------------------------------------------------------------- split sampling
+@pytest.mark.parametrize("size", [8, 7, 3, 2])
+def test_split_shares_are_disjoint_and_cover_the_batch(size):
+    d = make("blockkd-lite")
+    assert (d.opts.sampling, d.opts.stones_per_step) == ("split", None)
+    for _ in range(5):
+        shares = d.split_batch(size)
+        assert len(shares) == d.num_blocks
+        assert torch.equal(torch.cat(shares).sort().values, torch.arange(size))
+        sizes = [len(s) for s in shares]
+        assert max(sizes) - min(sizes) <= 1
+    draws = {tuple(d.split_batch(8)[0].sort().values.tolist()) for _ in range(20)}
+    assert len(draws) > 1  # random
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_split_stones_equal_the_full_path_per_sample(batched):
+    """The teacher is in eval mode: a stone's logits on its share are its full-batch logits on those samples
+    (with the connectors' BN in eval mode too; in train mode it normalises with the share's statistics)."""
+    d = make("blockkd-lite", batched_stones=batched).eval()
+    x, _ = batch(8)
+    with torch.no_grad():
+        feats, _ = d.student_features(x)
+        full = d.run_stones(feats, [0, 1, 2])
+        shares = d.split_batch(8)
+        part = d.run_stones(feats, [0, 1, 2], shares)
+    for i in range(3):
+        assert torch.allclose(part[i], full[i][shares[i]], atol=1e-5)
+
+
+def _with_shares(d, perm):
+    """Make ``d.split_batch`` return the shares of the permutation ``perm``."""
+    d.split_batch = lambda b, device="cpu": list(torch.tensor(perm).tensor_split(d.num_blocks))
+
+
+@pytest.mark.parametrize("divergence", ["kl", "dkd"])
+def test_split_objective_is_unbiased_and_its_cross_term_exact(divergence):
+    """Over every permutation of a batch of 4 (shares of 2, 1, 1), the stones' task and distill terms average
+    to the full objective's; each draw's L_cross is d(Y^S, Ŷ) with Ŷ_j the logits of the stone that saw j."""
+    import itertools
+    opts = dict(divergence=divergence, logit_standardization=True, gamma=0.5, dkd_beta=2.0)
+    split = make("blockkd-lite", **opts)
+    full = make("blockkd", **opts)
+    full.load_state_dict(split.state_dict())
+    split.eval(), full.eval()  # per-sample: eval-mode BN everywhere
+    x, y = batch(4)
+    with torch.no_grad():
+        _, ref = full.forward_train(x, y, epoch=1.0)
+        stones = full.stones(x)
+        s_logits = full.student(x)
+        sums = {k: 0.0 for k in ("loss_task_stones", "loss_distill_stones", "loss_cross")}
+        perms = list(itertools.permutations(range(4)))
+        for perm in perms:
+            _with_shares(split, perm)
+            _, got = split.forward_train(x, y, epoch=1.0)
+            for k in sums:
+                sums[k] += got[k].item() / len(perms)
+            for k in ("loss_task_student", "loss_distill_student"):
+                assert got[k].item() == pytest.approx(ref[k].item(), rel=1e-5)
+            owner = {j: i for i, share in enumerate(torch.tensor(perm).tensor_split(3)) for j in share.tolist()}
+            hat = torch.stack([stones[owner[j]][j] for j in range(4)])
+            assert got["loss_cross"].item() == pytest.approx(0.5 * split.divergence(s_logits, hat, y).item(), rel=1e-5)
+        assert sums["loss_task_stones"] == pytest.approx(ref["loss_task_stones"].item(), rel=1e-5)
+        assert sums["loss_distill_stones"] == pytest.approx(ref["loss_distill_stones"].item(), rel=1e-5)
+        # E[L_cross] = Σ_i P(j in share i) · d(Y^S, Y^{N_i}): shares of 2, 1, 1 out of 4.
+        expected = sum(p * split.divergence(s_logits, z, y).item() for p, z in zip([0.5, 0.25, 0.25], stones))
+        assert sums["loss_cross"] == pytest.approx(0.5 * expected, rel=1e-5)
+
+
+def test_split_every_connector_gets_a_gradient_every_step():
+    d = make("blockkd-lite").train()
+    opt = torch.optim.SGD(d.trainable_parameters(), lr=0.01)
+    for step in range(3):
+        x, y = batch(8)
+        opt.zero_grad()
+        _, losses = d(x, y, epoch=float(step))
+        sum(losses.values()).backward()
+        for name, p in d.connectors.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, (step, name)
+        opt.step()
+    x, y = batch(2)  # fewer samples than stones: the stone without a share skips the step
+    _, losses = d(x, y)
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_split_option_combinations():
+    with pytest.raises(BlockKDError, match=r"method\.options\.stones_per_step.*split"):
+        make("blockkd", sampling="split", stones_per_step=2)
+    with pytest.raises(BlockKDError, match=r"method\.options\.stones_per_step.*split"):
+        make("blockkd-lite", stones_per_step=1)
+    with pytest.raises(BlockKDError, match=r"method\.options\.sampling.*stones_per_step"):
+        make("blockkd-lite", sampling="uniform")
+    assert make("blockkd-lite", sampling="uniform", stones_per_step=1).stones_per_step == 1
+    assert make("blockkd", sampling="split").opts.sampling == "split"
+
+
+# ------------------------------------------------------------------------------ connector initialisation
+def _moments(f):
+    dims = [0, 2, 3]
+    return f.mean(dims), f.var(dims, unbiased=False).sqrt()
+
+
+def test_teacher_stats_connector_init_matches_teacher_features():
+    d = make("blockkd", connector_init="teacher_stats").train()
+    assert not bool(d.connectors_initialised)
+    x, y = batch(16)
+    d(x, y)
+    assert bool(d.connectors_initialised)
+    with torch.no_grad():
+        feats, _ = d.student_features(x)
+        t_feats, _ = d._views[1].features(x)
+        for conn, f_s, f_t in zip(d.connectors, feats, t_feats):
+            mean_t, std_t = _moments(f_t)
+            mean_c, std_c = _moments(conn.train()(f_s))
+            assert torch.allclose(mean_c, mean_t, atol=1e-4)
+            assert torch.allclose(std_c, std_t, rtol=1e-2, atol=1e-3)
+            mean_e, std_e = _moments(conn.eval()(f_s))  # eval mode starts matched too
+            assert torch.allclose(mean_e, mean_t, atol=1e-3)
+            assert torch.allclose(std_e, std_t, rtol=5e-2, atol=1e-3)
+
+
+def test_teacher_stats_init_happens_once_and_survives_resume():
+    d = make("blockkd", connector_init="teacher_stats").train()
+    x, y = batch(8)
+    d(x, y)
+    state = d.train_state_dict()
+    assert "connectors_initialised" in state and "connectors_initialised" not in make("blockkd").train_state_dict()
+    bn_keys = [k for k in state if k.startswith("connectors.") and k.endswith((".weight", ".bias"))]
+    resumed = make("blockkd", connector_init="teacher_stats").train()
+    resumed.load_train_state_dict(state)
+    x2, y2 = batch(8)
+    resumed(x2 * 3 + 1, y2)  # another batch: no new initialisation
+    after = resumed.train_state_dict()
+    assert all(torch.equal(after[k], state[k]) for k in bn_keys)
+    fresh = make("blockkd", connector_init="teacher_stats").train()
+    last_bn = [m for m in fresh.connectors[0].modules() if isinstance(m, torch.nn.BatchNorm2d)][-1]
+    fresh(x2, y2)
+    assert not torch.equal(last_bn.weight.detach(), torch.ones_like(last_bn.weight))
+
+
+def test_teacher_stats_needs_a_connector_ending_with_bn():
+    with pytest.raises(BlockKDError, match=r"method\.options\.connector_init.*ReLU"):
+        make("blockkd", connector="conv1x1_bn_relu", connector_init="teacher_stats")
+    make("blockkd", connector="conv3x3_bn_relu_conv1x1_bn", connector_init="teacher_stats")
