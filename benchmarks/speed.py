@@ -8,7 +8,7 @@ What is measured, and why this way:
 - Train step = the real distiller forward + backward + SGD step (the trainer's step minus its bookkeeping),
   on random-init models and one random batch already on the device, so only the method's cost is timed.
   Throughput is the median of ``--windows`` timed windows of ``--steps`` steps after ``--warmup`` steps;
-  methods whose cost varies per step (blockkd-lite draws its stone) report the mean over all timed steps
+  methods whose cost varies per step (a Block-KD with ``stones_per_step: k`` draws its stones) report the mean over all timed steps
   instead, with at least 20 of them. Each case runs in a fresh process (forked from a server that has
   only imported the modules), so peak memory (CUDA: ``max_memory_allocated``; CPU: peak RSS) belongs to
   that method alone and no allocator or autotuner state leaks from one method into the next.
@@ -57,7 +57,7 @@ GOAL_PAIR = "resnet32x4:resnet8x4"  # ... on this pair
 CPU_VARIANTS = ["fp32"]
 CUDA_VARIANTS = ["fp32", "bf16", "bf16+cl", "bf16+cl+compile"]
 VARIANT_FLAGS = {"fp32", "bf16", "fp16", "cl", "compile"}
-COMPILE_WARMUP = 20  # warm-up steps of +compile variants: blockkd-lite's graphs differ per drawn stone
+COMPILE_WARMUP = 20  # warm-up steps of +compile variants: graphs differ per drawn stone (stones_per_step: k)
 
 DEFAULTS: dict[str, Any] = {
     "pairs": PAIRS, "methods": METHODS, "batch_size": 64, "image_size": 32, "num_classes": 100,
@@ -252,7 +252,9 @@ def flops(pair: str, labels: list[str], batch_size: int, image_size: int, num_cl
         stones.append(parts[f"stone {i + 1} forward"] + parts[f"stone {i + 1} backward"])
     kd = parts["student forward"] + parts["student backward"] + parts["teacher forward"]
     w = d.stone_weights
-    lite = kd + sum(wi / sum(w) * c for wi, c in zip(w, stones))  # stone i is drawn with probability w_i / Σw
+    # blockkd-lite's split sampling: stone i runs on its share of m_i samples (FLOPs are linear in the batch).
+    shares = [len(r) for r in torch.arange(batch_size).tensor_split(d.num_blocks)]
+    lite = kd + sum(m / batch_size * c for m, c in zip(shares, stones))
     if "blockkd-lite" in labels:
         per_step["blockkd-lite"] = round(lite)
     ref = per_step.get("kd", kd)
@@ -415,7 +417,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Train step (forward + backward + SGD step), batch {s['batch_size']}, {s['image_size']}x{s['image_size']} "
         f"inputs, {s['num_classes']} classes, random-init models and data on the device; throughput is the median "
         f"of {plural(s['windows'], 'window')} of {plural(s['steps'], 'step')} after {plural(s['warmup'], 'warm-up step')} "
-        f"(blockkd-lite: the mean over at least {plural(s['random_steps'], 'step')}); each case runs in its own "
+        f"(methods that draw stones per step: the mean over at least {plural(s['random_steps'], 'step')}); each case runs in its own "
         f"process; peak MB is {'max_memory_allocated' if s['device'].startswith('cuda') else 'the peak RSS of that process'}. "
         f"Time vs kd is kd's images/s "
         f"over the method's; the goals are stated for {GOAL_PAIR}. Reproduce: `{report['command']}`.",

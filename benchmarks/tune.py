@@ -54,9 +54,24 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "blockkd conv3x3_bn_relu_conv1x1_bn kd weights": ("blockkd", {"connector": "conv3x3_bn_relu_conv1x1_bn",
                                                                    "alpha": 0.1, "beta": 0.9, "gamma": 0.05}),
     # Round 3: the lite variant, which the first accuracy benchmark found below ce with the 3x3 connector.
-    "blockkd-lite": ("blockkd-lite", {}),
-    "blockkd-lite conv3x3_bn": ("blockkd-lite", {"connector": "conv3x3_bn"}),
-    "blockkd-lite uniform": ("blockkd-lite", {"sampling": "uniform"}),
+    # blockkd-lite then drew one stone per step (weighted); its default is now split sampling, so these
+    # variants pin the former setting and keep the meaning of their recorded results.
+    "blockkd-lite": ("blockkd-lite", {"sampling": "weighted", "stones_per_step": 1}),
+    "blockkd-lite conv3x3_bn": ("blockkd-lite", {"sampling": "weighted", "stones_per_step": 1,
+                                                 "connector": "conv3x3_bn"}),
+    "blockkd-lite uniform": ("blockkd-lite", {"sampling": "uniform", "stones_per_step": 1}),
+    # Round 4 (not run yet): split sampling (the new blockkd-lite default), the divergences and the connector
+    # initialisation of issue 11, and the logit-standardised baselines (KD+LS as Sun et al.: T 2, KD weight 9).
+    "blockkd-lite split": ("blockkd-lite", {}),
+    "blockkd-lite split conv3x3_bn": ("blockkd-lite", {"connector": "conv3x3_bn"}),
+    "blockkd-lite split gamma 0": ("blockkd-lite", {"gamma": 0.0}),
+    "blockkd conv3x3_bn dkd": ("blockkd", {"connector": "conv3x3_bn", "divergence": "dkd", "dkd_beta": 2.0}),
+    "blockkd conv3x3_bn dkd gamma 0": ("blockkd", {"connector": "conv3x3_bn", "divergence": "dkd", "dkd_beta": 2.0,
+                                                   "gamma": 0.0}),
+    "blockkd conv3x3_bn ls": ("blockkd", {"connector": "conv3x3_bn", "logit_standardization": True}),
+    "blockkd conv3x3_bn teacher_stats": ("blockkd", {"connector": "conv3x3_bn", "connector_init": "teacher_stats"}),
+    "kd ls": ("kd", {"logit_standardization": True, "temperature": 2.0, "kd_weight": 9.0}),
+    "dkd ls": ("dkd", {"logit_standardization": True}),
 }
 QUICK: dict[str, Any] = {"variants": ["kd", "blockkd", "blockkd T 2"], "seeds": [0], "val": 300}
 

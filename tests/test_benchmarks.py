@@ -69,11 +69,7 @@ def test_speed_report(runs):
         assert "error" not in r, r
         windows = r["window_images_per_s"]
         assert len(windows) == s["windows"] and all(w > 0 for w in windows)
-        if label == "blockkd-lite":  # the mean over all timed steps, at least random_steps of them
-            assert r["steps_per_window"] * s["windows"] >= s["random_steps"]
-            assert r["images_per_s"] == approx(statistics.harmonic_mean(windows))
-        else:
-            assert r["images_per_s"] == approx(statistics.median(windows))
+        assert r["images_per_s"] == approx(statistics.median(windows))  # no label draws its stones per step
         assert r["step_ms"] == approx(1000 * s["batch_size"] / r["images_per_s"])
         assert r["cost_vs_kd"] == approx(kd / r["images_per_s"])
         assert r["peak_memory_mb"] >= r["rss_at_start_mb"] > 0
