@@ -81,9 +81,10 @@ def test_recipes_follow_mdistiller_imagenet_settings():
                 [30, 60, 90], 0.1, 100)
             assert cfg["teacher"]["checkpoint"] == "torchvision://IMAGENET1K_V1"
         assert config.load(RECIPES / pair / "kd.yaml")["method"]["options"] == {
-            "temperature": 1.0, "ce_weight": 0.5, "kd_weight": 0.5}
+            "temperature": 1.0, "ce_weight": 0.5, "kd_weight": 0.5, "logit_standardization": False}
         dkd = config.load(RECIPES / pair / "dkd.yaml")["method"]["options"]
-        assert dkd == {"temperature": 1.0, "alpha": 1.0, "beta": beta, "ce_weight": 1.0, "warmup": 1.0}
+        assert dkd == {"temperature": 1.0, "alpha": 1.0, "beta": beta, "ce_weight": 1.0, "warmup": 1.0,
+                       "logit_standardization": False}
         cfg = config.load(RECIPES / pair / "blockkd.yaml")
         student, teacher = (models.create(cfg[k]["name"], num_classes=10) for k in ("model", "teacher"))
         distiller = methods.create("blockkd", student, teacher, (3, 64, 64), **cfg["method"]["options"])
