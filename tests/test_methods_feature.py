@@ -385,10 +385,13 @@ CIFAR_PAIRS = sorted(p.name for p in (CONFIGS / "cifar100").iterdir()
                      if p.is_dir() and p.name not in ("teachers", "methods"))
 
 
+PAIR_OPTIONS = {("vgg13_vgg8", "fitnet"): {"hint_block": 3}}  # mdistiller's HINT_LAYER 2: VGG's block2 (8x8)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_recipes_load_with_the_published_options(method):
-    defaults = blockkd.methods.defaults(method)
     for pair in CIFAR_PAIRS:
+        defaults = {**blockkd.methods.defaults(method), **PAIR_OPTIONS.get((pair, method), {})}
         cfg = config.load(CONFIGS / "cifar100" / pair / f"{method}.yaml")
         kd = config.load(CONFIGS / "cifar100" / pair / "kd.yaml")
         teacher, student = kd["teacher"]["name"], kd["model"]["name"]
@@ -396,3 +399,4 @@ def test_recipes_load_with_the_published_options(method):
         assert {**defaults, **cfg["method"]["options"]} == defaults, pair
     fm = config.load(CONFIGS / "fashion_mnist" / f"{method}.yaml")
     assert fm["method"]["name"] == method and fm["data"]["name"] == "fashion_mnist"
+    assert fm["method"]["options"] == blockkd.methods.defaults(method)

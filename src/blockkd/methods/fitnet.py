@@ -10,6 +10,10 @@ HINT_LAYER 2, i.e. the output of the second of three stages); like mdistiller, t
 (no separate hint pre-training as in the paper) and there is no logit-KD term. The regressor is a
 ``Connector``: 1x1 conv + BN + ReLU at matched resolutions, which is what mdistiller's ``ConvReg``
 builds when the sizes agree.
+
+mdistiller's HINT_LAYER 2 indexes its ``feats`` list, whose entry 0 is the stem: on CIFAR ResNets and
+WRNs that is the middle of three stages (the default here), on VGG it is block2, the third of the four
+blocks the views make (the vgg13_vgg8 recipe sets ``hint_block: 3``).
 """
 from __future__ import annotations
 
