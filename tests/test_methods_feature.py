@@ -17,6 +17,7 @@ from blockkd import config
 from blockkd.errors import BlockKDError
 from blockkd.methods.at import at_loss
 from blockkd.methods.dist import dist_parts
+from blockkd.methods.feature import embedding
 from blockkd.methods.fitnet import hint_loss
 from blockkd.methods.kdsvd import kdsvd_loss
 from blockkd.methods.nst import nst_loss
@@ -291,6 +292,31 @@ def test_one_training_step(method, pair):
     assert all(torch.equal(teacher_before[k], v) for k, v in teacher.state_dict().items())
     d.eval()
     assert d(x).shape == (4, nc)
+
+
+def test_feature_points_are_mdistillers_on_cifar_resnets():
+    """AT/NST/KD-SVD read each stage's output (mdistiller's feats[1:]), RKD/PKT what the classifier sees."""
+    student, teacher = models("resnet32x4->resnet8x4")
+    seen = {}
+
+    def keep(name):
+        return lambda module, args, out: seen.__setitem__(name, out)
+
+    hooks = [getattr(m, f"layer{i}").register_forward_hook(keep(f"{who}{i}"))
+             for who, m in (("s", student), ("t", teacher)) for i in (1, 2, 3)]
+    hooks += [m.fc.register_forward_pre_hook(lambda module, args, who=who: seen.__setitem__(who + "fc", args[0]))
+              for who, m in (("s", student), ("t", teacher))]
+    try:
+        x = torch.randn(2, 3, 32, 32)
+        for method in ("at", "rkd"):
+            s_feats, _, t_feats, _ = blockkd.methods.create(method, student, teacher).eval().features(x)
+            assert all(torch.equal(f, seen[f"s{i}"]) for i, f in zip((1, 2, 3), s_feats))
+            assert all(torch.equal(f, seen[f"t{i}"]) for i, f in zip((1, 2, 3), t_feats))
+            assert torch.allclose(embedding(s_feats[-1]), seen["sfc"], atol=1e-6)
+            assert torch.allclose(embedding(t_feats[-1]), seen["tfc"], atol=1e-6)
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 # ------------------------------------------------------------------ (c) extra modules are saved
