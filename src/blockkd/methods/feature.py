@@ -5,6 +5,13 @@ Why one place: every feature method reads its feature points off the block views
 Methods that compare maps block by block (``matched = True``) use ``match``'ed views, whose boundaries
 sit at resolutions both networks share; methods that only need the penultimate embedding use each
 network's own natural stages, so they also serve pairs that share no resolution.
+
+Known differences from mdistiller's ``feats`` (post-ReLU stage outputs, entry 0 the stem): on CIFAR
+ResNets the points are the same (stem + layer1, layer2, layer3; the embedding is the classifier's input).
+Elsewhere the last block runs up to the head's pooling, so it includes what a model applies before it
+(WRN's final BN + ReLU, MobileNetV2's 1x1 conv to 1280, ShuffleNetV2's final conv), where mdistiller
+takes the last stage's raw output; VGG's block0 is a block of its own here (mdistiller's stem) and
+block3 joins block4; ShuffleNet students match resnet32x4 / wrn_40_2 in two blocks, not three.
 """
 from __future__ import annotations
 
