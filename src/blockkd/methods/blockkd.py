@@ -47,9 +47,10 @@ class BlockKDOptions:
     # 1x1 conv + BN: the usual adapter, and the stable one with a confident teacher. On Fashion-MNIST a
     # 3x3 conv + BN did better (benchmarks/tune.py), and that recipe sets it; see docs/blockkd.md.
     connector: str = option("conv1x1_bn", choice(*KINDS), "C_i: the layers mapping a student block's output "
-                            "into the teacher's feature space")
+                            "into the teacher's feature space, where that is a feature map (transformer "
+                            "tokens always get Linear + LayerNorm)")
     num_blocks: int | None = option(None, optional(integer(1)), "n; null: one block per spatial resolution "
-                                    "both networks share")
+                                    "both networks share (transformers: the shallower side's layer count)")
     stones_per_step: int | None = option(None, optional(integer(1)), "k stepping-stones per step (null: all), "
                                          "reweighted so the expected loss is the full one; k <= n")
     sampling: str = option("weighted", choice(*SAMPLINGS), "how the k stones are drawn: ∝ w_i or uniformly")
@@ -91,15 +92,18 @@ class BlockKD(Distiller):
                                                  f"({n}), got {k}")
         self.stones_per_step = None if k is None or k == n else k
         self.connectors = build_connectors(s_view.probe(self.input_shape), t_view.probe(self.input_shape),
-                                           o.connector)
+                                           o.connector, prefix_tokens=(s_view.prefix_tokens, t_view.prefix_tokens))
 
     # -- pieces ------------------------------------------------------------------------------------
-    def student_features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def student_features(self, x) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Every student block's output and the student's logits, from one forward pass."""
         return self._views[0].features(x)
 
-    def run_stones(self, feats: list[torch.Tensor], which: list[int]) -> list[torch.Tensor]:
+    def run_stones(self, feats: list[torch.Tensor], which: list[int], inputs=None) -> list[torch.Tensor]:
         """Logits of the stepping-stones ``which`` (0-based, ascending) from the student's features.
+
+        ``inputs`` is the model input the features came from: the teacher blocks take the extra inputs
+        they need (a transformer's attention mask) from it.
 
         Batched mode concatenates, at each teacher block, every stone that passes through it: the
         teacher is in eval mode, so its blocks act per-sample and the results are unchanged, while
@@ -111,9 +115,9 @@ class BlockKD(Distiller):
             out = []
             for i in which:
                 h = self.connectors[i](feats[i])
-                for block in t_view.blocks[i + 1:]:
-                    h = block(h)
-                out.append(t_view.head(h))
+                for j in range(i + 1, n):
+                    h = t_view.run_block(j, h, inputs)
+                out.append(t_view.run_head(h, inputs))
             return out
         chosen, h, sizes = set(which), None, []
         for i in range(which[0], n):
@@ -122,13 +126,13 @@ class BlockKD(Distiller):
                 h = z if h is None else torch.cat([h, z])
                 sizes.append(z.shape[0])
             if i + 1 < n:
-                h = t_view.blocks[i + 1](h)
-        return list(t_view.head(h).split(sizes))
+                h = t_view.run_block(i + 1, h, inputs)
+        return list(t_view.run_head(h, inputs).split(sizes))
 
-    def stones(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def stones(self, x) -> list[torch.Tensor]:
         """``[Y^{N_1}, …, Y^{N_n}]``: the logits of every stepping-stone for input ``x``."""
         feats, _ = self.student_features(x)
-        return self.run_stones(feats, list(range(self.num_blocks)))
+        return self.run_stones(feats, list(range(self.num_blocks)), x)
 
     def pick_stones(self) -> tuple[list[int], list[float]]:
         """Which stones run this step and the coefficient of each in the task/distill sums.
@@ -154,7 +158,7 @@ class BlockKD(Distiller):
         feats, logits = self.student_features(x)
         t_logits = self.teacher_logits(x)
         which, coef = self.pick_stones()
-        stone_logits = self.run_stones(feats, which)
+        stone_logits = self.run_stones(feats, which, x)
         T = o.temperature
         task_stones = sum(c * cross_entropy(z, y) for c, z in zip(coef, stone_logits))
         distill_stones = sum(c * kl_div(z, t_logits, T) for c, z in zip(coef, stone_logits))

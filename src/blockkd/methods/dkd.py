@@ -35,7 +35,7 @@ class DKD(Distiller):
 
     def forward_train(self, x, y, *, epoch):
         o = self.opts
-        logits = self.student(x)
+        logits = self.student_logits(x)
         t_logits = self.teacher_logits(x)
         tckd, nckd = dkd_parts(logits, t_logits, y, o.temperature)
         ramp = self.warmup_factor(epoch)

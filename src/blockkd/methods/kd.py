@@ -28,7 +28,7 @@ class KD(Distiller):
 
     def forward_train(self, x, y, *, epoch):
         o = self.opts
-        logits = self.student(x)
+        logits = self.student_logits(x)
         t_logits = self.teacher_logits(x)
         return logits, {
             "loss_ce": o.ce_weight * cross_entropy(logits, y),
