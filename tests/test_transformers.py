@@ -3,6 +3,7 @@ Block-KD across transformer and CNN pairs. Tiny randomly initialised models only
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import timm
@@ -262,8 +263,7 @@ def test_hf_split_is_exact_with_padding(kind):
     model = bert(kind=kind).eval()
     view = split(model)
     assert len(view) == 4 and view.prefix_tokens is None
-    if kind != "albert":  # ALBERT's blocks are iterations of shared layer groups
-        assert_shares(view, model)
+    assert_shares(view, model)  # ALBERT's shared layer groups appear in several blocks, once each here
     x = tokens(pad=1 if kind == "roberta" else 0)
     with torch.no_grad():
         want = model(**x).logits
@@ -280,8 +280,11 @@ def test_hf_input_ids_tensor_and_unsupported_models():
     t = hf()
     model = bert().eval()
     ids = tokens()["input_ids"]
+    view = split(model)
     with torch.no_grad():
-        assert (split(model)(ids) - model(ids).logits).abs().max().item() <= 1e-5
+        assert (view(ids) - model(ids).logits).abs().max().item() <= 1e-5
+        clone = pickle.loads(pickle.dumps(view))  # no closures: views pickle (spawned workers, deep copies)
+        assert (clone(ids) - model(ids).logits).abs().max().item() <= 1e-5
     other = t.BertForTokenClassification(model.config)
     with pytest.raises(BlockKDError, match="no splitter for Hugging Face model BertForTokenClassification"):
         split(other)
@@ -297,6 +300,8 @@ def test_hf_match_groups_teacher_layers_evenly():
     assert [layers(b, Layers) for b in t.blocks] == [2, 1, 1]  # uneven: the earlier groups take the extras
     with pytest.raises(BlockKDError, match="cannot run the model on inputs"):
         match(blockkd.models.create("resnet8"), bert(), text_input(LENGTH))
+    with pytest.raises(BlockKDError, match="cannot run the model on inputs"):
+        blockkd.methods.create("blockkd", bert(), vit(), input_shape=text_input(LENGTH))
 
 
 def test_blockkd_step_bert_4_to_2_layers_of_other_width():

@@ -202,7 +202,7 @@ class Blocks(nn.Module):
         try:
             x = example_input(input_shape, batch_size, device=tensor.device, dtype=tensor.dtype)
             feats, _ = self.features(x)
-        except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        except (RuntimeError, ValueError, IndexError, TypeError, AssertionError, AttributeError, KeyError) as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BlockKDError(f"cannot run the model on inputs {describe_spec(input_shape)}: {msg}") from None
         finally:
