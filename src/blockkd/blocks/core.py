@@ -49,9 +49,6 @@ HOW_TO_REGISTER = ("register a splitter for it: @blockkd.blocks.register_splitte
                    "equal model(x)")
 
 
-Input = "torch.Tensor | Mapping[str, torch.Tensor]"
-
-
 def call_model(model: nn.Module, x: Any) -> torch.Tensor:
     """``model``'s logits for the model input ``x``: ``model(**x)`` for a mapping, else ``model(x)``;
     an output with ``.logits`` (a Hugging Face ``ModelOutput``) gives those."""
@@ -131,14 +128,18 @@ def example_input(spec: Any, batch_size: int = 2, *, device: Any = None, dtype: 
     """A dummy model input for the input spec ``spec`` (see the module docstring), on ``device``.
 
     Image shapes give zeros in ``dtype``; mappings of shapes give integer tensors (token ids and masks):
-    ones for keys ending in ``mask``, zeros otherwise. Example inputs are only moved to ``device``.
+    ones for keys ending in ``mask``, zeros otherwise. Example inputs are moved to ``device`` (and their
+    floating-point tensors cast to ``dtype``).
     """
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, dtype if dtype is not None and t.is_floating_point() else None)
+
     spec = as_input_spec(spec)
     if isinstance(spec, torch.Tensor):
-        return spec.to(device)
+        return move(spec)
     if isinstance(spec, Mapping):
         if all(isinstance(v, torch.Tensor) for v in spec.values()):
-            return {k: v.to(device) for k, v in spec.items()}
+            return {k: move(v) for k, v in spec.items()}
         return {k: (torch.ones if k.endswith("mask") else torch.zeros)(batch_size, *shape, dtype=torch.long,
                                                                         device=device)
                 for k, shape in spec.items()}
@@ -176,11 +177,11 @@ class Blocks(nn.Module):
     def run_head(self, h: torch.Tensor, inputs: Any = None) -> torch.Tensor:
         return run_module(self.head, h, inputs)
 
-    def forward(self, x: Input) -> torch.Tensor:
+    def forward(self, x: Any) -> torch.Tensor:
         return self.features(x)[1]
 
-    def features(self, x: Input) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Every block's output and the logits, from one forward pass."""
+    def features(self, x: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Every block's output and the logits, from one forward pass on the model input ``x``."""
         feats, h = [], x
         for i in range(len(self.blocks)):
             h = self.run_block(i, h, x)
