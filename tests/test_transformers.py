@@ -101,6 +101,23 @@ def test_tensor_inputs_leave_cnn_blocks_untouched():
     assert block.calls == [None]  # a tensor model input has no extras to give
 
 
+class IdsToMap(nn.Module):
+    """A toy 'CNN' on token ids: (B, 4) ids -> (B, 4, 2, 2) maps."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+
+    def forward(self, x):
+        return self.emb(x["input_ids"]).transpose(1, 2).reshape(-1, 4, 2, 2)
+
+
+def test_feature_maps_never_meet_text_tokens():
+    cnn = Blocks([IdsToMap()], nn.Sequential(nn.Flatten(1), nn.Linear(16, 2)))
+    with pytest.raises(BlockKDError, match="feature maps cannot be connected to text tokens"):
+        match(cnn, toy_view(), toy_input())
+
+
 def test_input_specs_build_dummy_inputs():
     x = example_input(text_input(7), 3)
     assert set(x) == {"input_ids", "attention_mask"} and x["input_ids"].shape == (3, 7)

@@ -287,7 +287,8 @@ def natural(model: nn.Module, input_shape: Any = None) -> Blocks:
 
 
 def split(model: nn.Module, n: int | None = None, *, input_shape: Any = None) -> Blocks:
-    """``model`` as ``Blocks``: its natural stages (one per resolution), or ``n`` groups of them.
+    """``model`` as ``Blocks``: its natural stages (CNNs: one per resolution; transformers: one per layer),
+    or ``n`` groups of them.
 
     ``input_shape`` (C, H, W) is only used by the torch.fx fallback for unregistered models, to find where
     the resolution changes (default: the first conv's channels at 64x64).

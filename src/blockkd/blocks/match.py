@@ -64,9 +64,9 @@ def _match_by_depth(student: nn.Module, teacher: nn.Module, s_nat: Blocks, t_nat
         return BlockKDError(f"cannot pair student {type(student).__name__} ({a} blocks, {_describe(ss)}) with "
                             f"teacher {type(teacher).__name__} ({b} blocks, {_describe(st)}): {why}")
 
-    for maps, tokens in ((s_nat, t_nat), (t_nat, s_nat)):
-        if all(len(x) == 3 for x in (ss if maps is s_nat else st)) and tokens.prefix_tokens is None:
-            raise fail("feature maps cannot be connected to text tokens (no patch grid)")
+    s_maps, t_maps = all(len(x) == 3 for x in ss), all(len(x) == 3 for x in st)
+    if (s_maps and t_nat.prefix_tokens is None) or (t_maps and s_nat.prefix_tokens is None):
+        raise fail("feature maps cannot be connected to text tokens (no patch grid)")
     if n is None:
         n = min(a, b)
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= min(a, b):

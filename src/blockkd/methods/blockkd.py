@@ -15,6 +15,10 @@ Feature alignment is thus measured through logits. Objective (see docs/blockkd.m
 
 The frozen teacher blocks carry gradients to the connectors and the student but never compute
 weight gradients of their own (their parameters have ``requires_grad=False``).
+
+Inputs may be images or, for transformers, mappings of tensors (``input_ids``, ``attention_mask``); the
+teacher blocks of every stone take the extra inputs they need (the attention mask) from the batch
+(:mod:`blockkd.blocks.core`). ``input_shape`` is then a text spec such as ``blockkd.blocks.text_input(128)``.
 """
 from __future__ import annotations
 
