@@ -179,9 +179,10 @@ def test_vit_split_is_exact(name, prefix):
         assert (split(model, 2)(x) - model(x)).abs().max().item() <= 1e-5
 
 
-def test_swin_split_is_exact_and_behaves_like_a_cnn():
-    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, window_size=2,
-                              embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), num_classes=10).eval()
+@pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256"])
+def test_swin_split_is_exact_and_behaves_like_a_cnn(name):
+    model = timm.create_model(name, pretrained=False, img_size=32, window_size=2, embed_dim=16,
+                              depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), num_classes=10).eval()
     view = split(model)
     assert view.probe(CIFAR) == [(16, 8, 8), (32, 4, 4), (64, 2, 2), (128, 1, 1)]
     x = torch.randn(2, *CIFAR)

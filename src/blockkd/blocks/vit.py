@@ -7,7 +7,7 @@ transformer block 1; block k is transformer block k; the head is the final ``nor
 tokens ``(L, D)``: ``Blocks.prefix_tokens`` (the model's ``num_prefix_tokens``) tells connectors which
 tokens form the square patch grid. :func:`blockkd.blocks.match` groups consecutive blocks by depth.
 
-Swin's stages output NHWC maps; its blocks are the stages with their output permuted to NCHW (and back at
+Swin's (v1 and v2) stages output NHWC maps; its blocks are the stages with their output permuted to NCHW (and back at
 the next stage's input), so a Swin is a CNN to the rest of blockkd: stages at strides 4, 8, 16, 32, matched
 to CNNs by resolution. The head is the final norm and ``head`` (NHWC average pooling, classifier).
 
@@ -118,6 +118,7 @@ class ToNHWC(nn.Module):
         return x.permute(0, 2, 3, 1)
 
 
+@register_splitter("timm.models.swin_transformer_v2.SwinTransformerV2")
 @register_splitter("timm.models.swin_transformer.SwinTransformer")
 def split_swin(model: nn.Module) -> Blocks:
     """One block per stage, NCHW between blocks; the head is the final norm and the NHWC classifier head."""
