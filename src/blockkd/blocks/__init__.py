@@ -1,8 +1,10 @@
 """Block views of classifiers: ``split(model, n)`` -> ``Blocks`` (stages + head) and ``match``.
 
 Registered splitters (looked up along the model's class MRO) cover the CIFAR zoo, torchvision's
-ResNets and MobileNetV2 and timm's CNNs (through their ``feature_info``); any other model that torch.fx
-can trace is cut where its resolution changes.
+ResNets and MobileNetV2, timm's CNNs (through their ``feature_info``), timm's Vision Transformers
+(:mod:`.vit`) and Hugging Face encoder classifiers (:mod:`.hf`); any other model that torch.fx can
+trace is cut where its resolution changes. Model inputs may be tensors or mappings of tensors (text);
+see :mod:`.core` for how blocks receive extra inputs such as the attention mask.
 For your own architecture::
 
     @blockkd.blocks.register_splitter(MyNet)
@@ -11,9 +13,11 @@ For your own architecture::
 
 or, when its forward runs its children in order, ``register_splitter(MyNet)(children_splitter(["stage2"], "pool"))``.
 """
-from . import timm, torchvision, zoo  # noqa: F401  (registers the built-in splitters; imports neither library)
-from .core import Blocks, balanced_ends, children_splitter, find_splitter, named_sequence, register_splitter, split
+from . import hf, timm, torchvision, vit, zoo  # noqa: F401  (registers the built-in splitters; imports no library)
+from .core import (Blocks, Chain, as_input_spec, balanced_ends, call_model, children_splitter, example_input,
+                   find_splitter, named_sequence, register_splitter, split, text_input)
 from .match import common_resolutions, match
 
-__all__ = ["Blocks", "split", "match", "register_splitter", "children_splitter", "find_splitter",
-           "named_sequence", "balanced_ends", "common_resolutions"]
+__all__ = ["Blocks", "Chain", "split", "match", "register_splitter", "children_splitter", "find_splitter",
+           "named_sequence", "balanced_ends", "common_resolutions", "call_model", "example_input", "text_input",
+           "as_input_spec"]

@@ -3,20 +3,43 @@
 Why a view and not a copy: Block-KD runs the student's first blocks, a connector, then the teacher's
 last blocks. The blocks must be the models' own modules so that training the view trains the model and
 checkpoints of the model stay the only state.
+
+Model inputs and extra per-batch inputs (the contract every block, splitter and method follows):
+
+* A model input ``x`` is a tensor (images: ``(B, C, H, W)``) or a mapping of per-sample tensors, batch
+  first (text: ``{"input_ids": (B, L), "attention_mask": (B, L), ...}``, what a tokenizer returns).
+  :func:`call_model` runs a whole model on either (``model(x)`` / ``model(**x)``, then ``.logits`` if
+  the output has them), so methods never special-case Hugging Face models.
+* The first block receives ``x`` itself and returns a tensor (the hidden state / feature map); every
+  later block, and the head, receive the previous block's tensor. Block outputs are always plain
+  tensors, so connectors, ``torch.cat`` and losses treat them alike.
+* A block that needs more than the hidden state (a transformer layer needs the attention mask) names
+  those inputs in a class or instance attribute ``extra_inputs = ("attention_mask",)``; it is then
+  called ``block(h, attention_mask=x["attention_mask"])`` with the values taken from the model input
+  ``x`` (names absent from ``x`` are left out, so the block's defaults apply). Blocks without the
+  attribute (every CNN stage) are called ``block(h)``, as before.
+* Extra inputs are per sample: when a block runs on a batch that stacks ``m`` copies of the input's
+  samples (Block-KD's batched stepping-stones), each extra input is repeated ``m`` times along dim 0.
+* Groups of blocks (``regroup``) are :class:`Chain` s, which pass each member the extras it names.
+
+An input *spec* says what a dummy input looks like, for :meth:`Blocks.probe` and :func:`match`: a shape
+``(C, H, W)`` (zeros), a mapping of per-sample shapes such as ``{"input_ids": (16,), "attention_mask":
+(16,)}`` (:func:`text_input`; integer tensors: ones for ``*mask`` keys, zeros otherwise), or an example
+input itself (a tensor or a mapping of tensors, batch included). See :func:`example_input`.
 """
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
-from typing import Callable
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
 from ..errors import BlockKDError
 
-Splitter = Callable[[nn.Module], "tuple[list[nn.Module], nn.Module]"]
+Splitter = Callable[[nn.Module], "tuple[list[nn.Module], nn.Module] | Blocks"]
 
 # Model class (or its "module.QualName", so that e.g. torchvision need not be imported) -> splitter.
 _SPLITTERS: dict[type | str, Splitter] = {}
@@ -26,38 +49,149 @@ HOW_TO_REGISTER = ("register a splitter for it: @blockkd.blocks.register_splitte
                    "equal model(x)")
 
 
+def call_model(model: nn.Module, x: Any) -> torch.Tensor:
+    """``model``'s logits for the model input ``x``: ``model(**x)`` for a mapping, else ``model(x)``;
+    an output with ``.logits`` (a Hugging Face ``ModelOutput``) gives those."""
+    out = model(**x) if isinstance(x, Mapping) else model(x)
+    return getattr(out, "logits", out)
+
+
+def batch_size_of(x: Any) -> int:
+    """The number of samples in a model input (tensor or mapping of tensors)."""
+    if isinstance(x, Mapping):
+        return next(iter(x.values())).shape[0]
+    return x.shape[0]
+
+
+def _per_sample(value: Any, batch: int, name: str) -> Any:
+    """``value`` repeated along dim 0 to ``batch`` samples (stacked copies of the batch), if a tensor."""
+    if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] == batch:
+        return value
+    if batch % value.shape[0]:
+        raise BlockKDError(f"extra input {name!r} has {value.shape[0]} samples, the hidden state {batch}: a block "
+                           f"can only run on stacked copies of the input's samples")
+    return value.repeat(batch // value.shape[0], *([1] * (value.dim() - 1)))
+
+
+def run_module(module: nn.Module, h: Any, inputs: Any = None) -> Any:
+    """``module(h)``, plus as keywords the extra inputs it names in ``extra_inputs``, taken from ``inputs``."""
+    names = getattr(module, "extra_inputs", ())
+    if not names or not isinstance(inputs, Mapping):
+        return module(h)
+    batch = h.shape[0] if isinstance(h, torch.Tensor) else batch_size_of(h)
+    return module(h, **{k: _per_sample(inputs[k], batch, k) for k in names if inputs.get(k) is not None})
+
+
+class Chain(nn.Sequential):
+    """Consecutive blocks as one block: each member gets the extra inputs it names (see the module docstring)."""
+
+    @property
+    def extra_inputs(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(k for m in self for k in getattr(m, "extra_inputs", ())))
+
+    def forward(self, h: Any, **extras: Any) -> Any:
+        for m in self:
+            h = run_module(m, h, extras)
+        return h
+
+
+def text_input(length: int = 16, *, token_type_ids: bool = False) -> dict[str, tuple[int, ...]]:
+    """The input spec of a text classifier on sequences of ``length`` tokens (ids and attention mask)."""
+    spec = {"input_ids": (length,), "attention_mask": (length,)}
+    if token_type_ids:
+        spec["token_type_ids"] = (length,)
+    return spec
+
+
+def as_input_spec(spec: Any) -> Any:
+    """``spec`` normalised: a shape becomes a tuple of ints, a mapping of shapes a dict of tuples;
+    example inputs (tensors, mappings of tensors) are kept as they are."""
+    if isinstance(spec, torch.Tensor):
+        return spec
+    if isinstance(spec, Mapping):
+        if all(isinstance(v, torch.Tensor) for v in spec.values()):
+            return spec
+        return {str(k): tuple(int(d) for d in v) for k, v in spec.items()}
+    return tuple(int(d) for d in spec)
+
+
+def describe_spec(spec: Any) -> str:
+    spec = as_input_spec(spec)
+    if isinstance(spec, torch.Tensor):
+        return f"of shape {tuple(spec.shape)}"
+    if isinstance(spec, Mapping):
+        return "{" + ", ".join(f"{k}: {tuple(getattr(v, 'shape', v))}" for k, v in spec.items()) + "}"
+    return f"of shape {spec}"
+
+
+def example_input(spec: Any, batch_size: int = 2, *, device: Any = None, dtype: torch.dtype | None = None) -> Any:
+    """A dummy model input for the input spec ``spec`` (see the module docstring), on ``device``.
+
+    Image shapes give zeros in ``dtype``; mappings of shapes give integer tensors (token ids and masks):
+    ones for keys ending in ``mask``, zeros otherwise. Example inputs are moved to ``device`` (and their
+    floating-point tensors cast to ``dtype``).
+    """
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, dtype if dtype is not None and t.is_floating_point() else None)
+
+    spec = as_input_spec(spec)
+    if isinstance(spec, torch.Tensor):
+        return move(spec)
+    if isinstance(spec, Mapping):
+        if all(isinstance(v, torch.Tensor) for v in spec.values()):
+            return {k: move(v) for k, v in spec.items()}
+        return {k: (torch.ones if k.endswith("mask") else torch.zeros)(batch_size, *shape, dtype=torch.long,
+                                                                        device=device)
+                for k, shape in spec.items()}
+    return torch.zeros(batch_size, *spec, device=device, dtype=dtype)
+
+
+def is_image_shape(spec: Any) -> bool:
+    return isinstance(spec, Sequence) and not isinstance(spec, str) and all(isinstance(d, int) for d in spec)
+
+
 class Blocks(nn.Module):
     """``blocks`` (stages; the first includes the stem) then ``head`` (pool, flatten, classifier).
 
     Calling it equals calling the model it came from; the modules are that model's own.
+    ``prefix_tokens`` describes token features ``(B, L, D)`` that come from a patch grid (ViTs): how many
+    leading tokens (class, distillation, register) precede the ``L - prefix_tokens`` patch tokens of a
+    square grid in row-major order. It is None for feature maps and for text, whose tokens are no grid.
     """
 
-    def __init__(self, blocks: Sequence[nn.Module], head: nn.Module):
+    def __init__(self, blocks: Sequence[nn.Module], head: nn.Module, *, prefix_tokens: int | None = None):
         super().__init__()
         if not blocks:
             raise BlockKDError("a Blocks view needs at least one block")
         self.blocks = nn.ModuleList(blocks)
         self.head = head
+        self.prefix_tokens = prefix_tokens
 
     def __len__(self) -> int:
         return len(self.blocks)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
+    def run_block(self, i: int, h: Any, inputs: Any = None) -> torch.Tensor:
+        """Block ``i`` on ``h`` (block 0: on the model input), with the extra inputs it needs from ``inputs``."""
+        return run_module(self.blocks[i], h, inputs)
 
-    def features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Every block's output and the logits, from one forward pass."""
-        feats = []
-        for block in self.blocks:
-            x = block(x)
-            feats.append(x)
-        return feats, self.head(x)
+    def run_head(self, h: torch.Tensor, inputs: Any = None) -> torch.Tensor:
+        return run_module(self.head, h, inputs)
+
+    def forward(self, x: Any) -> torch.Tensor:
+        return self.features(x)[1]
+
+    def features(self, x: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Every block's output and the logits, from one forward pass on the model input ``x``."""
+        feats, h = [], x
+        for i in range(len(self.blocks)):
+            h = self.run_block(i, h, x)
+            feats.append(h)
+        return feats, self.run_head(h, x)
 
     @torch.no_grad()
-    def probe(self, input_shape: Sequence[int], batch_size: int = 2) -> list[tuple[int, ...]]:
-        """Each block's output shape without the batch dimension ((C, H, W) for CNNs) at ``input_shape``.
+    def probe(self, input_shape: Any, batch_size: int = 2) -> list[tuple[int, ...]]:
+        """Each block's output shape without the batch dimension ((C, H, W) for CNNs, (L, D) for
+        transformers) for the input spec ``input_shape`` (a shape, a mapping of shapes or an example input).
 
         One dummy forward in eval mode on the view's device; every module's train/eval mode is restored.
         """
@@ -67,10 +201,11 @@ class Blocks(nn.Module):
         modes = [(m, m.training) for m in self.modules()]
         self.eval()
         try:
-            feats, _ = self.features(torch.zeros(batch_size, *input_shape, device=tensor.device, dtype=tensor.dtype))
-        except RuntimeError as e:
+            x = example_input(input_shape, batch_size, device=tensor.device, dtype=tensor.dtype)
+            feats, _ = self.features(x)
+        except (RuntimeError, ValueError, IndexError, TypeError, AssertionError, AttributeError, KeyError) as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BlockKDError(f"cannot run the model on inputs of shape {tuple(input_shape)}: {msg}") from None
+            raise BlockKDError(f"cannot run the model on inputs {describe_spec(input_shape)}: {msg}") from None
         finally:
             for m, training in modes:
                 m.training = training
@@ -82,7 +217,8 @@ class Blocks(nn.Module):
         if not ends or ends[-1] != len(self) or any(a >= b for a, b in zip([0] + ends, ends)):
             raise BlockKDError(f"block ends {ends} must increase strictly and end at {len(self)}")
         groups = [list(self.blocks[a:b]) for a, b in zip([0] + ends, ends)]
-        return Blocks([g[0] if len(g) == 1 else nn.Sequential(*g) for g in groups], self.head)
+        return Blocks([g[0] if len(g) == 1 else Chain(*g) for g in groups], self.head,
+                      prefix_tokens=self.prefix_tokens)
 
 
 def balanced_ends(k: int, n: int) -> list[int]:
@@ -124,7 +260,7 @@ def _default_input_shape(model: nn.Module) -> tuple[int, int, int]:
     return (conv.in_channels if conv is not None else 3, 64, 64)
 
 
-def natural(model: nn.Module, input_shape: Sequence[int] | None = None) -> Blocks:
+def natural(model: nn.Module, input_shape: Any = None) -> Blocks:
     """The model's natural stages: its registered splitter, else the torch.fx fallback."""
     if isinstance(model, Blocks):
         return model
@@ -132,22 +268,27 @@ def natural(model: nn.Module, input_shape: Sequence[int] | None = None) -> Block
     if splitter is None:
         from .fx import fx_split
 
+        shape = tuple(input_shape) if input_shape is not None and is_image_shape(input_shape) else None
         try:
-            stages, head = fx_split(model, tuple(input_shape or _default_input_shape(model)))
+            stages, head = fx_split(model, shape or _default_input_shape(model))
         except BlockKDError as e:
             name = type(model).__name__
             raise BlockKDError(f"cannot split {name} into blocks: no splitter is registered for it and the "
                                f"torch.fx fallback failed ({e}); {HOW_TO_REGISTER.format(cls=name)}") from None
     else:
-        stages, head = splitter(model)
+        out = splitter(model)
+        if isinstance(out, Blocks):
+            return out
+        stages, head = out
         if not stages or not all(isinstance(m, nn.Module) for m in [*stages, head]):
             raise BlockKDError(f"the splitter for {type(model).__name__} must return (a non-empty list of "
                                f"nn.Modules, an nn.Module head)")
     return Blocks(stages, head)
 
 
-def split(model: nn.Module, n: int | None = None, *, input_shape: Sequence[int] | None = None) -> Blocks:
-    """``model`` as ``Blocks``: its natural stages (one per resolution), or ``n`` groups of them.
+def split(model: nn.Module, n: int | None = None, *, input_shape: Any = None) -> Blocks:
+    """``model`` as ``Blocks``: its natural stages (CNNs: one per resolution; transformers: one per layer),
+    or ``n`` groups of them.
 
     ``input_shape`` (C, H, W) is only used by the torch.fx fallback for unregistered models, to find where
     the resolution changes (default: the first conv's channels at 64x64).
@@ -173,7 +314,7 @@ def named_sequence(module: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _chain(named: Sequence[tuple[str, nn.Module]]) -> nn.Module:
-    return named[0][1] if len(named) == 1 else nn.Sequential(OrderedDict((n.replace(".", "_"), m) for n, m in named))
+    return named[0][1] if len(named) == 1 else Chain(OrderedDict((n.replace(".", "_"), m) for n, m in named))
 
 
 def children_splitter(stage_starts: Sequence[str], head_start: str) -> Splitter:

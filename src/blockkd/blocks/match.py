@@ -4,6 +4,16 @@ Why by resolution: a connector between a student block and a teacher block is ch
 meaningful when both outputs have the same spatial size. Each side cuts after the last of its natural
 stages at every resolution the two share; stages at resolutions the other side lacks join their
 neighbours (the last block always runs to the head).
+
+Transformers have no resolution to align: their natural blocks are single layers (the first also holds
+the embeddings), every one with the same token count. When either side gives tokens ``(L, D)``, blocks
+are aligned by depth instead: n groups of consecutive layers on each side, as equal as possible
+(``balanced_ends``; the earlier groups take the extras), n defaulting to the shallower side's layer
+count. BERT 12 -> 6 layers: six teacher pairs (1-2, 3-4, ...) against single student layers; 12 -> 4:
+teacher triples; 12 -> 8: teacher groups of 2, 1, 2, 1, ... Why by depth: both sides refine the same
+token sequence layer after layer, so relative depth is the natural correspondence, and equal groups give
+every stepping-stone the same share of the teacher per student layer. A CNN meets a ViT the same way
+(its stages against groups of transformer layers); feature maps never meet text tokens.
 """
 from __future__ import annotations
 
@@ -12,7 +22,7 @@ from collections.abc import Sequence
 import torch.nn as nn
 
 from ..errors import BlockKDError
-from .core import Blocks, balanced_ends, split
+from .core import Blocks, as_input_spec, balanced_ends, split
 
 Resolution = tuple[int, ...]
 
@@ -41,7 +51,30 @@ def _ends(resolutions: Sequence[Resolution], cut_at: Sequence[Resolution]) -> li
     return [last[r] + 1 for r in cut_at] + [len(resolutions)]
 
 
-def match(student: nn.Module, teacher: nn.Module, input_shape: Sequence[int], n: int | None = None
+def _describe(shapes: Sequence[tuple[int, ...]]) -> str:
+    return _fmt([s[1:] for s in shapes]) if all(len(s) == 3 for s in shapes) else f"tokens {shapes[-1]}"
+
+
+def _match_by_depth(student: nn.Module, teacher: nn.Module, s_nat: Blocks, t_nat: Blocks, ss, st, n
+                    ) -> tuple[Blocks, Blocks]:
+    """Token features on one side at least: n groups of consecutive blocks on each side (see the module)."""
+    a, b = len(ss), len(st)
+
+    def fail(why: str) -> BlockKDError:
+        return BlockKDError(f"cannot pair student {type(student).__name__} ({a} blocks, {_describe(ss)}) with "
+                            f"teacher {type(teacher).__name__} ({b} blocks, {_describe(st)}): {why}")
+
+    s_maps, t_maps = all(len(x) == 3 for x in ss), all(len(x) == 3 for x in st)
+    if (s_maps and t_nat.prefix_tokens is None) or (t_maps and s_nat.prefix_tokens is None):
+        raise fail("feature maps cannot be connected to text tokens (no patch grid)")
+    if n is None:
+        n = min(a, b)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= min(a, b):
+        raise fail(f"choose 1 <= n <= {min(a, b)} blocks (the shallower side's depth), got {n!r}")
+    return s_nat.regroup(balanced_ends(a, n)), t_nat.regroup(balanced_ends(b, n))
+
+
+def match(student: nn.Module, teacher: nn.Module, input_shape, n: int | None = None
           ) -> tuple[Blocks, Blocks]:
     """Block views of ``student`` and ``teacher`` with the same number of blocks.
 
@@ -50,11 +83,18 @@ def match(student: nn.Module, teacher: nn.Module, input_shape: Sequence[int], n:
     networks continue past the last of them. A smaller ``n`` keeps that many of those boundaries (the
     extra stages go to the earlier blocks); a larger one, up to the smaller natural stage count, pairs the
     stages by position instead (the connectors then resample).
+
+    ``input_shape`` is an input spec (:func:`blockkd.blocks.core.example_input`): an image shape, or a
+    mapping of shapes for text. When either side's features are tokens, blocks are paired by depth (see
+    the module docstring).
     """
-    input_shape = tuple(input_shape)
+    input_shape = as_input_spec(input_shape)
     s_nat, t_nat = split(student, input_shape=input_shape), split(teacher, input_shape=input_shape)
-    rs = [shape[1:] for shape in s_nat.probe(input_shape)]
-    rt = [shape[1:] for shape in t_nat.probe(input_shape)]
+    ss, st = s_nat.probe(input_shape), t_nat.probe(input_shape)
+    if not all(len(x) == 3 for x in [*ss, *st]):
+        return _match_by_depth(student, teacher, s_nat, t_nat, ss, st, n)
+    rs = [shape[1:] for shape in ss]
+    rt = [shape[1:] for shape in st]
     common = common_resolutions(rs, rt)
     a, b = len(rs), len(rt)
     last_s, last_t = _last_index(rs), _last_index(rt)

@@ -5,7 +5,8 @@ which reduction (stride); the stages end there, whatever the architecture (ResNe
 EfficientNet, RegNet ...). Features at reduction 2 join the first stage, as in the torchvision splitters,
 so that stages end at strides 4, 8, 16, 32 and timm, torchvision and zoo models pair block for block.
 The cut assumes the model's forward runs its children in order (true of timm's CNNs); each split checks
-that the block view reproduces ``model(x)`` and says to register a splitter where it does not (ViTs).
+that the block view reproduces ``model(x)`` and says to register a splitter where it does not. ViTs and
+Swin have splitters of their own (:mod:`.vit`), found first.
 timm itself is not imported here: only attributes of an existing model are read.
 """
 from __future__ import annotations

@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping
 import torch.nn as nn
 
 from .. import schema
+from ..blocks.core import as_input_spec
 from ..errors import BlockKDError
 from ..registry import Registry
 from .base import Distiller
@@ -54,8 +55,11 @@ def needs_teacher(name: str) -> bool:
 
 
 def create(name: str, student: nn.Module, teacher: nn.Module | None = None,
-           input_shape: tuple[int, ...] = (3, 32, 32), options: Any = None, **values) -> Distiller:
+           input_shape: Any = (3, 32, 32), options: Any = None, **values) -> Distiller:
     """Build the distiller ``name`` around ``student`` (and ``teacher``).
+
+    ``input_shape`` is the input spec: an image shape (C, H, W), or for text a mapping of per-sample
+    shapes such as ``blockkd.blocks.text_input(128)`` (``{"input_ids": (128,), "attention_mask": (128,)}``).
 
     Options come either validated (``options``: the method's ``Options`` instance, as the engine passes
     them) or as keywords, checked here: ``create("kd", s, t, temperature=2)``.
@@ -67,7 +71,7 @@ def create(name: str, student: nn.Module, teacher: nn.Module | None = None,
         raise BlockKDError("pass the options either as an Options instance or as keywords, not both")
     if cls.needs_teacher and teacher is None:
         raise BlockKDError(f"method {name!r} needs a teacher (set teacher.name and teacher.checkpoint)")
-    return cls(student, teacher, options, tuple(input_shape))
+    return cls(student, teacher, options, as_input_spec(input_shape))
 
 
 # Registration happens on import of each method module.

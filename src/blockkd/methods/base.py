@@ -3,6 +3,8 @@
 Why one base class: the trainer, the checkpoints and the CLI treat every method the same way —
 ``distiller(x, y, epoch=e)`` gives ``(student_logits, losses)`` in training and the student's logits
 otherwise; only ``trainable_parameters()`` are optimised; only ``train_state_dict()`` is saved.
+``x`` is a model input: a tensor, or a mapping of tensors for text (``input_ids``, ``attention_mask``,
+...); models are always run through :func:`blockkd.blocks.core.call_model`, which takes either.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from typing import Any, ClassVar, Iterator
 
 import torch
 import torch.nn as nn
+
+from ..blocks.core import as_input_spec, call_model
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -40,12 +44,14 @@ class Distiller(nn.Module):
     paper: ClassVar[str] = ""
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, options: Any = None,
-                 input_shape: tuple[int, ...] = (3, 32, 32)):
+                 input_shape: Any = (3, 32, 32)):
         super().__init__()
         self.opts = options if options is not None else self.Options()
         self.student = student
         self.teacher = freeze(teacher) if teacher is not None else None
-        self.input_shape = tuple(input_shape)
+        # An input spec: an image shape (C, H, W), or for text a mapping of per-sample shapes
+        # ({"input_ids": (L,), "attention_mask": (L,)}); see blockkd.blocks.core.example_input.
+        self.input_shape = as_input_spec(input_shape)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.opts).items())
@@ -56,10 +62,14 @@ class Distiller(nn.Module):
             self.teacher.eval()  # the teacher stays in eval mode whatever the distiller's mode
         return self
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, *, epoch: float = 0.0):
+    def forward(self, x: Any, y: torch.Tensor | None = None, *, epoch: float = 0.0):
         if not self.training or y is None:
-            return self.student(x)
+            return self.student_logits(x)
         return self.forward_train(x, y, epoch=epoch)
+
+    def student_logits(self, x: Any) -> torch.Tensor:
+        """The student's logits for the model input ``x`` (a tensor or a mapping of tensors)."""
+        return call_model(self.student, x)
 
     def forward_train(self, x: torch.Tensor, y: torch.Tensor, *, epoch: float):
         raise NotImplementedError
@@ -76,7 +86,7 @@ class Distiller(nn.Module):
     @torch.no_grad()
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The teacher's logits, without autograd bookkeeping."""
-        return self.teacher(x)
+        return call_model(self.teacher, x)
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """What the optimizer updates: every parameter outside the teacher."""

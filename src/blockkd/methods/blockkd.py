@@ -42,10 +42,15 @@ Which stones run each step (``stones_per_step``, ``sampling``):
   pulled towards each stone on that stone's samples, as with one stone per step, where the ensemble of the
   one drawn stone gives the same cross term. With a batch smaller than n, the stones left without samples
   skip that step.
+
+Inputs may be images or, for transformers, mappings of tensors (``input_ids``, ``attention_mask``); the
+teacher blocks of every stone take the extra inputs they need (the attention mask) from the batch
+(:mod:`blockkd.blocks.core`). ``input_shape`` is then a text spec such as ``blockkd.blocks.text_input(128)``.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -83,12 +88,13 @@ class BlockKDOptions:
     # 1x1 conv + BN: the usual adapter, and the stable one with a confident teacher. On Fashion-MNIST a
     # 3x3 conv + BN did better (benchmarks/tune.py), and that recipe sets it; see docs/blockkd.md.
     connector: str = option("conv1x1_bn", choice(*KINDS), "C_i: the layers mapping a student block's output "
-                            "into the teacher's feature space")
+                            "into the teacher's feature space, where that is a feature map (transformer "
+                            "tokens always get Linear + LayerNorm)")
     connector_init: str = option("default", choice(*CONNECTOR_INITS), "default: PyTorch's BN init; teacher_stats: "
                                  "each connector's last BN starts with the per-channel mean and std of the "
                                  "teacher's block output on the first training batch")
     num_blocks: int | None = option(None, optional(integer(1)), "n; null: one block per spatial resolution "
-                                    "both networks share")
+                                    "both networks share (transformers: the shallower side's layer count)")
     stones_per_step: int | None = option(None, optional(integer(1)), "k stepping-stones per step (null: all), "
                                          "reweighted so the expected loss is the full one; k <= n; null with "
                                          "sampling split")
@@ -142,7 +148,7 @@ class BlockKD(Distiller):
         self.divergence = LogitDivergence(o.divergence, o.temperature, o.logit_standardization,
                                           o.dkd_alpha, o.dkd_beta)
         self.connectors = build_connectors(s_view.probe(self.input_shape), t_view.probe(self.input_shape),
-                                           o.connector)
+                                           o.connector, prefix_tokens=(s_view.prefix_tokens, t_view.prefix_tokens))
         if o.connector_init == "teacher_stats":
             # A buffer, so that it is saved with the connectors: a resumed run does not initialise them again.
             # Only registered with teacher_stats, so the checkpoints of the default keep their keys.
@@ -150,16 +156,18 @@ class BlockKD(Distiller):
             self._init_pending = True
 
     # -- pieces ------------------------------------------------------------------------------------
-    def student_features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def student_features(self, x) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Every student block's output and the student's logits, from one forward pass."""
         return self._views[0].features(x)
 
-    def run_stones(self, feats: list[torch.Tensor], which: list[int],
+    def run_stones(self, feats: list[torch.Tensor], which: list[int], inputs=None,
                    rows: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Logits of the stepping-stones ``which`` (0-based, ascending) from the student's features.
 
-        ``rows`` (one index tensor per stone of ``which``): stone ``which[k]`` runs on the samples
-        ``rows[k]`` of the batch only (``split`` sampling); default: every stone on the whole batch.
+        ``inputs`` is the model input the features came from: the teacher blocks take the extra inputs
+        they need (a transformer's attention mask) from it. ``rows`` (one index tensor per stone of
+        ``which``): stone ``which[k]`` runs on the samples ``rows[k]`` of the batch only (``split``
+        sampling); default: every stone on the whole batch.
 
         Batched mode concatenates, at each teacher block, every stone that passes through it: the
         teacher is in eval mode, so its blocks act per-sample and the results are unchanged, while
@@ -167,29 +175,31 @@ class BlockKD(Distiller):
         """
         t_view = self._views[1]
         n = self.num_blocks
-        inputs = {i: feats[i] if rows is None else feats[i][r] for i, r in zip(which, rows or which)}
-        if not self.opts.batched_stones:
+        subsets = {i: feats[i] if rows is None else feats[i][r] for i, r in zip(which, rows or which)}
+        per_stone = rows is not None and isinstance(inputs, Mapping)  # shares of text inputs: one stone at a time
+        if not self.opts.batched_stones or per_stone:
             out = []
-            for i in which:
-                h = self.connectors[i](inputs[i])
-                for block in t_view.blocks[i + 1:]:
-                    h = block(h)
-                out.append(t_view.head(h))
+            for k, i in enumerate(which):
+                own = {key: v[rows[k]] for key, v in inputs.items()} if per_stone else inputs
+                h = self.connectors[i](subsets[i])
+                for j in range(i + 1, n):
+                    h = t_view.run_block(j, h, own)
+                out.append(t_view.run_head(h, own))
             return out
         h, sizes = None, []
         for i in range(which[0], n):
-            if i in inputs:
-                z = self.connectors[i](inputs[i])
+            if i in subsets:
+                z = self.connectors[i](subsets[i])
                 h = z if h is None else torch.cat([h, z])
                 sizes.append(z.shape[0])
             if i + 1 < n:
-                h = t_view.blocks[i + 1](h)
-        return list(t_view.head(h).split(sizes))
+                h = t_view.run_block(i + 1, h, inputs)
+        return list(t_view.run_head(h, inputs).split(sizes))
 
-    def stones(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def stones(self, x) -> list[torch.Tensor]:
         """``[Y^{N_1}, …, Y^{N_n}]``: the logits of every stepping-stone for input ``x``."""
         feats, _ = self.student_features(x)
-        return self.run_stones(feats, list(range(self.num_blocks)))
+        return self.run_stones(feats, list(range(self.num_blocks)), x)
 
     def eval_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The logits of ``student``, ``stone1`` … ``stoneN`` and their ``ensemble`` (mean), e.g. for evaluation.
@@ -198,7 +208,7 @@ class BlockKD(Distiller):
         to evaluate (the stones' connectors then use their BN running statistics).
         """
         feats, logits = self.student_features(x)
-        stones = self.run_stones(feats, list(range(self.num_blocks)))
+        stones = self.run_stones(feats, list(range(self.num_blocks)), x)
         out = {"student": logits}
         out.update({f"stone{i + 1}": z for i, z in enumerate(stones)})
         out["ensemble"] = torch.stack(stones).mean(0)
@@ -243,13 +253,13 @@ class BlockKD(Distiller):
         stones = [(cross_entropy(z, y), d(z, t_logits, y), d(z, ens, y)) for z in stone_logits]
         return student, stones
 
-    def _split_terms(self, feats, logits, t_logits, y):
+    def _split_terms(self, feats, logits, t_logits, y, x=None):
         """``split`` sampling: (task_stones, distill_stones, cross), see the module's docstring."""
         d, w = self.divergence, self.stone_weights
         shares = self.split_batch(logits.shape[0], logits.device)
         which = [i for i, r in enumerate(shares) if len(r)]
         rows = [shares[i] for i in which]
-        stone_logits = self.run_stones(feats, which, rows)
+        stone_logits = self.run_stones(feats, which, x, rows=rows)
         task = sum(w[i] * cross_entropy(z, y[r]) for i, r, z in zip(which, rows, stone_logits))
         distill = sum(w[i] * d(z, t_logits[r], y[r]) for i, r, z in zip(which, rows, stone_logits))
         # Ŷ_j: the logits of the stone that saw sample j, put back in the batch's order.
@@ -265,11 +275,11 @@ class BlockKD(Distiller):
         self._maybe_init_connectors(x, feats)
         t_logits = self.teacher_logits(x)
         if o.sampling == "split":
-            task_stones, distill_stones, cross = self._split_terms(feats, logits, t_logits, y)
+            task_stones, distill_stones, cross = self._split_terms(feats, logits, t_logits, y, x)
             ce_s, distill_s = cross_entropy(logits, y), self.divergence(logits, t_logits, y)
         else:
             which, coef = self.pick_stones()
-            stone_logits = self.run_stones(feats, which)
+            stone_logits = self.run_stones(feats, which, x)
             (ce_s, distill_s, cross_s), stones = self._stone_terms(logits, stone_logits, t_logits, y)
             task_stones = sum(c * ce for c, (ce, _, _) in zip(coef, stones))
             distill_stones = sum(c * dist for c, (_, dist, _) in zip(coef, stones))
@@ -303,7 +313,7 @@ class BlockKD(Distiller):
             with torch.enable_grad():
                 feats, logits = self.student_features(x)
                 t_logits = self.teacher_logits(x)
-                stone_logits = self.run_stones(feats, list(range(self.num_blocks)))
+                stone_logits = self.run_stones(feats, list(range(self.num_blocks)), x)
                 (ce_s, dist_s, cross_s), stones = self._stone_terms(logits, stone_logits, t_logits, y)
                 ramp = linear_warmup(epoch, o.stone_warmup)
                 parts = {"student": o.alpha * ce_s + o.beta * dist_s + ramp * o.gamma * cross_s}

@@ -17,5 +17,5 @@ class CE(Distiller):
         super().__init__(student, None, options, input_shape)  # a given teacher is ignored, never frozen or saved
 
     def forward_train(self, x, y, *, epoch):
-        logits = self.student(x)
+        logits = self.student_logits(x)
         return logits, {"loss_ce": cross_entropy(logits, y)}

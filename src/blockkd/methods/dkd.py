@@ -38,7 +38,7 @@ class DKD(Distiller):
 
     def forward_train(self, x, y, *, epoch):
         o = self.opts
-        logits = self.student(x)
+        logits = self.student_logits(x)
         t_logits = self.teacher_logits(x)
         tckd, nckd = LogitDivergence("dkd", o.temperature, o.logit_standardization).parts(logits, t_logits, y)
         ramp = self.warmup_factor(epoch)

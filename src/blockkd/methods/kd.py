@@ -35,7 +35,7 @@ class KD(Distiller):
     def forward_train(self, x, y, *, epoch):
         o = self.opts
         kl = LogitDivergence("kl", o.temperature, o.logit_standardization)
-        logits = self.student(x)
+        logits = self.student_logits(x)
         t_logits = self.teacher_logits(x)
         return logits, {
             "loss_ce": o.ce_weight * cross_entropy(logits, y),
