@@ -368,3 +368,41 @@ def test_crd_distributed_path_single_process(tmp_path):
         dist.destroy_process_group()
     assert got["loss_crd"].item() == pytest.approx(want["loss_crd"].item(), rel=1e-6)
     assert torch.equal(d.contrast.memory_t, ref.contrast.memory_t)
+
+
+# ------------------------------------------------------------------------------------ MobileNetV1
+def mobilenet_v1_reference_keys_and_params(num_classes=1000):
+    """mdistiller's ImageNet MobileNetV1 written out: conv_bn(3, 32, 2), 13 conv_dw, AvgPool2d(7), fc."""
+    bn = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+    keys = ["model.0.0.weight"] + [f"model.0.1.{k}" for k in bn]
+    params = 3 * 32 * 9 + 2 * 32
+    widths = [32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024]
+    for i, (cin, cout) in enumerate(zip(widths, widths[1:]), start=1):
+        keys += [f"model.{i}.0.weight"] + [f"model.{i}.1.{k}" for k in bn]
+        keys += [f"model.{i}.3.weight"] + [f"model.{i}.4.{k}" for k in bn]
+        params += cin * 9 + 2 * cin + cin * cout + 2 * cout
+    keys += ["fc.weight", "fc.bias"]
+    params += 1024 * num_classes + num_classes
+    return keys, params
+
+
+def test_mobilenet_v1_has_the_original_keys_and_size():
+    model = blockkd.models.create("MobileNetV1", num_classes=1000)
+    keys, params = mobilenet_v1_reference_keys_and_params()
+    assert list(model.state_dict()) == keys
+    assert blockkd.models.num_params(model) == params == 4_231_976  # the published ~4.2M
+    assert model(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
+
+
+def test_mobilenet_v1_blocks_pair_with_resnet50():
+    model = blockkd.models.create("MobileNetV1", num_classes=10).eval()
+    view = split(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(view(x), model(x))
+    assert [s[0] for s in view.probe((3, 64, 64))] == [128, 256, 512, 1024]
+    # Each stage ends in a pointwise conv + BN + ReLU: that BN is mdistiller's get_bn_before_relu.
+    assert [named_bn(model, p) for p in view.preact_points((3, 64, 64))] == [
+        "model.3.4", "model.5.4", "model.11.4", "model.13.4"]
+    s_view, t_view = match(model, create("torchvision.resnet50"), (3, 64, 64))
+    assert len(s_view) == len(t_view) == 4
