@@ -236,14 +236,14 @@ def test_crd_memory_scores_normaliser_and_momentum_update():
 
 
 @pytest.mark.parametrize("exact", [True, False])
-def test_crd_negatives_are_other_classes(exact):
+def test_crd_negatives_are_other_classes_with_replacement_when_few(exact):
     mem = ContrastMemory(dim=4, num_data=20, k=500, temperature=0.07, momentum=0.5, seed=0)
     mem.labels.copy_(torch.arange(20) % 3)
     mem.labels[19] = -1  # not seen yet: counts as another class
     index, y = torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2])
     rows = mem.draw(index, y, exact)
     assert (mem.labels[rows[:, 1:]] != y[:, None]).all()
-    for i in range(3):  # every other-class row can be drawn
+    for i in range(3):  # more negatives than other-class samples: every one of them is drawn
         allowed = {j for j in range(20) if mem.labels[j].item() != y[i].item()}
         assert set(rows[i, 1:].tolist()) == allowed
     if exact:
@@ -251,6 +251,19 @@ def test_crd_negatives_are_other_classes(exact):
     else:
         assert torch.equal(mem.labels[rows[:, 0]], y)
     assert torch.equal(rows, mem.draw(index, y, exact))  # the step seeds the draw
+
+
+def test_crd_negatives_without_replacement_never_same_class_or_self():
+    mem = ContrastMemory(dim=4, num_data=40, k=20, temperature=0.07, momentum=0.5, seed=0)
+    mem.labels.copy_(torch.arange(40) % 2)
+    mem.labels[5] = -1  # sample 5 not recorded yet: still never its own negative
+    index, y = torch.tensor([0, 5, 7]), torch.tensor([0, 1, 1])
+    rows = mem.draw(index, y, exact=True)
+    for i in range(3):
+        neg = rows[i, 1:].tolist()
+        assert len(set(neg)) == 20 and index[i].item() not in neg
+        assert all(mem.labels[j].item() != y[i].item() for j in neg)
+    assert not torch.equal(rows, mem.draw(index, y, exact=True, rank=1))  # ranks draw independently
 
 
 # ------------------------------------------------------------------------------------ one full step

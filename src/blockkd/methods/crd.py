@@ -10,17 +10,19 @@ with K negatives j_1..j_K drawn from the bank, each side is scored against the *
     L       = ce_weight · CE + weight · (L_NCE(student vs memory_t) + L_NCE(teacher vs memory_s))
 
 then the banks move towards the batch's embeddings: memory[i] ← normalise(momentum · memory[i] +
-(1 − momentum) · v_i). Negatives are samples of other classes, drawn uniformly with
+(1 − momentum) · v_i). Negatives are samples of other classes, drawn uniformly without
 replacement (RepDistiller's ``cls_negative``); the classes come from the bank's record of each sample's
 label, made as samples are seen (so during the first epoch a not-yet-seen sample of the same class can be
-drawn). The positive is the sample itself ("exact", RepDistiller's default) or a random sample of its
+drawn; the sample itself never is). The positive is the sample itself ("exact", RepDistiller's default) or a random sample of its
 class ("relax"). Each sample's dataset ``index`` is needed (``needs_index``); the bank size
 ``num_data`` must cover every index (CIFAR-100: 50000, ImageNet: 1281167).
 
 Distributed training (DDP): each rank all-gathers the batch's embeddings, indices and labels (detached;
-uneven last batches are padded then trimmed) and updates its banks with all of them, so every rank holds
-the same banks; negatives for the whole gathered batch are drawn on every rank from a generator seeded
-with (seed, step), the same on all ranks, and each rank keeps its own rows. Z is averaged over ranks.
+uneven last batches are padded then trimmed) and updates its banks and label records with all of them, so
+every rank holds the same banks (they start equal: same seed, and DDP broadcasts rank 0's buffers at
+construction). Each rank draws its own samples' negatives from that common bank with a generator seeded
+with (seed, step, rank): the step counter is the same on all ranks, so the draws are reproducible and
+independent across ranks. Z is averaged over ranks.
 The banks, the label records, Z and the step are registered buffers: they are saved in checkpoints and a
 resumed run draws the same negatives as an uninterrupted one.
 Defaults: RepDistiller (feat_dim 128, nce_k 16384, nce_t 0.07, nce_m 0.5, mode exact, -r 1 -a 0 -b 0.8),
@@ -100,31 +102,44 @@ class ContrastMemory(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
-    def draw(self, index: torch.Tensor, y: torch.Tensor, exact: bool) -> torch.Tensor:
-        """(B, 1 + K) bank rows: a positive, then K negatives drawn uniformly, with replacement, among the
-        samples whose recorded label differs from the sample's (unseen samples count as other classes).
+    def draw(self, index: torch.Tensor, y: torch.Tensor, exact: bool, rank: int = 0) -> torch.Tensor:
+        """(B, 1 + K) bank rows: a positive, then K negatives drawn uniformly among the samples whose
+        recorded label differs from the sample's (unseen samples count as other classes; never the sample
+        itself), without replacement as RepDistiller's ``np.random.choice(cls_negative, K, replace=False)``,
+        with replacement where fewer than K such samples exist (as RepDistiller too).
 
         The positive is the sample itself (``exact``) or a uniformly drawn sample recorded with its class
-        (``relax``; itself while none is recorded). Exact and vectorised: rows sorted by recorded label,
-        a class occupies one interval, and a uniform draw over the other N - n_c rows skips it.
+        (``relax``; itself while none is recorded). The generator is seeded with (seed, step, rank).
         """
-        gen = torch.Generator(device=index.device)
-        gen.manual_seed(self.seed * 1_000_003 + int(self.step))
-        order = torch.argsort(self.labels, stable=True)
+        device = index.device
+        gen = torch.Generator(device=device)
+        gen.manual_seed((self.seed * 1_000_003 + int(self.step)) * 4099 + rank)
+        order = torch.argsort(self.labels, stable=True)  # rows sorted by recorded label: a class is an interval
         ranked = self.labels[order]
         lo = torch.searchsorted(ranked, y, right=False)
-        hi = torch.searchsorted(ranked, y, right=True)
-        count = hi - lo
-        others = (self.num_data - count)[:, None].double()
-        u = torch.rand((index.shape[0], self.k), generator=gen, device=index.device, dtype=torch.float64)
-        r = (u * others).long().clamp_max(others.long() - 1)
-        r = torch.where(r >= lo[:, None], r + count[:, None], r)
-        neg = order[r]
+        count = torch.searchsorted(ranked, y, right=True) - lo
+        unseen_self = (self.labels[index] != y).long()  # the sample itself is not yet in its class's interval
+        others = self.num_data - count - unseen_self
+        b = index.shape[0]
+        if int(others.min()) >= self.k:
+            negs = []
+            rows_per_chunk = max(1, (1 << 26) // self.num_data)  # at most 64M random keys at once
+            for a in range(0, b, rows_per_chunk):
+                keys = torch.rand((min(rows_per_chunk, b - a), self.num_data), generator=gen, device=device)
+                keys.masked_fill_(self.labels[None, :] == y[a:a + rows_per_chunk, None], -1.0)
+                keys.scatter_(1, index[a:a + rows_per_chunk, None], -1.0)
+                negs.append(keys.topk(self.k, dim=1).indices)
+            neg = torch.cat(negs)
+        else:  # fewer other-class samples than K: uniform with replacement over the other-class interval(s)
+            u = torch.rand((b, self.k), generator=gen, device=device, dtype=torch.float64)
+            free = (self.num_data - count)[:, None]
+            r = (u * free.double()).long().clamp_max(free - 1)
+            neg = order[torch.where(r >= lo[:, None], r + count[:, None], r)]
         pos = index
         if not exact:
-            u = torch.rand(index.shape, generator=gen, device=index.device, dtype=torch.float64)
-            same = order[(lo + (u * count).long().clamp_max((count - 1).clamp_min(0))).clamp_max(self.num_data - 1)]
-            pos = torch.where(count > 0, same, index)
+            u = torch.rand((b,), generator=gen, device=device, dtype=torch.float64)
+            pick = lo + (u * count.double()).long().clamp_max((count - 1).clamp_min(0))
+            pos = torch.where(count > 0, order[pick.clamp_max(self.num_data - 1)], index)
         return torch.cat([pos[:, None], neg], 1)
 
     def scores(self, v: torch.Tensor, bank: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -139,9 +154,10 @@ class ContrastMemory(nn.Module):
 
     def forward(self, v_s: torch.Tensor, v_t: torch.Tensor, index: torch.Tensor, y: torch.Tensor, exact: bool):
         """(scores of the student's embeddings vs the teacher bank, teacher's vs the student bank); then updates."""
-        all_index, offset = all_gather(index)
+        rank = dist.get_rank() if _distributed() else 0
+        rows = self.draw(index, y, exact, rank)
+        all_index, _ = all_gather(index)
         all_y, _ = all_gather(y)
-        rows = self.draw(all_index, all_y, exact)[offset:offset + index.shape[0]]
         out_s = self.scores(v_s, self.memory_t, rows)
         out_t = self.scores(v_t, self.memory_s, rows)
         with torch.no_grad():
