@@ -143,13 +143,14 @@ class ContrastMemory(nn.Module):
         return torch.cat([pos[:, None], neg], 1)
 
     def scores(self, v: torch.Tensor, bank: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """exp(<v_b, bank[rows[b, j]]> / T), shape (B, 1 + K)."""
+        """exp(<v_b, bank[rows[b, j]]> / T), shape (B, 1 + K), in float32 whatever the autocast dtype."""
         w = bank[rows.reshape(-1)].view(*rows.shape, -1).detach()
-        return torch.exp(torch.bmm(w, v.unsqueeze(2)).squeeze(2) / self.t)
+        with torch.autocast(v.device.type, enabled=False):
+            return torch.exp(torch.bmm(w.float(), v.float().unsqueeze(2)).squeeze(2) / self.t)
 
     @torch.no_grad()
     def update(self, bank: torch.Tensor, index: torch.Tensor, v: torch.Tensor) -> None:
-        mixed = bank[index] * self.momentum + v.detach() * (1 - self.momentum)
+        mixed = bank[index] * self.momentum + v.detach().to(bank.dtype) * (1 - self.momentum)
         bank.index_copy_(0, index, F.normalize(mixed, dim=1))
 
     def forward(self, v_s: torch.Tensor, v_t: torch.Tensor, index: torch.Tensor, y: torch.Tensor, exact: bool):

@@ -69,6 +69,7 @@ def ofd_partial_l2(source: torch.Tensor, target: torch.Tensor, margin: torch.Ten
 
     ``margin`` has one value per channel (shape (C,)).
     """
+    source = source.float()  # float32 whatever the autocast dtype: a sum of many squares
     m = margin.to(source).view(1, -1, *([1] * (source.dim() - 2)))
     t = torch.maximum(target.to(source), m)
     mask = (source > t) | (t > 0)

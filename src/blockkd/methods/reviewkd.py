@@ -35,6 +35,7 @@ PYRAMID = (4, 2, 1)
 def hcl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Hierarchical context loss of one level: MSE at full size and at 4x4, 2x2, 1x1 (those smaller than the
     map's height), weighted 1, 1/2, 1/4, ... and normalised by the sum of the weights."""
+    student, teacher = student.float(), teacher.float()  # float32 whatever the autocast dtype
     loss, weight, total = F.mse_loss(student, teacher), 1.0, 1.0
     for size in PYRAMID:
         if size >= student.shape[2]:

@@ -31,7 +31,8 @@ from .losses import cross_entropy
 
 def vid_nll(mean: torch.Tensor, target: torch.Tensor, log_scale: torch.Tensor, eps: float) -> torch.Tensor:
     """Mean over all elements of the Gaussian negative log-likelihood (without ½log 2π), σ² = softplus(α) + eps."""
-    var = (F.softplus(log_scale) + eps).view(1, -1, *([1] * (mean.dim() - 2))).to(mean)
+    mean, target = mean.float(), target.float()  # float32 whatever the autocast dtype
+    var = (F.softplus(log_scale.float()) + eps).view(1, -1, *([1] * (mean.dim() - 2)))
     return (0.5 * ((mean - target) ** 2 / var + torch.log(var))).mean()
 
 
