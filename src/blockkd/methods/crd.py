@@ -10,11 +10,11 @@ with K negatives j_1..j_K drawn from the bank, each side is scored against the *
     L       = ce_weight · CE + weight · (L_NCE(student vs memory_t) + L_NCE(teacher vs memory_s))
 
 then the banks move towards the batch's embeddings: memory[i] ← normalise(momentum · memory[i] +
-(1 − momentum) · v_i). Negatives are samples of other classes, drawn uniformly without
-replacement (RepDistiller's ``cls_negative``); the classes come from the bank's record of each sample's
-label, made as samples are seen (so during the first epoch a not-yet-seen sample of the same class can be
-drawn; the sample itself never is). The positive is the sample itself ("exact", RepDistiller's default) or a random sample of its
-class ("relax"). Each sample's dataset ``index`` is needed (``needs_index``); the bank size
+(1 − momentum) · v_i). Negatives are samples of other classes, drawn uniformly without replacement
+(RepDistiller's ``cls_negative``); the classes come from the bank's record of each sample's label, made as
+samples are seen (so during the first epoch a not-yet-seen sample of the same class can be drawn; the
+sample itself never is). The positive is the sample itself ("exact", RepDistiller's default) or a random
+sample of its class ("relax"). Each sample's dataset ``index`` is needed (``needs_index``); the bank size
 ``num_data`` must cover every index (CIFAR-100: 50000, ImageNet: 1281167).
 
 Distributed training (DDP): each rank all-gathers the batch's embeddings, indices and labels (detached;
@@ -187,7 +187,8 @@ class CRDOptions:
     nce_k: int = option(16384, integer(1), "negatives per sample")
     nce_t: float = option(0.07, number(0, strict=True), "temperature of the scores")
     nce_m: float = option(0.5, number(0, hi=1), "momentum of the memory-bank update")
-    mode: str = option("exact", choice("exact", "relax"), "positive: the sample itself (exact) or a sample of its class")
+    mode: str = option("exact", choice("exact", "relax"), "positive: the sample itself (exact) or a random sample "
+                       "of its class (relax)")
     num_data: int = option(50000, integer(2), "training-set size: rows of the memory banks (CIFAR-100: 50000)")
     seed: int = option(0, integer(0), "seed of the negatives' generator (with the step count)")
 

@@ -9,7 +9,8 @@ Per matched block i (n blocks, from :func:`blockkd.blocks.match`), on PRE-ReLU f
     L   = ce_weight · CE + feat_weight · Σ_i L_i / 2^(n-i)    (i = 1..n)
 
 The margin m_i (per channel) is E[x | x < 0] for x ~ N(β, γ²), from the affine parameters (γ, β) of the
-teacher's BatchNorm before the ReLU: m = β − |γ|·φ(β/|γ|)/Φ(−β/|γ|) when Φ(−β/|γ|) > 0.001, else −3|γ|.
+teacher's BatchNorm before the ReLU:
+    m = β − |γ|·φ(β/|γ|)/Φ(−β/|γ|) when Φ(−β/|γ|) > 0.001, else −3|γ|.
 Where a teacher block has no BN before a final ReLU (WRN's pre-activation residual stream between
 stages, MobileNetV2's linear bottlenecks), the same formula is applied to the per-channel mean and standard
 deviation of the teacher's feature on the first training batch (a warning says which blocks).
@@ -26,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..blocks import match
-from ..schema import choice, number, option
+from ..schema import choice, option
 from . import register
 from .base import Distiller
 from .connectors import Connector
@@ -105,7 +106,7 @@ class OFD(Distiller):
         self.from_data: list[int] = []
         self._ready: set[int] = set()
         for i, (p, t) in enumerate(zip(points, t_shapes)):
-            if p is not None and p.bn is not None:
+            if p is not None and p.bn is not None and p.bn.affine:
                 margin = bn_margin(p.bn)
             else:
                 margin = torch.full((t[0],), float("nan"))

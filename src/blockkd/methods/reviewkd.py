@@ -79,7 +79,8 @@ class ReviewKDOptions:
     ce_weight: float = option(1.0, WEIGHT, "weight of the cross-entropy with the labels")
     weight: float = option(1.0, WEIGHT, "weight of Σ HCL (mdistiller: 1.0; its CIFAR-100 recipe: 5.0)")
     warmup: float = option(20.0, number(0), "epochs over which the HCL term ramps up linearly from 0")
-    max_mid_channels: int = option(512, integer(1), "width of the ABFs' fused features: min(this, student's last width)")
+    max_mid_channels: int = option(512, integer(1), "width of the ABFs' fused features: min(this, the student's "
+                                   "last width)")
     student_preact: bool = option(False, BOOL, "feed the student's pre-ReLU block outputs to the ABFs")
 
 
