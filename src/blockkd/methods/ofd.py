@@ -86,8 +86,10 @@ class OFDOptions:
 
 @register("ofd")
 class OFD(Distiller):
-    """OFD: connectors (conv + BN) from the student's pre-ReLU features to the teacher's, partial L2
-    against the teacher's pre-ReLU features clipped at a margin from its BN statistics."""
+    """OFD: conv+BN connectors on pre-ReLU features, partial L2 to the teacher's, clipped at BN-derived margins.
+
+    The margins are buffers (saved with the run); see the module docstring for the formula.
+    """
 
     Options = OFDOptions
     paper = "Heo et al., A Comprehensive Overhaul of Feature Distillation, ICCV 2019"
