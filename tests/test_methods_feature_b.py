@@ -297,6 +297,27 @@ def test_one_training_step(method, teacher, student):
     assert torch.equal(d(x), d.student(x))
 
 
+@pytest.mark.filterwarnings("ignore:OFD")  # WRN: margins from data at blocks 1-2 (tested below)
+@pytest.mark.parametrize("teacher,student", [("resnet32x4", "ShuffleV1"), ("wrn_40_2", "wrn_16_2")])
+@pytest.mark.parametrize("method", METHODS)
+def test_more_pairs_train_at_cifar_size(method, teacher, student):
+    d = make(method, teacher, student, shape=(3, 32, 32)).train()
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    _, losses = d(x, y, epoch=25.0, **step_kwargs(d, 2))
+    loss = sum(losses.values())
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is None for p in d.teacher.parameters())
+
+
+def test_reviewkd_student_preact_option():
+    d = make("reviewkd", shape=(3, 32, 32), student_preact=True).train()
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    _, losses = d(x, y, epoch=25.0)
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in d.abfs.parameters())
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_extra_modules_and_buffers_are_in_the_train_state(method):
     d = make(method, shape=(3, 32, 32))

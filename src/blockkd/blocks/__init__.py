@@ -10,6 +10,8 @@ For your own architecture::
         return [nn.Sequential(model.stem, model.stage1), model.stage2], nn.Sequential(model.pool, model.fc)
 
 or, when its forward runs its children in order, ``register_splitter(MyNet)(children_splitter(["stage2"], "pool"))``.
+
+``Blocks.features(x, preact=True)`` gives each block's output before its final ``nn.ReLU`` (see ``preact``).
 """
 from . import timm, torchvision, zoo  # noqa: F401  (registers the built-in splitters; imports neither library)
 from .core import Blocks, balanced_ends, children_splitter, find_splitter, named_sequence, register_splitter, split
