@@ -12,6 +12,8 @@ For your own architecture::
         return [nn.Sequential(model.stem, model.stage1), model.stage2], nn.Sequential(model.pool, model.fc)
 
 or, when its forward runs its children in order, ``register_splitter(MyNet)(children_splitter(["stage2"], "pool"))``.
+
+``Blocks.features(x, preact=True)`` gives each block's output before its final ``nn.ReLU`` (see ``preact``).
 """
 from . import hf, timm, torchvision, vit, zoo  # noqa: F401  (registers the built-in splitters; imports no library)
 from .core import (Blocks, Chain, as_input_spec, balanced_ends, call_model, children_splitter, example_input,

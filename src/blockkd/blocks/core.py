@@ -180,13 +180,63 @@ class Blocks(nn.Module):
     def forward(self, x: Any) -> torch.Tensor:
         return self.features(x)[1]
 
-    def features(self, x: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Every block's output and the logits, from one forward pass on the model input ``x``."""
+    def features(self, x: Any, *, preact: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Every block's output and the logits, from one forward pass on the model input ``x``.
+
+        ``preact=True``: each block's output before its final ReLU instead (see :meth:`preact_points`);
+        the logits are unchanged.
+        """
+        if preact:
+            return self.preact_features(x)
         feats, h = [], x
         for i in range(len(self.blocks)):
             h = self.run_block(i, h, x)
             feats.append(h)
         return feats, self.run_head(h, x)
+
+    def preact_points(self, input_shape: Sequence[int] | None = None) -> list:
+        """Per block, its pre-ReLU point (a :class:`blockkd.blocks.preact.PreactPoint`: the final ``nn.ReLU``
+        call and the BatchNorm before it) or None where the block does not end with an ``nn.ReLU`` module
+        (its output is then its own pre-ReLU feature). Found once, by one probe forward at ``input_shape``
+        (default (3, 32, 32)), in eval mode; every module's mode is restored.
+        """
+        cached = self.__dict__.get("_preact_points")
+        if cached is not None:
+            return cached
+        from .preact import find_point
+
+        tensor = next(iter(self.parameters()), None)
+        if tensor is None:
+            tensor = next(iter(self.buffers()), torch.empty(0))
+        shape = tuple(input_shape) if input_shape is not None else (3, 32, 32)
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        points = []
+        try:
+            x = torch.zeros(2, *shape, device=tensor.device, dtype=tensor.dtype)
+            for block in self.blocks:
+                points.append(find_point(block, x))
+                with torch.no_grad():
+                    x = block(x)
+        finally:
+            for m, training in modes:
+                m.training = training
+        self.__dict__["_preact_points"] = points
+        return points
+
+    def preact_features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Every block's output before its final ReLU (the output itself where it has none) and the logits,
+        from one forward pass; ``block output == relu(pre-ReLU)`` exactly where a block ends with a ReLU."""
+        from .preact import capture
+
+        points = self.preact_points(tuple(x.shape[1:]))
+        feats = []
+        with capture(points) as (slots, start):
+            for i, block in enumerate(self.blocks):
+                start(i)
+                x = block(x)
+                feats.append(x if points[i] is None else slots[i])
+        return feats, self.head(x)
 
     @torch.no_grad()
     def probe(self, input_shape: Any, batch_size: int = 2) -> list[tuple[int, ...]]:

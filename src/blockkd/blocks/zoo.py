@@ -1,11 +1,13 @@
-"""Splitters for the CIFAR zoo: one stage per spatial resolution, the first including the stem.
+"""Splitters for the zoo: one stage per spatial resolution, the first including the stem.
 
 Every zoo model's forward runs its children in registration order (see ``blockkd.models``), so a
 splitter only names the children where stages and head begin.
 """
 from __future__ import annotations
 
-from ..models import mobilenetv2, resnet_cifar, resnetv2, shufflenetv1, shufflenetv2, vgg, wrn
+import torch.nn as nn
+
+from ..models import mobilenetv1, mobilenetv2, resnet_cifar, resnetv2, shufflenetv1, shufflenetv2, vgg, wrn
 from .core import children_splitter, register_splitter
 
 _AFTER_STEM = {
@@ -22,3 +24,11 @@ _AFTER_STEM = {
 
 for _cls, (_starts, _head) in _AFTER_STEM.items():
     register_splitter(_cls)(children_splitter(_starts, _head))
+
+
+@register_splitter(mobilenetv1.MobileNetV1)
+def split_mobilenet_v1(model: nn.Module) -> tuple[list[nn.Module], nn.Module]:
+    """Stages ending at strides 4, 8, 16, 32 (mdistiller's feat1..feat4), so it pairs with ResNets block for block."""
+    ends = mobilenetv1.STAGE_ENDS
+    stages = [model.model[a:b] for a, b in zip((0, *ends[:-1]), ends)]
+    return stages, nn.Sequential(model.model[ends[-1]:], nn.Flatten(1), model.fc)

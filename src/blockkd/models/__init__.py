@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ..errors import BlockKDError
 from ..registry import Registry, UnknownNameError
-from . import external, mobilenetv2, resnet_cifar, resnetv2, shufflenetv1, shufflenetv2, vgg, wrn
+from . import external, mobilenetv1, mobilenetv2, resnet_cifar, resnetv2, shufflenetv1, shufflenetv2, vgg, wrn
 
 __all__ = ["names", "create", "check_name", "register", "load_weights", "num_params", "read_state_dict",
            "torchvision_state_dict", "FAMILY_NAMES"]
@@ -85,6 +85,7 @@ def _register_zoo() -> None:
         _MODELS.register(name, partial(mobilenetv2.MobileNetV2, 6, 0.5))
     _MODELS.register("ShuffleV1", shufflenetv1.ShuffleNetV1)
     _MODELS.register("ShuffleV2", shufflenetv2.ShuffleNetV2)
+    _MODELS.register("MobileNetV1", mobilenetv1.MobileNetV1)  # mdistiller's ImageNet student
 
 
 _register_zoo()
