@@ -80,6 +80,16 @@ class Config:
                 out[section] = schema.named_to_dict(value)
         return out
 
+    def __getitem__(self, section: str) -> dict[str, Any]:
+        """``cfg["optim"]``: a section in its stored form (a copy; the typed sections are the attributes)."""
+        return self.to_dict()[section]
+
+    def __iter__(self):
+        return iter(SECTIONS)
+
+    def keys(self):
+        return list(SECTIONS)
+
     def replace(self, **sections: Any) -> "Config":
         return dataclasses.replace(self, **sections)
 

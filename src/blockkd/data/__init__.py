@@ -25,7 +25,7 @@ from .common import DataBundle, Loader
 from .device_loader import ArrayData, DeviceLoader, build_in_memory, crop_flip, sample_crop_flip
 
 __all__ = ["DataSection", "DataBundle", "ArrayData", "DeviceLoader", "Loader", "Dataset", "DATASETS", "build",
-           "names", "register", "parse", "crop_flip", "sample_crop_flip"]
+           "names", "register", "parse", "arrays", "crop_flip", "sample_crop_flip"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +55,7 @@ class Dataset:
     options: type
     build: Callable[..., DataBundle]
     help: str
+    arrays: Callable[[dict], ArrayData] | None = None  # in-memory datasets: flat cfg -> the whole uint8 arrays
 
 
 ROOT = option(None, optional(STRING), "folder of the dataset files (null: its default location)")
@@ -72,17 +73,20 @@ class RootOptions:
 
 
 DATASETS: Registry[Dataset] = Registry("dataset")
-DATASETS.register("fashion_mnist", Dataset(DownloadableOptions, build_in_memory(fashion_mnist.load),
-                                           "Fashion-MNIST, 28x28 grey (Debian's dataset-fashion-mnist or download)"))
-DATASETS.register("cifar10", Dataset(DownloadableOptions, build_in_memory(functools.partial(cifar.load, num_classes=10)),
-                                     "CIFAR-10 (torchvision's cifar-10-batches-py folder)"))
-DATASETS.register("cifar100", Dataset(DownloadableOptions,
-                                      build_in_memory(functools.partial(cifar.load, num_classes=100)),
-                                      "CIFAR-100 (torchvision's cifar-100-python folder)"))
+def _in_memory(options: type, load: Callable[[dict], ArrayData], help: str) -> Dataset:
+    return Dataset(options, build_in_memory(load), help, load)
+
+
+DATASETS.register("fashion_mnist", _in_memory(DownloadableOptions, fashion_mnist.load,
+                                              "Fashion-MNIST, 28x28 grey (Debian's dataset-fashion-mnist or download)"))
+DATASETS.register("cifar10", _in_memory(DownloadableOptions, functools.partial(cifar.load, num_classes=10),
+                                        "CIFAR-10 (torchvision's cifar-10-batches-py folder)"))
+DATASETS.register("cifar100", _in_memory(DownloadableOptions, functools.partial(cifar.load, num_classes=100),
+                                         "CIFAR-100 (torchvision's cifar-100-python folder)"))
 DATASETS.register("imagefolder", Dataset(folder.FolderOptions, folder.build,
                                          "<root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg (ImageNet layout)"))
-DATASETS.register("synthetic", Dataset(synthetic.SyntheticOptions, build_in_memory(synthetic.load),
-                                       "class templates plus noise, generated from the seed (tests)"))
+DATASETS.register("synthetic", _in_memory(synthetic.SyntheticOptions, synthetic.load,
+                                          "class templates plus noise, generated from their shape (tests)"))
 
 
 def register(name: str, options: type = RootOptions, help: str = ""):
@@ -90,7 +94,7 @@ def register(name: str, options: type = RootOptions, help: str = ""):
     flat data section (``options``: the dataclass of its own keys, default just ``root``)."""
 
     def deco(load: Callable[[dict], ArrayData]) -> Callable[[dict], ArrayData]:
-        DATASETS.register(name, Dataset(options, build_in_memory(load), help or (load.__doc__ or "").strip()))
+        DATASETS.register(name, _in_memory(options, load, help or (load.__doc__ or "").strip()))
         return load
 
     return deco
@@ -109,6 +113,17 @@ def parse(values: Mapping[str, Any] | DataSection, where: Callable[[str], str] =
         return values
     return schema.parse_named(DataSection, DATASETS, values, prefix="data.", where=where, kind="dataset",
                               drop_foreign=drop_foreign)
+
+
+def arrays(cfg: Mapping[str, Any] | DataSection) -> ArrayData:
+    """The whole uint8 arrays of an in-memory dataset (before ``train_subset``/``val_split``)."""
+    from ..errors import BlockKDError
+
+    section = parse(cfg)
+    load = DATASETS.get(section.name).arrays
+    if load is None:
+        raise BlockKDError(f"dataset {section.name!r} is not held in memory")
+    return load(section.flat())
 
 
 def build(cfg: Mapping[str, Any] | DataSection, *, device: torch.device | str, rank: int = 0, world_size: int = 1,

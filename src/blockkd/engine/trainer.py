@@ -19,7 +19,7 @@ import torch.nn as nn
 from .. import data as data_lib
 from .. import models
 from .._hooks import debug_log, fault_point
-from ..config import Config, dump, flat_keys
+from ..config import Config, dump, flat_keys, validate
 from ..errors import BlockKDError
 from ..optim import build_optimizer, build_scheduler
 from . import run_folder, runtime
@@ -330,8 +330,10 @@ def _epoch_line(row: dict, epochs: int) -> str:
             f"{row['images_per_s']:.0f} img/s, {row['epoch_time_s']:.1f}s")
 
 
-def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """Train the run described by the validated recipe ``cfg``; returns the summary (also in summary.json)."""
+def train(cfg: Config | dict, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Train the run described by the recipe ``cfg`` (a :class:`Config`, or a nested mapping validated
+    here); returns the summary (also in summary.json)."""
+    cfg = validate(cfg)
     t = cfg.train
     rt = runtime.resolve(t.device, t.amp, t.channels_last)
     created_group = not runtime.is_distributed()
