@@ -80,11 +80,11 @@ def run_student(folder: Path, method: str, seed: int, extra: list[str], teacher_
     cfg = config.load(folder / f"{method}.yaml", extra + [
         f"train.seed={seed}", f"output.dir={runs}", f"output.name={name or method}-seed{seed}",
         *([f"teacher.checkpoint={teacher_dir}"] if uses_teacher else [])])
-    print(f"\n== {method}, seed {seed}: {cfg['model']['name']}" + (f" <- {cfg['teacher']['name']}" if uses_teacher
+    print(f"\n== {method}, seed {seed}: {cfg.model.name}" + (f" <- {cfg.teacher.name}" if uses_teacher
                                                                     else ""), flush=True)
     summary = train(cfg, overwrite=True)
     history = history_of(summary["run_dir"])
-    return cfg, {"method": method, "seed": seed, "last_top1": summary["last"]["test_top1"],
+    return cfg.to_dict(), {"method": method, "seed": seed, "last_top1": summary["last"]["test_top1"],
                  "last_epoch": summary["last"]["epoch"], "best_top1": summary["best"]["test_top1"],
                  "best_epoch": summary["best"]["epoch"], "wall_time_s": summary["wall_time_s"],
                  "images_per_s": summary["images_per_s"], "run_dir": summary["run_dir"],

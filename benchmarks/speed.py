@@ -41,10 +41,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from blockkd import data as data_lib
 from blockkd import methods, models
 from blockkd.data import fashion_mnist
-from blockkd.engine import runtime
+from blockkd.engine import runtime, train_step
 from blockkd.errors import BlockKDError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference_loader import reference_loader  # noqa: E402
 from common import (fmt, machine_info, machine_line, markdown_table, plural, section, text_table,  # noqa: E402
                     write_json, write_text)
 
@@ -112,7 +113,7 @@ def build_step(case: Case, device: str | torch.device | None = None
                ) -> tuple[Callable[[], None], methods.Distiller, runtime.Runtime]:
     """The training step of ``case``: forward under autocast, loss, backward, SGD (as the trainer does it)."""
     v = parse_variant(case.variant)
-    rt = runtime.from_config({"device": device or case.device, "amp": v["amp"], "channels_last": v["channels_last"]})
+    rt = runtime.resolve(device or case.device, v["amp"], v["channels_last"])
     teacher_name, student_name = case.pair.split(":")
     shape = (3, case.image_size, case.image_size)
     torch.manual_seed(0)  # same weights, data and (blockkd-lite) stone draws in every run
@@ -129,13 +130,8 @@ def build_step(case: Case, device: str | torch.device | None = None
     x = rt.prepare(torch.randn(case.batch_size, *shape, device=rt.device))
     y = torch.randint(0, case.num_classes, (case.batch_size,), device=rt.device)
 
-    def step() -> None:
-        with rt.autocast():
-            _, losses = model(x, y, epoch=1.0)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(sum(losses.values())).backward()
-        scaler.step(optimizer)
-        scaler.update()
+    def step() -> None:  # the trainer's own step
+        train_step(model, x, y, epoch=1.0, optimizer=optimizer, scaler=scaler, rt=rt)
 
     return step, distiller, rt
 
@@ -306,11 +302,11 @@ def data_path(names: list[str], batch_sizes: list[int], num_workers: int, device
         extra = ({"image_size": 32, "channels": 3, "num_classes": 100, "train_size": size or 50000, "test_size": 1}
                  if name == "synthetic" else {"train_subset": size} if size else {})
         for bs in batch_sizes:
-            cfg = {"name": name, "batch_size": bs, "num_workers": num_workers, "augment": True, **extra}
+            cfg = {"name": name, "batch_size": bs, "augment": True, **extra}
             row: dict[str, Any] = {"dataset": name, "batch_size": bs, "num_workers": num_workers}
             try:
                 ours = time_pass(data_lib.build(cfg, device=device).train, device)
-                ref = time_pass(data_lib.torchvision_reference_loader(cfg, device=device), device)
+                ref = time_pass(reference_loader(cfg, device=device, num_workers=num_workers), device)
             except BlockKDError as e:
                 rows.append({**row, "error": str(e)})
                 continue

@@ -40,8 +40,8 @@ VARIANTS = {
 def confident_teacher(teacher_run: Path, target_std: float, out: Path) -> tuple[Path, float, float]:
     """The demo teacher with its classifier scaled to ``target_std``, saved as safetensors."""
     cfg = config.load(demo.recipes_dir() / "teacher.yaml")
-    bundle = data_lib.build(cfg["data"], device="cpu")
-    model = build_model({"name": cfg["model"]["name"], "checkpoint": str(teacher_run)}, bundle, role="teacher")
+    bundle = data_lib.build(cfg.data, device="cpu")
+    model = build_model(cfg.model.name, bundle, checkpoint=str(teacher_run), role="teacher")
     before, after = make_confident(model, bundle.test, target_std) if target_std > 0 else (0.0, 0.0)
     path = out / "confident_teacher.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
@@ -77,10 +77,10 @@ def main(argv=None) -> int:
         try:
             s = train(cfg, overwrite=True)
             row = {"variant": name, "diverged": s["last"]["test_top1"] < 20.0, "test_top1": s["last"]["test_top1"],
-                   "options": cfg["method"]["options"]}
+                   "options": cfg.to_dict()["method"]["options"]}
         except BlockKDError as e:  # a non-finite loss stops the run: that is a divergence
             row = {"variant": name, "diverged": True, "test_top1": None, "error": str(e),
-                   "options": cfg["method"]["options"]}
+                   "options": cfg.to_dict()["method"]["options"]}
         row["minutes"] = (time.perf_counter() - start) / 60
         rows.append(row)
         print(f"{name:28s} top-1 {row['test_top1'] if row['test_top1'] is not None else 'nan':>6}  "

@@ -56,7 +56,7 @@ def recipe(out: Path, name: str, method: str, **extra) -> dict:
     }
     for section, values in extra.items():
         cfg[section] = {**cfg.get(section, {}), **values}
-    return config.validate(cfg)
+    return config.validate(cfg).to_dict()
 
 
 def confident_teacher(work: Path, target_std: float = 20.0) -> dict:

@@ -65,7 +65,7 @@ class TinyNet(nn.Module):
 
 # --- exactness of the registered splitters ---------------------------------------------------------
 
-@pytest.mark.parametrize("name", [n for n in models.names() if n not in models.FAMILY_NAMES])  # zoo + registered
+@pytest.mark.parametrize("name", models.names())  # zoo + registered
 def test_zoo_split_is_exact_one_block_per_resolution(name):
     model = zoo(name)
     view = split(model)

@@ -85,7 +85,7 @@ def test_loader_outputs_are_crops_of_their_own_image():
 
 def test_without_augmentation_images_are_normalised_originals():
     bundle = data.build(synth(augment=False), device=CPU)
-    raw = data.ARRAYS.get("synthetic")(data._complete(synth()))
+    raw = data.arrays(synth())
     mean, std = torch.tensor(bundle.mean).view(1, -1, 1, 1), torch.tensor(bundle.std).view(1, -1, 1, 1)
     ref_test = (raw.test_x.float() / 255 - mean) / std
     tx, ty = collect(bundle.test)
@@ -99,8 +99,8 @@ def test_without_augmentation_images_are_normalised_originals():
 
 
 def test_synthetic_is_deterministic_and_normalised():
-    a = data.ARRAYS.get("synthetic")(data._complete(synth()))
-    b = data.ARRAYS.get("synthetic")(data._complete(synth()))
+    a = data.arrays(synth())
+    b = data.arrays(synth())
     assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
     assert a.train_x.dtype == torch.uint8 and a.train_x.shape == (96, 3, 8, 8)
     assert sorted(a.train_y.unique().tolist()) == list(range(10))
@@ -186,9 +186,13 @@ def test_subset_and_val_split_sizes():
 
 
 def test_config_errors_and_defaults():
-    assert set(data.DEFAULTS) == {"name", "root", "batch_size", "eval_batch_size", "num_workers", "augment",
-                                  "train_subset", "val_split", "download", "drop_last", "num_classes",
-                                  "image_size", "channels", "train_size", "test_size"}
+    section = data.parse({"name": "cifar100"})  # only the keys that apply to the dataset
+    assert set(section.flat()) == {"name", "root", "batch_size", "eval_batch_size", "augment", "train_subset",
+                                   "val_split", "download", "drop_last"}
+    assert set(data.parse({"name": "imagefolder"}).flat()) - set(section.flat()) == {"image_size", "num_workers"}
+    with pytest.raises(BlockKDError, match=r"data.train_size \(set in the data config\) does not apply to dataset "
+                                           r"'cifar100'"):
+        data.parse({"name": "cifar100", "train_size": 10})
     with pytest.raises(BlockKDError, match="did you mean 'cifar100'"):
         data.build({"name": "cifar-100"}, device=CPU)
     with pytest.raises(BlockKDError, match="did you mean 'batch_size'"):
@@ -226,7 +230,7 @@ def test_fashion_mnist_real_files():
 
 def test_fashion_mnist_from_root(tmp_path):
     arrays = fake_fashion(tmp_path / "fashion-mnist")
-    raw = data.ARRAYS.get("fashion_mnist")(data._complete({"name": "fashion_mnist", "root": str(tmp_path)}))
+    raw = data.arrays({"name": "fashion_mnist", "root": str(tmp_path)})
     assert torch.equal(raw.train_x[:, 0], torch.from_numpy(arrays["train_x"].astype(np.uint8)))
     assert raw.test_y.tolist() == arrays["test_y"].tolist() and raw.test_y.dtype == torch.int64
     b = data.build({"name": "fashion_mnist", "root": str(tmp_path), "batch_size": 8}, device=CPU)
@@ -346,22 +350,3 @@ def test_imagefolder_val_split_shards_and_missing(image_root, tmp_path):
     assert next(iter(shards[0].train))[0].shape == (1, 3, 16, 16)  # global batch 2 over 2 ranks
     with pytest.raises(BlockKDError, match=str(tmp_path / "train")):
         data.build({**cfg, "root": str(tmp_path)}, device=CPU)
-
-
-# ---------------------------------------------------------------- torchvision reference pipeline
-
-def test_torchvision_reference_loader_matches_shapes_and_values():
-    cfg = synth(num_workers=0)
-    ref = data.torchvision_reference_loader(cfg, device=CPU)
-    ours = data.build(cfg, device=CPU)
-    assert len(ref) == len(ours.train)
-    (rx, ry), (ox, oy) = next(iter(ref)), next(iter(ours.train))
-    assert rx.shape == ox.shape and rx.dtype == ox.dtype and ry.dtype == oy.dtype and rx.device == ox.device
-    plain = data.torchvision_reference_loader({**cfg, "augment": False}, device=CPU)
-    originals, labels = collect(data.build({**cfg, "augment": False}, device=CPU).train)
-    x, y = next(iter(plain))
-    for image, label in zip(x, y):  # ToTensor + Normalize agrees with the on-device normalisation
-        j = int(torch.nonzero((originals - image).abs().amax((1, 2, 3)) < 1e-5)[0])
-        assert labels[j] == label
-    gray = data.torchvision_reference_loader(synth(channels=1, num_workers=0), device=CPU)
-    assert next(iter(gray))[0].shape == (16, 1, 8, 8)

@@ -15,8 +15,9 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from blockkd import config, methods, models
-from blockkd.engine import evaluate_checkpoint, load_checkpoint, lr_factor, runtime, save_checkpoint, train
-from blockkd.engine.schedule import build_scheduler
+from blockkd.engine import evaluate_checkpoint, load_checkpoint, runtime, save_checkpoint, train
+from blockkd.optim import build_scheduler, lr_factor
+from blockkd.optim.schedules import DecayOptions, MultistepOptions, NoOptions
 from blockkd.errors import BlockKDError
 
 TIMING = ("images_per_s", "train_time_s", "epoch_time_s")
@@ -302,20 +303,25 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
 
 
 def test_schedules():
-    ms = dict(name="multistep", steps_per_epoch=10, epochs=6, milestones=(2, 4), gamma=0.1)
+    ms = dict(name="multistep", steps_per_epoch=10, epochs=6, options=MultistepOptions(milestones=[2, 4], gamma=0.1))
     assert [lr_factor(s, **ms) for s in (0, 19, 20, 39, 40)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
     warm = dict(ms, warmup_epochs=1)
     assert [lr_factor(s, **warm) for s in (0, 4, 9, 10, 25)] == pytest.approx([0.1, 0.5, 1, 1, 0.1])
-    cos = dict(name="cosine", steps_per_epoch=10, epochs=2, min_lr=0.01, base_lr=0.1)
+    cos = dict(name="cosine", steps_per_epoch=10, epochs=2, options=DecayOptions(min_lr=0.01), base_lr=0.1)
     assert [lr_factor(s, **cos) for s in (0, 10, 20)] == pytest.approx([1, 0.55, 0.1])
-    assert lr_factor(7, name="constant", steps_per_epoch=10, epochs=1) == 1
+    assert lr_factor(7, name="constant", options=NoOptions(), steps_per_epoch=10, epochs=1) == 1
+    lin = dict(name="linear", steps_per_epoch=10, epochs=2, options=DecayOptions(min_lr=0.0), base_lr=0.1,
+               warmup_epochs=0.5)  # transformer fine-tuning: 5 warm-up steps, then linear to 0 over 15
+    assert [lr_factor(s, **lin) for s in (0, 4, 5, 20)] == pytest.approx([0.2, 1, 1, 0])
+    assert lr_factor(12, **lin) == pytest.approx(1 - 7 / 15)
     warm_cos = dict(cos, warmup_epochs=0.5)  # 5 warm-up steps, then cosine over the remaining 15
     assert [lr_factor(s, **warm_cos) for s in (0, 4, 5)] == pytest.approx([0.2, 1, 1])
 
     def scheduler():
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-        return opt, build_scheduler(opt, {"name": "multistep", "milestones": [1], "gamma": 0.5,
-                                          "warmup_epochs": 0.5}, steps_per_epoch=4, epochs=3)
+        section = config.validate({"model": {"name": "resnet8"}, "schedule": {
+            "name": "multistep", "milestones": [1], "gamma": 0.5, "warmup_epochs": 0.5}}).schedule
+        return opt, build_scheduler(opt, section, steps_per_epoch=4, epochs=3)
 
     opt, sched = scheduler()
     lrs = []
@@ -335,7 +341,7 @@ def test_runtime_settings_are_resolved_and_restored():
     assert runtime.resolve_amp("auto", cpu) is None and runtime.resolve_amp("bf16", cpu) == torch.bfloat16
     with pytest.raises(BlockKDError, match="fp16 needs a CUDA device"):
         runtime.resolve_amp("fp16", cpu)
-    rt = runtime.from_config({"device": "cpu", "amp": "auto", "channels_last": "auto"})
+    rt = runtime.resolve("cpu", "auto", "auto")
     assert (rt.device, rt.amp_dtype, rt.channels_last) == (cpu, None, False)
     before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
     with runtime.reproducibility(True):

@@ -76,7 +76,8 @@ def test_recipes_follow_mdistiller_imagenet_settings():
             assert cfg["method"]["name"] == method and cfg["model"]["name"].startswith("torchvision.")
             assert (cfg["data"]["name"], cfg["data"]["root"], cfg["data"]["batch_size"]) == (
                 "imagefolder", "data/imagenet", 512)
-            assert cfg["optim"] == {"name": "sgd", "lr": 0.2, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4}
+            assert cfg["optim"] == {"name": "sgd", "lr": 0.2, "momentum": 0.9, "dampening": 0, "nesterov": False,
+                                    "weight_decay": 1e-4}
             assert (cfg["schedule"]["milestones"], cfg["schedule"]["gamma"], cfg["train"]["epochs"]) == (
                 [30, 60, 90], 0.1, 100)
             assert cfg["teacher"]["checkpoint"] == "torchvision://IMAGENET1K_V1"
@@ -86,13 +87,16 @@ def test_recipes_follow_mdistiller_imagenet_settings():
         assert dkd == {"temperature": 1.0, "alpha": 1.0, "beta": beta, "ce_weight": 1.0, "warmup": 1.0,
                        "logit_standardization": False}
         cfg = config.load(RECIPES / pair / "blockkd.yaml")
-        student, teacher = (models.create(cfg[k]["name"], num_classes=10) for k in ("model", "teacher"))
-        distiller = methods.create("blockkd", student, teacher, (3, 64, 64), **cfg["method"]["options"])
+        student, teacher = (models.create(getattr(cfg, k).name, num_classes=10) for k in ("model", "teacher"))
+        distiller = methods.create("blockkd", student, teacher, (3, 64, 64), options=cfg.method.options)
         assert distiller.num_blocks == 4  # stages end at strides 4, 8, 16, 32 on both sides
 
 
 def test_torchvision_and_timm_names():
-    assert models.names()[-2:] == ["torchvision.<name>", "timm.<name>"]
+    assert models.prefixes() == ["torchvision.", "timm."]
+    for name in models.names():  # every listed name can be created (the prefixes are listed apart)
+        with torch.device("meta"):
+            assert isinstance(models.create(name, num_classes=10), torch.nn.Module), name
     gray = models.create("torchvision.resnet18", num_classes=7, in_channels=1)  # first conv replaced
     assert gray(torch.zeros(2, 1, 32, 32)).shape == (2, 7)
     assert isinstance(models.create("timm.test_resnet", num_classes=5), torch.nn.Module)

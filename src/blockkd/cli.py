@@ -41,12 +41,11 @@ def _short(value: Any) -> str:
 def _eval(args: argparse.Namespace) -> int:
     from . import config
 
-    data = config.parse_data_overrides(args.data)  # bad inputs fail before a checkpoint is read
     if args.device is not None:
         config.check("train.device", args.device, "--device")
     from . import engine
 
-    m = engine.evaluate_checkpoint(args.checkpoint, data or None, device=args.device)
+    m = engine.evaluate_checkpoint(args.checkpoint, args.data, device=args.device)
     what = f"{m.get('model', 'student')} ({m.get('method', '?')}, epoch {m.get('epoch', '?')}) on {m.get('data', '?')}"
     print(f"{what}: top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  loss {m['loss']:.4f}  "
           f"{m['images_per_s']:.0f} images/s")
@@ -66,27 +65,25 @@ def _models(args: argparse.Namespace) -> int:
 
     rows = []
     for name in models.names():
-        if name in models.FAMILY_NAMES:  # torchvision.<name>, timm.<name>: any model of that library
-            rows.append((name, f"{'-':>7}"))
-            continue
         with torch.device("meta"):  # shapes only: no memory, no init cost
             model = models.create(name, num_classes=100)
         rows.append((name, f"{models.num_params(model) / 1e6:7.2f}"))
+    rows += [(f"{prefix}<name>", f"{'-':>7}  any model of that library") for prefix in models.prefixes()]
     _table(rows, ("model", "params (M, 100 classes)"))
     return 0
 
 
 def _methods(args: argparse.Namespace) -> int:
     from . import methods
-    from .config import format_value
 
     rows = []
     for name in methods.names():
-        doc = (methods.get(name).__doc__ or "").strip().splitlines()
-        options = ", ".join(f"{k}={format_value(v)}" for k, v in methods.defaults(name).items()) or "(none)"
-        teacher = "needs a teacher" if methods.needs_teacher(name) else "no teacher"
-        rows += [(name, doc[0] if doc else ""), ("", f"{teacher}; options: {options}")]
-    _table(rows, ("method", "description"))
+        cls = methods.get(name)
+        doc = (cls.__doc__ or "").strip().splitlines()
+        teacher = "needs a teacher" if cls.needs_teacher else "no teacher"
+        rows += [(name, doc[0] if doc else ""), ("", f"{teacher}; {cls.paper}" if cls.paper else teacher)]
+        rows += [("", f"  {key} = {default}: {help_}") for key, default, _, help_ in methods.describe(name)]
+    _table(rows, ("method", "description and options (method.options.<key>)"))
     return 0
 
 

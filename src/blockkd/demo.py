@@ -7,6 +7,7 @@ is a recipe runner, not a second training loop.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -15,6 +16,7 @@ from typing import Any
 
 from . import config
 from .errors import BlockKDError
+from .utils import atomic_write, cache_home
 
 METHODS = ("ce", "kd", "dkd", "blockkd")
 # --quick: a smoke run of the whole pipeline (a few hundred images, one epoch) in about a minute.
@@ -30,10 +32,6 @@ def recipes_dir() -> Path:
     return folder
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "blockkd" / "demo"
-
-
 def _overrides(args) -> list[str]:
     extra = list(QUICK) if args.quick else []
     if args.epochs is not None:
@@ -47,15 +45,15 @@ def train_or_reuse_teacher(folder: Path, extra: list[str]) -> tuple[Path, dict]:
     """Train the teacher once per distinct recipe; later demos reuse it from the cache."""
     cfg = config.load(folder / "teacher.yaml", extra)
     key = config.fingerprint(cfg, ignore=("output", "train.device"))
-    run = cache_dir() / f"teacher-{key}"
-    cfg["output"].update(dir=str(run.parent), name=run.name)
+    run = cache_home() / "demo" / f"teacher-{key}"
+    cfg = cfg.replace(output=dataclasses.replace(cfg.output, dir=str(run.parent), name=run.name))
     summary_file = run / "summary.json"
     if summary_file.is_file():
         print(f"teacher: reusing {run}")
         return run, json.loads(summary_file.read_text())
     from .engine import train
 
-    print(f"teacher: training {cfg['model']['name']} (cached in {run})")
+    print(f"teacher: training {cfg.model.name} (cached in {run})")
     return run, train(cfg, overwrite=True)
 
 
@@ -73,12 +71,12 @@ def run(args) -> int:
         cfg = config.load(folder / f"{method}.yaml",
                           extra + [f"output.dir={out}", f"output.name={method}"]
                           + ([f"teacher.checkpoint={teacher_dir}"] if method != "ce" else []))
-        print(f"\n== {method}: {cfg['model']['name']} " + (f"<- {cfg['teacher']['name']}" if method != "ce" else ""))
+        print(f"\n== {method}: {cfg.model.name} " + (f"<- {cfg.teacher.name}" if method != "ce" else ""))
         results[method] = train(cfg, overwrite=True)
     table = format_table(teacher_summary, results)
     png = plot_comparison({m: out / m / "metrics.jsonl" for m in METHODS}, out / "demo.png")
     report = {"teacher": teacher_summary, "students": results, "minutes": (time.perf_counter() - start) / 60}
-    (out / "demo.json").write_text(json.dumps(report, indent=2, default=str))
+    atomic_write(out / "demo.json", json.dumps(report, indent=2, default=str))
     print("\n" + table)
     print(f"\ncurves: {png}\ntotal time: {report['minutes']:.1f} min")
     return 0
@@ -98,4 +96,8 @@ def format_table(teacher: dict, results: dict[str, dict]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    for method, s in results.items():  # a distiller's further heads: Block-KD's stepping-stones, their ensemble
+        heads = {k.removeprefix("test_top1_"): v for k, v in s["last"].items() if k.startswith("test_top1_")}
+        if heads:
+            lines.append(f"{method} heads, last epoch top-1: " + ", ".join(f"{k} {v:.2f}" for k, v in heads.items()))
     return "\n".join(lines)

@@ -193,3 +193,56 @@ def describe(cls, prefix: str = "") -> list[tuple[str, str, str, str]]:
         shown = f.metadata.get("doc_default") or ("(required)" if default is REQUIRED else format_value(default))
         rows.append((f"{prefix}{f.name}", shown, f.metadata["check"].what, f.metadata["help"]))
     return rows
+
+
+def parse_named(cls, registry, values: Mapping[str, Any] | None, *, prefix: str, where: Callable[[str], str],
+                kind: str, drop_foreign: bool = False) -> Any:
+    """A section whose ``name`` picks an entry of ``registry`` that declares further keys of its own
+    (``entry.options``), written flat beside the common keys of ``cls``: ``optim: {name: sgd, lr: 0.1,
+    momentum: 0.9}``. Returns ``cls`` with ``options`` set to the entry's options instance.
+
+    A key of another entry is refused with the keys that apply (``null`` drops it instead: how an
+    override switches ``schedule.name`` away from a base that set ``milestones``); ``drop_foreign``
+    drops such keys silently (configs saved by older versions, which stored every key)."""
+    values = dict(values or {})
+    name_field = next(f for f in fields(cls) if f.name == "name")
+    name = values.get("name", default_of(name_field))
+    name_key = f"{prefix}name"
+    if not isinstance(name, str) or not name:
+        raise BlockKDError(f"invalid {name_key}={format_value(name)} in {where(name_key)}: expected a {kind} name")
+    if name not in registry:
+        from .registry import unknown
+
+        err = unknown(kind, name, registry.names())
+        raise type(err)(str(err).replace(repr(name), f"{name!r} ({name_key} in {where(name_key)})", 1)) from None
+    own = registry.get(name).options
+    common_names = {f.name for f in fields(cls)}
+    own_names = {f.name for f in fields(own)}
+    common, specific = {}, {}
+    for key, value in values.items():
+        if key in common_names:
+            common[key] = value
+        elif key in own_names:
+            specific[key] = value
+        elif value is None or (drop_foreign and any(key in {f.name for f in fields(registry.get(o).options)}
+                                                     for o in registry.names())):
+            continue
+        elif any(key in {f.name for f in fields(registry.get(other).options)} for other in registry.names()):
+            valid = ", ".join(sorted(common_names | own_names))
+            raise BlockKDError(f"{prefix}{key} (set in {where(prefix + str(key))}) does not apply to {kind} {name!r}; "
+                               f"its keys: {valid} (set {prefix}{key}=null to drop it)")
+        else:  # unknown everywhere: the usual closest-key error among what applies
+            parse(_merged(cls, own), {key: value}, prefix=prefix, where=where)
+    base = parse(cls, common, prefix=prefix, where=where)
+    return dataclasses.replace(base, options=parse(own, specific, prefix=prefix, where=where))
+
+
+def _merged(cls, own) -> type:
+    """A throw-away dataclass with the fields of both (for closest-key suggestions)."""
+    spec = [(f.name, Any, dataclasses.field(default=None, metadata=f.metadata)) for f in fields(cls) + fields(own)]
+    return dataclasses.make_dataclass("Keys", spec)
+
+
+def named_to_dict(instance: Any) -> dict[str, Any]:
+    """The flat mapping of a :func:`parse_named` section (common keys, then the entry's own)."""
+    return {**to_dict(instance), **to_dict(instance.options)}

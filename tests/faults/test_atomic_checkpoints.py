@@ -33,7 +33,7 @@ def _save(root: Path, epoch: int) -> None:
 
 def _fail_writing(monkeypatch, tmp_name: str, file: str, err: int) -> None:
     """``file`` of the temporary folder ``tmp_name`` gets half its bytes, then the OSError ``err``."""
-    real = checkpoint.write_bytes
+    real = checkpoint.write_synced
 
     def write_bytes(path: Path, data: bytes) -> None:
         if path.parent.name == tmp_name and path.name == file:
@@ -41,7 +41,7 @@ def _fail_writing(monkeypatch, tmp_name: str, file: str, err: int) -> None:
             raise OSError(err, os.strerror(err), str(path))
         real(path, data)
 
-    monkeypatch.setattr(checkpoint, "write_bytes", write_bytes)
+    monkeypatch.setattr(checkpoint, "write_synced", write_bytes)
 
 
 def _fail_renaming(monkeypatch, tmp_name: str, err: int) -> None:
@@ -117,7 +117,7 @@ def test_disk_full_during_training_stops_cleanly_and_resumes_exactly(tmp_path, m
     assert cli_here(["train", "r.yaml"], tmp_path / "ref").returncode == 0
     run = tmp_path / "full" / "runs" / "r"
     seen: list[dict] = []
-    real = checkpoint.write_bytes
+    real = checkpoint.write_synced
 
     def write_bytes(path: Path, data: bytes) -> None:
         if path.parent.name == ".last.tmp" and (run / "last").exists():  # the second last/ (epoch 2)
@@ -126,7 +126,7 @@ def test_disk_full_during_training_stops_cleanly_and_resumes_exactly(tmp_path, m
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real(path, data)
 
-    monkeypatch.setattr(checkpoint, "write_bytes", write_bytes)
+    monkeypatch.setattr(checkpoint, "write_synced", write_bytes)
     out = cli_here(["train", "r.yaml"], tmp_path / "full")
     monkeypatch.undo()
     assert out.returncode == 2 and out.stderr == (

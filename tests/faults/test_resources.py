@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from blockkd.engine import checkpoint, load_checkpoint, trainer
+from blockkd.engine import checkpoint, evaluation, load_checkpoint, trainer
 from faultlib import cli_here, env, rows, untimed, write_recipe
 
 
@@ -33,7 +33,7 @@ def _oom(*args, **kwargs):
 def test_out_of_memory_names_the_batch_size_to_try(tmp_path, monkeypatch, where, batch, expected):
     write_recipe(tmp_path / "r.yaml")
     if where == "step":
-        monkeypatch.setattr(trainer.Trainer, "train_step", _oom)
+        monkeypatch.setattr(trainer.Trainer, "step_once", _oom)
     else:
         monkeypatch.setattr(trainer, "evaluate", _oom)
     out = cli_here(["train", "r.yaml", f"data.batch_size={batch}", "data.eval_batch_size=48",
@@ -45,7 +45,7 @@ def test_out_of_memory_names_the_batch_size_to_try(tmp_path, monkeypatch, where,
 def test_out_of_memory_in_blockkd_eval(tmp_path, monkeypatch):
     write_recipe(tmp_path / "r.yaml", train__epochs=1)
     assert cli_here(["train", "r.yaml"], tmp_path).returncode == 0
-    monkeypatch.setattr(trainer, "evaluate", _oom)
+    monkeypatch.setattr(evaluation, "evaluate", _oom)
     out = cli_here(["eval", "runs/r", "--data", "eval_batch_size=100"], tmp_path)
     assert (out.returncode, out.stderr) == (2, "error: out of memory at eval batch size 100; try "
                                                "data.eval_batch_size=50\n")
@@ -59,7 +59,7 @@ def test_ctrl_c_while_a_checkpoint_is_written_finishes_it_first(tmp_path, monkey
         write_recipe(tmp_path / name / "r.yaml")
     assert cli_here(["train", "r.yaml"], tmp_path / "ref").returncode == 0
     run = tmp_path / "int" / "runs" / "r"
-    real, sent = checkpoint.write_bytes, []
+    real, sent = checkpoint.write_synced, []
 
     def write_bytes(path: Path, data: bytes) -> None:
         if path.parent.name == ".last.tmp" and (run / "last").exists() and not sent:  # epoch 2's last/
@@ -67,7 +67,7 @@ def test_ctrl_c_while_a_checkpoint_is_written_finishes_it_first(tmp_path, monkey
             signal.raise_signal(signal.SIGINT)  # delivered to this (the main) thread right away
         real(path, data)
 
-    monkeypatch.setattr(checkpoint, "write_bytes", write_bytes)
+    monkeypatch.setattr(checkpoint, "write_synced", write_bytes)
     out = cli_here(["train", "r.yaml"], tmp_path / "int")
     monkeypatch.undo()
     assert sent == ["weights.safetensors"]

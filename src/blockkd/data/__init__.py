@@ -11,81 +11,128 @@ shared by all ranks; test shards are contiguous, not dropped, and cover the test
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
-from ..errors import BlockKDError
-from ..registry import Registry, unknown
+from .. import schema
+from ..registry import Registry
+from ..schema import BOOL, STRING, integer, option, optional
 from . import cifar, fashion_mnist, folder, synthetic
 from .common import DataBundle, Loader
 from .device_loader import ArrayData, DeviceLoader, build_in_memory, crop_flip, sample_crop_flip
-from .reference import reference_loader
 
-__all__ = ["DEFAULTS", "DataBundle", "ArrayData", "DeviceLoader", "Loader", "build", "names", "register",
-           "torchvision_reference_loader", "crop_flip", "sample_crop_flip"]
-
-DEFAULTS: dict = {
-    "name": "cifar100",  # fashion_mnist | cifar10 | cifar100 | imagefolder | synthetic | a registered name
-    "root": None,  # None: per-dataset default (see each module)
-    "batch_size": 64,  # global, split over ranks
-    "eval_batch_size": 256,  # global, split over ranks
-    "num_workers": 4,  # DataLoader workers (imagefolder and the torchvision reference loader only)
-    "augment": True,
-    "train_subset": None,  # int: train on the first k images of a fixed permutation
-    "val_split": 0,  # >0: hold out that many training images as the "test" split (for tuning)
-    "download": False,
-    "drop_last": True,  # training loader only
-    "num_classes": 10,  # synthetic only
-    "image_size": None,  # synthetic (default 32) and imagefolder (default 224)
-    "channels": 3,  # synthetic only
-    "train_size": 512,  # synthetic only
-    "test_size": 256,  # synthetic only
-}
-
-# In-memory datasets: ``cfg -> ArrayData`` functions. ``imagefolder`` is handled by ``folder.build``.
-ARRAYS: Registry[Callable[[dict], ArrayData]] = Registry("dataset")
-ARRAYS.register("fashion_mnist", fashion_mnist.load)
-ARRAYS.register("cifar10", functools.partial(cifar.load, num_classes=10))
-ARRAYS.register("cifar100", functools.partial(cifar.load, num_classes=100))
-ARRAYS.register("synthetic", synthetic.load)
+__all__ = ["DataSection", "DataBundle", "ArrayData", "DeviceLoader", "Loader", "Dataset", "DATASETS", "build",
+           "names", "register", "parse", "arrays", "crop_flip", "sample_crop_flip"]
 
 
-def register(name: str):
-    """Decorator: register ``fn(cfg) -> ArrayData`` as an in-memory dataset called ``name``."""
-    return ARRAYS.register(name)
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    """The recipe's ``data`` section: the keys every dataset has; ``options`` holds the dataset's own
+    (``root``, ``image_size`` ...), written flat beside these in YAML."""
+
+    name: str = option("cifar100", STRING, "dataset: a name of blockkd.data.names()")
+    batch_size: int = option(64, integer(1), "global training batch (split over ranks)")
+    eval_batch_size: int = option(256, integer(1), "global evaluation batch (split over ranks)")
+    augment: bool = option(True, BOOL, "training augmentation (random crop + flip)")
+    train_subset: int | None = option(None, optional(integer(1)), "train on the first k images of a fixed "
+                                      "permutation")
+    val_split: int = option(0, integer(0), "> 0: hold out that many training images as the test split (tuning)")
+    drop_last: bool = option(True, BOOL, "drop the last incomplete training batch")
+    options: Any = None
+
+    def flat(self) -> dict[str, Any]:
+        """The whole section as one mapping (what the loaders read and YAML stores)."""
+        return schema.named_to_dict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A dataset choice: its own keys (``options``) and ``build(flat_cfg, *, device, rank, world_size, seed)``."""
+
+    options: type
+    build: Callable[..., DataBundle]
+    help: str
+    arrays: Callable[[dict], ArrayData] | None = None  # in-memory datasets: flat cfg -> the whole uint8 arrays
+
+
+ROOT = option(None, optional(STRING), "folder of the dataset files (null: its default location)")
+
+
+@dataclasses.dataclass(frozen=True)
+class DownloadableOptions:
+    root: str | None = ROOT
+    download: bool = option(False, BOOL, "download the dataset into root when it is missing")
+
+
+@dataclasses.dataclass(frozen=True)
+class RootOptions:
+    root: str | None = ROOT
+
+
+DATASETS: Registry[Dataset] = Registry("dataset")
+def _in_memory(options: type, load: Callable[[dict], ArrayData], help: str) -> Dataset:
+    return Dataset(options, build_in_memory(load), help, load)
+
+
+DATASETS.register("fashion_mnist", _in_memory(DownloadableOptions, fashion_mnist.load,
+                                              "Fashion-MNIST, 28x28 grey (Debian's dataset-fashion-mnist or download)"))
+DATASETS.register("cifar10", _in_memory(DownloadableOptions, functools.partial(cifar.load, num_classes=10),
+                                        "CIFAR-10 (torchvision's cifar-10-batches-py folder)"))
+DATASETS.register("cifar100", _in_memory(DownloadableOptions, functools.partial(cifar.load, num_classes=100),
+                                         "CIFAR-100 (torchvision's cifar-100-python folder)"))
+DATASETS.register("imagefolder", Dataset(folder.FolderOptions, folder.build,
+                                         "<root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg (ImageNet layout)"))
+DATASETS.register("synthetic", _in_memory(synthetic.SyntheticOptions, synthetic.load,
+                                          "class templates plus noise, generated from their shape (tests)"))
+
+
+def register(name: str, options: type = RootOptions, help: str = ""):
+    """Decorator: register ``fn(cfg) -> ArrayData`` as an in-memory dataset called ``name``; ``cfg`` is the
+    flat data section (``options``: the dataclass of its own keys, default just ``root``)."""
+
+    def deco(load: Callable[[dict], ArrayData]) -> Callable[[dict], ArrayData]:
+        DATASETS.register(name, _in_memory(options, load, help or (load.__doc__ or "").strip()))
+        return load
+
+    return deco
 
 
 def names() -> list[str]:
-    return ARRAYS.names() + ["imagefolder"]
+    """Every dataset name that ``build`` accepts."""
+    return DATASETS.names()
 
 
-def _complete(cfg: dict) -> dict:
-    """``cfg`` over DEFAULTS; unknown keys and names get closest-match errors."""
-    for key in cfg:
-        if key not in DEFAULTS:
-            raise unknown("data key", key, DEFAULTS)
-    cfg = {**DEFAULTS, **cfg}
-    if cfg["name"] not in names():
-        raise unknown("dataset", str(cfg["name"]), names())
-    return cfg
+def parse(values: Mapping[str, Any] | DataSection, where: Callable[[str], str] = lambda key: "the data config",
+          *, drop_foreign: bool = False) -> DataSection:
+    """A validated :class:`DataSection` from a flat mapping (closest-key and closest-name errors);
+    ``drop_foreign``: ignore keys of other datasets (configs saved by older versions)."""
+    if isinstance(values, DataSection):
+        return values
+    return schema.parse_named(DataSection, DATASETS, values, prefix="data.", where=where, kind="dataset",
+                              drop_foreign=drop_foreign)
 
 
-def build(cfg: dict, *, device: torch.device | str, rank: int = 0, world_size: int = 1, seed: int = 0) -> DataBundle:
-    """Train and test loaders for ``cfg`` (keys as in ``DEFAULTS``) on ``device``, for rank ``rank``."""
-    cfg = _complete(cfg)
+def arrays(cfg: Mapping[str, Any] | DataSection) -> ArrayData:
+    """The whole uint8 arrays of an in-memory dataset (before ``train_subset``/``val_split``)."""
+    from ..errors import BlockKDError
+
+    section = parse(cfg)
+    load = DATASETS.get(section.name).arrays
+    if load is None:
+        raise BlockKDError(f"dataset {section.name!r} is not held in memory")
+    return load(section.flat())
+
+
+def build(cfg: Mapping[str, Any] | DataSection, *, device: torch.device | str, rank: int = 0, world_size: int = 1,
+          seed: int = 0) -> DataBundle:
+    """Train and test loaders for the data section ``cfg`` on ``device``, for rank ``rank``."""
+    from ..errors import BlockKDError
+
+    section = parse(cfg)
     if not 0 <= rank < world_size:
         raise BlockKDError(f"rank {rank} is outside world_size {world_size}")
-    device = torch.device(device)
-    make = folder.build if cfg["name"] == "imagefolder" else build_in_memory(ARRAYS.get(cfg["name"]))
-    return make(cfg, device=device, rank=rank, world_size=world_size, seed=seed)
-
-
-def torchvision_reference_loader(cfg: dict, *, device: torch.device | str, seed: int = 0) -> folder.FolderLoader:
-    """The classic DataLoader + PIL transforms pipeline over the same in-memory training data (benchmarks)."""
-    cfg = _complete(cfg)
-    if cfg["name"] == "imagefolder":
-        raise BlockKDError("the torchvision reference loader is for in-memory datasets; image folders already "
-                           "use a DataLoader")
-    return reference_loader(ARRAYS.get(cfg["name"])(cfg), cfg, device=torch.device(device), seed=seed)
+    return DATASETS.get(section.name).build(section.flat(), device=torch.device(device), rank=rank,
+                                            world_size=world_size, seed=seed)

@@ -12,7 +12,7 @@ import torch
 from torchvision.datasets import CIFAR10, CIFAR100
 
 from ..errors import BlockKDError
-from .common import data_home
+from ..utils import data_home
 from .device_loader import ArrayData
 
 STATS = {  # per-channel mean/std of the training images, the values every CIFAR KD paper uses

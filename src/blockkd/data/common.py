@@ -67,18 +67,6 @@ def generator(*parts: int, device: torch.device | str = "cpu") -> torch.Generato
     return torch.Generator(device=device).manual_seed(mix_seed(*parts))
 
 
-def data_home() -> Path:
-    """Where datasets live by default: ``$BLOCKKD_DATA`` or the user cache (``~/.cache/blockkd``)."""
-    if os.environ.get("BLOCKKD_DATA"):
-        return Path(os.environ["BLOCKKD_DATA"]).expanduser()
-    return cache_home()
-
-
-def cache_home() -> Path:
-    """The user cache for blockkd (downloads go here)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "blockkd"
-
-
 def split_indices(n: int, val_split: int, train_subset: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(train indices, held-out indices) for a training set of ``n`` samples; None means "all" / "none".
 
@@ -138,19 +126,3 @@ def check_not_empty(loader: Iterable, what: str, size: int, batch_size: int) -> 
     if len(loader) == 0:  # type: ignore[arg-type]
         raise BlockKDError(f"{what} has {size} images, fewer than one batch of {batch_size} "
                            f"(lower data.batch_size or set data.drop_last=false)")
-
-
-DEBUG_LOG_ENV = "BLOCKKD_DEBUG_LOG"
-
-
-def debug_log(rank: int, record: dict | Callable[[], dict]) -> None:
-    """Test hook, off unless ``$BLOCKKD_DEBUG_LOG=PATH``: rank ``rank`` appends ``record`` as a JSON line to
-    ``PATH.rank<rank>``. In-memory training loaders log each batch's sample indices as they deliver it
-    (``{"epoch", "indices"}``), the trainer each rank's weight digest after every epoch, so a test can
-    check that DDP ranks saw disjoint data and ended with identical weights. ``record`` may be a function,
-    called only when the hook is on.
-    """
-    path = os.environ.get(DEBUG_LOG_ENV)
-    if path:
-        with open(f"{path}.rank{rank}", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record() if callable(record) else record) + "\n")

@@ -13,7 +13,8 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from .common import (AUGMENT, SHUFFLE, DataBundle, Normalize, check_not_empty, debug_log, eval_shard, generator,
+from .._hooks import debug_log
+from .common import (AUGMENT, SHUFFLE, DataBundle, Normalize, check_not_empty, eval_shard, generator,
                      per_rank_batch, per_rank_eval_batch, split_indices)
 
 

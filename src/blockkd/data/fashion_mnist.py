@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import BlockKDError
-from .common import cache_home
+from ..utils import cache_home
 from .device_loader import ArrayData
 
 FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",

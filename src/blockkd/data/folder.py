@@ -9,21 +9,31 @@ per core here), but everything that can be batched is left to the device: worker
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler, Subset
 from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 from torchvision.transforms.functional import pil_to_tensor
 
 from ..errors import BlockKDError
-from .common import (AUGMENT, SHUFFLE, DataBundle, Normalize, check_not_empty, data_home, eval_shard, generator,
+from ..utils import data_home
+from ..schema import STRING, integer, option, optional
+from .common import (AUGMENT, SHUFFLE, DataBundle, Normalize, check_not_empty, eval_shard, generator,
                      mix_seed, per_rank_batch, per_rank_eval_batch, split_indices)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderOptions:
+    root: str | None = option(None, optional(STRING), "folder holding train/ and val/ (null: $BLOCKKD_DATA/imagenet)")
+    image_size: int = option(224, integer(8), "side of the training crop and of the evaluation center crop")
+    num_workers: int = option(4, integer(0), "DataLoader worker processes per rank")
 
 
 def read_rgb(path: str) -> torch.Tensor:
@@ -46,7 +56,39 @@ def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.where(flip, x.flip(-1), x)
 
 
-class FolderLoader:
+class EpochSampler(Sampler):
+    """Yields ``(epoch, index)`` for each index of ``inner``: the sample's augmentation is then drawn from
+    (seed, epoch, index) in whichever worker reads it, so an epoch replays exactly on resume whatever the
+    number of (persistent) workers and whatever they did before."""
+
+    def __init__(self, inner: Sampler):
+        self.inner, self.epoch = inner, 0
+
+    def __iter__(self):
+        return ((self.epoch, i) for i in self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+class SeededSamples(Dataset):
+    """``dataset[i]`` with torch's RNG seeded from (seed, epoch, i) around it (restored after): random
+    transforms (RandomResizedCrop) become a function of the sample and the epoch."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mix_seed(self.seed, epoch, i, AUGMENT))
+            return self.dataset[i]
+
+
+class DeviceBatches:
     """A DataLoader of uint8 (or already normalised) CPU batches, delivered normalised on ``device``.
 
     ``flip``: random horizontal flips on the device, drawn from (seed, epoch, rank) so an epoch replays
@@ -60,13 +102,16 @@ class FolderLoader:
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
-        """Forwarded to the DistributedSampler, or re-seeds the shuffling generator from (seed, epoch)."""
+        """Forwarded to the samplers: the shuffle and every sample's augmentation follow (seed, epoch)."""
         self.epoch = epoch
         sampler = self.loader.sampler
+        if isinstance(sampler, EpochSampler):
+            sampler.epoch = epoch
+            sampler = sampler.inner
         if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch)
-        elif self.loader.generator is not None:
-            self.loader.generator.manual_seed(mix_seed(self.seed, epoch, SHUFFLE))
+        elif isinstance(sampler, RandomSampler) and sampler.generator is not None:
+            sampler.generator.manual_seed(mix_seed(self.seed, epoch, SHUFFLE))
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -83,19 +128,24 @@ class FolderLoader:
 
 def make_loader(dataset: Dataset, *, batch_size: int, train: bool, num_workers: int, device: torch.device,
                 drop_last: bool, seed: int, rank: int, world_size: int, normalize: Normalize | None,
-                flip: bool = False) -> FolderLoader:
-    """The DataLoader settings shared by image folders and the torchvision reference pipeline."""
-    sampler, gen = None, None
+                flip: bool = False) -> DeviceBatches:
+    """A DataLoader over ``dataset`` delivering on ``device``; training order and augmentation follow
+    (seed, epoch) exactly (see ``EpochSampler``)."""
     if train and world_size > 1:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
-                                     drop_last=drop_last)
+        inner: Sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                            drop_last=drop_last)
     elif train:
-        gen = generator(seed, 0, SHUFFLE)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
-                        generator=gen, num_workers=num_workers, pin_memory=device.type == "cuda",
-                        drop_last=train and drop_last, persistent_workers=num_workers > 0,
-                        prefetch_factor=4 if num_workers > 0 else None)
-    return FolderLoader(loader, device, normalize, seed, flip=flip, rank=rank)
+        inner = RandomSampler(dataset, generator=generator(seed, 0, SHUFFLE))
+    else:
+        inner = SequentialSampler(dataset)
+    if train:
+        dataset, sampler = SeededSamples(dataset, seed), EpochSampler(inner)
+    else:
+        sampler = inner
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        pin_memory=device.type == "cuda", drop_last=train and drop_last,
+                        persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
+    return DeviceBatches(loader, device, normalize, seed, flip=flip, rank=rank)
 
 
 def _image_folder(path: Path, image_size: int, train: bool) -> ImageFolder:
@@ -111,7 +161,7 @@ def _image_folder(path: Path, image_size: int, train: bool) -> ImageFolder:
 def build(cfg: dict, *, device: torch.device, rank: int, world_size: int, seed: int) -> DataBundle:
     """Train/val loaders over ``cfg['root']/train`` and ``/val`` (or a held-out part of train)."""
     root = Path(cfg.get("root") or data_home() / "imagenet").expanduser()
-    size = int(cfg.get("image_size") or 224)
+    size = int(cfg["image_size"])
     train_set = _image_folder(root / "train", size, train=cfg["augment"])
     train_idx, val_idx = split_indices(len(train_set), cfg["val_split"], cfg["train_subset"])
     if val_idx is not None:  # the same files, read with the evaluation transforms

@@ -71,9 +71,36 @@ def load_model_weights(model: nn.Module, path: str | Path, *, role: str, name: s
     return model
 
 
-def build_model(section: dict, data, *, role: str) -> nn.Module:
-    """``models.create`` for the data's classes and channels, then the section's checkpoint, if any."""
-    model = models.create(section["name"], num_classes=data.num_classes, in_channels=data.input_shape[0])
-    if section.get("checkpoint"):
-        load_model_weights(model, section["checkpoint"], role=role, name=section["name"], data=data)
+def build_model(name: str, data, *, checkpoint: str | None = None, role: str = "model") -> nn.Module:
+    """``models.create`` for the data's classes and channels, then ``checkpoint``, if any."""
+    model = models.create(name, num_classes=data.num_classes, in_channels=data.input_shape[0])
+    if checkpoint:
+        load_model_weights(model, checkpoint, role=role, name=name, data=data)
     return model
+
+
+def build_distiller(cfg, data, device: torch.device, *, sync_bn: bool = False):
+    """The recipe's student (and teacher) for the data, wrapped by its method, on ``device``.
+
+    A method option that can only be checked against the models (``num_blocks`` larger than the
+    networks' stages, say) fails here with one line naming the key and the file that set it.
+    """
+    from .. import methods
+    from ..errors import BlockKDError
+    from ..schema import OptionError
+
+    student = build_model(cfg.model.name, data, checkpoint=cfg.model.checkpoint, role="model")
+    if sync_bn:
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)  # before the method builds views of it
+    teacher = build_model(cfg.teacher.name, data, checkpoint=cfg.teacher.checkpoint, role="teacher") \
+        if cfg.needs_teacher else None
+    try:
+        distiller = methods.create(cfg.method.name, student, teacher, data.input_shape, options=cfg.method.options)
+    except OptionError as e:
+        key = f"method.options.{e.key}"
+        raise BlockKDError(f"invalid {key} in {cfg.where(key)}: {e}") from None
+    if sync_bn:  # the method's own modules (connectors), in place
+        for name, child in distiller.named_children():
+            if name not in ("student", "teacher"):
+                nn.SyncBatchNorm.convert_sync_batchnorm(child)
+    return distiller.to(device)

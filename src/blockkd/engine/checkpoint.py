@@ -23,11 +23,13 @@ import safetensors.torch
 import torch
 
 from ..errors import BlockKDError
-from .runtime import fault_point
+from .._hooks import fault_point
+from ..utils import atomic_write, fsync_dir, write_synced
 
 FORMAT = "blockkd-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: meta.json has its own checksum file
 WEIGHTS, OPTIM, META = "weights.safetensors", "optim.safetensors", "meta.json"
+META_SUM = "meta.json.sha256"  # sha256 of meta.json (which holds the sha256 of the tensor files)
 
 
 @dataclasses.dataclass
@@ -45,7 +47,7 @@ class Checkpoint:
 
 
 # ------------------------------------------------------------------------------- nested state <-> JSON
-def flatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+def pack_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     """``obj`` as JSON with each tensor replaced by ``{"__tensor__": key}`` and stored in ``tensors``.
 
     Dicts with non-string keys (the optimizer's per-parameter state is keyed by int) become
@@ -57,57 +59,29 @@ def flatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
         return {"__tensor__": key}
     if isinstance(obj, dict):
         if all(isinstance(k, str) for k in obj):
-            return {k: flatten(v, tensors) for k, v in obj.items()}
-        return {"__items__": [[k, flatten(v, tensors)] for k, v in obj.items()]}
+            return {k: pack_state(v, tensors) for k, v in obj.items()}
+        return {"__items__": [[k, pack_state(v, tensors)] for k, v in obj.items()]}
     if isinstance(obj, (list, tuple)):
-        return [flatten(v, tensors) for v in obj]
+        return [pack_state(v, tensors) for v in obj]
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint")
 
 
-def unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """Inverse of :func:`flatten`."""
+def unpack_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`pack_state`."""
     if isinstance(obj, dict):
         if set(obj) == {"__tensor__"}:
             return tensors[obj["__tensor__"]]
         if set(obj) == {"__items__"}:
-            return {k: unflatten(v, tensors) for k, v in obj["__items__"]}
-        return {k: unflatten(v, tensors) for k, v in obj.items()}
+            return {k: unpack_state(v, tensors) for k, v in obj["__items__"]}
+        return {k: unpack_state(v, tensors) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [unflatten(v, tensors) for v in obj]
+        return [unpack_state(v, tensors) for v in obj]
     return obj
 
 
 # ------------------------------------------------------------------------------- files
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_bytes(path: Path, data: bytes) -> None:
-    """Write and fsync, so a rename that follows never publishes a half-written file."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace ``path`` by ``text`` atomically (temp file beside it, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write_bytes(tmp, text.encode("utf-8"))
-    os.replace(tmp, path)
-
-
 def _tensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     return safetensors.torch.save({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()})
 
@@ -124,11 +98,12 @@ def save_checkpoint(folder: str | Path, *, weights: dict[str, torch.Tensor], met
     """
     folder = Path(folder)
     state_tensors: dict[str, torch.Tensor] = {}
-    state_json = flatten(state or {}, state_tensors)
+    state_json = pack_state(state or {}, state_tensors)
     files = {WEIGHTS: _tensors_bytes(weights), OPTIM: _tensors_bytes(state_tensors)}
     meta = {"format": FORMAT, "version": VERSION, **meta, "state": state_json,
             "sha256": {name: _sha256(data) for name, data in files.items()}}
     files[META] = json.dumps(meta, indent=1).encode("utf-8")
+    files[META_SUM] = _sha256(files[META]).encode("ascii")
     with _writing(folder) as tmp:
         return _write_and_publish(tmp, folder, files, keep_prev, meta.get("epoch"))
 
@@ -140,7 +115,7 @@ def copy_checkpoint(src: str | Path, folder: str | Path, *, keep_prev: bool = Fa
     """
     src, folder = Path(src), Path(folder)
     with _writing(folder) as tmp:
-        files = {name: (src / name).read_bytes() for name in (WEIGHTS, OPTIM, META)}
+        files = {name: (src / name).read_bytes() for name in (WEIGHTS, OPTIM, META, META_SUM)}
         return _write_and_publish(tmp, folder, files, keep_prev, json.loads(files[META]).get("epoch"))
 
 
@@ -164,7 +139,7 @@ def _write_and_publish(tmp: Path, folder: Path, files: dict[str, bytes], keep_pr
     """Write ``files`` into ``tmp``, then swap it in as ``folder`` (``epoch`` names the fault points)."""
     where = {"folder": folder.name, "epoch": epoch}
     for name, data in files.items():
-        write_bytes(tmp / name, data)
+        write_synced(tmp / name, data)
         fault_point("checkpoint_write", **where)
     return _publish(tmp, folder, keep_prev, where)
 
@@ -173,7 +148,7 @@ def _publish(tmp: Path, folder: Path, keep_prev: bool, where: dict) -> Path:
     """Swap the complete ``tmp`` folder in as ``folder``; the old one survives as ``<folder>.prev`` until then."""
     prev = folder.with_name(f"{folder.name}.prev")
     old = folder.with_name(f".{folder.name}.prev.old")  # the replaced prev, deleted once the swap is done
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if old.exists():
         shutil.rmtree(old)
     done: list[tuple[Path, Path]] = []
@@ -190,7 +165,7 @@ def _publish(tmp: Path, folder: Path, keep_prev: bool, where: dict) -> Path:
             os.replace(dst, src)
         raise
     fault_point("checkpoint_renamed", **where)
-    _fsync_dir(folder.parent)
+    fsync_dir(folder.parent)
     for stale in [old] if keep_prev else [old, prev]:
         if stale.exists():
             shutil.rmtree(stale)
@@ -214,11 +189,19 @@ def read_meta(folder: str | Path) -> dict:
     """``meta.json`` of a checkpoint folder, checked for format and version."""
     path = Path(folder) / META
     try:
-        meta = json.loads(path.read_text("utf-8"))
+        raw = path.read_bytes()
+        meta = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise BlockKDError(f"{folder} is not a checkpoint folder (no {META})") from None
     except (OSError, ValueError) as e:
         raise BlockKDError(f"checkpoint file {path} is unreadable or corrupt ({e})") from None
+    if isinstance(meta, dict) and meta.get("version", 1) >= 2:
+        try:
+            want = (Path(folder) / META_SUM).read_text("ascii").strip()
+        except (OSError, ValueError):
+            raise BlockKDError(f"checkpoint file {Path(folder) / META_SUM} is missing or unreadable") from None
+        if _sha256(raw) != want:
+            raise BlockKDError(f"checkpoint file {path} is corrupt or truncated (sha256 mismatch with {META_SUM})")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise BlockKDError(f"{path} is not a blockkd checkpoint (format {meta.get('format') if isinstance(meta, dict) else None!r})")
     if meta.get("version", 0) > VERSION:
@@ -233,7 +216,7 @@ def load_checkpoint(folder: str | Path, *, with_state: bool = True) -> Checkpoin
     meta = read_meta(folder)
     sha = meta.get("sha256", {})
     weights = _read_tensors(folder / WEIGHTS, sha.get(WEIGHTS))
-    state = unflatten(meta.get("state", {}), _read_tensors(folder / OPTIM, sha.get(OPTIM))) if with_state else {}
+    state = unpack_state(meta.get("state", {}), _read_tensors(folder / OPTIM, sha.get(OPTIM))) if with_state else {}
     return Checkpoint(folder, weights, meta, state)
 
 

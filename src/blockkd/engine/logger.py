@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write_text
+from ..utils import atomic_write
 
 LOG = logging.getLogger("blockkd.engine")
 
@@ -106,12 +106,12 @@ class RunLogger(contextlib.AbstractContextManager):
         writer.writeheader()
         for row in history:
             writer.writerow({k: _csv_value(row.get(k)) for k in columns})
-        atomic_write_text(self.run_dir / "metrics.csv", buf.getvalue())
-        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        atomic_write(self.run_dir / "metrics.csv", buf.getvalue())
+        atomic_write(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
 
     def write_json(self, name: str, obj: Any) -> None:
         if self.enabled:
-            atomic_write_text(self.run_dir / name, json.dumps(obj, indent=2) + "\n")
+            atomic_write(self.run_dir / name, json.dumps(obj, indent=2) + "\n")
 
     def close(self) -> None:
         if self.tb is not None:

@@ -32,6 +32,9 @@ def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
     ax_loss.set_title("loss")
     for key, label in (("train_top1", "train top-1"), ("test_top1", "test top-1"), ("test_top5", "test top-5")):
         ax_acc.plot(*_series(history, key), marker=".", label=label)
+    heads = sorted({k for row in history for k in row if k.startswith("test_top1_")})
+    for key in heads:  # a distiller's further heads (Block-KD: each stepping-stone and their ensemble)
+        ax_acc.plot(*_series(history, key), ls=":", marker=".", label=key.removeprefix("test_top1_") + " top-1")
     ax_acc.set_title("accuracy (%)")
     ax_lr.plot(*_series(history, "lr"))
     ax_lr.set_title("learning rate (start of epoch)")

@@ -174,11 +174,12 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     return AMP_DTYPES[amp]
 
 
-def from_config(train_cfg: dict) -> Runtime:
-    device = resolve_device(train_cfg.get("device", "auto"))
-    cl = train_cfg.get("channels_last", "auto")
-    channels_last = device.type == "cuda" if cl in ("auto", None) else bool(cl)
-    return Runtime(device, resolve_amp(train_cfg.get("amp", "auto"), device), channels_last)
+def resolve(device: str | torch.device | None = "auto", amp: str = "auto", channels_last: str | bool = "auto"
+            ) -> Runtime:
+    """The Runtime of a ``train`` section's device, amp and channels_last settings."""
+    dev = resolve_device(device)
+    cl = dev.type == "cuda" if channels_last in ("auto", None) else bool(channels_last)
+    return Runtime(dev, resolve_amp(amp, dev), cl)
 
 
 # ----------------------------------------------------------------------------------------- seeds
@@ -259,32 +260,3 @@ def defer_sigint() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
     if caught:
         signal.raise_signal(signal.SIGINT)
-
-
-FAULT_ENV = "BLOCKKD_FAULT"
-
-
-def fault_point(point: str, **where: Any) -> None:
-    """Test hook for the reliability suite (tests/faults); does nothing unless ``$BLOCKKD_FAULT`` is set.
-
-    ``BLOCKKD_FAULT=[pause@]POINT[:key=value,...]``: when the run reaches ``POINT`` with every ``key``
-    equal to ``value``, the process SIGKILLs itself (default), or with ``pause@`` prints
-    ``fault point POINT reached`` to stderr and sleeps (up to 10 minutes) so a test can signal it there.
-    Points: ``step`` (step=global step index, before it runs), ``checkpoint_write`` (after each file
-    written into the temporary folder: a kill there leaves a half-written checkpoint), ``checkpoint_rename``
-    (old folder moved aside, new one not yet in place), ``checkpoint_renamed`` (new folder in place,
-    nothing after it done); the checkpoint points have ``folder`` (last, best) and ``epoch``.
-    """
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    action, _, spec = spec.rpartition("@")
-    name, _, conditions = spec.partition(":")
-    want = dict(c.split("=", 1) for c in conditions.split(",") if c)
-    if name != point or any(str(where.get(k)) != v for k, v in want.items()):
-        return
-    if action == "pause":
-        print(f"fault point {point} reached", file=sys.stderr, flush=True)
-        time.sleep(600)
-    else:
-        os.kill(os.getpid(), signal.SIGKILL)

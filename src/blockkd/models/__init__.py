@@ -21,7 +21,7 @@ from ..registry import Registry, UnknownNameError
 from . import external, mobilenetv1, mobilenetv2, resnet_cifar, resnetv2, shufflenetv1, shufflenetv2, vgg, wrn
 
 __all__ = ["names", "create", "check_name", "register", "load_weights", "num_params", "read_state_dict",
-           "torchvision_state_dict", "FAMILY_NAMES"]
+           "torchvision_state_dict", "prefixes"]
 
 Factory = Callable[..., nn.Module]  # fn(num_classes, in_channels) -> nn.Module
 _MODELS: Registry[Factory] = Registry("model")
@@ -32,14 +32,18 @@ def register(name: str) -> Callable[[Factory], Factory]:
     return _MODELS.register(name)
 
 
-# What ``names()`` lists for the libraries resolved by prefix (their models are not enumerated).
-FAMILY_NAMES = tuple(f"{f}.<name>" for f in external.FAMILIES)
 torchvision_state_dict = external.torchvision_state_dict
 
 
 def names() -> list[str]:
-    """All registered model names, zoo first, in registration order, then ``torchvision.<name>``, ``timm.<name>``."""
-    return _MODELS.names() + list(FAMILY_NAMES)
+    """Every registered model name (the zoo first, in registration order): each one ``create`` accepts."""
+    return _MODELS.names()
+
+
+def prefixes() -> list[str]:
+    """The prefixes that name any model of a library (``torchvision.``, ``timm.``): ``create("timm.convnext_atto")``;
+    their models are listed by the libraries (``torchvision.models.list_models()``, ``timm.list_models()``)."""
+    return [f"{f}." for f in external.FAMILIES]
 
 
 def check_name(name: str) -> None:

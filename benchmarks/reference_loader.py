@@ -11,8 +11,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from .device_loader import ArrayData, apply_splits
-from .folder import FolderLoader, make_loader
+from blockkd import data as data_lib
+from blockkd.data.device_loader import apply_splits
+from blockkd.data.folder import DeviceBatches, make_loader
 
 
 class PILArrays(Dataset):
@@ -30,8 +31,11 @@ class PILArrays(Dataset):
         return self.transform(Image.fromarray(np.ascontiguousarray(self.x[i]))), self.y[i]
 
 
-def reference_loader(data: ArrayData, cfg: dict, *, device: torch.device, seed: int = 0) -> FolderLoader:
-    """RandomCrop(padding) + RandomHorizontalFlip + ToTensor + Normalize over ``data``'s training split."""
+def reference_loader(cfg: dict, *, device: torch.device, num_workers: int, seed: int = 0) -> DeviceBatches:
+    """RandomCrop(padding) + RandomHorizontalFlip + ToTensor + Normalize over the training split of the
+    in-memory dataset ``cfg`` (a flat data section): the same images as ``blockkd.data.build``."""
+    cfg = data_lib.parse(cfg).flat()
+    data = data_lib.arrays(cfg)
     train_x, train_y, _, _ = apply_splits(data, cfg)
     steps = []
     if cfg["augment"]:
@@ -39,5 +43,5 @@ def reference_loader(data: ArrayData, cfg: dict, *, device: torch.device, seed: 
         steps += [T.RandomHorizontalFlip()] if data.flip else []
     tf = T.Compose(steps + [T.ToTensor(), T.Normalize(data.mean, data.std)])
     return make_loader(PILArrays(train_x, train_y, tf), batch_size=cfg["batch_size"], train=True,
-                       num_workers=int(cfg["num_workers"]), device=device, drop_last=cfg["drop_last"], seed=seed,
+                       num_workers=num_workers, device=device, drop_last=cfg["drop_last"], seed=seed,
                        rank=0, world_size=1, normalize=None)

@@ -1,0 +1,271 @@
+"""Recipes: ``load(path, overrides) -> Config``, a typed, fully validated run description.
+
+Why: a mistyped key or a bad value must stop a run before any work starts, with one line that names
+the key, the file it came from and what is expected (or the closest valid key or name). Every section
+is declared once as a dataclass (``sections``; ``data``/``optim``/``schedule`` beside their registries;
+each method's options in its own file), so validation, ``blockkd methods`` and ``docs/config.md``
+(:func:`reference`) come from the same declarations. The engine receives a :class:`Config` and
+trusts it; ``Config.to_dict()`` is what runs store (only the keys that apply to the run).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from .. import schema
+from ..errors import BlockKDError
+from .recipe import SECTIONS, check_keys, compose, dump as _dump, origin, parse_overrides, parse_value, _show
+from .sections import ModelSection, OutputSection, TeacherSection, TrainSection, MethodSection
+
+__all__ = ["Config", "load", "validate", "dump", "run_name", "parse_overrides", "parse_value", "parse_data_overrides",
+           "check", "fingerprint", "flat_keys", "reference", "SECTIONS"]
+
+PLAIN = {"model": ModelSection, "teacher": TeacherSection, "train": TrainSection, "output": OutputSection}
+
+
+def _named(section: str):
+    """(common dataclass, registry, kind) of the sections whose ``name`` picks an entry with own keys."""
+    from .. import data, optim
+    from .sections import OptimSection, ScheduleSection
+
+    return {"data": (data.DataSection, data.DATASETS, "dataset"),
+            "optim": (OptimSection, optim.OPTIMIZERS, "optimizer"),
+            "schedule": (ScheduleSection, optim.SCHEDULES, "schedule")}[section]
+
+
+def _declared_keys(section: str) -> list[str]:
+    if section in PLAIN:
+        return [f.name for f in schema.fields(PLAIN[section])]
+    if section == "method":
+        return ["name", "options"]
+    cls, registry, _ = _named(section)
+    keys = [f.name for f in schema.fields(cls)]
+    for name in registry.names():
+        keys += [f.name for f in schema.fields(registry.get(name).options) if f.name not in keys]
+    return keys
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A validated recipe. ``origins`` maps dotted keys to the file or override that set them."""
+
+    model: ModelSection
+    teacher: TeacherSection
+    method: MethodSection
+    data: Any  # blockkd.data.DataSection
+    optim: Any  # sections.OptimSection
+    schedule: Any  # sections.ScheduleSection
+    train: TrainSection
+    output: OutputSection
+    source: str = dataclasses.field(default="config", compare=False)
+    origins: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def where(self, key: str) -> str:
+        """The file or override that set the dotted ``key`` (the recipe itself for defaults)."""
+        return origin(self.origins, key, self.source)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """The recipe as stored in ``config.yaml`` and checkpoints: every key that applies to this run."""
+        out: dict[str, dict[str, Any]] = {}
+        for section in SECTIONS:
+            value = getattr(self, section)
+            if section == "method":
+                out[section] = {"name": value.name, "options": schema.to_dict(value.options)}
+            elif section in PLAIN:
+                out[section] = schema.to_dict(value)
+            else:
+                out[section] = schema.named_to_dict(value)
+        return out
+
+    def __getitem__(self, section: str) -> dict[str, Any]:
+        """``cfg["optim"]``: a section in its stored form (a copy; the typed sections are the attributes)."""
+        return self.to_dict()[section]
+
+    def __iter__(self):
+        return iter(SECTIONS)
+
+    def keys(self):
+        return list(SECTIONS)
+
+    def replace(self, **sections: Any) -> "Config":
+        return dataclasses.replace(self, **sections)
+
+    @property
+    def needs_teacher(self) -> bool:
+        from .. import methods
+
+        return methods.needs_teacher(self.method.name)
+
+
+def load(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+    """The validated config of the recipe at ``path`` with ``key=value`` ``overrides``."""
+    path = Path(path)
+    if not path.is_file():
+        folder = " (it is a folder)" if path.is_dir() else ""
+        raise BlockKDError(f"recipe file not found: {_show(path.absolute())}{folder}")
+    raw, origins = compose(path, overrides)
+    return validate(raw, origins=origins, source=_show(path.resolve()))
+
+
+def validate(cfg: Mapping | Config, *, origins: Mapping[str, str] | None = None, source: str = "config") -> Config:
+    """A :class:`Config` from a nested mapping (idempotent: a Config, or its ``to_dict()``, validates to itself).
+
+    Checks every key and value, the model, teacher, method, dataset, optimizer and schedule names
+    (closest-name errors) and the method's options, without building anything.
+    """
+    if isinstance(cfg, Config):
+        return cfg
+    origins = dict(origins or {})
+    where = lambda key: origin(origins, key, source)  # noqa: E731
+    check_keys(cfg, where)
+    raw = {s: dict(cfg.get(s) or {}) for s in SECTIONS}
+    sections: dict[str, Any] = {}
+    for name, cls in PLAIN.items():
+        sections[name] = schema.parse(cls, raw[name], prefix=f"{name}.", where=where)
+    for name in ("data", "optim", "schedule"):
+        cls, registry, kind = _named(name)
+        sections[name] = schema.parse_named(cls, registry, raw[name], prefix=f"{name}.", where=where, kind=kind)
+    sections["method"] = _method(raw["method"], where)
+    _check_models(sections, where)
+    config = Config(**sections, source=source, origins=origins)
+    _check_teacher(config)
+    if config.output.name is None:
+        config = config.replace(output=dataclasses.replace(config.output, name=run_name(config)))
+    return config
+
+
+def _method(raw: dict, where) -> MethodSection:
+    from .. import methods
+
+    base = schema.parse(MethodSection, {k: v for k, v in raw.items() if k == "name"}, prefix="method.", where=where)
+    if base.name not in methods.names():
+        from ..registry import unknown
+
+        err = unknown("method", base.name, methods.names())
+        raise type(err)(str(err).replace(repr(base.name), f"{base.name!r} (method.name in {where('method.name')})", 1))
+    options = raw.get("options")
+    if options is not None and not isinstance(options, Mapping):
+        raise BlockKDError(f"invalid method.options={schema.format_value(options)} in {where('method.options')}: "
+                           f"expected a mapping")
+    return dataclasses.replace(base, options=methods.parse_options(base.name, options, where=where))
+
+
+def _check_models(sections: dict, where) -> None:
+    """Model and teacher names must be creatable (closest-name errors naming the key and its source)."""
+    from .. import models
+    from ..registry import UnknownNameError
+
+    for key, kind in (("model", "model"), ("teacher", "teacher model")):
+        value = sections[key].name
+        if value is None:
+            continue
+        try:
+            models.check_name(value)
+        except UnknownNameError as err:
+            message = str(err).replace("unknown model", f"unknown {kind}", 1)
+            raise UnknownNameError(message.replace(repr(value), f"{value!r} ({key}.name in {where(key + '.name')})", 1)
+                                   ) from None
+
+
+def _check_teacher(cfg: Config) -> None:
+    name, teacher = cfg.method.name, cfg.teacher
+    if not cfg.needs_teacher:
+        return
+    if teacher.name is None:
+        raise BlockKDError(f"method {name!r} needs a teacher: set teacher.name in {cfg.source} or on the command line")
+    if teacher.checkpoint is None and not teacher.allow_random:
+        raise BlockKDError(f"method {name!r} needs the teacher's weights: set teacher.checkpoint in {cfg.source} or on "
+                           f"the command line, e.g. teacher.checkpoint=path/to/{teacher.name}.pth")
+
+
+def run_name(cfg: Config) -> str:
+    """Default run folder name: dataset, teacher (when used), model, method and a non-zero seed."""
+    teacher = cfg.teacher.name if cfg.needs_teacher else None
+    parts = [cfg.data.name, teacher, cfg.model.name, cfg.method.name]
+    seed = cfg.train.seed
+    return "-".join(p for p in parts if p) + (f"-seed{seed}" if seed else "")
+
+
+def dump(cfg: Config | Mapping) -> str:
+    """``cfg`` as YAML, sections in schema order (``load`` of the result gives ``cfg`` back)."""
+    return _dump(cfg.to_dict() if isinstance(cfg, Config) else dict(cfg))
+
+
+def check(key: str, value: Any, where: str = "the command line") -> Any:
+    """``value`` checked (and normalised) as the key ``key`` of a plain section, e.g. ``--device``."""
+    section, name = key.split(".", 1)
+    return getattr(schema.parse(PLAIN[section], {name: value}, prefix=f"{section}.", where=lambda k: where), name)
+
+
+def parse_data_overrides(items: Iterable[str], base: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` (a run's flat data section) with ``["batch_size=256", "root=/data"]`` applied and checked
+    (``blockkd eval --data``)."""
+    from .. import data
+
+    values = dict(base)
+    sources = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise BlockKDError(f"--data {item!r} must look like key=value, e.g. batch_size=256")
+        values[key] = parse_value(text)
+        sources[f"data.{key}"] = f"--data {item!r}"
+    return data.parse(values, where=lambda k: sources.get(k, "the run's config"), drop_foreign=True).flat()
+
+
+def flat_keys(cfg: Mapping, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (empty mappings stay leaves)."""
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        if isinstance(v, Mapping) and v:
+            out.update(flat_keys(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def fingerprint(cfg: Config | Mapping, ignore: Iterable[str] = ("output",)) -> str:
+    """A short stable hash of ``cfg`` without the ``ignore``d sections/dotted keys.
+
+    Why: a cached artefact (the demo's teacher) is reused only when the recipe that made it is the same.
+    """
+    d = cfg.to_dict() if isinstance(cfg, Config) else cfg
+    flat = {k: v for k, v in flat_keys(d).items() if not any(k == i or k.startswith(i + ".") for i in ignore)}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def reference() -> str:
+    """The markdown tables of every key, generated from the declarations (``docs/config.md``)."""
+    from .. import methods
+    from ..schema import describe
+
+    def table(rows) -> list[str]:
+        out = ["| key | default | expected | meaning |", "|---|---|---|---|"]
+        return out + [f"| `{k}` | {d} | {e} | {h} |".replace("\n", " ") for k, d, e, h in rows]
+
+    lines: list[str] = []
+    for section in SECTIONS:
+        lines += [f"### `{section}`", ""]
+        if section in PLAIN:
+            lines += table(describe(PLAIN[section], f"{section}."))
+        elif section == "method":
+            lines += table(describe(MethodSection, "method."))
+            lines += ["", "`method.options` are the chosen method's own (`blockkd methods`):", ""]
+            for name in methods.names():
+                rows = describe(methods.get(name).Options, "")
+                lines += [f"- `{name}`: " + ("; ".join(f"`{k}` ({d}): {h}" for k, d, _, h in rows) or "no options")]
+        else:
+            cls, registry, kind = _named(section)
+            lines += table(describe(cls, f"{section}."))
+            lines += ["", f"Keys of each {kind} (`{section}.name`), beside the ones above:", ""]
+            for name in registry.names():
+                entry = registry.get(name)
+                rows = describe(entry.options, "")
+                own = "; ".join(f"`{k}` ({d}): {h}" for k, d, _, h in rows) if section != "optim" else \
+                    ", ".join(f"`{k}` ({d})" for k, d, _, _ in rows)
+                lines += [f"- `{name}` — {entry.help}" + (f": {own}" if own else "")]
+        lines.append("")
+    return "\n".join(lines)

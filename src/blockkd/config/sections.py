@@ -1,0 +1,97 @@
+"""The recipe's sections, each declared once as a typed dataclass (see :mod:`blockkd.schema`).
+
+Why here and not spread over the engine: a recipe is checked whole at load time, before any data,
+model or teacher is touched, and ``docs/config.md`` is generated from these declarations. The
+``data``, ``optim`` and ``schedule`` sections are declared beside what they choose (``blockkd.data``,
+``blockkd.optim``): their ``name`` picks an entry whose own keys sit flat beside the common ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..schema import BOOL, STRING, Check, REQUIRED, choice, integer, number, option, optional
+
+AMP = Check("one of auto, off, bf16, fp16", lambda v: v is False or v in ("auto", "off", "bf16", "fp16"),
+            lambda v: "off" if v is False else v, ("auto", "off", "bf16", "fp16"))  # YAML 1.1 reads `off` as false
+
+
+def _is_device(v: Any) -> bool:
+    if not isinstance(v, str):
+        return False
+    if v == "auto":
+        return True
+    import torch
+
+    try:
+        torch.device(v)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+DEVICE = Check("'auto' or a torch device such as cpu, cuda, cuda:1", _is_device)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    name: str = option(REQUIRED, STRING, "the student (for ce: the model trained): a blockkd.models name, "
+                       "torchvision.<name> or timm.<name>")
+    checkpoint: str | None = option(None, optional(STRING), "initial weights for the student")
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherSection:
+    name: str | None = option(None, optional(STRING), "teacher model name (every method but ce)")
+    checkpoint: str | None = option(None, optional(STRING), "our run folder, .safetensors, a RepDistiller/"
+                                    "mdistiller or torchvision .pth, or torchvision://IMAGENET1K_V1")
+    allow_random: bool = option(False, BOOL, "tests only: distill from an untrained teacher")
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSection:
+    name: str = option("ce", STRING, "distillation method: a blockkd.methods name (blockkd methods)")
+    options: Any = None  # the method's own Options instance (method.options.<key> in YAML)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection:
+    name: str = option("sgd", STRING, "optimizer: sgd, adamw, adam, ... (torch.optim's, by name); its "
+                       "keyword arguments sit beside lr")
+    lr: float = option(0.05, number(0, strict=True), "base learning rate for the global batch")
+    weight_decay: float = option(5.0e-4, number(0), "weight decay")
+    options: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleSection:
+    name: str = option("multistep", STRING, "lr schedule: multistep, cosine, linear, constant")
+    warmup_epochs: float = option(0.0, number(0), "linear lr warm-up from 0, per step, before the schedule")
+    options: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    epochs: int = option(240, integer(1), "number of epochs")
+    seed: int = option(0, integer(0), "seed of every RNG")
+    deterministic: bool = option(False, BOOL, "deterministic algorithms (exact resume)")
+    device: str = option("auto", DEVICE, "auto, cpu, cuda, cuda:1 ...")
+    amp: str = option("auto", AMP, "mixed precision: auto (bf16 on CUDA when supported), off, bf16, fp16")
+    channels_last: Any = option("auto", choice("auto", True, False), "channels-last memory format (auto: on CUDA)")
+    compile: bool = option(False, BOOL, "torch.compile the training forward")
+    grad_clip: float | None = option(None, optional(number(0, strict=True)), "max gradient norm (null: off)")
+    nonfinite: str = option("stop", choice("stop", "skip"), "a NaN/Inf loss: stop the run, or skip the step")
+    eval_every: int = option(1, integer(1), "epochs between evaluations (the last epoch is always evaluated)")
+    sync_bn: bool = option(False, BOOL, "SyncBatchNorm under DDP (CUDA)")
+    max_steps: int | None = option(None, optional(integer(1)), "stop after this many optimizer steps")
+    diagnostics_every: int = option(0, integer(0), "steps between the method's diagnostics (e.g. Block-KD's "
+                                    "per-stone gradient norms) in TensorBoard; 0: at every log sync")
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputSection:
+    dir: str = option("runs", STRING, "parent folder of run folders")
+    name: str | None = option(None, optional(STRING), "run folder name (null: dataset-teacher-model-method[-seedN])")
+    tensorboard: bool = option(True, BOOL, "TensorBoard event files")
+    progress: bool = option(True, BOOL, "live progress bar")
+    plot: bool = option(True, BOOL, "PNG of the curves at the end")

@@ -1,0 +1,93 @@
+"""Evaluation: top-1/top-5 and loss of a model (or of every head a distiller exposes) on a loader.
+
+Why heads: a distiller such as Block-KD holds several complete classifiers besides the student (its
+stepping-stones and their ensemble); reporting each beside the student shows whether they learn and
+help. ``Distiller.eval_logits(x)`` returns ``{"student": logits, ...}``; a plain model is one head.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import data as data_lib
+from ..errors import BlockKDError
+from ..utils import eval_mode
+from . import runtime
+from .build import build_model, check_fits
+from .checkpoint import checkpoint_dir, load_checkpoint, read_meta
+from .guards import oom_advice
+from .runtime import Runtime
+
+
+def heads_of(model: nn.Module) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    """``x -> {head name: logits}``: a distiller's ``eval_logits`` where it has one, else the model itself."""
+    eval_logits = getattr(model, "eval_logits", None)
+    return eval_logits if callable(eval_logits) else (lambda x: {"student": model(x)})
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, rt: Runtime | None = None, *, heads: bool = False) -> dict[str, float]:
+    """Top-1/top-5 (%), mean cross-entropy and images/s of ``model`` on ``loader`` (summed over ranks).
+
+    ``heads=True``: ``model`` is a distiller and each further head of ``eval_logits`` adds ``top1_<head>``.
+    """
+    if rt is None:
+        param = next(model.parameters(), None)
+        rt = Runtime(param.device if param is not None else torch.device("cpu"), None, False)
+    forward = heads_of(model) if heads else (lambda x: {"student": model(x)})
+    sums: dict[str, torch.Tensor] = {}
+    n = 0
+    start = time.perf_counter()
+    with eval_mode(model):
+        for x, y in loader:
+            with rt.autocast():
+                outputs = forward(rt.prepare(x))
+            for name, logits in outputs.items():
+                logits = logits.float()
+                hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
+                row = torch.stack([hits[:, 0].sum(), hits.any(1).sum(), F.cross_entropy(logits, y, reduction="sum")])
+                sums[name] = sums[name] + row if name in sums else row.double()
+            n += y.shape[0]
+    names = sorted(sums)  # the same order on every rank
+    stacked = torch.cat([sums[k] for k in names]) if names else torch.zeros(0, device=rt.device, dtype=torch.float64)
+    totals = runtime.all_reduce_sum(torch.cat([stacked, stacked.new_tensor([n])])).tolist()
+    seconds = time.perf_counter() - start
+    n_all = totals[-1]
+    if n_all == 0:
+        raise BlockKDError("the test split is empty")
+    per = {k: totals[3 * i: 3 * i + 3] for i, k in enumerate(names)}
+    c1, c5, loss = per["student"]
+    out = {"top1": 100 * c1 / n_all, "top5": 100 * c5 / n_all, "loss": loss / n_all, "images": int(n_all),
+           "images_per_s": n_all / max(seconds, 1e-9)}
+    out.update({f"top1_{k}": 100 * v[0] / n_all for k, v in per.items() if k != "student"})
+    return out
+
+
+def evaluate_checkpoint(path: str | Path, data_overrides: list[str] | None = None,
+                        device: str | None = None) -> dict[str, Any]:
+    """Rebuild the student of a run (or checkpoint folder) from its meta.json and evaluate it on the test split."""
+    from .. import config
+
+    folder = checkpoint_dir(path)
+    saved = read_meta(folder)["config"]
+    data_cfg = config.parse_data_overrides(data_overrides or [], saved["data"])  # bad --data before any tensor
+    ckpt = load_checkpoint(folder, with_state=False)
+    train = saved["train"]
+    rt = runtime.resolve(device or train["device"], train["amp"], train["channels_last"])
+    data = data_lib.build(data_cfg, device=rt.device, seed=train["seed"])
+    model = build_model(saved["model"]["name"], data)
+    weights = ckpt.student_weights()
+    check_fits(model, weights, role="evaluated", path=ckpt.path, data=data)
+    model.load_state_dict(weights)
+    model.to(rt.device)
+    if rt.channels_last:
+        model.to(memory_format=torch.channels_last)
+    with oom_advice("data.eval_batch_size", data_cfg["eval_batch_size"]):
+        result = evaluate(model, data.test, rt)
+    return {"checkpoint": str(ckpt.path), "epoch": ckpt.meta.get("epoch"), "model": saved["model"]["name"],
+            "method": saved["method"]["name"], "data": data_cfg["name"], **result}
