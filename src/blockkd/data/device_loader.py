@@ -68,7 +68,8 @@ class DeviceLoader:
     so ranks are disjoint and together cover the epoch. Crop/flip draws come from a generator on the
     device seeded from (seed, epoch, rank), so any epoch can be replayed exactly (resume).
     Evaluation (``shuffle=False``): rank r reads the r-th contiguous 1/world_size of the data in order,
-    nothing dropped, so per-rank sums reduce to exact metrics.
+    nothing dropped, so per-rank sums reduce to exact metrics. ``with_index``: batches are
+    ``(x, y, index)``, each sample's index in the split (methods with a memory bank, CRD).
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, normalize: Normalize,
@@ -79,7 +80,7 @@ class DeviceLoader:
         self.shuffle, self.drop_last = shuffle, drop_last
         self.augment, self.padding, self.flip = augment and (padding > 0 or flip), padding, flip
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch = 0
+        self.epoch, self.with_index = 0, False
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -127,7 +128,7 @@ class DeviceLoader:
             x = self.x[i]
             if params is not None:
                 x = crop_flip(x, self.padding, *next(params))
-            yield self.normalize(x), self.y[i]
+            yield (self.normalize(x), self.y[i], i) if self.with_index else (self.normalize(x), self.y[i])
 
 
 def apply_splits(data: ArrayData, cfg: dict) -> tuple[torch.Tensor, ...]:

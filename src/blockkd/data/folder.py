@@ -85,20 +85,21 @@ class SeededSamples(Dataset):
         epoch, i = key
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(mix_seed(self.seed, epoch, i, AUGMENT))
-            return self.dataset[i]
+            return (*self.dataset[i], i)
 
 
 class DeviceBatches:
     """A DataLoader of uint8 (or already normalised) CPU batches, delivered normalised on ``device``.
 
     ``flip``: random horizontal flips on the device, drawn from (seed, epoch, rank) so an epoch replays
-    exactly on resume.
+    exactly on resume. ``with_index`` (training loaders): batches are ``(x, y, index)``, each sample's
+    index in the training split (methods with a memory bank, CRD).
     """
 
     def __init__(self, loader: DataLoader, device: torch.device, normalize: Normalize | None, seed: int = 0, *,
                  flip: bool = False, rank: int = 0):
         self.loader, self.device, self.normalize, self.seed = loader, device, normalize, seed
-        self.flip, self.rank = flip, rank
+        self.flip, self.rank, self.with_index = flip, rank, False
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -118,12 +119,13 @@ class DeviceBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = generator(self.seed, self.epoch, self.rank, AUGMENT, device=self.device) if self.flip else None
-        for x, y in self.loader:
+        for x, y, *index in self.loader:  # training batches carry each sample's index (SeededSamples)
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             if gen is not None:
                 x = random_flip(x, gen)
-            yield (self.normalize(x) if self.normalize else x), y
+            x = self.normalize(x) if self.normalize else x
+            yield (x, y, index[0].to(self.device, non_blocking=True)) if self.with_index and index else (x, y)
 
 
 def make_loader(dataset: Dataset, *, batch_size: int, train: bool, num_workers: int, device: torch.device,

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import data as data_lib
+from ..blocks.core import call_model
 from ..errors import BlockKDError
 from ..utils import eval_mode
 from . import runtime
@@ -27,7 +28,7 @@ from .runtime import Runtime
 def heads_of(model: nn.Module) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
     """``x -> {head name: logits}``: a distiller's ``eval_logits`` where it has one, else the model itself."""
     eval_logits = getattr(model, "eval_logits", None)
-    return eval_logits if callable(eval_logits) else (lambda x: {"student": model(x)})
+    return eval_logits if callable(eval_logits) else (lambda x: {"student": call_model(model, x)})
 
 
 @torch.no_grad()
@@ -39,7 +40,7 @@ def evaluate(model: nn.Module, loader, rt: Runtime | None = None, *, heads: bool
     if rt is None:
         param = next(model.parameters(), None)
         rt = Runtime(param.device if param is not None else torch.device("cpu"), None, False)
-    forward = heads_of(model) if heads else (lambda x: {"student": model(x)})
+    forward = heads_of(model) if heads else (lambda x: {"student": call_model(model, x)})
     sums: dict[str, torch.Tensor] = {}
     n = 0
     start = time.perf_counter()

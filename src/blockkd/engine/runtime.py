@@ -131,8 +131,11 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """A batch in the memory format the model was converted to."""
+    def prepare(self, x: Any) -> Any:
+        """A batch in the memory format the model was converted to; a mapping of tensors (a tokenised text
+        batch: ``input_ids``, ``attention_mask``) on the device as it is."""
+        if isinstance(x, dict):
+            return {k: v.to(self.device, non_blocking=True) for k, v in x.items()}
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
     def describe(self) -> str:

@@ -31,15 +31,17 @@ from .plots import plot_curves
 from .runtime import Runtime
 
 
-def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epoch: float, optimizer: torch.optim.Optimizer,
+def train_step(model: nn.Module, x: Any, y: torch.Tensor, *, epoch: float, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, rt: Runtime, grad_clip: float | None = None,
-               params: list[nn.Parameter] | None = None,
+               params: list[nn.Parameter] | None = None, index: torch.Tensor | None = None,
                proceed: Callable[[dict[str, torch.Tensor]], bool] | None = None):
     """One optimizer step: forward under autocast, the sum of the method's losses, (scaled) backward,
     optional gradient clipping, optimizer step. Returns ``(logits, losses, stepped)``; ``proceed(losses)``
-    may veto the update (a non-finite loss in ``skip`` mode)."""
+    may veto the update (a non-finite loss in ``skip`` mode). ``index``: each sample's index in the
+    training split, for the methods that keep per-sample state (``needs_index``: CRD's memory bank)."""
     with rt.autocast():
-        logits, losses = model(rt.prepare(x), y, epoch=epoch)
+        extra = {} if index is None else {"index": index}
+        logits, losses = model(rt.prepare(x), y, epoch=epoch, **extra)
     optimizer.zero_grad(set_to_none=True)
     if proceed is not None and not proceed(losses):
         return logits, losses, False
@@ -69,6 +71,8 @@ class Trainer:
         self.distiller = build_distiller(cfg, self.data, rt.device, sync_bn=sync_bn)
         if rt.channels_last:
             self.distiller.to(memory_format=torch.channels_last)
+        # Methods with per-sample state (CRD's memory bank) get each sample's index with its batch.
+        self.data.train.with_index = bool(getattr(self.distiller, "needs_index", False))
         self.model: nn.Module = self.distiller  # what the training step calls: maybe DDP- and compile-wrapped
         if runtime.is_distributed():
             self.model = runtime.wrap_ddp(self.model, rt.device)
@@ -132,7 +136,8 @@ class Trainer:
         self.folder.save(weights=self.distiller.train_state_dict(), meta=meta, state=state, is_best=is_best)
 
     # -- loop ----------------------------------------------------------------------------------------
-    def step_once(self, x: torch.Tensor, y: torch.Tensor, epoch: int, i: int) -> torch.Tensor | None:
+    def step_once(self, x: Any, y: torch.Tensor, epoch: int, i: int, index: torch.Tensor | None = None
+                  ) -> torch.Tensor | None:
         """One optimizer step on batch ``i`` of ``epoch``; returns ``[each loss term * n, correct]`` on the
         device (no host sync), or None when the step was skipped for a non-finite loss."""
         terms: list[torch.Tensor] = []
@@ -145,7 +150,7 @@ class Trainer:
 
         logits, _, stepped = train_step(self.model, x, y, epoch=epoch + (i + 1) / self.steps_per_epoch,
                                         optimizer=self.optimizer, scaler=self.scaler, rt=self.rt,
-                                        grad_clip=self.grad_clip, params=self.params, proceed=proceed)
+                                        grad_clip=self.grad_clip, params=self.params, index=index, proceed=proceed)
         if not stepped:
             return None
         return torch.cat([terms[0] * y.shape[0], (logits.argmax(1) == y).sum().float()[None]])
@@ -176,11 +181,11 @@ class Trainer:
         seen, synced, synced_seen = 0, None, 0
         start = time.perf_counter()
         with self.log.bar(steps, f"epoch {epoch + 1}/{self.epochs}") as bar:
-            for i, (x, y) in enumerate(self.data.train):
+            for i, (x, y, *index) in enumerate(self.data.train):
                 if self.out_of_steps():
                     break
                 fault_point("step", step=self.step)
-                stats = self.step_once(x, y, epoch, i)
+                stats = self.step_once(x, y, epoch, i, *index)
                 if stats is not None:
                     acc = stats if acc is None else acc + stats
                     seen += y.shape[0]
