@@ -65,8 +65,8 @@ def test_help(runs):
 def test_models_lists_every_model_with_its_size(runs):
     out = runs["models"]
     assert out.returncode == 0, out.stderr
-    rows = dict(line.split() for line in out.stdout.splitlines()[1:])
-    assert list(rows) == blockkd.models.names()
+    rows = dict(line.split()[:2] for line in out.stdout.splitlines()[1:])
+    assert list(rows) == blockkd.models.names() + [f"{p}<name>" for p in blockkd.models.prefixes()]
     model = blockkd.models.create("resnet8x4", num_classes=100)
     assert float(rows["resnet8x4"]) == pytest.approx(blockkd.models.num_params(model) / 1e6, abs=0.006)
 
@@ -79,7 +79,9 @@ def test_methods_lists_names_options_and_description(runs):
     assert names == blockkd.methods.names() and {"ce", "kd", "dkd", "blockkd", "blockkd-lite"} <= set(names)
     kd = lines.index(next(line for line in lines if line.startswith("kd ")))
     assert blockkd.methods.get("kd").__doc__.strip().splitlines()[0] in lines[kd]
-    assert "temperature=4.0, ce_weight=0.1, kd_weight=0.9" in lines[kd + 1]
+    assert "Hinton et al." in lines[kd + 1]
+    options = [line.split()[0] for line in lines[kd + 2:kd + 2 + len(blockkd.methods.defaults("kd"))]]
+    assert options == list(blockkd.methods.defaults("kd")) and "temperature = 4.0:" in lines[kd + 2]
 
 
 def test_user_error_is_one_line_without_traceback(runs):
@@ -112,7 +114,7 @@ def test_debug_before_the_subcommand_reraises(typo_recipe, monkeypatch):
 def test_print_config_applies_overrides_given_anywhere(capsys):
     assert cli.main(["train", str(KD_RECIPE), "optim.lr=0.2", "--print-config", "train.epochs=3"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed == config.load(KD_RECIPE, ["optim.lr=0.2", "train.epochs=3"])
+    assert printed == config.load(KD_RECIPE, ["optim.lr=0.2", "train.epochs=3"]).to_dict()
     assert (printed["optim"]["lr"], printed["train"]["epochs"]) == (0.2, 3)
 
 
@@ -141,7 +143,7 @@ def test_train_loads_the_recipe_and_calls_the_engine(fake_engine, capsys):
 
 def test_eval_passes_checked_data_overrides(fake_engine, capsys):
     assert cli.main(["eval", "runs/x", "--data", "eval_batch_size=512", "root=/d", "--device", "cpu"]) == 0
-    assert fake_engine == [("eval", "runs/x", {"eval_batch_size": 512, "root": "/d"}, "cpu")]
+    assert fake_engine == [("eval", "runs/x", ["eval_batch_size=512", "root=/d"], "cpu")]
     assert capsys.readouterr().out.strip() == (
         "resnet8x4 (kd, epoch 240) on cifar100: top-1 71.25%  top-5 91.50%  loss 1.2346  1234 images/s")
     assert cli.main(["eval", "runs/x", "--data", "batchsize=3"]) == 2
@@ -168,7 +170,8 @@ def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(config, "load", interrupted)
-    monkeypatch.setattr(config, "parse_data_overrides", interrupted)
+    from blockkd import engine
+    monkeypatch.setattr(engine, "evaluate_checkpoint", interrupted)
     assert cli.main(["train", "x.yaml"]) == 130
     assert capsys.readouterr().err == (
         "interrupted; run the same command with --resume to continue from the last checkpoint\n")

@@ -76,10 +76,10 @@ def test_every_recipe_validates_and_round_trips(path, tmp_path):
 def test_every_fragment_is_used_and_has_known_keys():
     used = set()
     for recipe in RECIPES:
-        used |= {Path(src).resolve() for src, _ in config._layers(recipe)}
+        used |= {Path(src).resolve() for src, _ in config.recipe._layers(recipe)}
     assert set(FRAGMENTS) <= used
     for fragment in FRAGMENTS:
-        config._layers(fragment)  # parses, bases exist, keys known
+        config.recipe._layers(fragment)  # parses, bases exist, keys known
 
 
 def test_cifar100_pairs_and_methods():
@@ -172,13 +172,13 @@ def test_method_options_typed_by_their_defaults(tmp):
     from blockkd import methods
     assert set(options) == set(methods.defaults("blockkd"))
     assert error(recipe, ["method.options.alpha=true"]) == (
-        "invalid method.options.alpha=true in override 'method.options.alpha=true': "
+        "invalid method.options.alpha=true in override 'method.options.alpha=true' (on a.yaml): "
         "expected a number >= 0 for method 'blockkd'")
     assert error(recipe, ["method.options.gamma=[1]"]).startswith("invalid method.options.gamma=[1] in override")
     assert error(recipe, ["method.options.detach_ensemble=1"]).endswith("expected true or false "
                                                                          "for method 'blockkd'")
     assert error(recipe, ["method.options.temprature=2"]) == (
-        "unknown key 'method.options.temprature' in override 'method.options.temprature=2'; "
+        "unknown key 'method.options.temprature' in override 'method.options.temprature=2' (on a.yaml); "
         "did you mean 'method.options.temperature'?")
     assert error(recipe, ["method.name=ce", "method.options={}"]) == (
         "method 'ce' takes no options, got method.options.alpha in a.yaml")
@@ -206,7 +206,7 @@ def test_unknown_key_suggests_closest(tmp):
     assert error(write(tmp / "e.yaml", "base: d.yaml\n")) == (
         "unknown key 'train.epoch' in d.yaml; did you mean 'train.epochs'?")  # names the base that has it
     assert error(write(tmp / "f.yaml", "model: {name: resnet8}\n"), ["lr=0.1"]) == (
-        "unknown key 'lr' in override 'lr=0.1'; did you mean 'optim.lr'?")
+        "unknown key 'lr' in override 'lr=0.1' (on f.yaml); did you mean 'optim.lr'?")
 
 
 @pytest.mark.parametrize("body, message", [
@@ -218,7 +218,8 @@ def test_unknown_key_suggests_closest(tmp):
     ("optim: {momentum: 1.5}", "invalid optim.momentum=1.5 in a.yaml: expected a number >= 0 and <= 1"),
     ("data: {batch_size: 0}", "invalid data.batch_size=0 in a.yaml: expected an integer >= 1"),
     ("data: {augment: 1}", "invalid data.augment=1 in a.yaml: expected true or false"),
-    ("train: {amp: fp32}", "invalid train.amp=fp32 in a.yaml: expected one of auto, off, bf16, fp16"),
+    ("train: {amp: fp32}", "invalid train.amp=fp32 in a.yaml: expected one of auto, off, bf16, fp16; did you mean "
+                           "'fp16'?"),
     ("train: {channels_last: 1}", "invalid train.channels_last=1 in a.yaml: expected one of auto, true, false"),
     ("train: {device: gpu0}",
      "invalid train.device=gpu0 in a.yaml: expected 'auto' or a torch device such as cpu, cuda, cuda:1"),
@@ -226,7 +227,9 @@ def test_unknown_key_suggests_closest(tmp):
      "invalid schedule.milestones=[150, 150] in a.yaml: expected a list of strictly increasing integers >= 1"),
     ("schedule: {milestones: 150}",
      "invalid schedule.milestones=150 in a.yaml: expected a list of strictly increasing integers >= 1"),
-    ("schedule: {name: step}", "invalid schedule.name=step in a.yaml: expected one of multistep, cosine, constant"),
+    ("schedule: {name: step}", "unknown schedule 'step' (schedule.name in a.yaml); did you mean 'multistep'?"),
+    ("schedule: {name: cosine, milestones: [3]}", "schedule.milestones (set in a.yaml) does not apply to schedule "
+     "'cosine'; its keys: min_lr, name, warmup_epochs (set schedule.milestones=null to drop it)"),
     ("output: {name: ''}", "invalid output.name='' in a.yaml: expected a non-empty string or null"),
     ("optim: 0.1", "invalid optim=0.1 in a.yaml: expected a mapping of optim keys"),
     ("method: {options: [1]}", "invalid method.options=[1] in a.yaml: expected a mapping"),
@@ -243,7 +246,8 @@ def test_bad_names_use_registry_suggestions(tmp):
     assert error(recipe, kind=UnknownNameError) == (
         "unknown method 'blokkd' (method.name in b.yaml); did you mean 'blockkd'?")
     assert error(recipe, ["method.name=kd", "teacher.name=wrn40_2"], kind=UnknownNameError) == (
-        "unknown teacher model 'wrn40_2' (teacher.name in override 'teacher.name=wrn40_2'); did you mean 'wrn_40_2'?")
+        "unknown teacher model 'wrn40_2' (teacher.name in override 'teacher.name=wrn40_2' (on b.yaml)); did you mean "
+        "'wrn_40_2'?")
     assert "did you mean 'cifar100'?" in error(recipe, ["method.name=ce", "data.name=cifar1000"], kind=UnknownNameError)
 
 
@@ -272,19 +276,22 @@ def test_file_errors(tmp):
     assert error(write(tmp / "n.yaml", "base: 3\n")) == (
         "invalid base=3 in n.yaml: expected a path or a list of paths relative to the file")
     assert error(write(tmp / "o.yaml", "optim: {lr: 0.1}\n")) == (
-        "missing required key 'model.name' in o.yaml: student (or, for ce, the model trained): a blockkd.models name")
+        "missing required key 'model.name' in o.yaml: the student (for ce: the model trained): a blockkd.models "
+        "name, torchvision.<name> or timm.<name>")
     assert error(tmp / "o.yaml", ["optim.lr"]) == "override 'optim.lr' must look like key=value, e.g. optim.lr=0.1"
     assert error(tmp / "o.yaml", ["optim.lr=[1"]).startswith("cannot parse value '[1' as YAML: ")
 
 
 def test_data_overrides_for_eval():
-    assert config.parse_data_overrides(["eval_batch_size=512", "root=/data"]) == {"eval_batch_size": 512,
-                                                                                   "root": "/data"}
+    saved = {"name": "cifar100", "batch_size": 64, "eval_batch_size": 256, "root": None,
+             "num_classes": 10}  # older runs stored every dataset's keys: they are ignored
+    assert config.parse_data_overrides(["eval_batch_size=512", "root=/data"], saved) == {
+        **config.validate({"model": {"name": "resnet8"}}).to_dict()["data"], "eval_batch_size": 512, "root": "/data"}
     with pytest.raises(BlockKDError, match=r"^unknown key 'data.batchsize' in --data 'batchsize=3'; "
                                            r"did you mean 'data.batch_size'\?$"):
-        config.parse_data_overrides(["batchsize=3"])
+        config.parse_data_overrides(["batchsize=3"], saved)
     with pytest.raises(BlockKDError, match=r"^invalid data.eval_batch_size=-1 in --data"):
-        config.parse_data_overrides(["eval_batch_size=-1"])
+        config.parse_data_overrides(["eval_batch_size=-1"], saved)
 
 
 # ----------------------------------------------------------------------------------------- property test

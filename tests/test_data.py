@@ -195,7 +195,7 @@ def test_config_errors_and_defaults():
         data.parse({"name": "cifar100", "train_size": 10})
     with pytest.raises(BlockKDError, match="did you mean 'cifar100'"):
         data.build({"name": "cifar-100"}, device=CPU)
-    with pytest.raises(BlockKDError, match="did you mean 'batch_size'"):
+    with pytest.raises(BlockKDError, match="did you mean 'data.batch_size'"):
         data.build({"name": "synthetic", "batchsize": 3}, device=CPU)
 
 

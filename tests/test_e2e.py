@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 import torch
 from safetensors.torch import load_file
 
@@ -44,8 +45,8 @@ def teacher(tmp_path_factory) -> Path:
 
 def test_teacher_then_blockkd_student_then_resume_then_eval(teacher):
     out = teacher.parent
-    summary = json.loads((teacher / "summary.json").read_text())
-    assert summary["last"]["test_top1"] > 50  # 10 classes: chance is 10%
+    teacher_rows = history(teacher)
+    assert teacher_rows[-1]["train_loss"] < teacher_rows[0]["train_loss"]  # it learned (no CPU-specific threshold)
     student = ["train", str(REPO / "configs/fashion_mnist/blockkd.yaml"), *SYNTH, "model.name=resnet8",
                "teacher.name=resnet14", f"teacher.checkpoint={teacher}", f"output.dir={out}", "output.name=student"]
     proc = cli(*student, "train.epochs=2", cwd=out)
@@ -68,11 +69,16 @@ def test_teacher_then_blockkd_student_then_resume_then_eval(teacher):
     rows = history(run)
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     final = json.loads((run / "summary.json").read_text())
-    assert final["last"]["epoch"] == 4 and final["last"]["test_top1"] > 20  # twice chance
-    assert final["best"]["test_top1"] >= final["last"]["test_top1"]
+    assert final["last"]["epoch"] == 4 and rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert final["best"]["test_top1"] == max(r["test_top1"] for r in rows)
+    assert final["best"]["epoch"] == next(r["epoch"] for r in rows if r["test_top1"] == final["best"]["test_top1"])
 
-    evaluated = cli("eval", str(run), cwd=out)
-    assert f"{final['last']['test_top1']:.2f}" in evaluated.stdout
+    # `blockkd eval` of a run folder evaluates best/ (the best epoch, which need not be the last one on
+    # every CPU); of last/, the last epoch. Each reproduces the top-1 its epoch logged.
+    best = cli("eval", str(run), cwd=out).stdout
+    assert f"epoch {final['best']['epoch']})" in best and f"top-1 {final['best']['test_top1']:.2f}%" in best
+    last = cli("eval", str(run / "last"), cwd=out).stdout
+    assert f"epoch 4)" in last and f"top-1 {final['last']['test_top1']:.2f}%" in last
 
 
 def _write_fake_cifar100(root: Path, n_train: int = 256, n_test: int = 128) -> None:
@@ -97,9 +103,13 @@ def test_cifar100_recipe_starts_on_cpu_with_a_progress_bar(tmp_path):
     log = proc.stdout + proc.stderr
     assert "device cpu" in log
     assert "step/s" in log or "it/s" in log or "img/s" in log  # tqdm progress bar
-    assert "3/4" in log or "3/" in log
-    cfg = (next((tmp_path / "runs").iterdir()) / "config.yaml").read_text()
-    assert "blockkd" in cfg and "resnet8x4" in cfg
+    assert "3/4" in log  # the progress bar stopped at max_steps=3 of the epoch's 4 steps
+    run = next((tmp_path / "runs").iterdir())
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert (cfg["method"]["name"], cfg["model"]["name"], cfg["teacher"]["name"]) == ("blockkd", "resnet8x4", "resnet32x4")
+    assert set(cfg["data"]) == {"name", "batch_size", "eval_batch_size", "augment", "train_subset", "val_split",
+                                "drop_last", "root", "download"}  # only the keys that apply to CIFAR-100
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3
 
 
 def test_demo_quick_prints_the_table(tmp_path, monkeypatch, capsys):

@@ -104,7 +104,8 @@ def teacher_run(tmp_path_factory) -> tuple[Path, dict]:
     """A resnet14 trained with CE on synthetic data, with every output switched on."""
     out = tmp_path_factory.mktemp("teacher")
     cfg = recipe(out, "t", model__name="resnet14", train__epochs=4, data__train_size=512,
-                 output__tensorboard=True, output__plot=True, schedule__name="cosine")
+                 output__tensorboard=True, output__plot=True, schedule__name="cosine",
+                 schedule__milestones=None)
     return out / "t", train(cfg)
 
 
@@ -288,7 +289,7 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
     save_checkpoint(tmp_path / "last", weights=weights, meta={"epoch": 2}, state={"optimizer": opt.state_dict()})
     assert load_checkpoint(tmp_path / "last.prev").meta["epoch"] == 1
     ckpt = load_checkpoint(folder)
-    assert ckpt.meta["epoch"] == 2 and ckpt.meta["version"] == 1 and len(ckpt.meta["sha256"]["weights.safetensors"]) == 64
+    assert ckpt.meta["epoch"] == 2 and ckpt.meta["version"] == 2 and len(ckpt.meta["sha256"]["weights.safetensors"]) == 64
     assert all(torch.equal(ckpt.weights[k], v) for k, v in weights.items())
     restored = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     restored.load_state_dict(ckpt.state["optimizer"])

@@ -408,7 +408,7 @@ def test_split_stones_equal_the_full_path_per_sample(batched):
         feats, _ = d.student_features(x)
         full = d.run_stones(feats, [0, 1, 2])
         shares = d.split_batch(8)
-        part = d.run_stones(feats, [0, 1, 2], shares)
+        part = d.run_stones(feats, [0, 1, 2], rows=shares)
     for i in range(3):
         assert torch.allclose(part[i], full[i][shares[i]], atol=1e-5)
 

@@ -30,9 +30,12 @@ def test_blocks_equal_the_model_and_end_at_strides_4_to_32(name):
     assert {id(p) for p in blocks.parameters()} == own  # a view: the model's own modules, all of them
 
 
-def test_unsplittable_timm_model_names_the_remedy():
-    with pytest.raises(BlockKDError, match="cannot split timm model VisionTransformer .*register_splitter"):
-        split(models.create("timm.test_vit", num_classes=10))
+def test_timm_vit_splits_into_transformer_blocks_exactly():
+    model = models.create("timm.test_vit", num_classes=10).eval()
+    view = split(model)
+    x = torch.randn(2, 3, *model.default_cfg["input_size"][1:])
+    with torch.no_grad():
+        assert len(view) == len(model.blocks) and torch.allclose(view(x), model(x), atol=1e-5)
 
 
 def test_resnet_teacher_and_mobilenetv3_student_pair_and_train(tmp_path):

@@ -41,6 +41,7 @@ def _short(value: Any) -> str:
 def _eval(args: argparse.Namespace) -> int:
     from . import config
 
+    config.data_overrides(args.data)  # bad --data before a checkpoint is read
     if args.device is not None:
         config.check("train.device", args.device, "--device")
     from . import engine

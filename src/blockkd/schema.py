@@ -61,7 +61,7 @@ class Check:
     def __call__(self, value: Any) -> Any:
         if not self.ok(value):
             hint = closest(value, [str(c) for c in self.choices]) if isinstance(value, str) and self.choices else None
-            raise ValueError(self.what + (f"; did you mean {hint!r}?" if hint else ""))
+            raise ValueError(self.what, f"; did you mean {hint!r}?" if hint else "")
         return self.cast(value)
 
 
@@ -161,8 +161,10 @@ def parse(cls, values: Mapping[str, Any] | None, *, prefix: str, where: Callable
         try:
             out[name] = f.metadata["check"](values[name])
         except ValueError as e:
+            what, hint = (e.args + ("", ""))[:2]
             context = f" for {owner}" if owner else ""
-            raise BlockKDError(f"invalid {key}={format_value(values[name])} in {where(key)}: expected {e}{context}") from None
+            raise BlockKDError(f"invalid {key}={format_value(values[name])} in {where(key)}: expected {what}{context}"
+                               f"{hint}") from None
     instance = cls(**out)
     post = getattr(instance, "check", None)  # cross-field checks declared by the dataclass
     if callable(post):
@@ -196,14 +198,15 @@ def describe(cls, prefix: str = "") -> list[tuple[str, str, str, str]]:
 
 
 def parse_named(cls, registry, values: Mapping[str, Any] | None, *, prefix: str, where: Callable[[str], str],
-                kind: str, drop_foreign: bool = False) -> Any:
+                kind: str, drop_foreign: bool | Callable[[str], bool] = False) -> Any:
     """A section whose ``name`` picks an entry of ``registry`` that declares further keys of its own
     (``entry.options``), written flat beside the common keys of ``cls``: ``optim: {name: sgd, lr: 0.1,
     momentum: 0.9}``. Returns ``cls`` with ``options`` set to the entry's options instance.
 
     A key of another entry is refused with the keys that apply (``null`` drops it instead: how an
     override switches ``schedule.name`` away from a base that set ``milestones``); ``drop_foreign``
-    drops such keys silently (configs saved by older versions, which stored every key)."""
+    (a bool, or a function of the dotted key) drops such keys silently: a key set before the name was
+    changed (by a base, for another choice), or a config saved by an older version, which stored every key."""
     values = dict(values or {})
     name_field = next(f for f in fields(cls) if f.name == "name")
     name = values.get("name", default_of(name_field))
@@ -224,8 +227,9 @@ def parse_named(cls, registry, values: Mapping[str, Any] | None, *, prefix: str,
             common[key] = value
         elif key in own_names:
             specific[key] = value
-        elif value is None or (drop_foreign and any(key in {f.name for f in fields(registry.get(o).options)}
-                                                     for o in registry.names())):
+        elif value is None or ((drop_foreign(f"{prefix}{key}") if callable(drop_foreign) else drop_foreign)
+                               and any(key in {f.name for f in fields(registry.get(o).options)}
+                                       for o in registry.names())):
             continue
         elif any(key in {f.name for f in fields(registry.get(other).options)} for other in registry.names()):
             valid = ", ".join(sorted(common_names | own_names))

@@ -15,11 +15,11 @@ NO_RANDOM = "teacher.allow_random=false"
 # name -> (arguments after ``blockkd train``, regex the error line must match)
 CASES = {
     "unknown-model": (["ok.yaml", "model.name=resnet9"],
-                      r"unknown model 'resnet9' \(model\.name in override 'model\.name=resnet9'\); "
+                      r"unknown model 'resnet9' \(model\.name in override 'model\.name=resnet9' \(on ok\.yaml\)\); "
                       r"did you mean 'resnet8'\?"),
     "unknown-method": (["ok.yaml", "method.name=blockdk"], r"unknown method 'blockdk' .*did you mean 'blockkd'\?"),
     "mistyped-key": (["ok.yaml", "optim.lrr=0.1"],
-                     r"unknown key 'optim\.lrr' in override 'optim\.lrr=0\.1'; did you mean 'optim\.lr'\?"),
+                     r"unknown key 'optim\.lrr' in override 'optim\.lrr=0\.1' \(on ok\.yaml\); did you mean 'optim\.lr'\?"),
     "mistyped-key-in-file": (["typo.yaml"],
                              r"unknown key 'train\.epoch' in typo\.yaml; did you mean 'train\.epochs'\?"),
     "unknown-option": (["ok.yaml", "method.options.temp=2"], r"did you mean 'method\.options\.temperature'\?"),

@@ -83,8 +83,10 @@ def cli_runs(tmp_path_factory, commands):
         payload = pickle.dumps(Payload(marker))
         (run / "last" / file).write_bytes(payload)
         meta = json.loads((run / "last" / "meta.json").read_text())
-        meta["sha256"][file] = hashlib.sha256(payload).hexdigest()
-        (run / "last" / "meta.json").write_text(json.dumps(meta))
+        meta["sha256"][file] = hashlib.sha256(payload).hexdigest()  # a forger who rewrites every checksum
+        text = json.dumps(meta)
+        (run / "last" / "meta.json").write_text(text)
+        (run / "last" / "meta.json.sha256").write_text(hashlib.sha256(text.encode()).hexdigest())
     jobs = {
         "teacher": ["train", "ok.yaml", "teacher.checkpoint=evil.pth", "teacher.allow_random=false",
                     "output.name=teacher"],

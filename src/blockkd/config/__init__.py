@@ -125,9 +125,20 @@ def validate(cfg: Mapping | Config, *, origins: Mapping[str, str] | None = None,
     sections: dict[str, Any] = {}
     for name, cls in PLAIN.items():
         sections[name] = schema.parse(cls, raw[name], prefix=f"{name}.", where=where)
+    order = list(origins.pop("__order__", []))
+
+    def set_before_name(key: str) -> bool:
+        """A choice's key set by an earlier layer than the section's name: it was meant for the old choice."""
+        name_key = key.rsplit(".", 1)[0] + ".name"
+        if name_key not in origins:  # the name is the default: nothing changed it
+            return False
+        a, b = origin(origins, key, source), origins[name_key]
+        return a in order and b in order and order.index(a) < order.index(b)
+
     for name in ("data", "optim", "schedule"):
         cls, registry, kind = _named(name)
-        sections[name] = schema.parse_named(cls, registry, raw[name], prefix=f"{name}.", where=where, kind=kind)
+        sections[name] = schema.parse_named(cls, registry, raw[name], prefix=f"{name}.", where=where, kind=kind,
+                                            drop_foreign=set_before_name)
     sections["method"] = _method(raw["method"], where)
     _check_models(sections, where)
     config = Config(**sections, source=source, origins=origins)
@@ -200,18 +211,34 @@ def check(key: str, value: Any, where: str = "the command line") -> Any:
     return getattr(schema.parse(PLAIN[section], {name: value}, prefix=f"{section}.", where=lambda k: where), name)
 
 
-def parse_data_overrides(items: Iterable[str], base: Mapping[str, Any]) -> dict[str, Any]:
-    """``base`` (a run's flat data section) with ``["batch_size=256", "root=/data"]`` applied and checked
-    (``blockkd eval --data``)."""
-    from .. import data
+def data_overrides(items: Iterable[str]) -> dict[str, tuple[Any, str]]:
+    """``["batch_size=256", "root=/data"]`` (``blockkd eval --data``) -> ``{key: (value, item)}``; syntax and
+    key names checked (closest key) before any run is read."""
+    from .recipe import _unknown_key
 
-    values = dict(base)
-    sources = {}
+    known = [f"data.{k}" for k in _declared_keys("data")]
+    out = {}
     for item in items:
         key, sep, text = item.partition("=")
         if not sep:
             raise BlockKDError(f"--data {item!r} must look like key=value, e.g. batch_size=256")
-        values[key] = parse_value(text)
+        if f"data.{key}" not in known:
+            raise _unknown_key(f"data.{key}", f"--data {item!r}", known)
+        out[key] = (parse_value(text), item)
+    return out
+
+
+def parse_data_overrides(items: Iterable[str] | Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` (a run's flat data section) with the overrides applied and checked (``blockkd eval --data``):
+    ``["batch_size=256", "root=/data"]``, or a mapping of keys to values."""
+    from .. import data
+
+    if isinstance(items, Mapping):
+        items = [f"{k}={schema.format_value(v)}" for k, v in items.items()]
+    values = dict(base)
+    sources = {}
+    for key, (value, item) in data_overrides(items).items():
+        values[key] = value
         sources[f"data.{key}"] = f"--data {item!r}"
     return data.parse(values, where=lambda k: sources.get(k, "the run's config"), drop_foreign=True).flat()
 

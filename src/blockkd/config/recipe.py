@@ -101,7 +101,9 @@ def _suggest(key: str, choices: list[str]) -> str | None:
     if siblings:
         low = leaf.lower()
         prefixed = [s for s in siblings if low and (low.startswith(s.lower()) or s.lower().startswith(low))]
-        hint = closest(leaf, siblings) or max(prefixed, key=len, default=None)
+        # a known key the typed one extends or abbreviates first (lr_rate -> lr, T -> temperature), then
+        # the most similar spelling (batchsize -> batch_size)
+        hint = max(prefixed, key=len, default=None) or closest(leaf, siblings)
         if hint:
             return siblings[hint]
     elif closest(key, choices):
@@ -195,15 +197,20 @@ def _layers(path: Path, stack: tuple[Path, ...] = ()) -> list[tuple[str, dict]]:
 
 
 def compose(path: Path, overrides: Iterable[str]) -> tuple[dict, dict[str, str]]:
-    """The merged mapping of the recipe at ``path`` and its overrides, and the source of each dotted key."""
+    """The merged mapping of the recipe at ``path`` and its overrides, and the source of each dotted key
+    (the sources in the order they were applied are ``list(origins.values())``' order of first setting;
+    ``layer_order`` gives it explicitly)."""
     layers = _layers(path)
+    recipe = _show(path.resolve())
     for source, layer in parse_overrides(overrides):
+        source = f"{source} (on {recipe})"
         check_keys(layer, lambda key, source=source: source)
         layers.append((source, layer))
     cfg: dict = {}
     origins: dict[str, str] = {}
     for source, layer in layers:
         _merge(cfg, layer, source, origins)
+    origins["__order__"] = [source for source, _ in layers]  # type: ignore[assignment]
     return cfg, origins
 
 

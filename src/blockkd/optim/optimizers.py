@@ -57,6 +57,13 @@ def _check_like(default: Any, annotation: str) -> Check:
     return ANY
 
 
+# Bounds that a signature cannot say (momentum-like coefficients live in [0, 1]).
+BOUNDED = {name: number(0, hi=1) for name in ("momentum", "dampening", "alpha", "rho")}
+BOUNDED["betas"] = Check("a list of 2 numbers in [0, 1)", lambda v: isinstance(v, (list, tuple)) and len(v) == 2
+                         and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in v),
+                         lambda v: [float(b) for b in v])
+
+
 def options_of(cls: type, overrides: dict[str, Any]) -> type:
     """A frozen options dataclass from ``cls.__init__``'s keyword arguments (our ``overrides`` win)."""
     fields = []
@@ -68,7 +75,8 @@ def options_of(cls: type, overrides: dict[str, Any]) -> type:
             default = float(default)
         default = list(default) if isinstance(default, tuple) else default
         annotation = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", str(p.annotation))
-        check = _check_like(float(p.default) if isinstance(p.default, torch.Tensor) else p.default, annotation)
+        check = BOUNDED.get(p.name) or _check_like(float(p.default) if isinstance(p.default, torch.Tensor)
+                                                    else p.default, annotation)
         fields.append((p.name, Any, option(default, check, f"torch.optim.{cls.__name__}({p.name}=...)")))
     return dataclasses.make_dataclass(f"{cls.__name__}Options", fields, frozen=True)
 

@@ -15,8 +15,11 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..registry import Registry
-from ..schema import list_of, integer, number, option
+from ..schema import Check, integer, number, option
 
+MILESTONES = Check("a list of strictly increasing integers >= 1",
+                   lambda v: isinstance(v, (list, tuple)) and all(integer(1).ok(m) for m in v)
+                   and all(a < b for a, b in zip(v, v[1:])), list)
 MIN_LR = option(0.0, number(0), "lr at the end of the decay (absolute, not a factor)")
 
 
@@ -32,7 +35,7 @@ class Schedule:
 
 @dataclasses.dataclass(frozen=True)
 class MultistepOptions:
-    milestones: list = option([150, 180, 210], list_of(integer(1), increasing=True), "epochs at which lr *= gamma")
+    milestones: list = option([150, 180, 210], MILESTONES, "epochs at which lr *= gamma")
     gamma: float = option(0.1, number(0, strict=True), "decay factor at each milestone")
 
 
