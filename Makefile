@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo test bench-speed bench-accuracy bench-tune data venv
+.PHONY: demo test lint bench-speed bench-accuracy bench-tune data venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ demo: venv data
 
 test: venv data
 	$(VENV)/bin/python -m pytest tests
+
+lint: venv
+	$(VENV)/bin/ruff check src tests benchmarks
 
 bench-speed: venv
 	$(PY) benchmarks/speed.py

@@ -65,7 +65,7 @@ def test_speed_report(runs):
     assert list(rows) == METHODS + ["blockkd (unbatched)"]
     assert rows["blockkd (unbatched)"]["options"] == {"batched_stones": False}
     kd = rows["kd"]["images_per_s"]
-    for label, r in rows.items():
+    for r in rows.values():
         assert "error" not in r, r
         windows = r["window_images_per_s"]
         assert len(windows) == s["windows"] and all(w > 0 for w in windows)

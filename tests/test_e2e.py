@@ -78,7 +78,7 @@ def test_teacher_then_blockkd_student_then_resume_then_eval(teacher):
     best = cli("eval", str(run), cwd=out).stdout
     assert f"epoch {final['best']['epoch']})" in best and f"top-1 {final['best']['test_top1']:.2f}%" in best
     last = cli("eval", str(run / "last"), cwd=out).stdout
-    assert f"epoch 4)" in last and f"top-1 {final['last']['test_top1']:.2f}%" in last
+    assert "epoch 4)" in last and f"top-1 {final['last']['test_top1']:.2f}%" in last
 
 
 def _write_fake_cifar100(root: Path, n_train: int = 256, n_test: int = 128) -> None:

@@ -10,9 +10,8 @@ import torch
 import blockkd
 from blockkd import config, engine, methods, models
 from blockkd.blocks import match, split
-from blockkd.blocks.timm import split_timm
+from blockkd.blocks.timm_cnn import split_timm
 from blockkd.blocks.core import find_splitter
-from blockkd.errors import BlockKDError
 
 SHAPE = (3, 64, 64)
 

@@ -94,6 +94,28 @@ def choice(*options: Any) -> Check:
                  lambda v: any(type(v) is type(o) and v == o for o in options), choices=tuple(options))
 
 
+def registered(registry) -> Check:
+    """A name of ``registry``, checked when parsed: names registered after import are accepted and listed."""
+    return _Registered(registry)
+
+
+class _Registered(Check):
+    """The check of :func:`registered`: its expectation and choices follow the registry as it is now."""
+
+    def __init__(self, registry):  # a frozen dataclass: set fields directly; what/choices are live properties
+        object.__setattr__(self, "registry", registry)
+        object.__setattr__(self, "ok", lambda v: isinstance(v, str) and v in registry)
+        object.__setattr__(self, "cast", lambda v: v)
+
+    @property
+    def what(self) -> str:  # type: ignore[override]
+        return "one of " + ", ".join(self.registry.names())
+
+    @property
+    def choices(self) -> tuple:  # type: ignore[override]
+        return tuple(self.registry.names())
+
+
 def optional(check: Check) -> Check:
     return Check(f"{check.what} or null", lambda v: v is None or check.ok(v),
                  lambda v: None if v is None else check.cast(v), check.choices)

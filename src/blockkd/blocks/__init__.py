@@ -15,7 +15,7 @@ or, when its forward runs its children in order, ``register_splitter(MyNet)(chil
 
 ``Blocks.features(x, preact=True)`` gives each block's output before its final ``nn.ReLU`` (see ``preact``).
 """
-from . import hf, timm, torchvision, vit, zoo  # noqa: F401  (registers the built-in splitters; imports no library)
+from . import hf, timm_cnn, torchvision_cnn, vit, zoo  # noqa: F401  (registers the built-in splitters; imports no library)
 from .core import (Blocks, Chain, as_input_spec, balanced_ends, call_model, children_splitter, example_input,
                    find_splitter, named_sequence, register_splitter, split, text_input)
 from .match import common_resolutions, match

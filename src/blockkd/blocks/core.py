@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import BlockKDError
+from ..utils import eval_mode
 
 Splitter = Callable[[nn.Module], "tuple[list[nn.Module], nn.Module] | Blocks"]
 
@@ -209,18 +210,13 @@ class Blocks(nn.Module):
         if tensor is None:
             tensor = next(iter(self.buffers()), torch.empty(0))
         shape = tuple(input_shape) if input_shape is not None else (3, 32, 32)
-        modes = [(m, m.training) for m in self.modules()]
-        self.eval()
         points = []
-        try:
+        with eval_mode(self):
             x = torch.zeros(2, *shape, device=tensor.device, dtype=tensor.dtype)
             for block in self.blocks:
                 points.append(find_point(block, x))
                 with torch.no_grad():
                     x = block(x)
-        finally:
-            for m, training in modes:
-                m.training = training
         self.__dict__["_preact_points"] = points
         return points
 
@@ -248,17 +244,13 @@ class Blocks(nn.Module):
         tensor = next(iter(self.parameters()), None)
         if tensor is None:
             tensor = next(iter(self.buffers()), torch.empty(0))
-        modes = [(m, m.training) for m in self.modules()]
-        self.eval()
-        try:
-            x = example_input(input_shape, batch_size, device=tensor.device, dtype=tensor.dtype)
-            feats, _ = self.features(x)
-        except (RuntimeError, ValueError, IndexError, TypeError, AssertionError, AttributeError, KeyError) as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BlockKDError(f"cannot run the model on inputs {describe_spec(input_shape)}: {msg}") from None
-        finally:
-            for m, training in modes:
-                m.training = training
+        with eval_mode(self):
+            try:
+                x = example_input(input_shape, batch_size, device=tensor.device, dtype=tensor.dtype)
+                feats, _ = self.features(x)
+            except (RuntimeError, ValueError, IndexError, TypeError, AssertionError, AttributeError, KeyError) as e:
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise BlockKDError(f"cannot run the model on inputs {describe_spec(input_shape)}: {msg}") from None
         return [tuple(f.shape[1:]) for f in feats]
 
     def regroup(self, ends: Sequence[int]) -> "Blocks":
@@ -385,3 +377,25 @@ def children_splitter(stage_starts: Sequence[str], head_start: str) -> Splitter:
         return [_chain(named[a:b]) for a, b in zip(cuts, cuts[1:])], _chain(named[cuts[-1]:])
 
     return splitter
+
+
+@torch.no_grad()
+def verify_view(model: nn.Module, view: Blocks, x: Any, *, what: str) -> None:
+    """Raise BlockKDError unless ``view(x)`` reproduces the model's logits (eval mode; every module's mode is
+    restored). Splitters that cut a library's model call it, so a version of the library that builds its
+    models differently fails with one line instead of distilling through a wrong view. ``what`` names the
+    split in the message ("into its layers", "at its feature_info stages")."""
+    param = next(model.parameters(), None)
+    if param is None or param.is_meta:
+        return
+    with eval_mode(model):
+        try:
+            want, got = call_model(model, x), view(x)
+            tol = 1e-5 if param.dtype in (torch.float32, torch.float64) else 1e-2
+            exact = got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=tol)
+            why = "the block view's output differs from the model's"
+        except Exception as e:  # any failure of the chained view: report it, with what to do
+            exact, why = False, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    if not exact:
+        name = type(model).__name__
+        raise BlockKDError(f"cannot split {name} {what} ({why}); {HOW_TO_REGISTER.format(cls=name)}")

@@ -19,6 +19,7 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import BlockKDError
+from ..utils import eval_mode
 
 
 class _Tracer(fx.Tracer):
@@ -56,17 +57,13 @@ def _trace(model: nn.Module) -> fx.GraphModule:
 def _shape_prop(gm: fx.GraphModule, model: nn.Module, input_shape: tuple[int, ...]) -> None:
     ref = next(iter(model.parameters()), None)
     ref = ref if ref is not None else next(iter(model.buffers()), torch.empty(0))
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(torch.zeros(2, *input_shape, device=ref.device, dtype=ref.dtype))
-    except Exception as e:
-        raise BlockKDError(f"it cannot run on inputs of shape {input_shape} ({_first_line(e)}); pass "
-                           f"input_shape=(C, H, W)") from None
-    finally:
-        for m, training in modes:
-            m.training = training
+    with eval_mode(model):
+        try:
+            with torch.no_grad():
+                ShapeProp(gm).propagate(torch.zeros(2, *input_shape, device=ref.device, dtype=ref.dtype))
+        except Exception as e:
+            raise BlockKDError(f"it cannot run on inputs of shape {input_shape} ({_first_line(e)}); pass "
+                               f"input_shape=(C, H, W)") from None
 
 
 def _resolution(node: fx.Node) -> tuple[int, int] | None:
@@ -101,7 +98,7 @@ def _cuts(nodes: list[fx.Node]) -> list[int]:
     index = {n: i for i, n in enumerate(nodes)}
     last_use = [max((index[u] for u in n.users), default=i) for i, n in enumerate(nodes)]
     dying = [0] * (len(nodes) + 1)
-    for i, last in enumerate(last_use):
+    for last in last_use:
         dying[last] += 1
     cuts, live = [], 0
     for i in range(len(nodes) - 1):

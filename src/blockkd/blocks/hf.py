@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import BlockKDError
-from .core import HOW_TO_REGISTER, Blocks, Chain, call_model, register_splitter
+from .core import HOW_TO_REGISTER, Blocks, Chain, register_splitter, verify_view
 
 SUPPORTED = ("BertForSequenceClassification", "DistilBertForSequenceClassification",
              "RobertaForSequenceClassification", "AlbertForSequenceClassification")
@@ -131,21 +131,7 @@ def _check_exact(model: nn.Module, view: Blocks) -> None:
     if pad is not None:
         ids[1, 5:] = pad
     x = {"input_ids": ids, "attention_mask": mask}
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        want, got = call_model(model, x), view(x)
-        tol = 1e-5 if param.dtype in (torch.float32, torch.float64) else 1e-2
-        exact = got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=tol)
-        why = "the block view's logits differ from the model's"
-    except Exception as e:  # any failure of the chained view: report it, with what to do
-        exact, why = False, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-    finally:
-        for m, training in modes:
-            m.training = training
-    if not exact:
-        name = type(model).__name__
-        raise BlockKDError(f"cannot split {name} into its layers ({why}); {HOW_TO_REGISTER.format(cls=name)}")
+    verify_view(model, view, x, what="into its layers")
 
 
 def split_encoder_classifier(model: nn.Module) -> Blocks:

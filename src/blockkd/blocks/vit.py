@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import BlockKDError
-from .core import HOW_TO_REGISTER, Blocks, Chain, register_splitter
+from .core import Blocks, Chain, register_splitter, verify_view
 
 _EMBED = ("patch_embed", "pos_drop", "patch_drop", "norm_pre")
 
@@ -73,22 +73,7 @@ def _check_exact(model: nn.Module, view: Blocks, image_size) -> None:
     channels = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), 3)
     gen = torch.Generator(param.device).manual_seed(0)
     x = torch.randn(2, channels, *image_size, generator=gen, device=param.device, dtype=param.dtype)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        want, got = model(x), view(x)
-        tol = 1e-5 if param.dtype in (torch.float32, torch.float64) else 1e-2
-        exact = got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=tol)
-        why = "the block view's output differs from model(x)"
-    except Exception as e:  # any failure of the chained view: report it, with what to do
-        exact, why = False, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-    finally:
-        for m, training in modes:
-            m.training = training
-    if not exact:
-        name = type(model).__name__
-        raise BlockKDError(f"cannot split timm model {name} into its transformer blocks ({why}); "
-                           f"{HOW_TO_REGISTER.format(cls=name)}")
+    verify_view(model, view, x, what="into its transformer blocks")
 
 
 def _image_size(model: nn.Module) -> tuple[int, int]:

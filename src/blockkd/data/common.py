@@ -7,11 +7,8 @@ under DDP; keeping those rules in one place is what makes the two paths intercha
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-from pathlib import Path
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 import torch

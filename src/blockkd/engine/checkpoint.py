@@ -24,7 +24,7 @@ import torch
 
 from ..errors import BlockKDError
 from .._hooks import fault_point
-from ..utils import atomic_write, fsync_dir, write_synced
+from ..utils import fsync_dir, write_synced
 
 FORMAT = "blockkd-checkpoint"
 VERSION = 2  # 2: meta.json has its own checksum file

@@ -13,9 +13,7 @@ import hashlib
 import os
 import random
 import signal
-import sys
 import threading
-import time
 from typing import Any, Iterator
 
 import numpy as np

@@ -58,10 +58,10 @@ import torch.nn as nn
 
 from ..blocks import match
 from ..errors import BlockKDError
-from ..schema import BOOL, OptionError, choice, integer, number, option, optional
+from ..schema import registered, BOOL, OptionError, choice, integer, number, option, optional
 from . import register
 from .base import Distiller
-from .connectors import KINDS, LAYERS, build_connectors
+from .connectors import CONNECTORS, build_connectors
 from .divergences import (LogitDivergence, divergence_option, dkd_alpha_option, dkd_beta_option,
                           logit_standardization_option)
 from .kd import TEMPERATURE, WEIGHT
@@ -87,7 +87,7 @@ class BlockKDOptions:
     logit_standardization: bool = logit_standardization_option()
     # 1x1 conv + BN: the usual adapter, and the stable one with a confident teacher. On Fashion-MNIST a
     # 3x3 conv + BN did better (benchmarks/tune.py), and that recipe sets it; see docs/blockkd.md.
-    connector: str = option("conv1x1_bn", choice(*KINDS), "C_i: the layers mapping a student block's output "
+    connector: str = option("conv1x1_bn", registered(CONNECTORS), "C_i: the layers mapping a student block's output "
                             "into the teacher's feature space, where that is a feature map (transformer "
                             "tokens always get Linear + LayerNorm)")
     connector_init: str = option("default", choice(*CONNECTOR_INITS), "default: PyTorch's BN init; teacher_stats: "
@@ -113,7 +113,7 @@ class BlockKDOptions:
             raise OptionError("stones_per_step", f"sampling split runs every stone every step, each on its share "
                                                  f"of the batch; stones_per_step must be null, got "
                                                  f"{self.stones_per_step}")
-        if self.connector_init == "teacher_stats" and LAYERS[self.connector][-1][1]:
+        if self.connector_init == "teacher_stats" and CONNECTORS.get(self.connector)[-1][1]:
             raise OptionError("connector_init", f"teacher_stats sets the affine parameters of the connector's last "
                                                 f"BN, but connector {self.connector} ends with a ReLU after it")
 

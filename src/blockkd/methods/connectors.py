@@ -17,16 +17,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import BlockKDError
+from ..registry import Registry
 
-# name -> the layers after resampling, as (kernel, relu after BN) per conv: each conv is followed by BN.
-LAYERS = {
-    "conv1x1_bn": [(1, False)],
-    "conv3x3_bn": [(3, False)],
-    "conv1x1_bn_relu": [(1, True)],
-    # A two-layer adapter: a 3x3 conv + BN + ReLU at the teacher's width, then a 1x1 conv + BN.
-    "conv3x3_bn_relu_conv1x1_bn": [(3, True), (1, False)],
-}
-KINDS = tuple(LAYERS)
+# Feature-map connectors by name: the layers after resampling, as (kernel, relu after BN) per conv, each conv
+# followed by BN. ``register_connector("conv5x5_bn", [(5, False)])`` adds one for every method that takes
+# a ``connector`` option (Block-KD, FitNets).
+CONNECTORS: Registry[list[tuple[int, bool]]] = Registry("connector")
+CONNECTORS.register("conv1x1_bn", [(1, False)])
+CONNECTORS.register("conv3x3_bn", [(3, False)])
+CONNECTORS.register("conv1x1_bn_relu", [(1, True)])
+# A two-layer adapter: a 3x3 conv + BN + ReLU at the teacher's width, then a 1x1 conv + BN.
+CONNECTORS.register("conv3x3_bn_relu_conv1x1_bn", [(3, True), (1, False)])
+
+
+def register_connector(name: str, layers: list[tuple[int, bool]]) -> None:
+    """A feature-map connector kind: ``layers`` = [(kernel size, ReLU after its BN), ...]."""
+    CONNECTORS.register(name, [(int(k), bool(relu)) for k, relu in layers])
 
 
 class Connector(nn.Module):
@@ -38,11 +44,9 @@ class Connector(nn.Module):
 
     def __init__(self, in_shape: tuple[int, int, int], out_shape: tuple[int, int, int], kind: str = "conv1x1_bn"):
         super().__init__()
-        if kind not in KINDS:
-            raise BlockKDError(f"unknown connector {kind!r}; choose from {', '.join(KINDS)}")
         (c_in, *self.in_size), (c_out, *self.out_size) = in_shape, out_shape
         layers: list[nn.Module] = []
-        for j, (k, relu) in enumerate(LAYERS[kind]):
+        for j, (k, relu) in enumerate(CONNECTORS.get(kind)):
             conv = nn.Conv2d(c_in if j == 0 else c_out, c_out, k, padding=k // 2, bias=False)
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
             layers += [conv, nn.BatchNorm2d(c_out)] + ([nn.ReLU(inplace=True)] if relu else [])

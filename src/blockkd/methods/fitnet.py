@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..schema import OptionError, choice, integer, option, optional
+from ..schema import registered, OptionError, integer, option, optional
 from . import register
-from .connectors import KINDS, Connector
+from .connectors import CONNECTORS, Connector
 from .feature import FeatureDistiller
 from .kd import WEIGHT
 from .losses import cross_entropy
@@ -40,7 +40,7 @@ class FitNetOptions:
     feat_weight: float = option(100.0, WEIGHT, "weight of the L2 hint loss")
     hint_block: int | None = option(None, optional(integer(1)), "1-based block whose output is the hint; null: "
                                     "the middle block, (n + 1) // 2 of n (mdistiller's HINT_LAYER 2 on CIFAR nets)")
-    connector: str = option("conv1x1_bn_relu", choice(*KINDS), "the regressor mapping the student's block "
+    connector: str = option("conv1x1_bn_relu", registered(CONNECTORS), "the regressor mapping the student's block "
                             "output onto the teacher's (resampled when the sizes differ)")
 
 

@@ -39,7 +39,8 @@ def _make_layers(widths: list[int], cin: int) -> nn.Sequential:
 class VGG(nn.Module):
     """Five conv blocks (widths from ``cfg``), max pools between them, global pool, one Linear(512).
 
-    stages: block0, relu0 | pool0, block1, relu1 | pool1, block2, relu2 | pool2, block3, relu3, pool3, block4, relu4; head: pool4, flatten, classifier
+    stages: block0, relu0 | pool0, block1, relu1 | pool1, block2, relu2 | pool2, block3, relu3, pool3, block4, relu4;
+    head: pool4, flatten, classifier
     """
 
     def __init__(self, cfg: list[list[int]], num_classes: int = 100, in_channels: int = 3):

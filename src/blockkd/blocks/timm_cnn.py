@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import BlockKDError
-from .core import HOW_TO_REGISTER, _chain, register_splitter
+from .core import HOW_TO_REGISTER, Blocks, _chain, register_splitter, verify_view
 
 PROBE_SIZE = 64  # spatial size of the exactness check: 2x2 maps at stride 32
 
@@ -56,26 +56,7 @@ def _check_exact(model: nn.Module, stages: list[nn.Module], head: nn.Module) -> 
     channels = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), 3)
     gen = torch.Generator(param.device).manual_seed(0)
     x = torch.randn(2, channels, PROBE_SIZE, PROBE_SIZE, generator=gen, device=param.device, dtype=param.dtype)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        want = model(x)
-        got = x
-        for stage in stages:
-            got = stage(got)
-        got = head(got)
-        exact = got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5)
-    except Exception as e:  # any failure of the chained view (shape errors are ValueErrors in timm's ViTs)
-        exact, why = False, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-    else:
-        why = "the block view's output differs from model(x)"
-    finally:
-        for m, training in modes:
-            m.training = training
-    if not exact:
-        name = type(model).__name__
-        raise BlockKDError(f"cannot split timm model {name} at its feature_info stages ({why}); "
-                           f"{HOW_TO_REGISTER.format(cls=name)}")
+    verify_view(model, Blocks(stages, head), x, what="at its feature_info stages")
 
 
 @register_splitter("timm.*")
