@@ -71,15 +71,16 @@ def backward_split(model: nn.Module, losses: dict[str, torch.Tensor], optimizer:
         raise BlockKDError(f"{type(optimizer).__name__} takes the task and distillation gradients apart: it does not "
                            f"work with fp16 loss scaling or train.grad_clip; use train.amp bf16 or off, grad_clip null")
     names = task_losses_of(model)
-    task = [v for k, v in losses.items() if k in names]
-    distill = [v for k, v in losses.items() if k not in names and v.requires_grad]
-    if not task:
+    if not any(k in names for k in losses):
         raise BlockKDError(f"{type(optimizer).__name__} needs the method's task loss, one of {list(names)} "
                            f"(its task_losses), among its losses {list(losses)}")
+    task = [v for k, v in losses.items() if k in names and v.requires_grad]
+    distill = [v for k, v in losses.items() if k not in names and v.requires_grad]
     if distill:
-        sum(distill).backward(retain_graph=True)
+        sum(distill).backward(retain_graph=bool(task))
     optimizer.stash_distill_grads()
-    sum(task).backward()
+    if task:
+        sum(task).backward()
 
 
 def task_losses_of(model: nn.Module) -> tuple[str, ...]:
