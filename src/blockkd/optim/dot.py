@@ -61,7 +61,7 @@ class DOT(torch.optim.Optimizer):
         if lr <= 0 or weight_decay < 0 or not 0 <= delta <= momentum or momentum + delta >= 1:
             raise ValueError(f"DOT: need lr > 0, weight_decay >= 0, 0 <= delta <= momentum, momentum + delta < 1 "
                              f"(got lr={lr}, weight_decay={weight_decay}, momentum={momentum}, delta={delta})")
-        super().__init__(params, dict(lr=lr, momentum=momentum, delta=delta, weight_decay=weight_decay))
+        super().__init__(params, {"lr": lr, "momentum": momentum, "delta": delta, "weight_decay": weight_decay})
         self._distill_grads: dict[torch.Tensor, torch.Tensor] = {}  # this step's, until step(); never saved
 
     @torch.no_grad()
