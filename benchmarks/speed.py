@@ -1,4 +1,4 @@
-"""Speed of every method, side by side: train-step throughput, peak memory, FLOPs, input pipeline.
+"""Speed of every method, side by side: train-step throughput, peak memory, FLOPs, extra parameters, input pipeline.
 
     python benchmarks/speed.py [--device cpu|cuda] [--steps N] [--warmup N] [--windows N] [--quick]
                                [--pairs resnet32x4:resnet8x4 ...] [--variants fp32 bf16+cl ...] [--profile]
@@ -12,6 +12,10 @@ What is measured, and why this way:
   instead, with at least 20 of them. Each case runs in a fresh process (forked from a server that has
   only imported the modules), so peak memory (CUDA: ``max_memory_allocated``; CPU: peak RSS) belongs to
   that method alone and no allocator or autotuner state leaks from one method into the next.
+- Every registered method is timed (``blockkd.methods.names()``; ``--methods`` picks some); those that keep
+  per-sample state (CRD: ``needs_index``) get the batch's sample indices through ``train_step(index=...)``.
+  Beside the time: each method's extra trainable parameters (outside the student) and extra buffers
+  (outside the student and teacher: memory banks, connectors' BN statistics).
 - FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` on the ``meta`` device (shapes only, no
   arithmetic), for each method's step and for the parts of a blockkd step, so the README can derive the
   cost floor of Block-KD relative to KD from counted FLOPs and compare it with the measured time ratio.
@@ -50,7 +54,7 @@ from common import (fmt, machine_info, machine_line, markdown_table, plural, sec
                     write_json, write_text)
 
 PAIRS = ["resnet32x4:resnet8x4", "wrn_40_2:wrn_16_2"]  # teacher:student
-METHODS = ["ce", "kd", "dkd", "blockkd", "blockkd-lite"]
+METHODS = methods.names()  # every registered method
 UNBATCHED = "blockkd (unbatched)"  # blockkd with batched_stones=false: is batching the faster choice here?
 LABELS = {**{m: (m, {}) for m in METHODS}, UNBATCHED: ("blockkd", {"batched_stones": False})}
 GOALS = {"blockkd": 2.35, "blockkd-lite": 1.35}  # time per step relative to kd ...
@@ -129,11 +133,23 @@ def build_step(case: Case, device: str | torch.device | None = None
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.fp16)
     x = rt.prepare(torch.randn(case.batch_size, *shape, device=rt.device))
     y = torch.randint(0, case.num_classes, (case.batch_size,), device=rt.device)
+    # Methods with per-sample state (CRD's memory banks) get the batch's dataset indices, as from the loader.
+    index = torch.arange(case.batch_size, device=rt.device) if getattr(distiller, "needs_index", False) else None
 
     def step() -> None:  # the trainer's own step
-        train_step(model, x, y, epoch=1.0, optimizer=optimizer, scaler=scaler, rt=rt)
+        train_step(model, x, y, epoch=1.0, optimizer=optimizer, scaler=scaler, rt=rt, index=index)
 
     return step, distiller, rt
+
+
+def extra_sizes(distiller: methods.Distiller) -> dict[str, int]:
+    """What a method adds to the student: trainable parameters outside it (connectors, regressors,
+    embeddings) and buffers outside the student and the teacher (memory banks, BN statistics of connectors)."""
+    student = {id(p) for p in distiller.student.parameters()}
+    models_ = [m for m in (distiller.student, distiller.teacher) if m is not None]
+    own_buffers = {id(b) for m in models_ for b in m.buffers()}
+    return {"extra_params": sum(p.numel() for p in distiller.trainable_parameters() if id(p) not in student),
+            "extra_buffers": sum(b.numel() for b in distiller.buffers() if id(b) not in own_buffers)}
 
 
 def synchronize(device: torch.device) -> None:
@@ -226,12 +242,28 @@ def count_flops(fn: Callable[[], Any]) -> int:
 
 
 def flops(pair: str, labels: list[str], batch_size: int, image_size: int, num_classes: int) -> dict[str, Any]:
-    """FLOPs per training step of each method, and of each part of a blockkd step (on ``meta``: shapes only)."""
-    def build(label: str) -> tuple[Callable[[], None], methods.Distiller]:
-        step, distiller, _ = build_step(Case(pair, label, "fp32", "meta", batch_size, image_size, num_classes))
+    """FLOPs per training step of each method, and of each part of a blockkd step (on ``meta``: shapes only);
+    each method's extra parameters and buffers (:func:`extra_sizes`). A method whose step needs real values
+    (a data-dependent op such as ``nonzero``, CRD's sampling of negatives) is counted in one real step on
+    the CPU instead (``counted_on_cpu``); where that fails too, it has no count (``uncounted``)."""
+    def build(label: str, device: str = "meta") -> tuple[Callable[[], None], methods.Distiller]:
+        step, distiller, _ = build_step(Case(pair, label, "fp32", device, batch_size, image_size, num_classes))
         return step, distiller
 
-    per_step = {label: count_flops(build(label)[0]) for label in labels if label != "blockkd-lite"}
+    per_step, uncounted, on_cpu, extra = {}, {}, [], {}
+    for label in labels:
+        step, distiller = build(label)
+        extra[label] = extra_sizes(distiller)
+        if label == "blockkd-lite":  # its expected cost, from the parts below
+            continue
+        try:
+            per_step[label] = count_flops(step)
+        except Exception:  # noqa: BLE001 - a data-dependent op: count a real step
+            try:
+                per_step[label] = count_flops(build(label, "cpu")[0])
+                on_cpu.append(label)
+            except Exception as e:  # noqa: BLE001 - reported, the benchmark goes on
+                uncounted[label] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}"
     d = build("blockkd")[1]
     x = torch.empty(batch_size, 3, image_size, image_size, device="meta")
     parts: dict[str, int] = {}
@@ -254,7 +286,8 @@ def flops(pair: str, labels: list[str], batch_size: int, image_size: int, num_cl
     if "blockkd-lite" in labels:
         per_step["blockkd-lite"] = round(lite)
     ref = per_step.get("kd", kd)
-    return {"per_step": per_step, "ratio_vs_kd": {k: v / ref for k, v in per_step.items()}, "parts": parts,
+    return {"per_step": per_step, "ratio_vs_kd": {k: v / ref for k, v in per_step.items()}, "uncounted": uncounted,
+            "counted_on_cpu": on_cpu, "extra": extra, "parts": parts,
             "num_blocks": d.num_blocks, "stone_weights": w, "kd_from_parts": kd, "blockkd_from_parts": kd + sum(stones),
             "blockkd_lite_expected": lite, "floor_blockkd": (kd + sum(stones)) / kd, "floor_blockkd_lite": lite / kd}
 
@@ -327,6 +360,7 @@ def add_ratios(rows: list[dict[str, Any]], flop_table: dict[str, dict]) -> None:
         per_step = flop_table.get(r["pair"], {}).get("per_step", {})
         r["flops_per_step"] = per_step.get(r["label"])
         r["flops_vs_kd"] = flop_table[r["pair"]]["ratio_vs_kd"].get(r["label"]) if r["pair"] in flop_table else None
+        r.update(flop_table.get(r["pair"], {}).get("extra", {}).get(r["label"], {}))
         goal = GOALS.get(r["label"]) if r["pair"] == GOAL_PAIR else None
         r["goal_vs_kd"] = goal
         r["meets_goal"] = None if goal is None or r["cost_vs_kd"] is None else r["cost_vs_kd"] <= goal
@@ -346,7 +380,7 @@ def batched_comparison(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def step_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     header = ["pair (teacher:student)", "variant", "method", "images/s", "ms/step", "time vs kd", "GFLOP/step",
-              "FLOPs vs kd", "peak MB", "goal"]
+              "FLOPs vs kd", "extra params", "extra buffers", "peak MB", "goal"]
     body = []
     for r in rows:
         goal = "" if r.get("goal_vs_kd") is None else f"<= {r['goal_vs_kd']}" + (
@@ -355,8 +389,15 @@ def step_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
         body.append([r["pair"], r["variant"], r["label"], fmt(r.get("images_per_s"), ".1f"),
                      fmt(r.get("step_ms"), ".1f"), fmt(r.get("cost_vs_kd"), ".2f") + ("x" if r.get("cost_vs_kd") else ""),
                      fmt(gflop, ".2f"), fmt(r.get("flops_vs_kd"), ".2f") + ("x" if r.get("flops_vs_kd") else ""),
-                     fmt(r.get("peak_memory_mb"), ".0f"), r.get("error") and f"error: {r['error']}" or goal])
+                     count(r.get("extra_params")), count(r.get("extra_buffers")), fmt(r.get("peak_memory_mb"), ".0f"), r.get("error") and f"error: {r['error']}" or goal])
     return header, body
+
+
+def count(n: int | None) -> str:
+    """A parameter count for a table cell: 0, 980, 48.6K, 12.8M."""
+    if n is None:
+        return ""
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
 
 
 def flop_table(flop_info: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
@@ -400,6 +441,17 @@ def floor_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def uncounted_note(flop_info: dict[str, dict]) -> str:
+    """Which methods were counted in a real CPU step (their step needs values, not only shapes), which not."""
+    on_cpu = list(dict.fromkeys(label for f in flop_info.values() for label in f.get("counted_on_cpu", [])))
+    why = {label: reason for f in flop_info.values() for label, reason in f.get("uncounted", {}).items()}
+    note = (f" GFLOP/step counts convolutions and matrix products (`FlopCounterMode`) on the `meta` device, for "
+            f"{', '.join(on_cpu)} (data-dependent ops) in a real CPU step." if on_cpu else "")
+    if why:
+        note += " No FLOP count for " + ", ".join(f"{label} ({reason.split(':')[0]})" for label, reason in why.items()) + "."
+    return note
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
     f0 = next(iter(report["flops"].values()), None)
@@ -416,7 +468,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"(methods that draw stones per step: the mean over at least {plural(s['random_steps'], 'step')}); each case runs in its own "
         f"process; peak MB is {'max_memory_allocated' if s['device'].startswith('cuda') else 'the peak RSS of that process'}. "
         f"Time vs kd is kd's images/s "
-        f"over the method's; the goals are stated for {GOAL_PAIR}. Reproduce: `{report['command']}`.",
+        f"over the method's; the goals are stated for {GOAL_PAIR}. Extra params: what the method trains besides the "
+        f"student (connectors, regressors, embeddings); extra buffers: its untrained state (CRD's memory banks, "
+        f"connectors' BN statistics).{uncounted_note(report['flops'])} Reproduce: `{report['command']}`.",
         markdown_table(*step_table(report["train_step"])),
     ]
     if report["batched_stones"]:

@@ -20,7 +20,6 @@ from blockkd.data import fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
-METHODS = ["ce", "kd", "dkd", "blockkd", "blockkd-lite"]
 approx = pytest.approx
 
 
@@ -62,7 +61,7 @@ def test_speed_report(runs):
     assert report["machine"]["torch"] and report["machine"]["cpu_cores"] >= 1 and report["machine"]["date"]
     assert "hostname" not in json.dumps(report["machine"]).lower()
     rows = {r["label"]: r for r in report["train_step"]}
-    assert list(rows) == METHODS + ["blockkd (unbatched)"]
+    assert list(rows) == methods.names() + ["blockkd (unbatched)"]  # every registered method
     assert rows["blockkd (unbatched)"]["options"] == {"batched_stones": False}
     kd = rows["kd"]["images_per_s"]
     for r in rows.values():
@@ -78,8 +77,15 @@ def test_speed_report(runs):
 
     f = report["flops"]["resnet14:resnet8"]
     per_step = f["per_step"]
+    assert not f["uncounted"] and set(f["counted_on_cpu"]) <= {"rkd", "crd"}  # data-dependent ops: a real step
     for label, r in rows.items():
         assert r["flops_per_step"] == per_step[label] and r["flops_vs_kd"] == approx(per_step[label] / per_step["kd"])
+        assert r["extra_params"] == f["extra"][label]["extra_params"] >= 0 and r["extra_buffers"] >= 0
+    # What each method adds to the student: nothing for logit methods, connectors, CRD's two memory banks.
+    assert rows["kd"]["extra_params"] == rows["kd"]["extra_buffers"] == rows["at"]["extra_params"] == 0
+    assert rows["blockkd"]["extra_params"] > 0 and rows["fitnet"]["extra_params"] > 0
+    crd = methods.defaults("crd")
+    assert rows["crd"]["extra_buffers"] >= 2 * crd["num_data"] * crd["feat_dim"] and rows["crd"]["extra_params"] > 0
     # The parts add up to the counted steps, so the floor derived from them is the steps' FLOP ratio.
     assert f["kd_from_parts"] == approx(per_step["kd"], rel=1e-3)
     assert f["blockkd_from_parts"] == approx(per_step["blockkd"], rel=1e-3)
@@ -98,6 +104,7 @@ def test_speed_report(runs):
 
     md = (folder / "speed.md").read_text()
     assert md.startswith("### Speed") and "| resnet14:resnet8 | fp32 | blockkd-lite |" in md
+    assert "| extra params | extra buffers |" in md and "| resnet14:resnet8 | fp32 | crd |" in md
     assert "time vs kd" in stdout and "FLOP floor of blockkd vs kd" in stdout
 
 

@@ -143,6 +143,7 @@ def validate(cfg: Mapping | Config, *, origins: Mapping[str, str] | None = None,
     _check_models(sections, where)
     config = Config(**sections, source=source, origins=origins)
     _check_teacher(config)
+    _check_optimizer(config)
     if config.output.name is None:
         config = config.replace(output=dataclasses.replace(config.output, name=run_name(config)))
     return config
@@ -190,6 +191,22 @@ def _check_teacher(cfg: Config) -> None:
     if teacher.checkpoint is None and not teacher.allow_random:
         raise BlockKDError(f"method {name!r} needs the teacher's weights: set teacher.checkpoint in {cfg.source} or on "
                            f"the command line, e.g. teacher.checkpoint=path/to/{teacher.name}.pth")
+
+
+def _check_optimizer(cfg: Config) -> None:
+    """An optimizer that takes the task and distillation gradients apart (DOT) refuses fp16 loss scaling
+    and gradient clipping (see ``blockkd.engine.trainer.backward_split``)."""
+    from .. import optim
+
+    if not optim.OPTIMIZERS.get(cfg.optim.name).needs_loss_split:
+        return
+    for key, bad, fix in (("train.amp", cfg.train.amp == "fp16", "bf16 or off"),
+                          ("train.grad_clip", cfg.train.grad_clip is not None, "null")):
+        if bad:
+            raise BlockKDError(f"optim.name={cfg.optim.name!r} (in {cfg.where('optim.name')}) keeps the task and "
+                               f"distillation gradients apart and does not work with {key}="
+                               f"{schema.format_value(getattr(cfg.train, key.split('.')[1]))} (in {cfg.where(key)}); "
+                               f"set {key} to {fix}")
 
 
 def run_name(cfg: Config) -> str:

@@ -56,8 +56,8 @@ class MethodSection:
 
 @dataclasses.dataclass(frozen=True)
 class OptimSection:
-    name: str = option("sgd", STRING, "optimizer: sgd, adamw, adam, ... (torch.optim's, by name); its "
-                       "keyword arguments sit beside lr")
+    name: str = option("sgd", STRING, "optimizer: sgd, adamw, adam, ... (torch.optim's, by name) or dot "
+                       "(DOT); its keyword arguments sit beside lr")
     lr: float = option(0.05, number(0, strict=True), "base learning rate for the global batch")
     weight_decay: float = option(5.0e-4, number(0), "weight decay")
     options: Any = None

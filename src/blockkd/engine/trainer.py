@@ -38,14 +38,19 @@ def train_step(model: nn.Module, x: Any, y: torch.Tensor, *, epoch: float, optim
     """One optimizer step: forward under autocast, the sum of the method's losses, (scaled) backward,
     optional gradient clipping, optimizer step. Returns ``(logits, losses, stepped)``; ``proceed(losses)``
     may veto the update (a non-finite loss in ``skip`` mode). ``index``: each sample's index in the
-    training split, for the methods that keep per-sample state (``needs_index``: CRD's memory bank)."""
+    training split, for the methods that keep per-sample state (``needs_index``: CRD's memory bank).
+    An optimizer with ``needs_loss_split`` (DOT) gets the task and the distillation gradients apart
+    (:func:`backward_split`)."""
     with rt.autocast():
         extra = {} if index is None else {"index": index}
         logits, losses = model(rt.prepare(x), y, epoch=epoch, **extra)
     optimizer.zero_grad(set_to_none=True)
     if proceed is not None and not proceed(losses):
         return logits, losses, False
-    scaler.scale(sum(losses.values())).backward()
+    if getattr(optimizer, "needs_loss_split", False):
+        backward_split(model, losses, optimizer, scaler, grad_clip)
+    else:
+        scaler.scale(sum(losses.values())).backward()
     if grad_clip:
         scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_(params if params is not None else [p for g in optimizer.param_groups
@@ -53,6 +58,39 @@ def train_step(model: nn.Module, x: Any, y: torch.Tensor, *, epoch: float, optim
     scaler.step(optimizer)
     scaler.update()
     return logits, losses, True
+
+
+def backward_split(model: nn.Module, losses: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler, grad_clip: float | None = None) -> None:
+    """Two backward passes: the distillation terms' (their gradients then handed to
+    ``optimizer.stash_distill_grads()``), then the task terms' into ``.grad``. The task terms are the losses
+    named in the method's ``task_losses``; the rest are the distillation terms. fp16 loss scaling and
+    gradient clipping are refused: the scaler would unscale and check only the task gradients, and clipping
+    one of the two is not clipping their sum (bf16 autocast needs no scaler and works)."""
+    if scaler.is_enabled() or grad_clip:
+        raise BlockKDError(f"{type(optimizer).__name__} takes the task and distillation gradients apart: it does not "
+                           f"work with fp16 loss scaling or train.grad_clip; use train.amp bf16 or off, grad_clip null")
+    names = task_losses_of(model)
+    if not any(k in names for k in losses):
+        raise BlockKDError(f"{type(optimizer).__name__} needs the method's task loss, one of {list(names)} "
+                           f"(its task_losses), among its losses {list(losses)}")
+    task = [v for k, v in losses.items() if k in names and v.requires_grad]
+    distill = [v for k, v in losses.items() if k not in names and v.requires_grad]
+    if distill:
+        sum(distill).backward(retain_graph=bool(task))
+    optimizer.stash_distill_grads()
+    if task:
+        sum(task).backward()
+
+
+def task_losses_of(model: nn.Module) -> tuple[str, ...]:
+    """The distiller's ``task_losses`` through DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while not hasattr(model, "task_losses"):
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return ("loss_ce",)
+        model = inner
+    return tuple(model.task_losses)
 
 
 class Trainer:
@@ -81,6 +119,10 @@ class Trainer:
 
         self.params = list(self.distiller.trainable_parameters())
         self.optimizer = build_optimizer(self.params, cfg.optim)
+        if getattr(self.optimizer, "needs_loss_split", False) and (runtime.is_distributed() or rt.fp16):
+            raise BlockKDError(f"optim.name={cfg.optim.name!r} runs two backward passes per step, one per gradient; "
+                               f"DDP and fp16 loss scaling do not support that: train in one process, with "
+                               f"train.amp bf16 or off (this run: {rt.describe()})")
         self.steps_per_epoch = len(self.data.train)
         self.epochs = tcfg.epochs
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, steps_per_epoch=self.steps_per_epoch,

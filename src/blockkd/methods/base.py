@@ -34,13 +34,16 @@ class Distiller(nn.Module):
 
     Subclasses set ``Options`` (a frozen dataclass of :func:`blockkd.schema.option` fields: the one
     declaration of their options, their checks and help), ``needs_teacher``, ``paper`` (a citation
-    for listings) and implement :meth:`forward_train`, reading their options from ``self.opts``.
+    for listings), ``task_losses`` where their task terms are not named ``loss_ce``, and implement :meth:`forward_train`, reading their options from ``self.opts``.
     ``epoch`` is training progress in epochs as a float (2.5 = half-way through the third epoch): the
     one mechanism for losses that depend on progress (DKD's warm-up).
     """
 
     Options: ClassVar[type] = NoOptions
     needs_teacher: ClassVar[bool] = True
+    # The names of the task terms among the losses (supervision by the labels); the others are the
+    # distillation terms. Optimizers that treat the two gradients apart (DOT) read it.
+    task_losses: ClassVar[tuple[str, ...]] = ("loss_ce",)
     paper: ClassVar[str] = ""
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, options: Any = None,

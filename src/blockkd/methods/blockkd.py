@@ -124,6 +124,8 @@ class BlockKD(Distiller):
 
     Options = BlockKDOptions
     paper = "Yu et al., Decoupling Dark Knowledge via Block-wise Logit Distillation, IEEE TAI 2024"
+    # CE on the labels, of the student and of the stones; the distill and cross terms match the teacher.
+    task_losses = ("loss_task_student", "loss_task_stones")
 
     def __init__(self, student, teacher, options=None, input_shape=(3, 32, 32)):
         super().__init__(student, teacher, options, input_shape)

@@ -15,6 +15,7 @@ import torch
 
 from ..registry import Registry
 from ..schema import ANY, BOOL, Check, list_of, number, option, integer
+from .dot import DOT, DOTOptions
 
 # name -> (torch.optim class name, our defaults where they differ from torch's)
 TORCH_OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -34,11 +35,14 @@ SKIPPED = ("foreach", "maximize", "capturable", "differentiable", "fused", "deco
 
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
-    """An optimizer choice: its options dataclass and ``build(params, lr, weight_decay, options)``."""
+    """An optimizer choice: its options dataclass and ``build(params, lr, weight_decay, options)``.
+    ``needs_loss_split``: the optimizer takes the task and the distillation gradients apart (DOT; see
+    :func:`blockkd.engine.train_step`), which rules out fp16 loss scaling and ``train.grad_clip``."""
 
     options: type
     build: Any
     help: str
+    needs_loss_split: bool = False
 
 
 def _check_like(default: Any, annotation: str) -> Check:
@@ -94,6 +98,15 @@ OPTIMIZERS: Registry[Optimizer] = Registry("optimizer")
 for _name, (_cls_name, _overrides) in TORCH_OPTIMIZERS.items():
     _cls = getattr(torch.optim, _cls_name)
     OPTIMIZERS.register(_name, Optimizer(options_of(_cls, _overrides), _torch_builder(_cls), f"torch.optim.{_cls_name}"))
+
+
+def _build_dot(params, *, lr: float, weight_decay: float, options: DOTOptions) -> DOT:
+    return DOT(params, lr=lr, momentum=options.momentum, delta=options.delta, weight_decay=weight_decay)
+
+
+OPTIMIZERS.register("dot", Optimizer(DOTOptions, _build_dot, "DOT, the Distillation-Oriented Trainer (Zhao et al., "
+                                     "ICCV 2023): SGD with task momentum β − Δ and distillation momentum β + Δ",
+                                     needs_loss_split=DOT.needs_loss_split))
 
 
 def build_optimizer(params, optim) -> torch.optim.Optimizer:
