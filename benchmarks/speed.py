@@ -389,7 +389,8 @@ def step_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
         body.append([r["pair"], r["variant"], r["label"], fmt(r.get("images_per_s"), ".1f"),
                      fmt(r.get("step_ms"), ".1f"), fmt(r.get("cost_vs_kd"), ".2f") + ("x" if r.get("cost_vs_kd") else ""),
                      fmt(gflop, ".2f"), fmt(r.get("flops_vs_kd"), ".2f") + ("x" if r.get("flops_vs_kd") else ""),
-                     count(r.get("extra_params")), count(r.get("extra_buffers")), fmt(r.get("peak_memory_mb"), ".0f"), r.get("error") and f"error: {r['error']}" or goal])
+                     count(r.get("extra_params")), count(r.get("extra_buffers")), fmt(r.get("peak_memory_mb"), ".0f"),
+                     r.get("error") and f"error: {r['error']}" or goal])
     return header, body
 
 

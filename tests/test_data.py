@@ -263,14 +263,14 @@ def test_fashion_mnist_corrupt_and_missing(tmp_path, monkeypatch):
 def fake_cifar(root: Path, num_classes: int, n_train: int = 20, n_test: int = 10) -> dict[str, np.ndarray]:
     """A tiny CIFAR folder in torchvision's pickle format."""
     rng = np.random.default_rng(num_classes)
-    folder = root / cifar.TORCHVISION[num_classes].base_folder
+    folder = root / cifar.torchvision_class(num_classes).base_folder
     folder.mkdir(parents=True)
     out = {"train_x": rng.integers(0, 256, (n_train, 3072), dtype=np.uint8),
            "train_y": rng.integers(0, num_classes, n_train),
            "test_x": rng.integers(0, 256, (n_test, 3072), dtype=np.uint8),
            "test_y": rng.integers(0, num_classes, n_test)}
     key = "labels" if num_classes == 10 else "fine_labels"
-    cls = cifar.TORCHVISION[num_classes]
+    cls = cifar.torchvision_class(num_classes)
     train_files = [name for name, _ in cls.train_list]
     parts = np.array_split(np.arange(n_train), len(train_files))
     for name, part in zip(train_files, parts):
@@ -339,6 +339,41 @@ def test_imagefolder(image_root, num_workers):
     for images, labels in ((tx, ty), (x, y)):  # solid colours: every pixel is the class colour, normalised
         expected = (torch.tensor(COLORS, dtype=torch.float)[labels] / 255 - mean) / std
         assert (images - expected[:, :, None, None]).abs().max() < 0.1
+
+
+@pytest.fixture(scope="module")
+def noise_root(tmp_path_factory) -> Path:
+    """Image folders of random noise: unlike solid colours, every crop of them is a different image."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("noise")
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        (root / "train" / f"c{k}").mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 256, (24, 28, 3), dtype=np.uint8)).save(root / "train" / f"c{k}" / f"{i}.png")
+    return root
+
+
+def test_imagefolder_epoch_replays_exactly_whatever_the_workers_did_before(noise_root):
+    """Resume of an image-folder run is exact: an epoch's order and every sample's augmentation depend only on
+    (seed, epoch, index), not on the (persistent) workers' history, so a fresh loader that starts at epoch 1
+    (a resumed run) delivers what a loader that went through epoch 0 first delivers."""
+    cfg = {"name": "imagefolder", "root": str(noise_root), "image_size": 16, "batch_size": 4, "num_workers": 2,
+           "val_split": 2}
+    ran = data.build(cfg, device=CPU, seed=3)
+    ran.set_epoch(0)
+    first = collect(ran.train)
+    ran.set_epoch(1)
+    after = collect(ran.train)
+    resumed = data.build(cfg, device=CPU, seed=3)
+    resumed.set_epoch(1)
+    fresh = collect(resumed.train)
+    assert torch.equal(after[0], fresh[0]) and torch.equal(after[1], fresh[1])
+    assert not torch.equal(first[0], after[0])  # the epochs themselves differ (shuffle and crops)
+    inline = data.build({**cfg, "num_workers": 0}, device=CPU, seed=3)  # and the workers change nothing
+    inline.set_epoch(1)
+    assert torch.equal(collect(inline.train)[0], fresh[0])
 
 
 def test_imagefolder_val_split_shards_and_missing(image_root, tmp_path):

@@ -298,6 +298,15 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
     (folder / "optim.safetensors").write_bytes(b"\0" * 10)
     with pytest.raises(BlockKDError, match="optim.safetensors"):
         load_checkpoint(folder)
+    # meta.json holds the tensors' checksums, and is covered by its own: an edit that keeps it valid JSON
+    # (a changed epoch, a forged sha256 of a replaced tensor file) is caught and named
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "epoch": 7}))
+    with pytest.raises(BlockKDError, match=r"meta\.json is corrupt or truncated \(sha256 mismatch with meta\.json\.sha256\)"):
+        load_checkpoint(folder)
+    (folder / "meta.json.sha256").unlink()
+    with pytest.raises(BlockKDError, match=r"meta\.json\.sha256 is missing"):
+        load_checkpoint(folder)
     (folder / "meta.json").write_text("{")
     with pytest.raises(BlockKDError, match="meta.json"):
         load_checkpoint(folder)

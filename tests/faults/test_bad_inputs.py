@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -51,6 +52,30 @@ CASES = {
     "overwrite-foreign-folder": (["ok.yaml", "output.name=notes", "--overwrite"],
                                  r"runs/notes does not look like a blockkd run folder; refusing to delete it"),
 }
+# The published recipe with a bad method option: refused while the recipe is read, before any data, model or
+# teacher is touched (data.root points nowhere and the recipe's teacher run does not exist here: reading
+# either would end in another error). The line names the key, the override, the recipe and the closest value.
+FM = str(Path(__file__).resolve().parents[2] / "configs/fashion_mnist/blockkd.yaml")
+ON_FM = r" \(on .*configs/fashion_mnist/blockkd\.yaml\)"
+CASES |= {
+    "option-choice": ([FM, "method.options.connector=conv9x9", "data.root=nowhere"],
+                      r"^error: invalid method\.options\.connector=conv9x9 in override 'method\.options\.connector=conv9x9'"
+                      + ON_FM + r": expected one of conv1x1_bn, conv3x3_bn, .* for method 'blockkd'; did you mean "
+                      r"'conv\dx\d_bn'\?$"),
+    "option-type": ([FM, "method.options.num_blocks=three", "data.root=nowhere"],
+                    r"^error: invalid method\.options\.num_blocks=three in override .*" + ON_FM
+                    + r": expected an integer >= 1 or null for method 'blockkd'$"),
+    "option-closest-choice": ([FM, "method.options.sampling=weird", "data.root=nowhere"],
+                              r"invalid method\.options\.sampling=weird .*" + ON_FM + r": expected one of weighted, "
+                              r"uniform, split for method 'blockkd'"),
+    "option-range": ([FM, "method.options.temperature=-1", "data.root=nowhere"],
+                     r"invalid method\.options\.temperature=-1 .*" + ON_FM + r": expected a number > 0 for method 'blockkd'"),
+    # known only once both networks are split: still one line naming the key and where it was set
+    "option-known-later": (["ok.yaml", "method.name=blockkd", "method.options.stones_per_step=9"],
+                           r"^error: invalid method\.options\.stones_per_step in override "
+                           r"'method\.options\.stones_per_step=9' \(on ok\.yaml\): stones_per_step must be between 1 "
+                           r"and the number of blocks \(3\), got 9$"),
+}
 DEBUG = {"debug-config": ["ok.yaml", "optim.lrr=0.1", "--debug"],
          "debug-engine": ["ok.yaml", "method.options.num_blocks=9", "--debug"]}
 
@@ -91,4 +116,5 @@ def test_debug_shows_the_traceback(results, name):
     _, out = results
     proc = out[name]
     assert proc.returncode != 0 and "Traceback (most recent call last)" in proc.stderr
-    assert re.search(r"BlockKDError: (unknown key 'optim\.lrr'|cannot bring student)", proc.stderr)
+    assert re.search(r"BlockKDError: (unknown key 'optim\.lrr'|invalid method\.options\.num_blocks in override "
+                     r"'method\.options\.num_blocks=9' \(on ok\.yaml\): cannot)", proc.stderr)

@@ -8,8 +8,9 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+import functools
+
 import torch
-from torchvision.datasets import CIFAR10, CIFAR100
 
 from ..errors import BlockKDError
 from ..utils import data_home
@@ -19,19 +20,24 @@ STATS = {  # per-channel mean/std of the training images, the values every CIFAR
     10: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     100: ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
-TORCHVISION = {10: CIFAR10, 100: CIFAR100}
 
 
-def _unchecked(cls: type[CIFAR10]) -> type[CIFAR10]:
-    """``cls`` reading the same files, checking they exist but not their md5."""
+def torchvision_class(num_classes: int) -> type:
+    """torchvision's CIFAR10 or CIFAR100 (imported on first use: a recipe check needs no torchvision)."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    return {10: CIFAR10, 100: CIFAR100}[num_classes]
+
+
+@functools.cache
+def reader(num_classes: int) -> type:
+    """torchvision's class reading the same files, checking they exist but not their md5."""
+    cls = torchvision_class(num_classes)
     return type(f"Unchecked{cls.__name__}", (cls,), {
         "train_list": [[name, None] for name, _ in cls.train_list],
         "test_list": [[name, None] for name, _ in cls.test_list],
         "meta": {**cls.meta, "md5": None},
     })
-
-
-READERS = {k: _unchecked(cls) for k, cls in TORCHVISION.items()}
 
 
 def default_root() -> Path:
@@ -41,21 +47,21 @@ def default_root() -> Path:
 def load(cfg: dict, num_classes: int) -> ArrayData:
     """CIFAR-``num_classes`` as uint8 (N, 3, 32, 32) tensors from ``cfg['root']``."""
     root = Path(cfg.get("root") or default_root()).expanduser()
-    folder = root / TORCHVISION[num_classes].base_folder
+    folder = root / torchvision_class(num_classes).base_folder
     if cfg.get("download"):
         try:
-            TORCHVISION[num_classes](root, train=True, download=True)
+            torchvision_class(num_classes)(root, train=True, download=True)
         except Exception as e:  # network errors come in many types; all mean the same to the user
             raise BlockKDError(f"downloading CIFAR-{num_classes} into {root} failed: {e}") from None
     if not folder.is_dir():
         raise BlockKDError(f"CIFAR-{num_classes} not found: expected {folder} (torchvision's format); "
                            f"set data.root to its parent folder or data.download=true")
     try:
-        train, test = (READERS[num_classes](root, train=t) for t in (True, False))
+        train, test = (reader(num_classes)(root, train=t) for t in (True, False))
     except (RuntimeError, OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as e:
         raise BlockKDError(f"cannot read CIFAR-{num_classes} from {folder}: {e}") from None
 
-    def tensors(ds: CIFAR10) -> tuple[torch.Tensor, torch.Tensor]:
+    def tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets, dtype=torch.int64)
 
     (train_x, train_y), (test_x, test_y) = tensors(train), tensors(test)

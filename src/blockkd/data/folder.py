@@ -15,10 +15,6 @@ from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler, Subset
-from PIL import Image
-from torchvision.datasets import ImageFolder
-from torchvision.transforms import v2
-from torchvision.transforms.functional import pil_to_tensor
 
 from ..errors import BlockKDError
 from ..utils import data_home
@@ -38,13 +34,18 @@ class FolderOptions:
 
 def read_rgb(path: str) -> torch.Tensor:
     """An image file as a (3, H, W) uint8 tensor (PIL decodes; the transforms then work on tensors)."""
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+
     with Image.open(path) as image:
         return pil_to_tensor(image.convert("RGB"))
 
 
-def transforms(image_size: int, train: bool) -> v2.Compose:
+def transforms(image_size: int, train: bool):
     """Train: RandomResizedCrop (the flip follows on the device); eval: resize to size*256/224 then center
-    crop. uint8 tensors in and out."""
+    crop. uint8 tensors in and out. (torchvision is imported here, on first use: checking a recipe needs none.)"""
+    from torchvision.transforms import v2
+
     if train:
         return v2.Compose([v2.RandomResizedCrop(image_size, antialias=True)])
     return v2.Compose([v2.Resize(round(image_size * 256 / 224), antialias=True), v2.CenterCrop(image_size)])
@@ -150,7 +151,9 @@ def make_loader(dataset: Dataset, *, batch_size: int, train: bool, num_workers: 
     return DeviceBatches(loader, device, normalize, seed, flip=flip, rank=rank)
 
 
-def _image_folder(path: Path, image_size: int, train: bool) -> ImageFolder:
+def _image_folder(path: Path, image_size: int, train: bool):
+    from torchvision.datasets import ImageFolder
+
     if not path.is_dir():
         raise BlockKDError(f"image folder not found: {path} (expected <root>/train/<class>/*.jpg and "
                            f"<root>/val/<class>/*.jpg; set data.root)")

@@ -34,7 +34,8 @@ class Distiller(nn.Module):
 
     Subclasses set ``Options`` (a frozen dataclass of :func:`blockkd.schema.option` fields: the one
     declaration of their options, their checks and help), ``needs_teacher``, ``paper`` (a citation
-    for listings), ``task_losses`` where their task terms are not named ``loss_ce``, and implement :meth:`forward_train`, reading their options from ``self.opts``.
+    for listings), ``task_losses`` where their task terms are not named ``loss_ce``, and implement
+    :meth:`forward_train`, reading their options from ``self.opts``.
     ``epoch`` is training progress in epochs as a float (2.5 = half-way through the third epoch): the
     one mechanism for losses that depend on progress (DKD's warm-up).
     """
