@@ -32,64 +32,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from blockkd import config, methods
+from blockkd import config
 from blockkd import data as data_lib
-from blockkd.demo import recipes_dir, train_or_reuse_teacher
-from blockkd.engine import runtime, train
+from blockkd.engine import runtime
 from blockkd.errors import BlockKDError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from students import (DEFAULTS, METHODS, QUICK, RUN_KEYS, overrides, pm, recipes_dir, run_student,  # noqa: E402
+                      train_or_reuse_teacher)
 from common import (REPO, append_runs, fmt, machine_info, machine_line, markdown_table, mean_std,  # noqa: E402
                     plural, reproduce_line, section, text_table, write_json, write_text)
-
-METHODS = ["ce", "kd", "dkd", "blockkd", "blockkd-lite"]
-# epochs / train_subset None: the recipes' own (configs/fashion_mnist/base.yaml).
-DEFAULTS: dict[str, Any] = {"seeds": [0, 1, 2, 3, 4], "methods": METHODS, "epochs": None, "train_subset": None}
-# --quick: the whole pipeline in seconds (the smoke test); add --val N to keep evaluation small too.
-QUICK: dict[str, Any] = {"seeds": [0], "methods": ["ce", "blockkd"], "epochs": 1, "train_subset": 128}
-QUICK_TEACHER = ["train.epochs=1", "data.batch_size=64"]
-# What may differ between the runs of one recipe without making it another recipe.
-RUN_KEYS = ("output", "train.seed", "train.device", "teacher.checkpoint")
-
-
-# ----------------------------------------------------------------------------------------- runs
-def overrides(s: dict[str, Any], quick: bool) -> tuple[list[str], list[str]]:
-    """(teacher's, students') overrides. Both see the same images (the subset, and never the held-out
-    ones); ``--epochs`` changes the students' schedule only, the teacher keeps its recipe's."""
-    shared = ["output.tensorboard=false", "output.plot=false"]
-    if s["train_subset"] is not None:
-        shared.append(f"data.train_subset={s['train_subset'] or 'null'}")  # 0: all images
-    shared += [f"data.val_split={s['val']}"] if s["val"] else []
-    shared += [f"train.device={s['device']}"] if s["device"] else []
-    teacher = shared + (QUICK_TEACHER if quick else [])
-    students = shared + ([f"train.epochs={s['epochs']}"] if s["epochs"] else []) + (QUICK_TEACHER[1:] if quick else [])
-    return teacher, students
-
-
-def history_of(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def run_student(folder: Path, method: str, seed: int, extra: list[str], teacher_dir: Path, runs: Path,
-                name: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Train ``method`` with ``seed``; returns (its resolved config, its per-run result).
-
-    ``name`` (default: the method) names the run folder ``<name>-seed<seed>`` under ``runs``."""
-    uses_teacher = methods.needs_teacher(method)
-    cfg = config.load(folder / f"{method}.yaml", extra + [
-        f"train.seed={seed}", f"output.dir={runs}", f"output.name={name or method}-seed{seed}",
-        *([f"teacher.checkpoint={teacher_dir}"] if uses_teacher else [])])
-    print(f"\n== {method}, seed {seed}: {cfg.model.name}" + (f" <- {cfg.teacher.name}" if uses_teacher
-                                                                    else ""), flush=True)
-    summary = train(cfg, overwrite=True)
-    history = history_of(summary["run_dir"])
-    return cfg.to_dict(), {"method": method, "seed": seed, "last_top1": summary["last"]["test_top1"],
-                 "last_epoch": summary["last"]["epoch"], "best_top1": summary["best"]["test_top1"],
-                 "best_epoch": summary["best"]["epoch"], "wall_time_s": summary["wall_time_s"],
-                 "images_per_s": summary["images_per_s"], "run_dir": summary["run_dir"],
-                 "curve": [[r["epoch"], r["test_top1"]] for r in history if r.get("test_top1") is not None]}
-
 
 def aggregate(runs: list[dict[str, Any]], method_names: list[str]) -> dict[str, dict[str, Any]]:
     """Per method: mean ± std of last/best top-1 and of time, the gain over ce, the mean curve."""
@@ -118,10 +70,6 @@ def setup_of(cfg: dict[str, Any], teacher: dict[str, Any], s: dict[str, Any]) ->
             "train_images": sizes.train_size, "eval_images": sizes.test_size, "epochs": cfg["train"]["epochs"],
             "teacher_epochs": teacher["epochs"], "seeds": s["seeds"], "methods": s["methods"],
             "batch_size": cfg["data"]["batch_size"], "lr": cfg["optim"]["lr"], "schedule": cfg["schedule"]["name"]}
-
-
-def pm(stat: dict[str, Any]) -> str:
-    return f"{stat['mean']:.2f} ± {stat['std']:.2f}"
 
 
 def table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:

@@ -508,8 +508,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=min(os.cpu_count() or 1, 8),
                    help="DataLoader workers of the torchvision pipeline (default: the CPU count, at most 8)")
     p.add_argument("--no-unbatched", action="store_true", help="skip blockkd with batched_stones=false")
-    p.add_argument("--profile", action="store_true",
-                   help="print a profiler summary of blockkd(-lite) steps where the cost vs kd misses its goal")
+    p.add_argument("--profile", nargs="?", const="missed", choices=("missed", "all"),
+                   help="print a profiler summary of the steps whose cost vs kd misses its goal (or of all of them)")
     p.add_argument("--quick", action="store_true", help="tiny models and data, a few steps: the smoke test")
     p.add_argument("--out", default="results/speed.json", help="JSON output; the markdown goes beside it (.md)")
     return p.parse_args(argv)
@@ -556,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     report["batched_stones"] = batched_comparison(report["train_step"])
     if args.profile:
         for r in report["train_step"]:
-            if r["meets_goal"] is False:
+            if (r["meets_goal"] is False or args.profile == "all") and "error" not in r:
                 case = Case(r["pair"], r["label"], r["variant"], s["device"], s["batch_size"], s["image_size"],
                             s["num_classes"])
                 table = profile(case)

@@ -5,7 +5,7 @@
 
 Why: the accuracy benchmark's goal is Block-KD above KD and DKD; where it is not, the choices the paper
 leaves open (docs/blockkd.md) are the place to look, and they must be tuned without looking at the test
-split. Every run here is ``accuracy.py``'s: the ``configs/fashion_mnist`` recipe of the method plus the
+split. Every run here is ``accuracy.py``'s (``students.run_student``): the ``configs/fashion_mnist`` recipe of the method plus the
 variant's ``method.options``, trained by ``blockkd.engine.train`` on the recipes' training subset and
 evaluated on ``--val`` images held out from the training set (``data.val_split``; the teacher is trained
 without them too). The baselines ce, kd and dkd run in the same setting. ``--jobs`` runs that many
@@ -26,7 +26,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import accuracy  # noqa: E402
+import students  # noqa: E402
+from blockkd import methods  # noqa: E402
+from blockkd.engine import runtime  # noqa: E402
+from blockkd.errors import BlockKDError  # noqa: E402
 from common import (append_runs, machine_info, machine_line, markdown_table, mean_std, reproduce_line,  # noqa: E402
                     section, text_table, write_json, write_text)
 
@@ -70,6 +73,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                                                    "gamma": 0.0}),
     "blockkd conv3x3_bn ls": ("blockkd", {"connector": "conv3x3_bn", "logit_standardization": True}),
     "blockkd conv3x3_bn teacher_stats": ("blockkd", {"connector": "conv3x3_bn", "connector_init": "teacher_stats"}),
+    "blockkd conv3x3_bn dkd unit gamma 0": ("blockkd", {"connector": "conv3x3_bn", "divergence": "dkd", "dkd_beta": 2.0,
+                                                        "alpha": 1.0, "beta": 1.0, "gamma": 0.0}),
+    "blockkd-lite split conv3x3_bn dkd": ("blockkd-lite", {"connector": "conv3x3_bn", "divergence": "dkd",
+                                                           "dkd_beta": 2.0}),
     "kd ls": ("kd", {"logit_standardization": True, "temperature": 2.0, "kd_weight": 9.0}),
     "dkd ls": ("dkd", {"logit_standardization": True}),
 }
@@ -91,8 +98,8 @@ def run_variant(name: str, seed: int, extra: list[str], teacher_dir: str, runs: 
     torch.set_num_threads(threads)
     method, options = VARIANTS[name]
     if method.startswith("blockkd"):  # relative to the method's defaults: the recipe's connector came from this sweep
-        options = {"connector": accuracy.methods.defaults(method)["connector"], **options}
-    _, result = accuracy.run_student(accuracy.recipes_dir(), method, seed, extra + option_overrides(options),
+        options = {"connector": methods.defaults(method)["connector"], **options}
+    _, result = students.run_student(students.recipes_dir(), method, seed, extra + option_overrides(options),
                                      Path(teacher_dir), Path(runs), name=slug(name))
     return {**result, "variant": name, "options": VARIANTS[name][1]}
 
@@ -119,7 +126,7 @@ def table(summary: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]
     for name, v in sorted(summary.items(), key=lambda kv: -kv[1]["last_top1"]["mean"]):
         gains = [("" if v[f"gain_vs_{b}"] is None or name == b else f"{v[f'gain_vs_{b}']:+.2f}") for b in ("kd", "dkd")]
         rows.append([name, ", ".join(f"{k}={o}" for k, o in v["options"].items()) or "defaults", len(v["seeds"]),
-                     accuracy.pm(v["last_top1"]), accuracy.pm(v["best_top1"]), *gains,
+                     students.pm(v["last_top1"]), students.pm(v["best_top1"]), *gains,
                      f"{v['wall_time_s']['mean'] / 60:.1f} min"])
     return header, rows
 
@@ -152,15 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     names = args.variants or quick.get("variants") or list(VARIANTS)
     seeds = args.seeds or quick.get("seeds") or [0]
     val = args.val or quick.get("val") or 10000
-    s = {**accuracy.DEFAULTS, **(accuracy.QUICK if args.quick else {}), "val": val, "device": None}
+    s = {**students.DEFAULTS, **(students.QUICK if args.quick else {}), "val": val, "device": None}
     s.update({k: getattr(args, k) for k in ("epochs", "train_subset") if getattr(args, k) is not None})
     runs = out.with_name(out.stem + "-runs")
     started = time.perf_counter()
-    teacher_extra, extra = accuracy.overrides(s, args.quick)
+    teacher_extra, extra = students.overrides(s, args.quick)
     extra.append("output.progress=false")  # side-by-side runs: one line per epoch, no live bars
     try:
-        teacher_dir, teacher = accuracy.train_or_reuse_teacher(accuracy.recipes_dir(), teacher_extra)
-    except accuracy.BlockKDError as e:
+        teacher_dir, teacher = students.train_or_reuse_teacher(students.recipes_dir(), teacher_extra)
+    except BlockKDError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     jobs = max(1, min(args.jobs, len(names) * len(seeds)))
@@ -179,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = sorted({r["seed"] for r in results})
     names = [n for n in VARIANTS if any(r["variant"] == n for r in results)]
     summary = summarise(results, names)
-    report = {"machine": machine_info(accuracy.runtime.resolve_device("auto")), "invocations": invocations,
+    report = {"machine": machine_info(runtime.resolve_device("auto")), "invocations": invocations,
               "setup": {"val_split": val, "seeds": seeds, "jobs": jobs, "threads_per_job": threads,
                         "overrides": extra, "teacher_overrides": teacher_extra},
               "teacher": {"model": teacher["model"], "run_dir": str(teacher_dir), "last_top1": teacher["last"]["test_top1"]},
