@@ -17,6 +17,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from blockkd.utils import atomic_write
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -75,20 +77,14 @@ def machine_line(info: dict[str, Any]) -> str:
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON via a temporary file and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    """Write ``obj`` as indented JSON, atomically (``blockkd.utils.atomic_write``)."""
+    return write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def write_text(path: str | Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return path
+    return atomic_write(path, text)
 
 
 def mean_std(values: Sequence[float]) -> dict[str, Any]:

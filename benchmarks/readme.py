@@ -14,6 +14,8 @@ import re
 import sys
 from pathlib import Path
 
+from blockkd.utils import atomic_write
+
 REPO = Path(__file__).resolve().parents[1]
 MARKERS = re.compile(r"(<!-- BEGIN (?P<name>[\w./-]+\.md) -->\n)(?P<body>.*?)(<!-- END (?P=name) -->)", re.S)
 
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path} is out of date with {', '.join(names)}: run python benchmarks/readme.py", file=sys.stderr)
             return 1
         return 0
-    path.write_text(new, encoding="utf-8")
+    atomic_write(path, new)
     print(f"{path}: {', '.join(names)}")
     return 0
 

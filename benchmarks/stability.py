@@ -11,7 +11,6 @@ hence its accuracy, is unchanged), then trains the same student with kd and with
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from blockkd.engine.build import build_model
 from blockkd.errors import BlockKDError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import make_confident  # noqa: E402
+from common import make_confident, write_json  # noqa: E402
 
 # name -> (recipe in configs/fashion_mnist, overrides). "α=β=γ=1" is the objective with unit weights.
 UNIT = ["method.options.alpha=1", "method.options.beta=1", "method.options.gamma=1"]
@@ -87,7 +86,7 @@ def main(argv=None) -> int:
               f"diverged {row['diverged']}", flush=True)
     report = {"date": time.strftime("%Y-%m-%d"), "teacher_logit_std": [std_before, std_after], "args": vars(args),
               "torch": torch.__version__, "rows": rows}
-    out.write_text(json.dumps(report, indent=2, default=str))
+    write_json(out, report)
     print(f"wrote {out}")
     return 0
 

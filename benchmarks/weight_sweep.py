@@ -10,7 +10,6 @@ Fashion-MNIST.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ from blockkd.engine import train
 from blockkd.engine.build import build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import make_confident  # noqa: E402
+from common import make_confident, write_json  # noqa: E402
 
 VARIANTS = {  # name -> (method, options)
     "ce": ("ce", {}),
@@ -62,7 +61,7 @@ def recipe(out: Path, name: str, method: str, **extra) -> dict:
 def confident_teacher(work: Path, target_std: float = 20.0) -> dict:
     train(recipe(work, "teacher", "ce", model={"name": "resnet14"}), overwrite=True)
     bundle = data.build(recipe(work, "probe", "ce")["data"], device="cpu")
-    teacher = build_model({"name": "resnet14", "checkpoint": str(work / "teacher")}, bundle, role="teacher")
+    teacher = build_model("resnet14", bundle, checkpoint=str(work / "teacher"), role="teacher")
     make_confident(teacher, bundle.test, target_std)
     path = work / "confident.safetensors"
     save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(path))
@@ -95,9 +94,9 @@ def main(argv=None) -> int:
     means = {n: statistics.fmean(r["test_top1"] for r in rows if r["variant"] == n) for n in args.variants}
     for name, mean in means.items():
         print(f"{name:26s} mean over {len(args.seeds)} seed(s): {mean:6.2f}")
-    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "seeds": args.seeds,
-                               "command": "python benchmarks/weight_sweep.py " + " ".join(sys.argv[1:]),
-                               "rows": rows, "mean_test_top1": means}, indent=2))
+    write_json(out, {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "seeds": args.seeds,
+                     "command": "python benchmarks/weight_sweep.py " + " ".join(sys.argv[1:]),
+                     "rows": rows, "mean_test_top1": means})
     return 0
 
 

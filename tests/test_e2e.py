@@ -61,6 +61,12 @@ def test_teacher_then_blockkd_student_then_resume_then_eval(teacher):
     rows = history(run)
     assert [r["epoch"] for r in rows] == [1, 2]
     assert {"train_loss_task_stones", "train_loss_cross", "test_top1", "test_top5"} <= set(rows[0])
+    # the stepping-stones seen from outside: each stone's and the ensemble's test top-1 beside the student's,
+    # and the gradient norm each part of the loss sends into the student (measured once per epoch)
+    stones = {f"test_top1_stone{i}" for i in (1, 2, 3)} | {"test_top1_ensemble"}
+    grads = {f"train_grad_norm_stone{i}" for i in (1, 2, 3)} | {"train_grad_norm_student"}
+    assert stones | grads <= set(rows[0]) and all(0 <= rows[0][k] <= 100 for k in stones)
+    assert all(rows[0][k] > 0 for k in grads)
 
     # An existing run is refused without --resume; --resume continues to 4 epochs from last/.
     refused = cli(*student, "train.epochs=4", cwd=out, check=False)

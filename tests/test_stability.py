@@ -32,17 +32,17 @@ def recipe(out, name: str, method: str, **sections) -> dict:
     return config.validate(cfg).to_dict()
 
 
-@torch.no_grad()
 def confident_teacher(work, target_std: float = 20.0) -> dict:
     """A trained resnet14 whose last Linear is scaled so its mean per-sample logit std is ``target_std``
     (the argmax, hence its accuracy, is unchanged): a teacher trained to high confidence."""
     train(recipe(work, "teacher", "ce", model={"name": "resnet14"}), overwrite=True)
     bundle = data.build(recipe(work, "probe", "ce")["data"], device="cpu")
     teacher = build_model("resnet14", bundle, checkpoint=str(work / "teacher"), role="teacher").eval()
-    std = torch.cat([teacher(x).std(dim=1) for x, _ in bundle.test]).mean().item()
-    head = [m for m in teacher.modules() if isinstance(m, torch.nn.Linear)][-1]
-    head.weight.mul_(target_std / std)
-    head.bias.mul_(target_std / std)
+    with torch.no_grad():
+        std = torch.cat([teacher(x).std(dim=1) for x, _ in bundle.test]).mean().item()
+        head = [m for m in teacher.modules() if isinstance(m, torch.nn.Linear)][-1]
+        head.weight.mul_(target_std / std)
+        head.bias.mul_(target_std / std)
     path = work / "confident.safetensors"
     save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(path))
     return {"name": "resnet14", "checkpoint": str(path)}

@@ -84,8 +84,9 @@ class TrainSection:
     eval_every: int = option(1, integer(1), "epochs between evaluations (the last epoch is always evaluated)")
     sync_bn: bool = option(False, BOOL, "SyncBatchNorm under DDP (CUDA)")
     max_steps: int | None = option(None, optional(integer(1)), "stop after this many optimizer steps")
-    diagnostics_every: int = option(0, integer(0), "steps between the method's diagnostics (e.g. Block-KD's "
-                                    "per-stone gradient norms) in TensorBoard; 0: at every log sync")
+    diagnostics_every: int | None = option(None, optional(integer(0)), "steps between the method's diagnostics "
+                                           "(Block-KD: the gradient norm each stone sends into the student), in "
+                                           "TensorBoard and, as epoch means, the metrics; null: once per epoch, 0: off")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -197,15 +197,18 @@ class Trainer:
             return None
         return torch.cat([terms[0] * y.shape[0], (logits.argmax(1) == y).sum().float()[None]])
 
-    def diagnostics(self, x: torch.Tensor, y: torch.Tensor, epoch: float) -> None:
-        """The method's own training diagnostics (e.g. Block-KD's per-stone gradient norms) to TensorBoard."""
-        diagnose = getattr(self.distiller, "diagnostics", None)
-        if not callable(diagnose):
-            return
+    def diagnostics(self, x: torch.Tensor, y: torch.Tensor, epoch: float, sums: dict[str, list[float]]) -> None:
+        """The method's own training diagnostics (e.g. Block-KD's per-stone gradient norms): to TensorBoard
+        at this step, and into ``sums`` (name -> [total, count]) for the epoch's mean in the metrics files."""
         with self.rt.autocast():
-            values = diagnose(self.rt.prepare(x), y, epoch=epoch)
+            values = self.distiller.diagnostics(self.rt.prepare(x), y, epoch=epoch)
         if values:
-            self.log.scalars("diagnostics", {k: float(v) for k, v in values.items()}, self.step)
+            values = {k: float(v) for k, v in values.items()}
+            self.log.scalars("diagnostics", values, self.step)
+            for k, v in values.items():
+                total = sums.setdefault(k, [0.0, 0])
+                total[0] += v
+                total[1] += 1
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         """One pass over the training split; returns the epoch's averaged training metrics.
@@ -217,10 +220,12 @@ class Trainer:
         self.guard.start_epoch()
         steps = self.steps_per_epoch
         sync_every = max(1, min(50, steps // 10))
-        diag_every = self.cfg.train.diagnostics_every or sync_every
+        every = self.cfg.train.diagnostics_every  # null: once, at the epoch's last step; 0: never
+        diag_at = (lambda i: i + 1 == steps) if every is None else (lambda i: every > 0 and (i + 1) % every == 0)
         lr = self.optimizer.param_groups[0]["lr"]
         acc: torch.Tensor | None = None  # running [sum of each loss term * n ..., correct]
         seen, synced, synced_seen = 0, None, 0
+        diag: dict[str, list[float]] = {}
         start = time.perf_counter()
         with self.log.bar(steps, f"epoch {epoch + 1}/{self.epochs}") as bar:
             for i, (x, y, *index) in enumerate(self.data.train):
@@ -234,8 +239,8 @@ class Trainer:
                 self.scheduler.step()  # the schedule follows batches, skipped or not, to stay aligned with epochs
                 self.step += 1
                 bar.update(1)
-                if (i + 1) % diag_every == 0 and runtime.is_main():
-                    self.diagnostics(x, y, epoch + (i + 1) / steps)
+                if diag_at(i) and runtime.is_main():
+                    self.diagnostics(x, y, epoch + (i + 1) / steps, diag)
                 if ((i + 1) % sync_every == 0 or i + 1 == steps) and seen > synced_seen:
                     self.guard.check(self.loss_names, epoch)
                     totals = acc.tolist()
@@ -257,6 +262,7 @@ class Trainer:
         return {"lr": lr, "train_loss": mean(sum(totals[:len(names)])),
                 **{f"train_{k}": mean(v) for k, v in zip(names, totals)},
                 "train_top1": mean(100 * totals[len(names)]) if names else None,
+                **{f"train_{k}": total / count for k, (total, count) in diag.items()},
                 "images_per_s": n / max(seconds, 1e-9), "train_time_s": seconds}
 
     def evaluate_teacher(self) -> None:
@@ -309,7 +315,7 @@ class Trainer:
                 self.best_top1, self.best_epoch = test["top1"], epoch + 1
             row: dict[str, Any] = {
                 "epoch": epoch + 1, "step": self.step, "lr": trained.pop("lr"), "train_loss": trained.pop("train_loss"),
-                **{k: trained.pop(k) for k in list(trained) if k.startswith("train_loss_")},
+                **{k: trained.pop(k) for k in list(trained) if k.startswith(("train_loss_", "train_grad_norm_"))},
                 "train_top1": trained.pop("train_top1"), "test_top1": test.get("top1"), "test_top5": test.get("top5"),
                 "test_loss": test.get("loss"),
                 **{f"test_{k}": v for k, v in test.items() if k.startswith("top1_")},
