@@ -17,9 +17,9 @@ from blockkd.engine import train
 from blockkd.engine.build import build_model
 
 
-def recipe(out, name: str, method: str, **sections) -> dict:
+def recipe(out, name: str, method_name: str, **sections) -> dict:
     cfg = {
-        "model": {"name": "resnet8"}, "method": {"name": method},
+        "model": {"name": "resnet8"}, "method": {"name": method_name},
         "data": {"name": "synthetic", "image_size": 16, "num_classes": 10, "train_size": 512, "test_size": 256,
                  "batch_size": 64, "eval_batch_size": 256},
         "optim": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
@@ -52,6 +52,6 @@ def test_blockkd_defaults_are_stable_with_a_confident_teacher(tmp_path):
     teacher = confident_teacher(tmp_path)
     defaults = train(recipe(tmp_path, "defaults", "blockkd", teacher=teacher))
     unit = train(recipe(tmp_path, "unit", "blockkd", teacher=teacher,
-                        method={"name": "blockkd", "options": {"alpha": 1.0, "beta": 1.0, "gamma": 1.0}}))
+                        method={"options": {"alpha": 1.0, "beta": 1.0, "gamma": 1.0}}))
     assert all(row["train_loss"] == row["train_loss"] for row in [defaults["last"], unit["last"]])  # no NaN
     assert defaults["last"]["test_top1"] > unit["last"]["test_top1"] + 10, (defaults["last"], unit["last"])
