@@ -186,7 +186,8 @@ def run_name(cfg: Config) -> str:
     teacher = cfg.teacher.name if cfg.needs_teacher else None
     parts = [cfg.data.name, teacher, cfg.model.name, cfg.method.name]
     seed = cfg.train.seed
-    return "-".join(p for p in parts if p) + (f"-seed{seed}" if seed else "")
+    name = "-".join(p for p in parts if p) + (f"-seed{seed}" if seed else "")
+    return name.replace("/", "_")  # hf.google/bert_... and hf-config.<path> name no sub-folders
 
 
 def dump(cfg: Config | Mapping) -> str:
