@@ -251,7 +251,7 @@ def fake_datasets(monkeypatch, task_columns: tuple[str, str | None], n: int = 48
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
 
 
-def test_glue_task_metrics_in_the_metrics_rows(monkeypatch, tmp_path, bert_configs):
+def test_glue_task_metrics_in_the_metrics_rows(monkeypatch, tmp_path, bert_configs, capsys):
     fake_datasets(monkeypatch, ("sentence1", "sentence2"))
     cfg = recipe(tmp_path, "mrpc", bert_configs["student"], train__epochs=1,
                  data={"name": "glue", "task": "mrpc", "tokenizer": "wordpiece", "vocab_size": VOCAB,
@@ -261,6 +261,10 @@ def test_glue_task_metrics_in_the_metrics_rows(monkeypatch, tmp_path, bert_confi
     assert 0 <= row["test_f1"] <= 100 and summary["last"]["test_f1"] == row["test_f1"]
     assert summary["data"] == "glue-mrpc"
     assert evaluate_checkpoint(tmp_path / "mrpc", device="cpu")["f1"] == pytest.approx(row["test_f1"])
+    from blockkd.cli import main
+
+    assert main(["eval", str(tmp_path / "mrpc"), "--device", "cpu"]) == 0
+    assert f"f1 {row['test_f1']:.2f}" in capsys.readouterr().out
     fake_datasets(monkeypatch, ("sentence", None))
     cola = data.build({"name": "glue", "task": "cola", "tokenizer": "wordpiece", "vocab_size": VOCAB,
                        "batch_size": 16}, device="cpu")

@@ -111,4 +111,5 @@ def evaluate_checkpoint(path: str | Path, data_overrides: list[str] | None = Non
     with oom_advice("data.eval_batch_size", data_cfg["eval_batch_size"]):
         result = evaluate(model, data.test, rt, metrics=data.metrics)
     return {"checkpoint": str(ckpt.path), "epoch": ckpt.meta.get("epoch"), "model": saved["model"]["name"],
-            "method": saved["method"]["name"], "data": data_cfg["name"], **result}
+            "method": saved["method"]["name"], "data": data_cfg["name"], "metric_names": list(data.metric_names),
+            **result}
