@@ -137,6 +137,17 @@ def test_students_distil_from_the_teacher_run(teacher_run, bert_configs, tmp_pat
     assert loaded.config.num_hidden_layers == 2
 
 
+def test_teacher_by_hf_name_needs_no_checkpoint(teacher_run, bert_configs, tmp_path):
+    """hf.<folder>: from_pretrained of the teacher run's hf/ folder (its last epoch), no teacher.checkpoint."""
+    run, teacher = teacher_run
+    cfg = recipe(tmp_path, "kd", bert_configs["student"], teacher__name=f"hf.{run / 'hf'}", method__name="kd",
+                 train__max_steps=2)
+    assert train(cfg)["teacher_test_top1"] == pytest.approx(teacher["last"]["test_top1"])
+    with pytest.raises(BlockKDError, match=r"cannot load the Hugging Face model .*no/such/folder") as e:
+        models.create("hf.no/such/folder", num_classes=2, in_channels=None)
+    one_line(e)
+
+
 def test_resume_is_exact(teacher_run, bert_configs, tmp_path):
     """The teacher's run, stopped after half its epochs (the lr schedule still that of the whole run) and
     resumed, gives the same metrics and weights: data order, dropout RNG, optimizer and schedule restored."""

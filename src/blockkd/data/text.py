@@ -467,16 +467,18 @@ class TextLoader:
         step = self.batch_size * self.world_size
         full, rest = self._counts()
         order = torch.randperm(len(self.data), generator=generator(self.seed, self.epoch, SHUFFLE)).numpy()
-        if self.bucket:  # sort runs of `bucket` global batches by length; the last run's partial batch stays last
+        kept, tail = order[:full * step], order[full * step:full * step + rest]  # the samples dropped: random ones
+        if self.bucket:  # sort runs of `bucket` global batches by length, then shuffle the batches
             run = step * self.bucket
-            order = np.concatenate([part[np.argsort(lengths[part], kind="stable")]
-                                    for part in np.split(order, range(run, len(order), run))])
-        batches = [order[i * step:(i + 1) * step] for i in range(full)]
+            kept = np.concatenate([part[np.argsort(lengths[part], kind="stable")]
+                                   for part in np.split(kept, range(run, len(kept), run))] or [kept])
+        batches = [kept[i * step:(i + 1) * step] for i in range(full)]
         if self.bucket:
             shuffle = torch.randperm(full, generator=generator(self.seed, self.epoch, SHUFFLE, 1)).tolist()
             batches = [batches[i] for i in shuffle]
+            tail = tail[np.argsort(lengths[tail], kind="stable")]
         if rest:
-            batches.append(order[full * step:full * step + rest])
+            batches.append(tail)
         return [np.array_split(b, self.world_size)[self.rank] for b in batches]
 
     def __iter__(self) -> Iterator[tuple]:
