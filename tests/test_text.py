@@ -111,12 +111,12 @@ def test_teacher_run_and_its_hf_folder(teacher_run, bert_configs):
     x = tok(["A computer is a fast idiot.", "Eat your vegetables"], padding=True, return_tensors="pt")
     with torch.no_grad():
         assert torch.allclose(model(**x).logits, ours(**x).logits, atol=1e-5)
-    # the saved tokenizer (a folder) gives the ids of the one trained here
-    a = data.build({**DATA, "tokenizer": str(hf)}, device="cpu")
+    # the saved tokenizer (its folder, or its tokenizer.json) gives the ids of the one trained here
     b = data.build({**DATA, "tokenizer": "wordpiece"}, device="cpu")
-    xa, _ = next(iter(a.test))
     xb, _ = next(iter(b.test))
-    assert all(torch.equal(xa[k], xb[k]) for k in xb)
+    for spec in (hf, hf / "tokenizer.json"):
+        xa, _ = next(iter(data.build({**DATA, "tokenizer": str(spec)}, device="cpu").test))
+        assert set(xa) == set(xb) and all(torch.equal(xa[k], xb[k]) for k in xb)
 
 
 @pytest.mark.parametrize("method", ["kd", "blockkd"])

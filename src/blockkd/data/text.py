@@ -253,7 +253,7 @@ def load_glue(cfg: dict) -> RawText:
 
     def split(name: str) -> Split:
         part = ds[name]
-        labels = np.asarray(part["label"], dtype=np.int64)
+        labels = np.asarray(list(part["label"]), dtype=np.int64)  # datasets 4: a Column, not a list
         if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
             raise BlockKDError(f"GLUE {task} {name}: labels outside 0..{num_classes - 1} (hidden test labels?)")
         return Split([str(t) for t in part[text_col]],
@@ -338,12 +338,17 @@ def _train_tokenizer(kind: str, vocab_size: int, texts: Sequence[str]):
     return tok
 
 
-def _fast(tokenizer_object=None, tokenizer_file=None):
-    t = _transformers()
-    return t.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer_object, tokenizer_file=tokenizer_file, unk_token="[UNK]", pad_token="[PAD]",
-        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
-        model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+def _fast(tokenizer_object):
+    """``tokenizer_object`` (a ``tokenizers.Tokenizer``) as a transformers tokenizer, its special tokens found
+    by their usual names (BERT's ``[PAD]``..., RoBERTa's ``<pad>``...; none is added); BERT-style vocabularies
+    (with ``[CLS]``) also give ``token_type_ids``."""
+    names = {"pad_token": ("[PAD]", "<pad>"), "unk_token": ("[UNK]", "<unk>"), "cls_token": ("[CLS]", "<s>"),
+             "sep_token": ("[SEP]", "</s>"), "mask_token": ("[MASK]", "<mask>")}
+    special = {k: next((t for t in v if tokenizer_object.token_to_id(t) is not None), None) for k, v in names.items()}
+    inputs = ["input_ids", "token_type_ids", "attention_mask"] if special["cls_token"] == "[CLS]" else \
+        ["input_ids", "attention_mask"]
+    return _transformers().PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer_object, model_input_names=inputs, **{k: v for k, v in special.items() if v})
 
 
 def trained_tokenizer(kind: str, vocab_size: int, texts: Sequence[str], name: str):
@@ -356,7 +361,7 @@ def trained_tokenizer(kind: str, vocab_size: int, texts: Sequence[str], name: st
     path = data_home() / "tokenizers" / f"{name}-{kind}-{vocab_size}-{h.hexdigest()[:16]}.json"
     if path.is_file():
         try:
-            return _fast(tokenizer_object=Tokenizer.from_file(str(path)))
+            return _fast(Tokenizer.from_file(str(path)))
         except Exception:  # a damaged cache file: train again
             pass
     tok = _train_tokenizer(kind, vocab_size, texts)
@@ -367,7 +372,7 @@ def trained_tokenizer(kind: str, vocab_size: int, texts: Sequence[str], name: st
         os.replace(tmp, path)
     except OSError:
         pass  # a read-only cache only costs the training next time
-    return _fast(tokenizer_object=tok)
+    return _fast(tok)
 
 
 def load_tokenizer(spec: str, *, vocab_size: int, texts: Sequence[str], name: str):
@@ -379,7 +384,9 @@ def load_tokenizer(spec: str, *, vocab_size: int, texts: Sequence[str], name: st
         path = Path(spec).expanduser()
         try:
             if path.is_file():
-                tok = _fast(tokenizer_file=str(path))
+                from tokenizers import Tokenizer
+
+                tok = _fast(Tokenizer.from_file(str(path)))
             else:
                 tok = _transformers().AutoTokenizer.from_pretrained(spec)
         except Exception as e:  # OSError offline / missing files, ValueError for a bad folder
