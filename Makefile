@@ -14,11 +14,15 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# Fashion-MNIST, real data, from Debian's package where apt is available (else blockkd downloads it).
+FORTUNES := /usr/share/games/fortunes/science
+
+# Real data from Debian's packages where apt is available: Fashion-MNIST (else blockkd downloads it) and the
+# fortune files of the offline text task (configs/fortunes, tests/test_text.py).
 data:
-	@if [ ! -f $(FMNIST) ] && command -v apt-get >/dev/null 2>&1; then \
+	@if { [ ! -f $(FMNIST) ] || [ ! -f $(FORTUNES) ]; } && command -v apt-get >/dev/null 2>&1; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null; fi
+		$$SUDO apt-get update -q >/dev/null && \
+		$$SUDO apt-get install -y -q dataset-fashion-mnist fortunes >/dev/null; fi
 
 demo: venv data
 	$(VENV)/bin/blockkd demo

@@ -48,7 +48,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     m = engine.evaluate_checkpoint(args.checkpoint, args.data, device=args.device)
     what = f"{m.get('model', 'student')} ({m.get('method', '?')}, epoch {m.get('epoch', '?')}) on {m.get('data', '?')}"
-    print(f"{what}: top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  loss {m['loss']:.4f}  "
+    extra = "".join(f"  {k} {m[k]:.2f}" for k in m.get("metric_names", ()))  # the task's: F1, Matthews ...
+    print(f"{what}: top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%{extra}  loss {m['loss']:.4f}  "
           f"{m['images_per_s']:.0f} images/s")
     return 0
 

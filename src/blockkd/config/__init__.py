@@ -188,7 +188,8 @@ def _check_teacher(cfg: Config) -> None:
         return
     if teacher.name is None:
         raise BlockKDError(f"method {name!r} needs a teacher: set teacher.name in {cfg.source} or on the command line")
-    if teacher.checkpoint is None and not teacher.allow_random:
+    if teacher.checkpoint is None and not teacher.allow_random and not teacher.name.startswith("hf."):
+        # (hf.<id or folder>: from_pretrained loads the weights named, e.g. a teacher fine-tuned elsewhere)
         raise BlockKDError(f"method {name!r} needs the teacher's weights: set teacher.checkpoint in {cfg.source} or on "
                            f"the command line, e.g. teacher.checkpoint=path/to/{teacher.name}.pth")
 
@@ -214,7 +215,8 @@ def run_name(cfg: Config) -> str:
     teacher = cfg.teacher.name if cfg.needs_teacher else None
     parts = [cfg.data.name, teacher, cfg.model.name, cfg.method.name]
     seed = cfg.train.seed
-    return "-".join(p for p in parts if p) + (f"-seed{seed}" if seed else "")
+    name = "-".join(p for p in parts if p) + (f"-seed{seed}" if seed else "")
+    return name.replace("/", "_")  # hf.google/bert_... and hf-config.<path> name no sub-folders
 
 
 def dump(cfg: Config | Mapping) -> str:

@@ -36,7 +36,7 @@ DEVICE = Check("'auto' or a torch device such as cpu, cuda, cuda:1", _is_device)
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     name: str = option(REQUIRED, STRING, "the student (for ce: the model trained): a blockkd.models name, "
-                       "torchvision.<name> or timm.<name>")
+                       "torchvision.<name>, timm.<name>, hf.<hub id or folder> or hf-config.<config.json>")
     checkpoint: str | None = option(None, optional(STRING), "initial weights for the student")
 
 

@@ -3,7 +3,9 @@
 Small datasets (Fashion-MNIST, CIFAR-10/100, synthetic, user-registered) are held whole on the
 training device as uint8 and augmented there in batches (``device_loader``); image folders go through
 a DataLoader with workers (``folder``). Both yield ``(x, y)`` already on the device, x normalised
-float32 NCHW, y int64, and reshuffle deterministically per epoch via ``.set_epoch(e)``.
+float32 NCHW, y int64, and reshuffle deterministically per epoch via ``.set_epoch(e)``. Text (``text``:
+``textfile``, ``glue``, ``fortunes``) is tokenised once and batched with dynamic padding and length buckets;
+its x is a mapping of tensors (input_ids, attention_mask ...).
 
 Batch sizes: ``batch_size`` is the GLOBAL batch size; each of ``world_size`` ranks gets
 ``batch_size // world_size`` (it must divide). Training shards are disjoint slices of one permutation
@@ -20,7 +22,7 @@ import torch
 from .. import schema
 from ..registry import Registry
 from ..schema import BOOL, STRING, integer, option, optional
-from . import cifar, fashion_mnist, folder, synthetic
+from . import cifar, fashion_mnist, folder, synthetic, text
 from .common import DataBundle, Loader
 from .device_loader import ArrayData, DeviceLoader, build_in_memory, crop_flip, sample_crop_flip
 
@@ -87,6 +89,12 @@ DATASETS.register("imagefolder", Dataset(folder.FolderOptions, folder.build,
                                          "<root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg (ImageNet layout)"))
 DATASETS.register("synthetic", _in_memory(synthetic.SyntheticOptions, synthetic.load,
                                           "class templates plus noise, generated from their shape (tests)"))
+DATASETS.register("textfile", Dataset(text.TextFileOptions, text.build_textfile,
+                                      "your text classification data: CSV/TSV/JSONL train and test files"))
+DATASETS.register("glue", Dataset(text.GlueOptions, text.build_glue,
+                                  "a GLUE task through the datasets library (validation split as test)"))
+DATASETS.register("fortunes", Dataset(text.FortunesOptions, text.build_fortunes,
+                                      "offline topic classification: Debian's fortune files, one class per file"))
 
 
 def register(name: str, options: type = RootOptions, help: str = ""):

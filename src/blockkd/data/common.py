@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -31,18 +31,35 @@ class Loader(Protocol):
 
 @dataclasses.dataclass
 class DataBundle:
-    """Train/test loaders plus what models need to know about the data."""
+    """Train/test loaders plus what models need to know about the data.
+
+    Text data (``blockkd.data.text``): ``input_shape`` is a text input spec (``blocks.text_input``), so
+    ``in_channels`` is None; ``check_model(model, role=, name=)`` refuses a model the data cannot feed (a
+    tokenizer larger than its embeddings); ``metrics(predictions, labels) -> {name: value}`` computes the
+    task's extra metrics (``metric_names``: F1, Matthews correlation ...) from all test predictions, which
+    evaluation then gathers; ``tokenizer`` is saved beside Hugging Face models (``hf/``).
+    """
 
     train: Loader
     test: Loader
     num_classes: int
-    input_shape: tuple[int, int, int]  # (C, H, W)
+    input_shape: Any  # images: (C, H, W); text: {"input_ids": (L,), "attention_mask": (L,), ...}
     name: str
     train_size: int  # samples in the training split (all ranks together)
     test_size: int  # samples in the test (or held-out validation) split, all ranks together
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
     classes: list[str] | None = None
+    metric_names: tuple[str, ...] = ()
+    metrics: Callable[[torch.Tensor, torch.Tensor], dict[str, float]] | None = None
+    check_model: Callable[..., None] | None = None
+    tokenizer: Any = None
+
+    @property
+    def in_channels(self) -> int | None:
+        """Input channels of image data; None for text (a mapping input spec)."""
+        shape = self.input_shape
+        return None if isinstance(shape, dict) else int(shape[0])
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle the training loader for ``epoch`` (the test loader is sequential)."""

@@ -32,7 +32,7 @@ def check_fits(model: nn.Module, sd: dict[str, torch.Tensor], *, role: str, path
     the model's name in the recipe section ``role``)."""
     own = model.state_dict()
     classes, channels = _signature(own, sd)
-    want_classes, want_channels = data.num_classes, data.input_shape[0]
+    want_classes, want_channels = data.num_classes, data.in_channels
     if (classes is not None and classes != want_classes) or (channels is not None and channels != want_channels):
         raise BlockKDError(
             f"{role} checkpoint {path} is for {classes} classes and {channels} input channels, but the data "
@@ -72,8 +72,10 @@ def load_model_weights(model: nn.Module, path: str | Path, *, role: str, name: s
 
 
 def build_model(name: str, data, *, checkpoint: str | None = None, role: str = "model") -> nn.Module:
-    """``models.create`` for the data's classes and channels, then ``checkpoint``, if any."""
-    model = models.create(name, num_classes=data.num_classes, in_channels=data.input_shape[0])
+    """``models.create`` for the data's classes and channels (None: text), then ``checkpoint``, if any."""
+    model = models.create(name, num_classes=data.num_classes, in_channels=data.in_channels)
+    if getattr(data, "check_model", None) is not None:  # e.g. text: the tokenizer must fit the embeddings
+        data.check_model(model, role=role, name=name)
     if checkpoint:
         load_model_weights(model, checkpoint, role=role, name=name, data=data)
     return model

@@ -31,17 +31,31 @@ def heads_of(model: nn.Module) -> Callable[[torch.Tensor], dict[str, torch.Tenso
     return eval_logits if callable(eval_logits) else (lambda x: {"student": call_model(model, x)})
 
 
+def _gather(t: torch.Tensor) -> torch.Tensor:
+    """``t`` of every rank, concatenated in rank order (``t`` itself for one process)."""
+    if not runtime.is_distributed():
+        return t
+    parts: list = [None] * runtime.world_size()
+    torch.distributed.all_gather_object(parts, t.cpu())
+    return torch.cat(parts)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, rt: Runtime | None = None, *, heads: bool = False) -> dict[str, float]:
+def evaluate(model: nn.Module, loader, rt: Runtime | None = None, *, heads: bool = False,
+             metrics: Callable[[torch.Tensor, torch.Tensor], dict[str, float]] | None = None) -> dict[str, float]:
     """Top-1/top-5 (%), mean cross-entropy and images/s of ``model`` on ``loader`` (summed over ranks).
 
     ``heads=True``: ``model`` is a distiller and each further head of ``eval_logits`` adds ``top1_<head>``.
+    ``metrics``: the data's extra metrics (``DataBundle.metrics``), computed from the student's predictions
+    and the labels of the whole test split (gathered from every rank only when asked for).
     """
     if rt is None:
         param = next(model.parameters(), None)
         rt = Runtime(param.device if param is not None else torch.device("cpu"), None, False)
     forward = heads_of(model) if heads else (lambda x: {"student": call_model(model, x)})
     sums: dict[str, torch.Tensor] = {}
+    predictions: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
     n = 0
     start = time.perf_counter()
     with eval_mode(model):
@@ -53,6 +67,9 @@ def evaluate(model: nn.Module, loader, rt: Runtime | None = None, *, heads: bool
                 hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
                 row = torch.stack([hits[:, 0].sum(), hits.any(1).sum(), F.cross_entropy(logits, y, reduction="sum")])
                 sums[name] = sums[name] + row if name in sums else row.double()
+                if metrics is not None and name == "student":
+                    predictions.append(logits.argmax(1))
+                    labels.append(y)
             n += y.shape[0]
     names = sorted(sums)  # the same order on every rank
     stacked = torch.cat([sums[k] for k in names]) if names else torch.zeros(0, device=rt.device, dtype=torch.float64)
@@ -66,6 +83,9 @@ def evaluate(model: nn.Module, loader, rt: Runtime | None = None, *, heads: bool
     out = {"top1": 100 * c1 / n_all, "top5": 100 * c5 / n_all, "loss": loss / n_all, "images": int(n_all),
            "images_per_s": n_all / max(seconds, 1e-9)}
     out.update({f"top1_{k}": 100 * v[0] / n_all for k, v in per.items() if k != "student"})
+    if metrics is not None:
+        cat = lambda ts: torch.cat(ts).cpu() if ts else torch.zeros(0, dtype=torch.long)  # noqa: E731
+        out.update(metrics(_gather(cat(predictions)), _gather(cat(labels))))
     return out
 
 
@@ -89,6 +109,7 @@ def evaluate_checkpoint(path: str | Path, data_overrides: list[str] | None = Non
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
     with oom_advice("data.eval_batch_size", data_cfg["eval_batch_size"]):
-        result = evaluate(model, data.test, rt)
+        result = evaluate(model, data.test, rt, metrics=data.metrics)
     return {"checkpoint": str(ckpt.path), "epoch": ckpt.meta.get("epoch"), "model": saved["model"]["name"],
-            "method": saved["method"]["name"], "data": data_cfg["name"], **result}
+            "method": saved["method"]["name"], "data": data_cfg["name"], "metric_names": list(data.metric_names),
+            **result}

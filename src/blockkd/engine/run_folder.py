@@ -36,6 +36,22 @@ class RunFolder:
         if is_best:
             copy_checkpoint(last, self.path / "best")
 
+    def save_pretrained(self, model, tokenizer=None) -> None:
+        """``hf/``: ``model.save_pretrained`` (and the tokenizer's) for ``from_pretrained``; rank 0 only.
+        Written to ``hf.tmp/`` then renamed, so ``hf/`` is never half-written."""
+        if not runtime.is_main():
+            return
+        final, tmp, old = self.path / "hf", self.path / "hf.tmp", self.path / "hf.old"
+        for stale in (tmp, old):
+            shutil.rmtree(stale, ignore_errors=True)
+        model.save_pretrained(tmp)
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(tmp)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+
     def resumable(self) -> Checkpoint | None:
         """The newest readable checkpoint (``last/``, else its fallbacks, with a warning), or None."""
         return load_resumable(self.path, self.warn)

@@ -292,6 +292,8 @@ class Trainer:
         except KeyboardInterrupt:
             self.log.warning(f"interrupted in epoch {self.epoch + 1}; {self.folder.saved_note()}")
             raise
+        if hasattr(self.distiller.student, "save_pretrained"):  # Hugging Face models: loadable by transformers
+            self.folder.save_pretrained(self.distiller.student, self.data.tokenizer)
         return self.finish(n_params)
 
     def epochs_loop(self) -> None:
@@ -309,7 +311,7 @@ class Trainer:
             self.sync_buffers()
             last = epoch + 1 == self.epochs or self.out_of_steps()
             with eval_oom():
-                test = evaluate(self.distiller, self.data.test, self.rt, heads=True) \
+                test = evaluate(self.distiller, self.data.test, self.rt, heads=True, metrics=self.data.metrics) \
                     if (epoch + 1) % cfg.train.eval_every == 0 or last else {}
             if test and test["top1"] > self.best_top1:
                 self.best_top1, self.best_epoch = test["top1"], epoch + 1
@@ -317,7 +319,7 @@ class Trainer:
                 "epoch": epoch + 1, "step": self.step, "lr": trained.pop("lr"), "train_loss": trained.pop("train_loss"),
                 **{k: trained.pop(k) for k in list(trained) if k.startswith(("train_loss_", "train_grad_norm_"))},
                 "train_top1": trained.pop("train_top1"), "test_top1": test.get("top1"), "test_top5": test.get("top5"),
-                "test_loss": test.get("loss"),
+                "test_loss": test.get("loss"), **{f"test_{k}": test.get(k) for k in self.data.metric_names},
                 **{f"test_{k}": v for k, v in test.items() if k.startswith("top1_")},
                 "best_top1": self.best_top1 if self.best_epoch else None,
                 "best_epoch": self.best_epoch, "images_per_s": trained.pop("images_per_s"),
@@ -353,8 +355,10 @@ class Trainer:
             "teacher": self.cfg.teacher.name if self.distiller.teacher is not None else None,
             "data": self.data.name, "epochs": self.epoch, "steps": self.step,
             "last": {"epoch": last.get("epoch"), "test_top1": last.get("test_top1"), "test_top5": last.get("test_top5"),
+                     **{f"test_{k}": last.get(f"test_{k}") for k in self.data.metric_names},
                      **{k: v for k, v in last.items() if k.startswith("test_top1_")}},
-            "best": {"epoch": best.get("epoch"), "test_top1": best.get("test_top1"), "test_top5": best.get("test_top5")},
+            "best": {"epoch": best.get("epoch"), "test_top1": best.get("test_top1"), "test_top5": best.get("test_top5"),
+                     **{f"test_{k}": best.get(f"test_{k}") for k in self.data.metric_names}},
             "teacher_test_top1": self.teacher_top1, "wall_time_s": self.wall_time(), "params": n_params,
             "trainable_params": sum(p.numel() for p in self.params),
             "images_per_s": total_images / total_time if total_time else None,

@@ -96,7 +96,7 @@ class TokenConnector(nn.Module):
 
     Why: a transformer layer reads a normalised token stream, and a per-token linear map is the
     transformer analogue of the CNNs' 1x1 conv + BN. Differing token counts (ViTs with other patch sizes)
-    are resampled first (:func:`resample_tokens`); text tokens must already agree (same tokenizer, length).
+    are resampled first (:func:`resample_tokens`); text tokens must already agree (same tokenizer), and follow each batch's (padded) length.
     """
 
     def __init__(self, in_shape: tuple[int, int], out_shape: tuple[int, int], prefix_in: int | None = None,
@@ -110,6 +110,8 @@ class TokenConnector(nn.Module):
         self.norm = nn.LayerNorm(d_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.prefix_in is None and self.prefix_out is None:  # text: both sides have the batch's own length
+            return self.norm(self.proj(x))
         return self.norm(self.proj(resample_tokens(x, self.prefix_in, self.prefix_out, self.length)))
 
 

@@ -4,7 +4,8 @@ Why the names and keys of RepDistiller/mdistiller: every KD paper on CIFAR-100 s
 teachers, so ``load_weights(create("resnet32x4"), "ckpt_epoch_240.pth")`` must work with no key mapping.
 Every zoo model ends with a global ``nn.AdaptiveAvgPool2d(1)``, so 28x28 and 32x32 inputs both work, and
 its forward is a plain sequence of its child modules (in registration order), which the block splitter uses.
-``torchvision.<name>`` and ``timm.<name>`` (see ``external``) are resolved by prefix, not registered.
+``torchvision.<name>``, ``timm.<name>``, ``hf.<id>`` and ``hf-config.<config>`` (see ``external``) are resolved
+by prefix, not registered.
 """
 from __future__ import annotations
 
@@ -58,14 +59,22 @@ def check_name(name: str) -> None:
         _MODELS.get(name)  # the registry's closest-name error
 
 
-def create(name: str, num_classes: int = 100, in_channels: int = 3) -> nn.Module:
+def create(name: str, num_classes: int = 100, in_channels: int | None = 3) -> nn.Module:
     """A freshly initialised model; unknown names raise with the closest valid name.
 
-    ``torchvision.<name>`` / ``timm.<name>``: that library's model (see ``external.create``).
+    ``torchvision.<name>`` / ``timm.<name>``: that library's model; ``hf.<id or folder>`` (pretrained) /
+    ``hf-config.<config.json>``: a Hugging Face text classifier (see ``external.create``).
+    ``in_channels=None``: the data is text (``DataBundle.in_channels``); only text models take it.
     """
     check_name(name)
-    factory = partial(external.create, name) if external.family(name) else _MODELS.get(name)
+    fam = external.family(name)
+    factory = partial(external.create, name) if fam else _MODELS.get(name)
+    if in_channels is None and fam not in external.TEXT_FAMILIES:
+        raise BlockKDError(f"model {name!r} takes images, but the data is text: use a Hugging Face model "
+                           f"(hf.<hub id or folder>, hf-config.<config.json>)")
     for what, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if what == "in_channels" and value is None:
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise BlockKDError(f"{what} must be a positive integer, got {value!r}")
     return factory(num_classes=num_classes, in_channels=in_channels)

@@ -1,9 +1,16 @@
-"""Models from torchvision and timm by prefixed name: ``torchvision.resnet18``, ``timm.mobilenetv3_small_050``.
+"""Models from torchvision, timm and Hugging Face by prefixed name: ``torchvision.resnet18``,
+``timm.mobilenetv3_small_050``, ``hf.bert-base-uncased``, ``hf-config.path/to/config.json``.
 
 Why prefixes resolved on demand rather than registered names: torchvision has ~80 classification models
 and timm over a thousand; listing them would drown the zoo, and importing either library costs seconds,
 so a library is only imported when one of its names is used. Pretrained torchvision weights are named
 ``torchvision://DEFAULT`` (or any tag of the model's weights enum, e.g. ``torchvision://IMAGENET1K_V1``).
+
+Hugging Face text classifiers (``AutoModelForSequenceClassification``, ``num_labels`` = the data's classes):
+``hf.<hub id or local folder>`` loads the pretrained weights with ``from_pretrained`` (offline: a local folder,
+e.g. one written by ``save_pretrained`` or ``huggingface-cli download``); ``hf-config.<config.json or folder>``
+builds a randomly initialised model from a configuration alone (tests, small models trained from scratch).
+They take text, not images: ``in_channels`` is ignored.
 """
 from __future__ import annotations
 
@@ -15,12 +22,14 @@ import torch.nn as nn
 from ..errors import BlockKDError
 from ..registry import UnknownNameError
 
-FAMILIES = ("torchvision", "timm")
+FAMILIES = ("torchvision", "timm", "hf", "hf-config")
+TEXT_FAMILIES = ("hf", "hf-config")
+NLP_INSTALL = "pip install 'blockkd[nlp]'"
 WEIGHTS_SCHEME = "torchvision://"
 
 
 def family(name: str) -> str | None:
-    """``"torchvision"`` or ``"timm"`` for a prefixed name, else None."""
+    """``"torchvision"``, ``"timm"``, ``"hf"`` or ``"hf-config"`` for a prefixed name, else None."""
     prefix, dot, rest = name.partition(".")
     return prefix if dot and rest and prefix in FAMILIES else None
 
@@ -31,6 +40,28 @@ def _timm():
     except ImportError:
         raise BlockKDError("timm models need the timm package: pip install 'blockkd[timm]'") from None
     return timm
+
+
+def transformers_module():
+    """The ``transformers`` package, or a one-line error saying how to install it."""
+    try:
+        import transformers
+    except ImportError:
+        raise BlockKDError(f"Hugging Face models and text data need the transformers package: {NLP_INSTALL}") from None
+    return transformers
+
+
+def _config_path(base: str):
+    """The configuration file of ``hf-config.<base>`` (a config.json, or a folder holding one)."""
+    from pathlib import Path
+
+    path = Path(base).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise UnknownNameError(f"unknown model 'hf-config.{base}': {path} is not a Hugging Face config.json "
+                               f"(hf-config.<config.json or folder> builds a model from its configuration)")
+    return path
 
 
 def _available(fam: str) -> list[str]:
@@ -46,6 +77,9 @@ def check(name: str) -> None:
     fam = family(name)
     assert fam is not None, name
     base = name.partition(".")[2]
+    if fam in TEXT_FAMILIES:  # a hub id cannot be checked offline, a relative config path depends on the
+        transformers_module()  # working directory: from_pretrained / the config file is checked when built
+        return
     choices = _available(fam)
     if base in choices:
         return
@@ -66,8 +100,28 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> nn.Module:
     return model
 
 
-def create(name: str, num_classes: int, in_channels: int) -> nn.Module:
-    """A randomly initialised torchvision or timm model.
+def _create_hf(fam: str, base: str, num_classes: int) -> nn.Module:
+    t = transformers_module()
+    if fam == "hf-config":
+        path = _config_path(base)
+        try:
+            config = t.AutoConfig.from_pretrained(str(path))
+            config.num_labels = num_classes
+            return t.AutoModelForSequenceClassification.from_config(config)
+        except (OSError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BlockKDError(f"cannot build hf-config.{base} from {path}: {first}") from None
+    try:
+        return t.AutoModelForSequenceClassification.from_pretrained(base, num_labels=num_classes)
+    except (OSError, ValueError, EnvironmentError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BlockKDError(f"cannot load the Hugging Face model {base!r} ({first}); offline, download it on a "
+                           f"connected machine (huggingface-cli download {base} --local-dir models/{base.split('/')[-1]})"
+                           f" and name the folder: hf.models/{base.split('/')[-1]}") from None
+
+
+def create(name: str, num_classes: int, in_channels: int | None) -> nn.Module:
+    """A torchvision or timm model (randomly initialised), or a Hugging Face text classifier.
 
     torchvision: ``get_model(name, weights=None, num_classes=...)``; for ``in_channels != 3`` the first
     conv is replaced by a freshly initialised one (pretrained RGB weights then no longer fit it).
@@ -75,6 +129,8 @@ def create(name: str, num_classes: int, in_channels: int) -> nn.Module:
     """
     check(name)
     fam, base = name.split(".", 1)
+    if fam in TEXT_FAMILIES:
+        return _create_hf(fam, base, num_classes)
     if fam == "torchvision":
         import torchvision.models as tvm
 

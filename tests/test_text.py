@@ -1,0 +1,337 @@
+"""Text classification end to end: the fortunes topic task (Debian's fortune files, `make data`) with tiny BERTs
+built from configs (hf-config.) and a WordPiece tokenizer trained on the spot; CSV/JSONL files; GLUE through a
+stand-in `datasets` module (no network); dynamic padding, length buckets, task metrics, one-line errors."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from blockkd import config, data, models  # noqa: E402
+from blockkd.data import text  # noqa: E402
+from blockkd.engine import evaluate_checkpoint, load_checkpoint, train  # noqa: E402
+from blockkd.engine.build import build_model  # noqa: E402
+from blockkd.errors import BlockKDError  # noqa: E402
+
+FORTUNES = Path(text.FORTUNES_ROOT)
+if not (FORTUNES / "computers").is_file():
+    pytest.skip("Debian's fortune files are missing: `make data` (apt-get install fortunes)", allow_module_level=True)
+
+CATEGORIES = ["computers", "food", "sports"]
+VOCAB, LENGTH = 400, 32
+TIMING = ("images_per_s", "train_time_s", "epoch_time_s")
+DATA = {"name": "fortunes", "categories": CATEGORIES, "max_per_class": 60, "max_length": LENGTH,
+        "vocab_size": VOCAB, "batch_size": 8, "eval_batch_size": 64}
+EPOCHS = 12  # the teacher's: ~2 s; tiny BERTs trained from scratch need ~100 steps to leave chance level
+
+
+@pytest.fixture(scope="module", autouse=True)
+def data_home(tmp_path_factory):
+    """Trained tokenizers are cached under $BLOCKKD_DATA: a fresh folder for this module."""
+    old = os.environ.get("BLOCKKD_DATA")
+    os.environ["BLOCKKD_DATA"] = str(tmp_path_factory.mktemp("data"))
+    yield
+    if old is None:
+        os.environ.pop("BLOCKKD_DATA", None)
+    else:
+        os.environ["BLOCKKD_DATA"] = old
+
+
+@pytest.fixture(scope="module")
+def bert_configs(tmp_path_factory) -> dict[str, str]:
+    """hf-config model names: a 4-layer teacher of width 32 and a 2-layer student of width 16."""
+    folder = tmp_path_factory.mktemp("models")
+    names = {}
+    for role, (layers, hidden) in {"teacher": (4, 32), "student": (2, 16), "small_vocab": (2, 16)}.items():
+        cfg = transformers.BertConfig(vocab_size=VOCAB if role != "small_vocab" else 100, hidden_size=hidden,
+                                      num_hidden_layers=layers, num_attention_heads=2, intermediate_size=2 * hidden,
+                                      max_position_embeddings=LENGTH)
+        path = folder / f"{role}.json"
+        cfg.to_json_file(str(path))
+        names[role] = f"hf-config.{path}"
+    return names
+
+
+def recipe(out: Path, name: str, model: str, **dotted) -> config.Config:
+    cfg: dict = {
+        "model": {"name": model},
+        "data": dict(DATA),
+        "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.01},
+        "schedule": {"name": "linear", "warmup_epochs": 1},
+        "train": {"epochs": EPOCHS, "device": "cpu", "deterministic": True, "amp": "off"},
+        "output": {"dir": str(out), "name": name, "progress": False, "tensorboard": False, "plot": False},
+    }
+    for key, value in dotted.items():
+        *path, leaf = key.split("__")
+        node = cfg
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return config.validate(cfg)
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def untimed(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in history]
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory, bert_configs) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("teacher")
+    summary = train(recipe(out, "t", bert_configs["teacher"]))
+    return out / "t", summary
+
+
+# ------------------------------------------------------------------------------------------- end to end
+def test_teacher_run_and_its_hf_folder(teacher_run, bert_configs):
+    run, summary = teacher_run
+    history = rows(run)
+    assert [r["epoch"] for r in history] == list(range(1, EPOCHS + 1)) and summary["data"] == "fortunes"
+    assert summary["best"]["test_top1"] > 100 / len(CATEGORIES) + 5  # learns the topics (chance: 33%)
+    assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.1
+    # hf/: what transformers loads, equal to our checkpoint's model, with the tokenizer the data used
+    hf = run / "hf"
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(hf)).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(hf))
+    assert model.config.num_labels == len(CATEGORIES) and not (run / "hf.tmp").exists()
+    ours = models.create(bert_configs["teacher"], num_classes=len(CATEGORIES), in_channels=None).eval()
+    ours.load_state_dict(load_checkpoint(run / "last", with_state=False).student_weights())
+    x = tok(["A computer is a fast idiot.", "Eat your vegetables"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(model(**x).logits, ours(**x).logits, atol=1e-5)
+    # the saved tokenizer (its folder, or its tokenizer.json) gives the ids of the one trained here
+    b = data.build({**DATA, "tokenizer": "wordpiece"}, device="cpu")
+    xb, _ = next(iter(b.test))
+    for spec in (hf, hf / "tokenizer.json"):
+        xa, _ = next(iter(data.build({**DATA, "tokenizer": str(spec)}, device="cpu").test))
+        assert set(xa) == set(xb) and all(torch.equal(xa[k], xb[k]) for k in xb)
+
+
+@pytest.mark.parametrize("method", ["kd", "blockkd"])
+def test_students_distil_from_the_teacher_run(teacher_run, bert_configs, tmp_path, method):
+    run, teacher = teacher_run
+    cfg = recipe(tmp_path, method, bert_configs["student"], teacher__name=bert_configs["teacher"],
+                 teacher__checkpoint=str(run), method__name=method, train__epochs=1)
+    summary = train(cfg)
+    assert summary["teacher_test_top1"] == pytest.approx(teacher["best"]["test_top1"])  # a run folder: its best/
+    last = rows(tmp_path / method)[-1]
+    assert last["test_top1"] is not None and np.isfinite(last["train_loss"])
+    if method == "blockkd":  # two stepping-stones (4 teacher layers grouped 2+2 against the student's 2)
+        assert {"test_top1_stone1", "test_top1_stone2", "test_top1_ensemble"} <= set(last)
+    # blockkd eval of the student's run folder gives the run's last test accuracy
+    result = evaluate_checkpoint(tmp_path / method, device="cpu")
+    assert result["top1"] == pytest.approx(last["test_top1"]) and result["data"] == "fortunes"
+    loaded = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / method / "hf"))
+    assert loaded.config.num_hidden_layers == 2
+
+
+def test_teacher_by_hf_name_needs_no_checkpoint(teacher_run, bert_configs, tmp_path):
+    """hf.<folder>: from_pretrained of the teacher run's hf/ folder (its last epoch), no teacher.checkpoint."""
+    run, teacher = teacher_run
+    cfg = recipe(tmp_path, "kd", bert_configs["student"], teacher__name=f"hf.{run / 'hf'}", method__name="kd",
+                 train__max_steps=2)
+    assert train(cfg)["teacher_test_top1"] == pytest.approx(teacher["last"]["test_top1"])
+    with pytest.raises(BlockKDError, match=r"cannot load the Hugging Face model .*no/such/folder") as e:
+        models.create("hf.no/such/folder", num_classes=2, in_channels=None)
+    one_line(e)
+
+
+def test_resume_is_exact(teacher_run, bert_configs, tmp_path):
+    """The teacher's run, stopped after half its epochs (the lr schedule still that of the whole run) and
+    resumed, gives the same metrics and weights: data order, dropout RNG, optimizer and schedule restored."""
+    run, _ = teacher_run
+    steps = rows(run)[0]["step"]
+    train(recipe(tmp_path, "r", bert_configs["teacher"], train__max_steps=steps * EPOCHS // 2))
+    assert len(rows(tmp_path / "r")) == EPOCHS // 2
+    train(recipe(tmp_path, "r", bert_configs["teacher"]), resume=True)
+    assert untimed(rows(tmp_path / "r")) == untimed(rows(run))
+    assert (tmp_path / "r" / "last" / "weights.safetensors").read_bytes() == \
+           (run / "last" / "weights.safetensors").read_bytes()
+
+
+# ------------------------------------------------------------------------------------------- batches
+def test_dynamic_padding_and_bucketing():
+    bundle = data.build({**DATA, "tokenizer": "wordpiece", "drop_last": False}, device="cpu", seed=3)
+    assert bundle.in_channels is None and set(bundle.input_shape) == {"input_ids", "attention_mask", "token_type_ids"}
+    loader = bundle.train
+
+    def epoch(e: int, ld=loader):
+        ld.set_epoch(e)
+        ld.with_index = True
+        return [(x, y, i) for x, y, i in ld]
+
+    batches = epoch(0)
+    assert len(batches) == len(loader)
+    seen = torch.cat([i for _, _, i in batches]).sort().values
+    assert torch.equal(seen, torch.arange(bundle.train_size))  # every sample once
+    for x, y, i in batches:
+        mask = x["attention_mask"]
+        assert mask[:, -1].any() and mask[:, 0].all()  # padded exactly to the batch's longest text
+        assert torch.equal(mask, (torch.arange(mask.shape[1]) < mask.sum(1, keepdim=True)).long())  # right padding
+        assert x["input_ids"].shape == mask.shape == x["token_type_ids"].shape
+        assert bool((x["input_ids"][mask == 0] == bundle.tokenizer.pad_token_id).all())
+        assert torch.equal(y, loader.data.labels[i])
+    again = epoch(0)  # deterministic from (seed, epoch): resume replays an epoch exactly
+    assert all(torch.equal(a[2], b[2]) and torch.equal(a[0]["input_ids"], b[0]["input_ids"])
+               for a, b in zip(batches, again))
+    assert any(not torch.equal(a[2], b[2]) for a, b in zip(batches, epoch(1)))
+
+    def padding(ld) -> int:
+        return sum(int((x["attention_mask"] == 0).sum()) for x, *_ in epoch(0, ld))
+
+    plain = data.build({**DATA, "tokenizer": "wordpiece", "drop_last": False, "bucket": 0}, device="cpu", seed=3)
+    assert padding(loader) < 0.5 * padding(plain.train)  # buckets of similar lengths pad far less
+    # DDP: two ranks get disjoint halves of the same global batches
+    ranks = [data.build({**DATA, "tokenizer": "wordpiece"}, device="cpu", seed=3, rank=r, world_size=2) for r in (0, 1)]
+    plans = [b.train.plan() for b in ranks]
+    assert len(plans[0]) == len(plans[1]) and all(len(a) == len(b) == 4 for a, b in zip(*plans))
+    assert not set(np.concatenate(plans[0])) & set(np.concatenate(plans[1]))
+    test = [np.concatenate(b.test.plan()) for b in ranks]
+    assert sorted(np.concatenate(test).tolist()) == list(range(bundle.test_size))
+
+
+def test_csv_and_jsonl_files(tmp_path):
+    texts = text.read_fortunes(FORTUNES / "food")[:30] + text.read_fortunes(FORTUNES / "sports")[:30]
+    labels = ["food"] * 30 + ["sports"] * 30
+    import csv
+
+    with (tmp_path / "train.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["label", "text"])
+        w.writerows(zip(labels[::2], texts[::2]))
+    with (tmp_path / "test.jsonl").open("w") as f:
+        for t, y in zip(texts[1::2], labels[1::2]):
+            f.write(json.dumps({"text": t, "label": y}) + "\n")
+    cfg = {"name": "textfile", "train": str(tmp_path / "train.csv"), "test": str(tmp_path / "test.jsonl"),
+           "tokenizer": "wordpiece", "vocab_size": 300, "batch_size": 8}
+    bundle = data.build(cfg, device="cpu")
+    assert bundle.classes == ["food", "sports"] and (bundle.train_size, bundle.test_size) == (30, 30)
+    x, y = next(iter(bundle.test))
+    assert set(x) == {"input_ids", "attention_mask", "token_type_ids"} and y.dtype == torch.long
+    # pairs: a second text column, integer labels
+    with (tmp_path / "pairs.jsonl").open("w") as f:
+        for k in range(20):
+            f.write(json.dumps({"a": texts[k], "b": texts[-k - 1], "y": k % 2}) + "\n")
+    pairs = data.build({"name": "textfile", "train": str(tmp_path / "pairs.jsonl"), "test": str(tmp_path / "pairs.jsonl"),
+                        "text_column": "a", "text_pair_column": "b", "label_column": "y", "tokenizer": "wordpiece",
+                        "vocab_size": 300, "batch_size": 4}, device="cpu")
+    x, _ = next(iter(pairs.train))
+    assert pairs.classes == ["0", "1"] and bool((x["token_type_ids"] == 1).any())
+    held_out = data.build({**cfg, "test": None, "val_split": 10}, device="cpu")
+    assert (held_out.train_size, held_out.test_size) == (20, 10)
+    with pytest.raises(BlockKDError, match=r"data.text_column='txt' is not a column of .*train.csv .*did you mean 'text'"):
+        data.build({**cfg, "text_column": "txt"}, device="cpu")
+    with pytest.raises(BlockKDError, match="data.test is not set"):
+        data.build({**cfg, "test": None}, device="cpu")
+
+
+# ------------------------------------------------------------------------------------------- GLUE, metrics
+def fake_datasets(monkeypatch, task_columns: tuple[str, str | None], n: int = 48, fail: Exception | None = None):
+    """A stand-in ``datasets`` module: real fortune texts, labels 0/1 (no network)."""
+    pool = text.read_fortunes(FORTUNES / "science")[: 2 * n]
+    a, b = task_columns
+
+    class Part:
+        features = {"label": types.SimpleNamespace(names=["no", "yes"])}
+
+        def __init__(self, k: int):
+            self.cols = {a: pool[:k], "label": [i % 2 for i in range(k)]}
+            if b:
+                self.cols[b] = pool[k:2 * k]
+
+        def __getitem__(self, col):
+            return self.cols[col]
+
+    def load_dataset(path, task):
+        if fail is not None:
+            raise fail
+        return {"train": Part(n), "validation": Part(n // 2), "validation_matched": Part(n // 2)}
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+
+
+def test_glue_task_metrics_in_the_metrics_rows(monkeypatch, tmp_path, bert_configs, capsys):
+    fake_datasets(monkeypatch, ("sentence1", "sentence2"))
+    cfg = recipe(tmp_path, "mrpc", bert_configs["student"], train__epochs=1,
+                 data={"name": "glue", "task": "mrpc", "tokenizer": "wordpiece", "vocab_size": VOCAB,
+                       "max_length": LENGTH, "batch_size": 16})
+    summary = train(cfg)
+    row = rows(tmp_path / "mrpc")[-1]
+    assert 0 <= row["test_f1"] <= 100 and summary["last"]["test_f1"] == row["test_f1"]
+    assert summary["data"] == "glue-mrpc"
+    assert evaluate_checkpoint(tmp_path / "mrpc", device="cpu")["f1"] == pytest.approx(row["test_f1"])
+    from blockkd.cli import main
+
+    assert main(["eval", str(tmp_path / "mrpc"), "--device", "cpu"]) == 0
+    assert f"f1 {row['test_f1']:.2f}" in capsys.readouterr().out
+    fake_datasets(monkeypatch, ("sentence", None))
+    cola = data.build({"name": "glue", "task": "cola", "tokenizer": "wordpiece", "vocab_size": VOCAB,
+                       "batch_size": 16}, device="cpu")
+    assert cola.metric_names == ("matthews",) and cola.num_classes == 2 and cola.classes == ["no", "yes"]
+
+
+def test_metric_functions():
+    y = torch.tensor([1, 1, 1, 0, 0, 0, 1, 0])
+    p = torch.tensor([1, 1, 0, 0, 0, 1, 1, 0])
+    assert text.f1_score(p, y) == pytest.approx(100 * 2 * 3 / (2 * 3 + 1 + 1))
+    # tp=3 tn=3 fp=1 fn=1: (9 - 1) / sqrt(4 * 4 * 4 * 4)
+    assert text.matthews(p, y) == pytest.approx(100 * 8 / 16)
+    assert text.matthews(torch.zeros(4, dtype=torch.long), y[:4]) == 0.0  # constant predictions: undefined -> 0
+    assert text.matthews(y, y) == pytest.approx(100.0)
+
+
+# ------------------------------------------------------------------------------------------- one-line errors
+def one_line(excinfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message
+    return message
+
+
+def test_one_line_errors(monkeypatch, bert_configs):
+    glue = {"name": "glue", "tokenizer": "wordpiece"}
+    with pytest.raises(BlockKDError, match="did you mean 'sst2'") as e:
+        data.parse({**glue, "task": "sst"})
+    one_line(e)
+    with pytest.raises(BlockKDError, match="stsb is a regression task") as e:
+        data.parse({**glue, "task": "stsb"})
+    one_line(e)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    with pytest.raises(BlockKDError, match=r"pip install 'blockkd\[nlp\]'") as e:
+        data.build({**glue, "task": "rte"}, device="cpu")
+    one_line(e)
+    fake_datasets(monkeypatch, ("sentence1", "sentence2"), fail=ConnectionError("no network\nmore"))
+    with pytest.raises(BlockKDError, match="cannot load GLUE rte .*huggingface-cli download") as e:
+        data.build({**glue, "task": "rte"}, device="cpu")
+    one_line(e)
+    with pytest.raises(BlockKDError, match="did you mean 'sports'") as e:
+        data.build({**DATA, "categories": ["sport"]}, device="cpu")
+    one_line(e)
+    # a tokenizer larger than the model's embeddings; an image model on text; text model on images
+    bundle = data.build(DATA, device="cpu")
+    with pytest.raises(BlockKDError, match=r"has \d+ tokens, more than the 100 token embeddings of model.name") as e:
+        build_model(bert_configs["small_vocab"], bundle)
+    one_line(e)
+    with pytest.raises(BlockKDError, match="takes images, but the data is text"):
+        build_model("resnet8", bundle)
+    with pytest.raises(BlockKDError, match="cannot build|not a Hugging Face config"):
+        models.create("hf-config.no/such/config.json", num_classes=2)
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(BlockKDError, match=r"pip install 'blockkd\[nlp\]'") as e:
+        models.create(bert_configs["student"], num_classes=3, in_channels=None)
+    one_line(e)
+    with pytest.raises(BlockKDError, match=r"pip install 'blockkd\[nlp\]'"):
+        config.validate({"model": {"name": "hf.bert-base-uncased"}, "data": DATA})
+    with pytest.raises(BlockKDError, match=r"pip install 'blockkd\[nlp\]'"):
+        data.build(DATA, device="cpu")
