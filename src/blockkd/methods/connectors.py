@@ -96,7 +96,8 @@ class TokenConnector(nn.Module):
 
     Why: a transformer layer reads a normalised token stream, and a per-token linear map is the
     transformer analogue of the CNNs' 1x1 conv + BN. Differing token counts (ViTs with other patch sizes)
-    are resampled first (:func:`resample_tokens`); text tokens must already agree (same tokenizer), and follow each batch's (padded) length.
+    are resampled first (:func:`resample_tokens`); text tokens must already agree (same tokenizer), and
+    follow each batch's (padded) length.
     """
 
     def __init__(self, in_shape: tuple[int, int], out_shape: tuple[int, int], prefix_in: int | None = None,
