@@ -122,3 +122,41 @@ method: {name: kd}
     assert ddp[1]["train_loss"] != pytest.approx(ddp[0]["train_loss"], rel=1e-3)  # it did train
     digests = [[r["weights_sha256"] for r in records(tmp_path / "ddp", rank, "weights_sha256")] for rank in (0, 1)]
     assert len(digests[0]) == 2 and digests[0] == digests[1]  # one per epoch, over both launches
+
+
+def test_text_blockkd_under_torchrun_keeps_the_ranks_identical(tmp_path):
+    """The text path (tokenised dict batches, dynamic padding, length buckets, token connectors) under DDP:
+    two ranks train a tiny BERT student with Block-KD from a BERT teacher, and end every epoch with
+    identical weights, equal to rank 0's checkpoint; rank 0 alone writes the run and the save_pretrained folder."""
+    import transformers
+
+    models = {}
+    for role, (layers, hidden) in {"teacher": (2, 32), "student": (1, 16)}.items():
+        cfg = transformers.BertConfig(vocab_size=300, hidden_size=hidden, num_hidden_layers=layers,
+                                      num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=32)
+        cfg.to_json_file(str(tmp_path / f"{role}.json"))
+        models[role] = f"hf-config.{tmp_path / f'{role}.json'}"
+    path = tmp_path / "text.yaml"
+    path.write_text(f"""
+model: {{name: {models['student']}}}
+teacher: {{name: {models['teacher']}, allow_random: true}}
+method: {{name: blockkd}}
+data: {{name: fortunes, categories: [computers, food], max_per_class: 24, max_length: 32, vocab_size: 300,
+        batch_size: 8, eval_batch_size: 16}}
+optim: {{name: adamw, lr: 1.0e-3}}
+schedule: {{name: linear, warmup_epochs: 0.5}}
+train: {{epochs: 2, deterministic: true, device: cpu}}
+output: {{dir: {tmp_path / 'runs'}, name: ddp, tensorboard: false, progress: false, plot: false}}
+""")
+    env_data = {"BLOCKKD_DATA": str(tmp_path / "data")}  # the trained tokenizer's cache
+    os.environ.update(env_data)
+    try:
+        torchrun(path, log=tmp_path / "ddp")
+    finally:
+        for key in env_data:
+            os.environ.pop(key, None)
+    digests = [[r["weights_sha256"] for r in records(tmp_path / "ddp", rank, "weights_sha256")] for rank in (0, 1)]
+    assert len(digests[0]) == 2 and digests[0] == digests[1] and digests[0][0] != digests[0][1]
+    run = tmp_path / "runs" / "ddp"
+    assert state_digest(load_checkpoint(run / "last").weights) == digests[0][-1]
+    assert [m["epoch"] for m in metrics(run)] == [1, 2] and (run / "hf" / "config.json").is_file()
