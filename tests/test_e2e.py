@@ -83,6 +83,9 @@ def test_teacher_then_blockkd_student_then_resume_then_eval(teacher):
     # every CPU); of last/, the last epoch. Each reproduces the top-1 its epoch logged.
     best = cli("eval", str(run), cwd=out).stdout
     assert f"epoch {final['best']['epoch']})" in best and f"top-1 {final['best']['test_top1']:.2f}%" in best
+    best_row = next(r for r in rows if r["epoch"] == final["best"]["epoch"])  # and its stepping-stones' top-1
+    assert "heads: " + "  ".join(f"{k} top-1 {best_row['test_top1_' + k]:.2f}%"
+                                 for k in ("stone1", "stone2", "stone3", "ensemble")) in best
     last = cli("eval", str(run / "last"), cwd=out).stdout
     assert "epoch 4)" in last and f"top-1 {final['last']['test_top1']:.2f}%" in last
 

@@ -51,6 +51,11 @@ def _eval(args: argparse.Namespace) -> int:
     extra = "".join(f"  {k} {m[k]:.2f}" for k in m.get("metric_names", ()))  # the task's: F1, Matthews ...
     print(f"{what}: top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%{extra}  loss {m['loss']:.4f}  "
           f"{m['images_per_s']:.0f} images/s")
+    heads = {k.removeprefix("top1_"): v for k, v in m.items() if k.startswith("top1_")}
+    if heads:  # a distiller's further classifiers: Block-KD's stepping-stones and their ensemble
+        print("heads: " + "  ".join(f"{k} top-1 {v:.2f}%" for k, v in heads.items()))
+    if m.get("note"):
+        print(f"note: {m['note']}", file=sys.stderr)
     return 0
 
 

@@ -71,7 +71,7 @@ def evaluate(model: nn.Module, loader, rt: Runtime | None = None, *, heads: bool
                     predictions.append(logits.argmax(1))
                     labels.append(y)
             n += y.shape[0]
-    names = sorted(sums)  # the same order on every rank
+    names = list(sums)  # the order of eval_logits: the same on every rank
     stacked = torch.cat([sums[k] for k in names]) if names else torch.zeros(0, device=rt.device, dtype=torch.float64)
     totals = runtime.all_reduce_sum(torch.cat([stacked, stacked.new_tensor([n])])).tolist()
     seconds = time.perf_counter() - start
@@ -91,7 +91,11 @@ def evaluate(model: nn.Module, loader, rt: Runtime | None = None, *, heads: bool
 
 def evaluate_checkpoint(path: str | Path, data_overrides: list[str] | None = None,
                         device: str | None = None) -> dict[str, Any]:
-    """Rebuild the student of a run (or checkpoint folder) from its meta.json and evaluate it on the test split."""
+    """Rebuild the student of a run (or checkpoint folder) from its meta.json and evaluate it on the test split.
+
+    For a method with heads of its own (Block-KD: each stepping-stone and their ensemble) the distiller is
+    rebuilt too, from the run's teacher checkpoint and the saved connectors, and every head is reported
+    (``top1_stone1`` ...); where the teacher's checkpoint is gone, the student alone, with a ``note``."""
     from .. import config
 
     folder = checkpoint_dir(path)
@@ -110,6 +114,29 @@ def evaluate_checkpoint(path: str | Path, data_overrides: list[str] | None = Non
         model.to(memory_format=torch.channels_last)
     with oom_advice("data.eval_batch_size", data_cfg["eval_batch_size"]):
         result = evaluate(model, data.test, rt, metrics=data.metrics)
+        heads, note = _heads_of_run(saved, ckpt, data, rt)
+        if heads is not None:
+            result.update({k: v for k, v in evaluate(heads, data.test, rt, heads=True).items() if k.startswith("top1_")})
     return {"checkpoint": str(ckpt.path), "epoch": ckpt.meta.get("epoch"), "model": saved["model"]["name"],
             "method": saved["method"]["name"], "data": data_cfg["name"], "metric_names": list(data.metric_names),
-            **result}
+            **result, **({"note": note} if note else {})}
+
+
+def _heads_of_run(saved: dict, ckpt, data, rt: Runtime):
+    """(the run's distiller with its trained extra modules, None) when its method reports heads beyond the
+    student; (None, why not) when it cannot be rebuilt; (None, None) for the other methods."""
+    from .. import config, methods
+    from .build import build_distiller
+
+    name = saved["method"]["name"]
+    if name not in methods.names() or methods.get(name).eval_logits is methods.Distiller.eval_logits:
+        return None, None
+    try:
+        cfg = config.validate({**saved, "model": {**saved["model"], "checkpoint": None}})
+        distiller = build_distiller(cfg, data, rt.device)
+        distiller.load_train_state_dict(ckpt.weights)
+    except BlockKDError as e:
+        return None, f"the stepping-stones are not evaluated: {e}"
+    if rt.channels_last:
+        distiller.to(memory_format=torch.channels_last)
+    return distiller, None
