@@ -93,7 +93,7 @@ def test_recipes_follow_mdistiller_imagenet_settings():
 
 
 def test_torchvision_and_timm_names():
-    assert models.prefixes() == ["torchvision.", "timm."]
+    assert models.prefixes() == ["torchvision.", "timm.", "hf.", "hf-config."]
     for name in models.names():  # every listed name can be created (the prefixes are listed apart)
         with torch.device("meta"):
             assert isinstance(models.create(name, num_classes=10), torch.nn.Module), name

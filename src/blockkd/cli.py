@@ -75,7 +75,10 @@ def _models(args: argparse.Namespace) -> int:
         with torch.device("meta"):  # shapes only: no memory, no init cost
             model = models.create(name, num_classes=100)
         rows.append((name, f"{models.num_params(model) / 1e6:7.2f}"))
-    rows += [(f"{prefix}<name>", f"{'-':>7}  any model of that library") for prefix in models.prefixes()]
+    what = {"torchvision.": "any torchvision classification model", "timm.": "any timm model",
+            "hf.": "a Hugging Face sequence classifier (hub id or folder)",
+            "hf-config.": "one built from a config.json (random init)"}
+    rows += [(f"{prefix}<name>", f"{'-':>7}  {what.get(prefix, '')}") for prefix in models.prefixes()]
     _table(rows, ("model", "params (M, 100 classes)"))
     return 0
 

@@ -42,8 +42,9 @@ def names() -> list[str]:
 
 
 def prefixes() -> list[str]:
-    """The prefixes that name any model of a library (``torchvision.``, ``timm.``): ``create("timm.convnext_atto")``;
-    their models are listed by the libraries (``torchvision.models.list_models()``, ``timm.list_models()``)."""
+    """The prefixes that name any model of a library (``torchvision.``, ``timm.``, ``hf.``, ``hf-config.``):
+    ``create("timm.convnext_atto")``; their models are listed by the libraries (``torchvision.models.list_models()``,
+    ``timm.list_models()``, the Hugging Face hub)."""
     return [f"{f}." for f in external.FAMILIES]
 
 
