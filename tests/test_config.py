@@ -277,7 +277,7 @@ def test_file_errors(tmp):
         "invalid base=3 in n.yaml: expected a path or a list of paths relative to the file")
     assert error(write(tmp / "o.yaml", "optim: {lr: 0.1}\n")) == (
         "missing required key 'model.name' in o.yaml: the student (for ce: the model trained): a blockkd.models "
-        "name, torchvision.<name> or timm.<name>")
+        "name, torchvision.<name>, timm.<name>, hf.<hub id or folder> or hf-config.<config.json>")
     assert error(tmp / "o.yaml", ["optim.lr"]) == "override 'optim.lr' must look like key=value, e.g. optim.lr=0.1"
     assert error(tmp / "o.yaml", ["optim.lr=[1"]).startswith("cannot parse value '[1' as YAML: ")
 
