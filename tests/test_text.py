@@ -135,6 +135,17 @@ def test_students_distil_from_the_teacher_run(teacher_run, bert_configs, tmp_pat
     assert loaded.config.num_hidden_layers == 2
 
 
+def test_blockkd_on_text_trains_under_bf16_autocast(teacher_run, bert_configs, tmp_path):
+    """Mixed precision on the text path (CPU autocast here; CUDA's is the same call): finite losses, and the
+    run says which precision it used."""
+    run, _ = teacher_run
+    cfg = recipe(tmp_path, "bf16", bert_configs["student"], teacher__name=bert_configs["teacher"],
+                 teacher__checkpoint=str(run), method__name="blockkd", train__amp="bf16", train__max_steps=4)
+    summary = train(cfg)
+    assert "amp bf16" in summary["runtime"] and summary["steps"] == 4
+    assert all(np.isfinite(v) for k, v in rows(tmp_path / "bf16")[-1].items() if k.startswith("train_loss"))
+
+
 def test_teacher_by_hf_name_needs_no_checkpoint(teacher_run, bert_configs, tmp_path):
     """hf.<folder>: from_pretrained of the teacher run's hf/ folder (its last epoch), no teacher.checkpoint."""
     run, teacher = teacher_run
