@@ -46,9 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from students import (DEFAULTS, METHODS, QUICK, RUN_KEYS, overrides, pm, recipes_dir, run_student,  # noqa: E402
                       train_or_reuse_teacher)
 
-# How reports name the datasets (else their data.name); a GLUE task is "GLUE <task>".
-TITLES = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100",
-          "fortunes": "fortunes (Debian's fortune files, 6 topics)", "imagefolder": "image folder"}
+# How reports name the datasets (else their data.name; a GLUE task is "GLUE <task>"), and what the setup
+# line says of some.
+TITLES = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagefolder": "image folder"}
+ABOUT = {"fortunes": "topic classification of Debian's fortune files"}
 OPTIMIZERS = {"sgd": "SGD", "adamw": "AdamW", "adam": "Adam"}
 from common import (REPO, append_runs, fmt, machine_info, machine_line, markdown_table, mean_std,  # noqa: E402
                     plural, reproduce_line, section, text_table, write_json, write_text)
@@ -77,7 +78,8 @@ def setup_of(cfg: dict[str, Any], teacher: dict[str, Any], s: dict[str, Any]) ->
     sizes = data_lib.build(cfg["data"], device="cpu")  # the exact split sizes the runs used
     name = cfg["data"]["name"]
     title = f"GLUE {cfg['data']['task']}" if name == "glue" else TITLES.get(name, name)
-    return {"dataset": name, "title": title, "samples": "texts" if sizes.tokenizer is not None else "images",
+    about = f" ({ABOUT[name]}, {sizes.num_classes} classes)" if name in ABOUT else ""
+    return {"dataset": name, "title": title, "about": about, "samples": "texts" if sizes.tokenizer is not None else "images",
             "student": cfg["model"]["name"], "teacher": teacher["model"],
             "split": "val" if s["val"] else "test", "val_split": s["val"], "train_subset": cfg["data"]["train_subset"],
             "train_images": sizes.train_size, "eval_images": sizes.test_size, "epochs": cfg["train"]["epochs"],
@@ -115,7 +117,7 @@ def setup_line(report: dict[str, Any]) -> str:
     w = u.get("warmup_epochs")
     warmup = f", {w:g} warm-up epoch{'' if w == 1 else 's'}" if w else ""
     optim = OPTIMIZERS.get(u.get("optimizer", "sgd"), u.get("optimizer"))
-    return (f"{u.get('title', 'Fashion-MNIST')}, {u['teacher']} -> {u['student']}, recipes "
+    return (f"{u.get('title', 'Fashion-MNIST')}{u.get('about', '')}, {u['teacher']} -> {u['student']}, recipes "
             f"`{u.get('recipes', 'configs/fashion_mnist')}/<method>.yaml` with "
             f"{data}, {plural(u['epochs'], 'epoch')} ({u['schedule']} schedule{warmup}, {optim} lr {u['lr']}, batch "
             f"{u['batch_size']}; teacher {plural(u['teacher_epochs'], 'epoch')}), "
