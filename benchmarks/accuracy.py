@@ -11,8 +11,8 @@ One teacher, trained once with the same data and schedule overrides and cached b
 by its recipe's fingerprint), serves every student. Recipes naming files by relative paths (the
 ``hf-config.configs/...`` models of ``configs/fortunes``) need the repository root as working directory,
 as for ``blockkd train``. Text recipes work the same way (``--recipes configs/fortunes``; their top-1 is
-the accuracy on texts). For each seed, every
-method gets the same ``train.seed``, hence the same initialisation and data order. Reported per method:
+the accuracy on texts). For each seed, every method gets the same ``train.seed``, hence the same
+initialisation and data order. Reported per method:
 mean ± std over seeds of the last-epoch top-1 and of the best-epoch top-1 (the best epoch is chosen on
 the evaluated split, so it is optimistic and labelled as such), the gain over ``ce`` (means of the last
 epochs) and the wall-clock time. ``--val`` evaluates on images held out from the training set instead of
@@ -45,14 +45,15 @@ from blockkd.errors import BlockKDError
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from students import (DEFAULTS, METHODS, QUICK, RUN_KEYS, overrides, pm, recipes_dir, run_student,  # noqa: E402
                       train_or_reuse_teacher)
+from common import (REPO, append_runs, fmt, machine_info, machine_line, markdown_table, mean_std,  # noqa: E402
+                    plural, reproduce_line, section, text_table, write_json, write_text)
 
 # How reports name the datasets (else their data.name; a GLUE task is "GLUE <task>"), and what the setup
 # line says of some.
 TITLES = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagefolder": "image folder"}
 ABOUT = {"fortunes": "topic classification of Debian's fortune files"}
 OPTIMIZERS = {"sgd": "SGD", "adamw": "AdamW", "adam": "Adam"}
-from common import (REPO, append_runs, fmt, machine_info, machine_line, markdown_table, mean_std,  # noqa: E402
-                    plural, reproduce_line, section, text_table, write_json, write_text)
+
 
 def aggregate(runs: list[dict[str, Any]], method_names: list[str]) -> dict[str, dict[str, Any]]:
     """Per method: mean ± std of last/best top-1 and of time, the gain over ce, the mean curve."""
@@ -159,8 +160,9 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     ax_curve.grid(alpha=0.3)
     ax_curve.legend(fontsize=7)
     u = report["setup"]
-    fig.suptitle(f"{u.get('title', 'Fashion-MNIST')}, {u['teacher']} -> {u['student']}: {u['train_images']} "
-                 f"training {u.get('samples', 'images')}, "
+    pair = f"{u.get('title', 'Fashion-MNIST')}, {u['teacher']} -> {u['student']}"
+    fig.suptitle(pair + ("\n" if len(pair) > 80 else ": ")  # long (path-like) model names: two lines
+                 + f"{u['train_images']} training {u.get('samples', 'images')}, "
                  f"{plural(u['epochs'], 'epoch')}, {plural(len(u['seeds']), 'seed')}")
     fig.savefig(path, dpi=100)
     return path
