@@ -1,21 +1,26 @@
-"""Accuracy of every method on Fashion-MNIST (real data), over several seeds: one command.
+"""Accuracy of every method on a folder of recipes (default Fashion-MNIST, real data), over several seeds.
 
-    python benchmarks/accuracy.py [--seeds 0 1 2 3 4] [--methods ce kd dkd blockkd blockkd-lite] [--epochs N]
-                                  [--train-subset N] [--val [N]] [--quick] [--out results/accuracy.json]
+    python benchmarks/accuracy.py [--recipes configs/fashion_mnist] [--seeds 0 1 2 3 4]
+                                  [--methods ce kd dkd blockkd blockkd-lite] [--epochs N] [--train-subset N]
+                                  [--val [N]] [--quick] [--out results/accuracy.json]
 
-How, and why this way: every run is a plain ``blockkd.config.load`` of a ``configs/fashion_mnist`` recipe
-plus overrides, trained by ``blockkd.engine.train`` (no second training loop), so the numbers are those a
-user gets from the recipes. One teacher, trained once with the same data and schedule overrides and cached
-by ``blockkd.demo`` (keyed by its recipe's fingerprint), serves every student. For each seed, every
-method gets the same ``train.seed``, hence the same initialisation and data order. Reported per method:
+How, and why this way: every run is a plain ``blockkd.config.load`` of a recipe of ``--recipes`` (the
+teacher ``DIR/teacher.yaml``, the students ``DIR/<method>.yaml``) plus overrides, trained by
+``blockkd.engine.train`` (no second training loop), so the numbers are those a user gets from the recipes.
+One teacher, trained once with the same data and schedule overrides and cached by ``blockkd.demo`` (keyed
+by its recipe's fingerprint), serves every student. Recipes naming files by relative paths (the
+``hf-config.configs/...`` models of ``configs/fortunes``) need the repository root as working directory,
+as for ``blockkd train``. Text recipes work the same way (``--recipes configs/fortunes``; their top-1 is
+the accuracy on texts). For each seed, every method gets the same ``train.seed``, hence the same
+initialisation and data order. Reported per method:
 mean ± std over seeds of the last-epoch top-1 and of the best-epoch top-1 (the best epoch is chosen on
 the evaluated split, so it is optimistic and labelled as such), the gain over ``ce`` (means of the last
 epochs) and the wall-clock time. ``--val`` evaluates on images held out from the training set instead of
 the test split, for tuning without ever looking at the test split.
 
-Subset and schedule are the recipes' own (``configs/fashion_mnist/base.yaml``) unless ``--train-subset``
-(0: all 60000 images) or ``--epochs`` (students only) say otherwise. Outputs: a table on stdout, ``--out`` (JSON), and
-beside it ``accuracy.png`` (bars with error bars, mean test-accuracy curves) and ``accuracy.md``
+Subset and schedule are the recipes' own (``DIR/base.yaml``) unless ``--train-subset``
+(0: all the training images) or ``--epochs`` (students only) say otherwise. Outputs: a table on stdout, ``--out`` (JSON), and
+beside it ``<name>.png`` (bars with error bars, mean test-accuracy curves) and ``<name>.md``
 (README section).
 """
 from __future__ import annotations
@@ -43,6 +48,13 @@ from students import (DEFAULTS, METHODS, QUICK, RUN_KEYS, overrides, pm, recipes
 from common import (REPO, append_runs, fmt, machine_info, machine_line, markdown_table, mean_std,  # noqa: E402
                     plural, reproduce_line, section, text_table, write_json, write_text)
 
+# How reports name the datasets (else their data.name; a GLUE task is "GLUE <task>"), and what the setup
+# line says of some.
+TITLES = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagefolder": "image folder"}
+ABOUT = {"fortunes": "topic classification of Debian's fortune files"}
+OPTIMIZERS = {"sgd": "SGD", "adamw": "AdamW", "adam": "Adam"}
+
+
 def aggregate(runs: list[dict[str, Any]], method_names: list[str]) -> dict[str, dict[str, Any]]:
     """Per method: mean ± std of last/best top-1 and of time, the gain over ce, the mean curve."""
     out: dict[str, dict[str, Any]] = {}
@@ -65,11 +77,17 @@ def aggregate(runs: list[dict[str, Any]], method_names: list[str]) -> dict[str, 
 def setup_of(cfg: dict[str, Any], teacher: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
     """What was run, from a student's resolved config: models, data split sizes, schedule, seeds."""
     sizes = data_lib.build(cfg["data"], device="cpu")  # the exact split sizes the runs used
-    return {"dataset": cfg["data"]["name"], "student": cfg["model"]["name"], "teacher": teacher["model"],
+    name = cfg["data"]["name"]
+    title = f"GLUE {cfg['data']['task']}" if name == "glue" else TITLES.get(name, name)
+    about = f" ({ABOUT[name]}, {sizes.num_classes} classes)" if name in ABOUT else ""
+    return {"dataset": name, "title": title, "about": about, "samples": "texts" if sizes.tokenizer is not None else "images",
+            "student": cfg["model"]["name"], "teacher": teacher["model"],
             "split": "val" if s["val"] else "test", "val_split": s["val"], "train_subset": cfg["data"]["train_subset"],
             "train_images": sizes.train_size, "eval_images": sizes.test_size, "epochs": cfg["train"]["epochs"],
             "teacher_epochs": teacher["epochs"], "seeds": s["seeds"], "methods": s["methods"],
-            "batch_size": cfg["data"]["batch_size"], "lr": cfg["optim"]["lr"], "schedule": cfg["schedule"]["name"]}
+            "batch_size": cfg["data"]["batch_size"], "optimizer": cfg["optim"]["name"], "lr": cfg["optim"]["lr"],
+            "weight_decay": cfg["optim"]["weight_decay"], "schedule": cfg["schedule"]["name"],
+            "warmup_epochs": cfg["schedule"]["warmup_epochs"]}
 
 
 def table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -78,21 +96,31 @@ def table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
               "gain vs ce (last)", "time/run"]
     t = report["teacher"]
     rows = [[t["model"], "teacher (ce)", 1, fmt(t["last_top1"]), fmt(t["best_top1"]), "",
-             f"{t['wall_time_s'] / 60:.1f} min" if t.get("wall_time_s") else ""]]
+             duration(t["wall_time_s"]) if t.get("wall_time_s") else ""]]
     for m, v in report["methods"].items():
         rows.append([report["setup"]["student"], m, len(v["seeds"]), pm(v["last_top1"]), pm(v["best_top1"]),
                      "" if v["gain_vs_ce"] is None else f"{v['gain_vs_ce']:+.2f}",
-                     f"{v['wall_time_s']['mean'] / 60:.1f} min"])
+                     duration(v["wall_time_s"]["mean"])])
     return header, rows
+
+
+def duration(seconds: float) -> str:
+    """Minutes with one decimal; under a minute, whole seconds."""
+    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
 
 
 def setup_line(report: dict[str, Any]) -> str:
     u = report["setup"]
-    data = f"{u['train_images']} training images" + (" (all)" if not u["train_subset"] else " (fixed subset)")
-    where = (f"the test split ({u['eval_images']} images)" if u["split"] == "test"
-             else f"{u['eval_images']} images held out from the training set (data.val_split; the test split is unused)")
-    return (f"Fashion-MNIST, {u['teacher']} -> {u['student']}, recipes `configs/fashion_mnist/<method>.yaml` with "
-            f"{data}, {plural(u['epochs'], 'epoch')} ({u['schedule']} schedule, SGD lr {u['lr']}, batch "
+    unit = u.get("samples", "images")
+    data = f"{u['train_images']} training {unit}" + (" (all)" if not u["train_subset"] else " (fixed subset)")
+    where = (f"the test split ({u['eval_images']} {unit})" if u["split"] == "test"
+             else f"{u['eval_images']} {unit} held out from the training set (data.val_split; the test split is unused)")
+    w = u.get("warmup_epochs")
+    warmup = f", {w:g} warm-up epoch{'' if w == 1 else 's'}" if w else ""
+    optim = OPTIMIZERS.get(u.get("optimizer", "sgd"), u.get("optimizer"))
+    return (f"{u.get('title', 'Fashion-MNIST')}{u.get('about', '')}, {u['teacher']} -> {u['student']}, recipes "
+            f"`{u.get('recipes', 'configs/fashion_mnist')}/<method>.yaml` with "
+            f"{data}, {plural(u['epochs'], 'epoch')} ({u['schedule']} schedule{warmup}, {optim} lr {u['lr']}, batch "
             f"{u['batch_size']}; teacher {plural(u['teacher_epochs'], 'epoch')}), "
             f"seeds {', '.join(map(str, u['seeds']))}; evaluated on {where}. Mean ± std over seeds; the best "
             f"epoch is picked on the same split, so it is optimistic. One teacher serves all students.")
@@ -132,7 +160,9 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     ax_curve.grid(alpha=0.3)
     ax_curve.legend(fontsize=7)
     u = report["setup"]
-    fig.suptitle(f"Fashion-MNIST, {u['teacher']} -> {u['student']}: {u['train_images']} training images, "
+    pair = f"{u.get('title', 'Fashion-MNIST')}, {u['teacher']} -> {u['student']}"
+    fig.suptitle(pair + ("\n" if len(pair) > 80 else ": ")  # long (path-like) model names: two lines
+                 + f"{u['train_images']} training {u.get('samples', 'images')}, "
                  f"{plural(u['epochs'], 'epoch')}, {plural(len(u['seeds']), 'seed')}")
     fig.savefig(path, dpi=100)
     return path
@@ -143,21 +173,46 @@ def render_markdown(report: dict[str, Any], png: Path) -> str:
         image = png.resolve().relative_to(REPO).as_posix()
     except ValueError:
         image = png.name
-    return section("Accuracy (Fashion-MNIST)", [
+    return section(f"Accuracy ({report['setup'].get('title', 'Fashion-MNIST')})", [
         setup_line(report), markdown_table(*table(report)), f"![accuracy per method]({image})",
         f"Machine: {machine_line(report['machine'])}; {report['minutes']:.0f} min in all. "
         + reproduce_line(report["invocations"])])
 
 
 # ----------------------------------------------------------------------------------------- main
+def recipe_folder(given: str | None) -> Path:
+    """``--recipes`` as an absolute folder holding a teacher.yaml (relative: to the working directory, else
+    to the repository); none given: ``configs/fashion_mnist`` (``blockkd.demo.recipes_dir``)."""
+    if given is None:
+        return recipes_dir()
+    folder = Path(given).expanduser()
+    if not folder.is_absolute() and not folder.is_dir() and (REPO / folder).is_dir():
+        folder = REPO / folder
+    folder = folder.resolve()
+    if not (folder / "teacher.yaml").is_file():
+        raise BlockKDError(f"--recipes {given}: no teacher.yaml in {folder}")
+    return folder
+
+
+def shown(path: Path) -> str:
+    """``path`` relative to the repository when inside it (as the reports name recipes), else as it is."""
+    try:
+        return path.resolve().relative_to(REPO).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--recipes", metavar="DIR", help="folder of the recipes: DIR/teacher.yaml and DIR/<method>.yaml "
+                   "(default configs/fashion_mnist)")
     p.add_argument("--seeds", nargs="+", type=int, help="training seeds (default 0 1 2 3 4)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, help="methods (default all; ce gives the baseline)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, help="methods (default: all those with a recipe in "
+                   "DIR; ce gives the baseline)")
     p.add_argument("--epochs", type=int, help="students' epochs (default: the recipes'; the teacher keeps its own)")
-    p.add_argument("--train-subset", type=int, help="train on this many images, 0 = all (default: the recipes')")
+    p.add_argument("--train-subset", type=int, help="train on this many samples, 0 = all (default: the recipes')")
     p.add_argument("--val", type=int, nargs="?", const=10000, default=0, metavar="N",
-                   help="evaluate on N images held out from the training set (default N 10000), not the test split")
+                   help="evaluate on N samples held out from the training set (default N 10000), not the test split")
     p.add_argument("--device", help="train.device of every run (default: the recipes' auto)")
     p.add_argument("--append", action="store_true", help="keep the runs already in --out for other methods or seeds "
                    "(same teacher and overrides) and report all of them")
@@ -174,19 +229,26 @@ def main(argv: list[str] | None = None) -> int:
     runs_dir = out.with_name(out.stem + "-runs")
     started = time.perf_counter()
     try:
-        folder = recipes_dir()
+        folder = recipe_folder(args.recipes)
+        if args.methods is None:  # all the methods this folder has recipes for
+            s["methods"] = [m for m in s["methods"] if (folder / f"{m}.yaml").is_file()]
+        missing = [m for m in s["methods"] if not (folder / f"{m}.yaml").is_file()]
+        if missing or not s["methods"]:
+            raise BlockKDError(f"{shown(folder)} has no recipe for {', '.join(missing) or 'any method'} "
+                               f"(expected {shown(folder)}/<method>.yaml)")
         teacher_extra, extra = overrides(s, args.quick)
         teacher_dir, teacher = train_or_reuse_teacher(folder, teacher_extra)
         before = json.loads(out.read_text()) if args.append and out.is_file() else None
-        if before and (before["teacher"]["run_dir"] != str(teacher_dir) or before["setup"]["overrides"] != extra):
-            raise BlockKDError(f"--append: {out} was made with another teacher or other overrides")
+        if before and (before["teacher"]["run_dir"] != str(teacher_dir) or before["setup"]["overrides"] != extra
+                       or before["setup"].get("recipes", "configs/fashion_mnist") != shown(folder)):
+            raise BlockKDError(f"--append: {out} was made with another teacher, other overrides or other recipes")
         recipes: dict[str, dict[str, Any]] = {}
         results = []
         for seed in s["seeds"]:
             for method in s["methods"]:
                 cfg, result = run_student(folder, method, seed, extra, teacher_dir, runs_dir)
                 result["fingerprint"] = config.fingerprint(cfg, ignore=RUN_KEYS)
-                recipes.setdefault(method, {"file": str((folder / f"{method}.yaml").relative_to(folder.parents[1])),
+                recipes.setdefault(method, {"file": shown(folder / f"{method}.yaml"),
                                             "fingerprint": result["fingerprint"], "config": cfg})
                 results.append(result)
     except BlockKDError as e:
@@ -203,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "machine": machine_info(runtime.resolve_device(first["train"]["device"])),
         "invocations": invocations,
-        "setup": {**setup_of(first, teacher, s), "overrides": extra, "teacher_overrides": teacher_extra},
+        "setup": {**setup_of(first, teacher, s), "recipes": shown(folder), "overrides": extra,
+                  "teacher_overrides": teacher_extra},
         "teacher": {"model": teacher["model"], "run_dir": str(teacher_dir), "last_top1": teacher["last"]["test_top1"],
                     "best_top1": teacher["best"]["test_top1"], "wall_time_s": teacher.get("wall_time_s")},
         "recipes": recipes, "methods": aggregate(results, s["methods"]), "runs": results,

@@ -161,7 +161,40 @@ def test_accuracy_append_adds_methods_and_refuses_other_settings(runs, tmp_path)
     assert "| resnet8 | kd | 1 |" in (tmp_path / "out" / "accuracy.md").read_text()
     proc = subprocess.run(base + ["--methods", "kd", "--epochs", "2"], cwd=tmp_path, env=env, text=True,
                           capture_output=True, timeout=240)
-    assert proc.returncode == 2 and "another teacher or other overrides" in proc.stderr
+    assert proc.returncode == 2 and "another teacher, other overrides or other recipes" in proc.stderr
+
+
+def test_accuracy_on_another_recipe_folder(tmp_path):
+    """--recipes configs/fortunes: the same report for the text task (teacher and students from that folder),
+    run from the repository root as the recipes' relative model paths need; a method without a recipe there
+    is refused before any training."""
+    if not Path("/usr/share/games/fortunes/computers").is_file():
+        pytest.skip("Debian's fortune files are missing: `make data` (apt-get install fortunes)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    base = [sys.executable, str(BENCH / "accuracy.py"), "--quick", "--recipes", "configs/fortunes", "--out",
+            str(tmp_path / "out" / "text.json")]
+    proc = subprocess.run(base + ["--methods", "ce", "blockkd"], cwd=ROOT, env=env, text=True, capture_output=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "text.json").read_text())
+    setup, student = report["setup"], "hf-config.configs/fortunes/models/student.json"
+    assert (setup["dataset"], setup["recipes"], setup["samples"], setup["optimizer"]) == (
+        "fortunes", "configs/fortunes", "texts", "adamw")
+    assert setup["student"] == student and report["teacher"]["model"] == "hf-config.configs/fortunes/models/teacher.json"
+    assert setup["train_images"] == 128 and setup["split"] == "test" and setup["methods"] == ["ce", "blockkd"]
+    assert Path(report["teacher"]["run_dir"]).is_relative_to(tmp_path / "cache")
+    assert report["recipes"]["blockkd"]["file"] == "configs/fortunes/blockkd.yaml"
+    r = {x["method"]: x for x in report["runs"]}
+    assert r["blockkd"]["curve"][-1] == [1, r["blockkd"]["last_top1"]] and r["ce"]["last_top1"] <= r["ce"]["best_top1"]
+    assert report["methods"]["blockkd"]["gain_vs_ce"] == approx(r["blockkd"]["last_top1"] - r["ce"]["last_top1"])
+    md = (tmp_path / "out" / "text.md").read_text()
+    assert md.startswith("### Accuracy (fortunes") and "recipes `configs/fortunes/<method>.yaml` with 128 training texts" in md
+    assert f"| {student} | blockkd | 1 |" in md and "text.png" in md and "AdamW lr 0.001" in md
+    assert (tmp_path / "out" / "text.png").read_bytes()[:4] == b"\x89PNG"
+
+    proc = subprocess.run(base + ["--methods", "blockkd-lite"], cwd=ROOT, env=env, text=True, capture_output=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "configs/fortunes has no recipe for blockkd-lite" in proc.stderr, proc.stderr
 
 
 # ----------------------------------------------------------------------------------------- tuning

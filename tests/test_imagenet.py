@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import urllib.error
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from PIL import Image
 
 from blockkd import config, data, engine, methods, models
 from blockkd.data.folder import random_flip
+from blockkd.engine.build import load_model_weights
 from blockkd.engine.checkpoint import load_checkpoint
 from blockkd.errors import BlockKDError
 
@@ -150,3 +152,83 @@ def test_folder_loader_flips_on_the_device(image_root):
     x = torch.arange(24, dtype=torch.uint8).view(4, 1, 2, 3)
     out = random_flip(x, torch.Generator().manual_seed(0))
     assert all(torch.equal(o, i) or torch.equal(o, i.flip(-1)) for o, i in zip(out, x))
+
+
+# ----------------------------------------------------------------------------------------- DeiT-style ViT recipes
+VIT_PAIRS = {"deit_small_deit_tiny": ("timm.deit_small_patch16_224", "timm://fb_in1k", 0.5),
+             "resnet50_deit_tiny": ("torchvision.resnet50", "torchvision://IMAGENET1K_V1", 2.0)}
+
+
+@pytest.mark.parametrize("pair", sorted(VIT_PAIRS))
+def test_vit_recipes_follow_deit_settings(pair):
+    teacher, weights, beta = VIT_PAIRS[pair]
+    for method in ("ce", "kd", "dkd", "blockkd"):
+        cfg = config.load(RECIPES / pair / f"{method}.yaml")  # validates every key, model and method name
+        assert cfg["method"]["name"] == method and cfg["model"]["name"] == "timm.deit_tiny_patch16_224"
+        assert (cfg["teacher"]["name"], cfg["teacher"]["checkpoint"]) == (teacher, weights)
+        assert (cfg["data"]["name"], cfg["data"]["image_size"], cfg["data"]["batch_size"]) == ("imagefolder", 224, 1024)
+        optim = cfg["optim"]
+        assert (optim["name"], optim["lr"], optim["weight_decay"], optim["betas"], optim["eps"]) == (
+            "adamw", 5e-4 * 1024 / 512, 0.05, [0.9, 0.999], 1e-8)
+        assert cfg["schedule"] == {"name": "cosine", "warmup_epochs": 5, "min_lr": 1e-5}
+        assert cfg["train"]["epochs"] == 300
+    assert config.load(RECIPES / pair / "dkd.yaml")["method"]["options"]["beta"] == beta
+    assert config.load(RECIPES / pair / "blockkd.yaml")["method"]["options"] == config.load(
+        RECIPES / "resnet34_resnet18/blockkd.yaml")["method"]["options"]  # the shared ImageNet settings
+
+
+@pytest.mark.parametrize("pair", sorted(VIT_PAIRS))
+def test_blockkd_step_on_a_small_vit_pair(pair):
+    """One Block-KD step with the recipe's architectures, built for 32x32 images (timm's img_size) and 10
+    classes: the ViT student's transformer blocks match the teacher's blocks, and every part gets gradients."""
+    import timm
+
+    cfg = config.load(RECIPES / pair / "blockkd.yaml")
+    torch.manual_seed(0)
+    student = timm.create_model("deit_tiny_patch16_224", num_classes=10, img_size=32)
+    family, arch = cfg["teacher"]["name"].split(".", 1)
+    teacher = (timm.create_model(arch, num_classes=10, img_size=32) if family == "timm"
+               else torchvision.models.get_model(arch, num_classes=10))
+    distiller = methods.create("blockkd", student, teacher, (3, 32, 32), options=cfg.method.options)
+    distiller.train()
+    logits, losses = distiller(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    sum(losses.values()).backward()
+    assert logits.shape == (4, 10) and all(torch.isfinite(v) for v in losses.values())
+    assert distiller.num_blocks >= 2 and all(p.grad is not None for p in distiller.connectors.parameters())
+    assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in distiller.teacher.parameters())
+
+
+def test_timm_weights_from_the_hub_offline_and_unknown(tmp_path, monkeypatch):
+    """timm://TAG: timm's pretrained weights through its Hugging Face hub download (replaced here: the
+    network is never used); offline, a one-line error names the file to fetch and the path to pass."""
+    import safetensors.torch
+    import timm
+    import timm.models._hub as hub
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(hub, "hf_hub_download", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(BlockKDError, match=r"cannot load the timm weights deit_tiny_patch16_224.fb_in1k .* download "
+                                           r"https://huggingface.co/timm/deit_tiny_patch16_224.fb_in1k/resolve/main/"
+                                           r"model.safetensors and pass its path instead of timm://fb_in1k"):
+        models.timm_state_dict("timm.deit_tiny_patch16_224", "timm://fb_in1k")
+    # Downloaded (here: a file the replaced download returns), the weights are those of the file.
+    sd = timm.create_model("deit_tiny_patch16_224").state_dict()
+    safetensors.torch.save_file(sd, tmp_path / "model.safetensors")
+    asked = []
+    monkeypatch.setattr(hub, "hf_hub_download", lambda repo_id, filename, **kw: asked.append((repo_id, filename))
+                        or str(tmp_path / "model.safetensors"))
+    loaded = models.timm_state_dict("timm.deit_tiny_patch16_224", "timm://DEFAULT")
+    assert asked[0] == ("timm/deit_tiny_patch16_224.fb_in1k", "model.safetensors")  # timm's default tag
+    assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], sd[k]) for k in sd)
+    teacher = timm.create_model("deit_tiny_patch16_224")  # as teacher.checkpoint: timm://fb_in1k
+    imagenet = SimpleNamespace(num_classes=1000, in_channels=3, name="imagenet")
+    load_model_weights(teacher, "timm://fb_in1k", role="teacher", name="timm.deit_tiny_patch16_224", data=imagenet)
+    assert torch.equal(teacher.state_dict()["head.weight"], sd["head.weight"])
+    with pytest.raises(BlockKDError, match="has no pretrained weights 'in22k'; choose from DEFAULT, fb_in1k"):
+        models.timm_state_dict("timm.deit_tiny_patch16_224", "timm://in22k")
+    with pytest.raises(BlockKDError, match="not a timm"):
+        models.timm_state_dict("torchvision.resnet18", "timm://DEFAULT")

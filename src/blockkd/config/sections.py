@@ -44,7 +44,7 @@ class ModelSection:
 class TeacherSection:
     name: str | None = option(None, optional(STRING), "teacher model name (every method but ce)")
     checkpoint: str | None = option(None, optional(STRING), "our run folder, .safetensors, a RepDistiller/"
-                                    "mdistiller or torchvision .pth, or torchvision://IMAGENET1K_V1")
+                                    "mdistiller or torchvision .pth, torchvision://IMAGENET1K_V1 or timm://DEFAULT")
     allow_random: bool = option(False, BOOL, "tests only: distill from an untrained teacher")
 
 

@@ -46,10 +46,12 @@ def check_fits(model: nn.Module, sd: dict[str, torch.Tensor], *, role: str, path
 
 
 def load_model_weights(model: nn.Module, path: str | Path, *, role: str, name: str, data) -> nn.Module:
-    """Load ``path`` (our run/checkpoint folder, a ``.safetensors``, a foreign ``.pth``, or torchvision's
-    pretrained weights as ``torchvision://DEFAULT``) into ``model``."""
+    """Load ``path`` (our run/checkpoint folder, a ``.safetensors``, a foreign ``.pth``, torchvision's
+    pretrained weights as ``torchvision://DEFAULT`` or timm's as ``timm://DEFAULT``) into ``model``."""
     if str(path).startswith("torchvision://"):
         sd = models.torchvision_state_dict(name, str(path))
+    elif str(path).startswith("timm://"):
+        sd = models.timm_state_dict(name, str(path))
     elif not (path := Path(path).expanduser()).exists():
         raise BlockKDError(f"{role} checkpoint {path} does not exist")
     elif path.is_dir():

@@ -22,7 +22,7 @@ from ..registry import Registry, UnknownNameError
 from . import external, mobilenetv1, mobilenetv2, resnet_cifar, resnetv2, shufflenetv1, shufflenetv2, vgg, wrn
 
 __all__ = ["names", "create", "check_name", "register", "load_weights", "num_params", "read_state_dict",
-           "torchvision_state_dict", "prefixes"]
+           "torchvision_state_dict", "timm_state_dict", "prefixes"]
 
 Factory = Callable[..., nn.Module]  # fn(num_classes, in_channels) -> nn.Module
 _MODELS: Registry[Factory] = Registry("model")
@@ -34,6 +34,7 @@ def register(name: str) -> Callable[[Factory], Factory]:
 
 
 torchvision_state_dict = external.torchvision_state_dict
+timm_state_dict = external.timm_state_dict
 
 
 def names() -> list[str]:

@@ -4,7 +4,9 @@
 Why prefixes resolved on demand rather than registered names: torchvision has ~80 classification models
 and timm over a thousand; listing them would drown the zoo, and importing either library costs seconds,
 so a library is only imported when one of its names is used. Pretrained torchvision weights are named
-``torchvision://DEFAULT`` (or any tag of the model's weights enum, e.g. ``torchvision://IMAGENET1K_V1``).
+``torchvision://DEFAULT`` (or any tag of the model's weights enum, e.g. ``torchvision://IMAGENET1K_V1``);
+pretrained timm weights ``timm://DEFAULT`` (timm's default tag of the architecture) or ``timm://TAG`` (e.g.
+``timm://fb_in1k`` for ``timm.deit_small_patch16_224.fb_in1k``), fetched by timm from the Hugging Face hub.
 
 Hugging Face text classifiers (``AutoModelForSequenceClassification``, ``num_labels`` = the data's classes):
 ``hf.<hub id or local folder>`` loads the pretrained weights with ``from_pretrained`` (offline: a local folder,
@@ -26,6 +28,7 @@ FAMILIES = ("torchvision", "timm", "hf", "hf-config")
 TEXT_FAMILIES = ("hf", "hf-config")
 NLP_INSTALL = "pip install 'blockkd[nlp]'"
 WEIGHTS_SCHEME = "torchvision://"
+TIMM_SCHEME = "timm://"
 
 
 def family(name: str) -> str | None:
@@ -161,3 +164,38 @@ def torchvision_state_dict(name: str, spec: str) -> dict[str, torch.Tensor]:
         raise BlockKDError(f"cannot download the {name} weights {weights} ({type(e).__name__}: {e}); on a machine "
                            f"with internet access download {weights.url} and pass its path instead of {spec}, "
                            f"e.g. teacher.checkpoint=checkpoints/imagenet/{file}") from None
+
+
+def timm_state_dict(name: str, spec: str) -> dict[str, torch.Tensor]:
+    """The weights ``spec`` = ``timm://TAG`` of the timm model ``name``: ``timm.create_model(<name>.<TAG>,
+    pretrained=True)``'s state dict (downloaded from the Hugging Face hub, or read from its cache).
+
+    ``TAG`` ``DEFAULT`` (or empty) is timm's default tag for the architecture. Offline, the one-line error
+    names the hub file to fetch on a connected machine and the path to pass instead.
+    """
+    tag = spec[len(TIMM_SCHEME):]
+    tag = "" if tag in ("", "DEFAULT") else tag
+    if family(name) != "timm":
+        raise BlockKDError(f"{spec} names timm weights, but the model is {name!r}, not a timm.* model")
+    timm = _timm()
+    check(name)
+    base = name.split(".", 1)[1]
+    arch = f"{base}.{tag}" if tag else base
+    try:
+        pretrained = timm.models.get_pretrained_cfg(arch)
+    except RuntimeError:  # an unknown tag of a known architecture
+        pretrained = None
+    if pretrained is None:
+        tags = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{base}.*")]
+        raise BlockKDError(f"{name} has no pretrained weights {tag!r}; choose from DEFAULT"
+                           + "".join(f", {t}" for t in tags))
+    try:
+        return timm.create_model(arch, pretrained=True).state_dict()
+    except Exception as e:  # no connection, no cache, a broken download ...
+        hub = pretrained.hf_hub_id
+        where = (f"download https://huggingface.co/{hub}/resolve/main/model.safetensors" if hub
+                 else f"download {pretrained.url}" if pretrained.url else "get its weights")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise BlockKDError(f"cannot load the timm weights {arch} ({type(e).__name__}: {first}); on a machine "
+                           f"with internet access {where} and pass its path instead of {spec}, "
+                           f"e.g. teacher.checkpoint=checkpoints/imagenet/{base}.safetensors") from None
