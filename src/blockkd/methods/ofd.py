@@ -26,10 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..blocks import match
 from ..schema import choice, option
 from . import register
-from .base import Distiller
+from .feature import FeatureDistiller
 from .connectors import Connector
 from .kd import WEIGHT
 from .losses import cross_entropy
@@ -85,7 +84,7 @@ class OFDOptions:
 
 
 @register("ofd")
-class OFD(Distiller):
+class OFD(FeatureDistiller):
     """OFD: conv+BN connectors on pre-ReLU features, partial L2 to the teacher's, clipped at BN-derived margins.
 
     The margins are buffers (saved with the run); see the module docstring for the formula.
@@ -95,10 +94,9 @@ class OFD(Distiller):
     paper = "Heo et al., A Comprehensive Overhaul of Feature Distillation, ICCV 2019"
 
     def __init__(self, student, teacher, options=None, input_shape=(3, 32, 32)):
-        super().__init__(student, teacher, options, input_shape)
-        s_view, t_view = match(student, self.teacher, self.input_shape)
-        self._views = (s_view, t_view)  # plain tuple: the views share the models' modules
-        s_shapes, t_shapes = s_view.probe(self.input_shape), t_view.probe(self.input_shape)
+        super().__init__(student, teacher, options, input_shape)  # matched views, probed (FeatureDistiller)
+        s_view, t_view = self._views
+        s_shapes, t_shapes = self.student_shapes, self.teacher_shapes
         s_view.preact_points(self.input_shape)
         points = t_view.preact_points(self.input_shape)
         self.sizes = [tuple(min(a, b) for a, b in zip(s[1:], t[1:])) for s, t in zip(s_shapes, t_shapes)]

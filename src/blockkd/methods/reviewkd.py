@@ -22,10 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..blocks import match
 from ..schema import BOOL, integer, number, option
 from . import register
-from .base import Distiller
+from .feature import FeatureDistiller
 from .kd import WEIGHT
 from .losses import cross_entropy, linear_warmup
 
@@ -85,17 +84,16 @@ class ReviewKDOptions:
 
 
 @register("reviewkd")
-class ReviewKD(Distiller):
+class ReviewKD(FeatureDistiller):
     """ReviewKD: ABF fusion of the student's features, deepest first, matched to the teacher's by HCL."""
 
     Options = ReviewKDOptions
     paper = "Chen et al., Distilling Knowledge via Knowledge Review, CVPR 2021"
 
     def __init__(self, student, teacher, options=None, input_shape=(3, 32, 32)):
-        super().__init__(student, teacher, options, input_shape)
-        s_view, t_view = match(student, self.teacher, self.input_shape)
-        self._views = (s_view, t_view)  # plain tuple: the views share the models' modules
-        s_shapes, t_shapes = s_view.probe(self.input_shape), t_view.probe(self.input_shape)
+        super().__init__(student, teacher, options, input_shape)  # matched views, probed (FeatureDistiller)
+        s_view, t_view = self._views
+        s_shapes, t_shapes = self.student_shapes, self.teacher_shapes
         s_view.preact_points(self.input_shape)
         t_view.preact_points(self.input_shape)
         s_shapes = [*s_shapes, (s_shapes[-1][0], 1, 1)]
