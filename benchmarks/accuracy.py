@@ -1,11 +1,12 @@
 """Accuracy of every method on a folder of recipes (default Fashion-MNIST, real data), over several seeds.
 
     python benchmarks/accuracy.py [--recipes configs/fashion_mnist] [--seeds 0 1 2 3 4]
-                                  [--methods ce kd dkd blockkd blockkd-lite] [--epochs N] [--train-subset N]
-                                  [--val [N]] [--quick] [--out results/accuracy.json]
+                                  [--methods ce kd ... blockkd-lite] [--epochs N] [--train-subset N]
+                                  [--val [N]] [--jobs 2] [--append] [--quick] [--out results/accuracy.json]
 
 How, and why this way: every run is a plain ``blockkd.config.load`` of a recipe of ``--recipes`` (the
-teacher ``DIR/teacher.yaml``, the students ``DIR/<method>.yaml``) plus overrides, trained by
+teacher ``DIR/teacher.yaml``, the students ``DIR/<name>.yaml``: every other recipe there but the shared
+layers ``base``/``pair``, so a method with other options, such as ``kd-ls``, is an entry of its own) plus overrides, trained by
 ``blockkd.engine.train`` (no second training loop), so the numbers are those a user gets from the recipes.
 One teacher, trained once with the same data and schedule overrides and cached by ``blockkd.demo`` (keyed
 by its recipe's fingerprint), serves every student. Recipes naming files by relative paths (the
@@ -43,8 +44,8 @@ from blockkd.engine import runtime
 from blockkd.errors import BlockKDError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from students import (DEFAULTS, METHODS, QUICK, RUN_KEYS, overrides, pm, recipes_dir, run_student,  # noqa: E402
-                      train_or_reuse_teacher)
+from students import (DEFAULTS, QUICK, RUN_KEYS, entries_in, ordered, overrides, pm, recipes_dir,  # noqa: E402
+                      run_student, side_by_side, train_or_reuse_teacher)
 from common import (REPO, append_runs, fmt, machine_info, machine_line, markdown_table, mean_std,  # noqa: E402
                     plural, reproduce_line, section, text_table, write_json, write_text)
 
@@ -90,18 +91,45 @@ def setup_of(cfg: dict[str, Any], teacher: dict[str, Any], s: dict[str, Any]) ->
             "warmup_epochs": cfg["schedule"]["warmup_epochs"]}
 
 
+def ranked(report: dict[str, Any]) -> list[str]:
+    """The entries, best first: by mean last-epoch top-1 (the honest figure), ties by name."""
+    return sorted(report["methods"], key=lambda m: (-report["methods"][m]["last_top1"]["mean"], m))
+
+
 def table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The leaderboard: the teacher, then the students ranked by mean last-epoch top-1."""
     split = report["setup"]["split"]
-    header = ["model", "method", "seeds", f"{split} top-1, last epoch", f"{split} top-1, best epoch (optimistic)",
-              "gain vs ce (last)", "time/run"]
+    header = ["rank", "model", "method", "seeds", f"{split} top-1, last epoch",
+              f"{split} top-1, best epoch (optimistic)", "gain vs ce (last)", "time/run"]
     t = report["teacher"]
-    rows = [[t["model"], "teacher (ce)", 1, fmt(t["last_top1"]), fmt(t["best_top1"]), "",
+    rows = [["", t["model"], "teacher (ce)", 1, fmt(t["last_top1"]), fmt(t["best_top1"]), "",
              duration(t["wall_time_s"]) if t.get("wall_time_s") else ""]]
-    for m, v in report["methods"].items():
-        rows.append([report["setup"]["student"], m, len(v["seeds"]), pm(v["last_top1"]), pm(v["best_top1"]),
+    for rank, m in enumerate(ranked(report), 1):
+        v = report["methods"][m]
+        rows.append([rank, report["setup"]["student"], m, len(v["seeds"]), pm(v["last_top1"]), pm(v["best_top1"]),
                      "" if v["gain_vs_ce"] is None else f"{v['gain_vs_ce']:+.2f}",
                      duration(v["wall_time_s"]["mean"])])
     return header, rows
+
+
+def place_line(report: dict[str, Any], entry: str = "blockkd") -> str:
+    """Where ``entry`` stands, said plainly: its rank, and its distance to the best other entry against the
+    larger of the two standard deviations (the issue's bar for "above": more than that)."""
+    res = report["methods"]
+    if entry not in res or len(res) < 2:
+        return ""
+    order = ranked(report)
+    best = next(m for m in order if m != entry)
+    said = [f"**{entry} ranks {order.index(entry) + 1} of {len(order)}** (mean last-epoch top-1)."]
+    for other, who in ((best, f"the best other entry, {best}"), ("dkd", "dkd")):
+        if other not in res or (other == "dkd" and best == "dkd" and len(said) > 1):
+            continue
+        me, them = res[entry]["last_top1"], res[other]["last_top1"]
+        gap, noise = me["mean"] - them["mean"], max(me["std"], them["std"])
+        verdict = ("above it by more than the larger std" if gap > noise else "below it by more than the larger "
+                   "std" if gap < -noise else "within the larger std of it")
+        said.append(f"Against {who}: {gap:+.2f} points, larger std {noise:.2f}, so {verdict}.")
+    return " ".join(said)
 
 
 def duration(seconds: float) -> str:
@@ -129,7 +157,7 @@ def setup_line(report: dict[str, Any]) -> str:
 def plot(report: dict[str, Any], path: Path) -> Path:
     """Left: last/best top-1 per method with ±std error bars; right: mean top-1 per epoch (±std band)."""
     split, res = report["setup"]["split"], report["methods"]
-    fig = Figure(figsize=(12, 4.2), layout="constrained")
+    fig = Figure(figsize=(max(12, 0.75 * len(res) + 7), 4.2), layout="constrained")  # room for every name
     FigureCanvasAgg(fig)
     ax_bar, ax_curve = fig.subplots(1, 2, width_ratios=[1, 1.3])
     names = list(res)
@@ -143,7 +171,7 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     teacher = report["teacher"]["last_top1"]
     ax_bar.set_ylim(max(0.0, min(lows) - 2), min(100.0, max(highs + [teacher]) + 1.5))  # zoomed: differences are small
     ax_bar.axhline(teacher, color="grey", ls="--", lw=1, label=f"teacher {teacher:.2f}")
-    ax_bar.set_xticks(list(xs), names)
+    ax_bar.set_xticks(list(xs), names, rotation=45 if len(names) > 7 else 0, ha="right" if len(names) > 7 else "center")
     ax_bar.set_ylabel(f"{split} top-1 (%), mean ± std over seeds")
     ax_bar.legend(fontsize=7, loc="best")
     for m in names:
@@ -174,7 +202,7 @@ def render_markdown(report: dict[str, Any], png: Path) -> str:
     except ValueError:
         image = png.name
     return section(f"Accuracy ({report['setup'].get('title', 'Fashion-MNIST')})", [
-        setup_line(report), markdown_table(*table(report)), f"![accuracy per method]({image})",
+        setup_line(report), markdown_table(*table(report)), place_line(report), f"![accuracy per method]({image})",
         f"Machine: {machine_line(report['machine'])}; {report['minutes']:.0f} min in all. "
         + reproduce_line(report["invocations"])])
 
@@ -207,13 +235,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--recipes", metavar="DIR", help="folder of the recipes: DIR/teacher.yaml and DIR/<method>.yaml "
                    "(default configs/fashion_mnist)")
     p.add_argument("--seeds", nargs="+", type=int, help="training seeds (default 0 1 2 3 4)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, help="methods (default: all those with a recipe in "
-                   "DIR; ce gives the baseline)")
+    p.add_argument("--methods", nargs="+", metavar="NAME", help="student recipes DIR/NAME.yaml to run (default: "
+                   "all of DIR's; ce gives the baseline)")
     p.add_argument("--epochs", type=int, help="students' epochs (default: the recipes'; the teacher keeps its own)")
     p.add_argument("--train-subset", type=int, help="train on this many samples, 0 = all (default: the recipes')")
     p.add_argument("--val", type=int, nargs="?", const=10000, default=0, metavar="N",
                    help="evaluate on N samples held out from the training set (default N 10000), not the test split")
     p.add_argument("--device", help="train.device of every run (default: the recipes' auto)")
+    p.add_argument("--jobs", type=int, default=1, help="trainings side by side, each on cores/jobs torch threads "
+                   "(default 1; 2 finishes the small CPU models sooner, with the same results up to the "
+                   "processor's arithmetic)")
     p.add_argument("--append", action="store_true", help="keep the runs already in --out for other methods or seeds "
                    "(same teacher and overrides) and report all of them")
     p.add_argument("--quick", action="store_true", help="tiny subset, 1 epoch, 1 seed, ce and blockkd: the smoke test")
@@ -230,8 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         folder = recipe_folder(args.recipes)
-        if args.methods is None:  # all the methods this folder has recipes for
-            s["methods"] = [m for m in s["methods"] if (folder / f"{m}.yaml").is_file()]
+        if args.methods is None and not args.quick:  # every student recipe of the folder
+            s["methods"] = entries_in(folder)
         missing = [m for m in s["methods"] if not (folder / f"{m}.yaml").is_file()]
         if missing or not s["methods"]:
             raise BlockKDError(f"{shown(folder)} has no recipe for {', '.join(missing) or 'any method'} "
@@ -242,15 +273,17 @@ def main(argv: list[str] | None = None) -> int:
         if before and (before["teacher"]["run_dir"] != str(teacher_dir) or before["setup"]["overrides"] != extra
                        or before["setup"].get("recipes", "configs/fashion_mnist") != shown(folder)):
             raise BlockKDError(f"--append: {out} was made with another teacher, other overrides or other recipes")
+        # Side-by-side runs print one line per epoch, no live bars (not a setting: --append mixes both).
+        quiet = ["output.progress=false"] if args.jobs > 1 else []
         recipes: dict[str, dict[str, Any]] = {}
         results = []
-        for seed in s["seeds"]:
-            for method in s["methods"]:
-                cfg, result = run_student(folder, method, seed, extra, teacher_dir, runs_dir)
-                result["fingerprint"] = config.fingerprint(cfg, ignore=RUN_KEYS)
-                recipes.setdefault(method, {"file": shown(folder / f"{method}.yaml"),
-                                            "fingerprint": result["fingerprint"], "config": cfg})
-                results.append(result)
+        calls = [(folder, method, seed, extra + quiet, teacher_dir, runs_dir)
+                 for seed in s["seeds"] for method in s["methods"]]
+        for (_, method, *_), (cfg, result) in zip(calls, side_by_side(run_student, calls, args.jobs)):
+            result["fingerprint"] = config.fingerprint(cfg, ignore=RUN_KEYS)
+            recipes.setdefault(method, {"file": shown(folder / f"{method}.yaml"),
+                                        "fingerprint": result["fingerprint"], "config": cfg})
+            results.append(result)
     except BlockKDError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -259,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     if before:  # keep the earlier runs of other (method, seed) pairs
         results, invocations = append_runs(before, results, invocations, key=lambda r: (r["method"], r["seed"]))
         recipes = {**before["recipes"], **recipes}
-        s["methods"] = [m for m in METHODS if m in recipes]
+        s["methods"] = ordered(recipes)
         s["seeds"] = sorted({r["seed"] for r in results})
     first = next(iter(recipes.values()))["config"]
     report: dict[str, Any] = {

@@ -5,15 +5,24 @@ Why a module of its own: both benchmarks train the same recipes the same way (th
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import multiprocessing
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from blockkd import config, methods
 from blockkd.demo import recipes_dir, train_or_reuse_teacher  # noqa: F401  (re-exported for the scripts)
 from blockkd.engine import train
 
 METHODS = ["ce", "kd", "dkd", "blockkd", "blockkd-lite"]
+# The order of a leaderboard's entries (a recipe's name: a method, or a method with options such as kd-ls):
+# the student alone, logit methods, feature and relation methods, Block-KD. Recipes not named here follow,
+# sorted.
+ORDER = ["ce", "kd", "kd-ls", "dkd", "dkd-ls", "dist", "fitnet", "at", "sp", "rkd", "pkt", "nst", "kdsvd", "vid",
+         "crd", "ofd", "reviewkd", "blockkd", "blockkd-lite"]
+NOT_STUDENTS = {"base", "pair", "teacher"}  # the recipe folders' shared layers, not entries
 # epochs / train_subset None: the recipes' own (configs/fashion_mnist/base.yaml).
 DEFAULTS: dict[str, Any] = {"seeds": [0, 1, 2, 3, 4], "methods": METHODS, "epochs": None, "train_subset": None}
 # --quick: the whole pipeline in seconds (the smoke test); add --val N to keep evaluation small too.
@@ -37,6 +46,36 @@ def overrides(s: dict[str, Any], quick: bool) -> tuple[list[str], list[str]]:
     return teacher, students
 
 
+def entries_in(folder: Path) -> list[str]:
+    """The student recipes of ``folder`` (``<name>.yaml`` but the shared layers), in leaderboard order."""
+    return ordered(p.stem for p in folder.glob("*.yaml") if p.stem not in NOT_STUDENTS)
+
+
+def ordered(names) -> list[str]:
+    names = set(names)
+    return [n for n in ORDER if n in names] + sorted(names - set(ORDER))
+
+
+def side_by_side(fn: Callable[..., Any], calls: list[tuple], jobs: int, threads: int | None = None) -> list[Any]:
+    """``[fn(*c) for c in calls]``, ``jobs`` at a time in fresh processes of ``threads`` torch threads each
+    (default: cores / jobs). Why: the small CPU models use two cores poorly, two runs side by side finish
+    sooner than one after the other. ``jobs`` 1 runs here, in order, with the caller's threads."""
+    if jobs <= 1:
+        return [(_with_threads(threads, fn, c) if threads else fn(*c)) for c in calls]
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no thread pools inherited by a fork
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+        futures = [pool.submit(_with_threads, threads, fn, c) for c in calls]
+        return [f.result() for f in futures]
+
+
+def _with_threads(threads: int, fn: Callable[..., Any], args: tuple) -> Any:
+    import torch
+
+    torch.set_num_threads(threads)
+    return fn(*args)
+
+
 def history_of(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -44,10 +83,11 @@ def history_of(run_dir: str | Path) -> list[dict[str, Any]]:
 
 def run_student(folder: Path, method: str, seed: int, extra: list[str], teacher_dir: Path, runs: Path,
                 name: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Train ``method`` with ``seed``; returns (its resolved config, its per-run result).
+    """Train the recipe ``folder/<method>.yaml`` with ``seed``; returns (its resolved config, its per-run
+    result). ``method`` is the recipe's name (kd-ls is the kd method with options).
 
-    ``name`` (default: the method) names the run folder ``<name>-seed<seed>`` under ``runs``."""
-    uses_teacher = methods.needs_teacher(method)
+    ``name`` (default: the recipe's) names the run folder ``<name>-seed<seed>`` under ``runs``."""
+    uses_teacher = methods.needs_teacher(config.load(folder / f"{method}.yaml", extra).method.name)
     cfg = config.load(folder / f"{method}.yaml", extra + [
         f"train.seed={seed}", f"output.dir={runs}", f"output.name={name or method}-seed{seed}",
         *([f"teacher.checkpoint={teacher_dir}"] if uses_teacher else [])])

@@ -1,4 +1,5 @@
-"""Block-KD's open choices on a validation split: weights, temperature, connector, ensemble gradient.
+"""Block-KD's open choices on a validation split (weights, temperature, connector, ensemble gradient, sampling)
+and each baseline's distillation weight (``DISTILL_WEIGHT``: the recipe's value, half and twice it).
 
     python benchmarks/tune.py [--variants NAME ...] [--seeds 0] [--jobs 2] [--val 10000] [--quick]
                               [--out results/tuning.json]
@@ -15,9 +16,7 @@ Outputs: a table on stdout (sorted by last-epoch val top-1), ``--out`` (JSON) an
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
-import multiprocessing
 import os
 import shlex
 import sys
@@ -27,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import students  # noqa: E402
-from blockkd import methods  # noqa: E402
+from blockkd import config, methods  # noqa: E402
 from blockkd.engine import runtime  # noqa: E402
 from blockkd.errors import BlockKDError  # noqa: E402
 from common import (append_runs, machine_info, machine_line, markdown_table, mean_std, reproduce_line,  # noqa: E402
@@ -77,9 +76,29 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                                                         "alpha": 1.0, "beta": 1.0, "gamma": 0.0}),
     "blockkd-lite split conv3x3_bn dkd": ("blockkd-lite", {"connector": "conv3x3_bn", "divergence": "dkd",
                                                            "dkd_beta": 2.0}),
+    "blockkd-lite split weights": ("blockkd-lite", {"split_shares": "weights"}),
+    "blockkd-lite split weights conv3x3_bn": ("blockkd-lite", {"split_shares": "weights", "connector": "conv3x3_bn"}),
     "kd ls": ("kd", {"logit_standardization": True, "temperature": 2.0, "kd_weight": 9.0}),
     "dkd ls": ("dkd", {"logit_standardization": True}),
 }
+# The baselines' one hyper-parameter each (issue 12: every method's chosen on the validation split, as
+# Block-KD's were): the weight of its distillation term, at the recipe's value (the published one) and at half
+# and twice it. Variant "<method>" is the recipe as it is; "<method> <key> x0.5" / "x2" change that one key.
+DISTILL_WEIGHT = {"dist": "beta", "fitnet": "feat_weight", "at": "feat_weight", "sp": "feat_weight",
+                  "rkd": "feat_weight", "pkt": "feat_weight", "nst": "feat_weight", "kdsvd": "feat_weight",
+                  "vid": "weight", "crd": "weight", "ofd": "feat_weight", "reviewkd": "weight"}
+
+
+def weight_variants() -> dict[str, tuple[str, dict[str, Any]]]:
+    out: dict[str, tuple[str, dict[str, Any]]] = {}
+    for method, key in DISTILL_WEIGHT.items():
+        value = getattr(config.load(students.recipes_dir() / f"{method}.yaml").method.options, key)
+        out[method] = (method, {})
+        out.update({f"{method} {key} x{f:g}": (method, {key: value * f}) for f in (0.5, 2.0)})
+    return out
+
+
+VARIANTS.update(weight_variants())
 QUICK: dict[str, Any] = {"variants": ["kd", "blockkd", "blockkd T 2"], "seeds": [0], "val": 300}
 
 
@@ -91,11 +110,8 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
 
-def run_variant(name: str, seed: int, extra: list[str], teacher_dir: str, runs: str, threads: int) -> dict[str, Any]:
+def run_variant(name: str, seed: int, extra: list[str], teacher_dir: str, runs: str) -> dict[str, Any]:
     """One training (in a worker process): the variant's recipe with ``seed``; its per-run result."""
-    import torch
-
-    torch.set_num_threads(threads)
     method, options = VARIANTS[name]
     if method.startswith("blockkd"):  # relative to the method's defaults: the recipe's connector came from this sweep
         options = {"connector": methods.defaults(method)["connector"], **options}
@@ -172,11 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     jobs = max(1, min(args.jobs, len(names) * len(seeds)))
     threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
-    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no thread pools inherited by a fork
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
-        futures = [pool.submit(run_variant, n, seed, extra, str(teacher_dir), str(runs), threads)
-                   for seed in seeds for n in names]
-        results = [f.result() for f in futures]
+    results = students.side_by_side(run_variant, [(n, seed, extra, str(teacher_dir), str(runs))
+                                                  for seed in seeds for n in names], jobs, threads)
     command = shlex.join(["python", "benchmarks/tune.py", *(sys.argv[1:] if argv is None else argv)])
     invocations = [{"command": command, "minutes": (time.perf_counter() - started) / 60,
                     "date": machine_info()["date"]}]

@@ -143,22 +143,36 @@ def test_accuracy_report(runs):
 
 
 def test_accuracy_append_adds_methods_and_refuses_other_settings(runs, tmp_path):
-    """--append keeps the earlier runs and adds the new method; a different setting is refused."""
+    """--append keeps the earlier runs and adds the new entries, in leaderboard order (kd-ls: a recipe of the kd
+    method with options, an entry of its own), here two side by side; a different setting is refused."""
     folder, _ = runs["accuracy"]
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "accuracy.json").write_text((folder / "accuracy.json").read_text())
     before = json.loads((folder / "accuracy.json").read_text())
     env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(folder.parent / "cache")}  # the cached teacher
     base = [sys.executable, str(BENCH / "accuracy.py"), "--quick", "--val", "300", "--append", "--out", "out/accuracy.json"]
-    proc = subprocess.run(base + ["--methods", "kd"], cwd=tmp_path, env=env, text=True, capture_output=True, timeout=240)
+    proc = subprocess.run(base + ["--methods", "kd-ls", "kd", "--jobs", "2"], cwd=tmp_path, env=env, text=True,
+                          capture_output=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     after = json.loads((tmp_path / "out" / "accuracy.json").read_text())
-    assert after["setup"]["methods"] == ["ce", "kd", "blockkd"] and set(after["recipes"]) == {"ce", "kd", "blockkd"}
-    assert [r for r in after["runs"] if r["method"] != "kd"] == before["runs"]
+    assert after["setup"]["methods"] == ["ce", "kd", "kd-ls", "blockkd"]
+    assert set(after["recipes"]) == {"ce", "kd", "kd-ls", "blockkd"}
+    kd_ls = after["recipes"]["kd-ls"]["config"]["method"]
+    assert kd_ls["name"] == "kd" and kd_ls["options"]["logit_standardization"] is True
+    assert after["recipes"]["kd"]["config"]["method"]["options"]["logit_standardization"] is False
+    assert [r for r in after["runs"] if r["method"] not in ("kd", "kd-ls")] == before["runs"]
     assert after["methods"]["kd"]["gain_vs_ce"] == approx(after["methods"]["kd"]["last_top1"]["mean"]
                                                            - before["methods"]["ce"]["last_top1"]["mean"])
-    assert len(after["invocations"]) == 2 and "--append --out out/accuracy.json --methods kd" in after["invocations"][1]["command"]
-    assert "| resnet8 | kd | 1 |" in (tmp_path / "out" / "accuracy.md").read_text()
+    assert len(after["invocations"]) == 2
+    assert "--append --out out/accuracy.json --methods kd-ls kd --jobs 2" in after["invocations"][1]["command"]
+    md = (tmp_path / "out" / "accuracy.md").read_text()
+    assert "| resnet8 | kd | 1 |" in md and "| resnet8 | kd-ls | 1 |" in md
+    ranks = {m: int(line.split("|")[1]) for line in md.splitlines() for m in after["methods"]
+             if line.startswith("| ") and f"| resnet8 | {m} |" in line}
+    assert sorted(ranks.values()) == [1, 2, 3, 4]  # ranked by mean last-epoch top-1, best first
+    by_score = sorted(after["methods"], key=lambda m: (-after["methods"][m]["last_top1"]["mean"], m))  # ties: by name
+    assert ranks[by_score[0]] == 1 and ranks[by_score[-1]] == 4
+    assert f"**blockkd ranks {ranks['blockkd']} of 4**" in md
     proc = subprocess.run(base + ["--methods", "kd", "--epochs", "2"], cwd=tmp_path, env=env, text=True,
                           capture_output=True, timeout=240)
     assert proc.returncode == 2 and "another teacher, other overrides or other recipes" in proc.stderr

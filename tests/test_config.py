@@ -114,6 +114,13 @@ def test_fashion_mnist_recipes_share_one_pair():
         if method != "ce":
             assert cfg["teacher"]["name"] == teacher["model"]["name"]
             assert cfg["teacher"]["checkpoint"] == f"{teacher['output']['dir']}/{teacher['output']['name']}"
+    # The LS entries of the leaderboard: kd / dkd recipes with logit standardisation, else as their base.
+    for entry, method in (("kd-ls", "kd"), ("dkd-ls", "dkd")):
+        ls = config.load(CONFIGS / f"fashion_mnist/{entry}.yaml")
+        base = config.load(CONFIGS / f"fashion_mnist/{method}.yaml")
+        assert ls["method"]["name"] == method and ls["method"]["options"]["logit_standardization"] is True
+        assert {k: v for k, v in ls.to_dict().items() if k != "method"} == {
+            k: v for k, v in base.to_dict().items() if k != "method"}
 
 
 def test_docs_reference_is_generated_from_the_declarations():

@@ -400,6 +400,23 @@ def test_split_shares_are_disjoint_and_cover_the_batch(size):
     assert len(draws) > 1  # random
 
 
+@pytest.mark.parametrize("size", [128, 7, 3])
+def test_split_shares_by_weight(size):
+    """split_shares: weights gives stone i about size·w_i/Σw samples (w = 1/4, 1/2, 1 on three blocks): the
+    largest-remainder rounding, summing to the batch, still disjoint, covering and random."""
+    d = make("blockkd-lite", split_shares="weights")
+    w = d.stone_weights
+    assert w == [0.25, 0.5, 1.0]
+    sizes = d.share_sizes(size)
+    assert sum(sizes) == size and all(abs(s - size * wi / sum(w)) < 1 for s, wi in zip(sizes, w))
+    assert sizes == {128: [18, 37, 73], 7: [1, 2, 4], 3: [0, 1, 2]}[size]
+    for _ in range(3):
+        shares = d.split_batch(size)
+        assert [len(s) for s in shares] == sizes
+        assert torch.equal(torch.cat(shares).sort().values, torch.arange(size))
+    assert make("blockkd-lite").share_sizes(128) == [43, 43, 42]  # equal: the default
+
+
 @pytest.mark.parametrize("batched", [True, False])
 def test_split_stones_equal_the_full_path_per_sample(batched):
     """The teacher is in eval mode: a stone's logits on its share are its full-batch logits on those samples
@@ -417,16 +434,19 @@ def test_split_stones_equal_the_full_path_per_sample(batched):
 
 def _with_shares(d, perm):
     """Make ``d.split_batch`` return the shares of the permutation ``perm``."""
-    d.split_batch = lambda b, device="cpu": list(torch.tensor(perm).tensor_split(d.num_blocks))
+    d.split_batch = lambda b, device="cpu": list(torch.tensor(perm).split(d.share_sizes(b)))
 
 
-@pytest.mark.parametrize("divergence", ["kl", "dkd"])
-def test_split_objective_is_unbiased_and_its_cross_term_exact(divergence):
-    """Over every permutation of a batch of 4 (shares of 2, 1, 1), the stones' task and distill terms average
-    to the full objective's; each draw's L_cross is d(Y^S, Ŷ) with Ŷ_j the logits of the stone that saw j."""
+@pytest.mark.parametrize("divergence,shares", [("kl", "equal"), ("dkd", "equal"), ("kl", "weights")])
+def test_split_objective_is_unbiased_and_its_cross_term_exact(divergence, shares):
+    """Over every permutation of a batch of 4 (shares of 2, 1, 1; by weight 1, 1, 2), the stones' task and
+    distill terms average to the full objective's; each draw's L_cross is d(Y^S, Ŷ) with Ŷ_j the logits of the
+    stone that saw j."""
     import itertools
     opts = dict(divergence=divergence, logit_standardization=True, gamma=0.5, dkd_beta=2.0)
-    split = make("blockkd-lite", **opts)
+    split = make("blockkd-lite", split_shares=shares, **opts)
+    sizes = {"equal": [2, 1, 1], "weights": [1, 1, 2]}[shares]
+    assert split.share_sizes(4) == sizes
     full = make("blockkd", **opts)
     full.load_state_dict(split.state_dict())
     split.eval(), full.eval()  # per-sample: eval-mode BN everywhere
@@ -444,13 +464,13 @@ def test_split_objective_is_unbiased_and_its_cross_term_exact(divergence):
                 sums[k] += got[k].item() / len(perms)
             for k in ("loss_task_student", "loss_distill_student"):
                 assert got[k].item() == pytest.approx(ref[k].item(), rel=1e-5)
-            owner = {j: i for i, share in enumerate(torch.tensor(perm).tensor_split(3)) for j in share.tolist()}
+            owner = {j: i for i, share in enumerate(torch.tensor(perm).split(sizes)) for j in share.tolist()}
             hat = torch.stack([stones[owner[j]][j] for j in range(4)])
             assert got["loss_cross"].item() == pytest.approx(0.5 * split.divergence(s_logits, hat, y).item(), rel=1e-5)
         assert sums["loss_task_stones"] == pytest.approx(ref["loss_task_stones"].item(), rel=1e-5)
         assert sums["loss_distill_stones"] == pytest.approx(ref["loss_distill_stones"].item(), rel=1e-5)
-        # E[L_cross] = Σ_i P(j in share i) · d(Y^S, Y^{N_i}): shares of 2, 1, 1 out of 4.
-        expected = sum(p * split.divergence(s_logits, z, y).item() for p, z in zip([0.5, 0.25, 0.25], stones))
+        # E[L_cross] = Σ_i P(j in share i) · d(Y^S, Y^{N_i}) = Σ_i (b_i / 4) · d(Y^S, Y^{N_i}).
+        expected = sum(b / 4 * split.divergence(s_logits, z, y).item() for b, z in zip(sizes, stones))
         assert sums["loss_cross"] == pytest.approx(0.5 * expected, rel=1e-5)
 
 

@@ -44,7 +44,8 @@ def _overrides(args) -> list[str]:
 def train_or_reuse_teacher(folder: Path, extra: list[str]) -> tuple[Path, dict]:
     """Train the teacher once per distinct recipe; later demos reuse it from the cache."""
     cfg = config.load(folder / "teacher.yaml", extra)
-    key = config.fingerprint(cfg, ignore=("output", "train.device"))
+    # Keys that cannot change the teacher's weights do not make another teacher (diagnostics: logging only).
+    key = config.fingerprint(cfg, ignore=("output", "train.device", "train.diagnostics_every"))
     run = cache_home() / "demo" / f"teacher-{key}"
     cfg = cfg.replace(output=dataclasses.replace(cfg.output, dir=str(run.parent), name=run.name))
     summary_file = run / "summary.json"

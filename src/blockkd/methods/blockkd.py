@@ -31,14 +31,17 @@ Which stones run each step (``stones_per_step``, ``sampling``):
   expected task/distill sums are the full ones (:meth:`BlockKD.pick_stones`); the ensemble is the mean of
   the drawn stones and the Σ_i of L_cross is scaled by n/k.
 - ``sampling: split`` (``stones_per_step`` must be null): every stone runs every step, each on its own
-  random share of the batch (a random permutation cut into n near-equal parts, :meth:`BlockKD.split_batch`),
-  so the stones together cost about one stone on the whole batch. The teacher's blocks are in eval mode, so
+  random share of the batch (a random permutation cut into n parts, :meth:`BlockKD.split_batch`): near-equal
+  parts (``split_shares: equal``), so the stones together cost about one stone on the whole batch, or
+  parts ∝ w_i (``split_shares: weights``), so most samples go to the deep stones, whose teacher suffix is
+  short, and the stones cost about half as much again. The teacher's blocks are in eval mode, so
   a sample's stone logits do not depend on which other samples share its batch (the connector's BN in train
   mode does: it normalises with its share's statistics). Each stone's task and distill term is the mean over
   its share, an unbiased estimate of its full-batch term, with the weight w_i unchanged. L_cross: no stone
   sees the whole batch, so there is no per-sample ensemble of n stones; each sample's "ensemble" is the one
   stone that saw it, Ŷ_j = Y^{N_s(j)}_j, and L_cross = d(Y^S, Ŷ) over the whole batch (the stones' own terms
-  d(Y^{N_i}, Ŷ) are identically 0 and omitted). Its expectation is (1/n) Σ_i d(Y^S, Y^{N_i}): the student is
+  d(Y^{N_i}, Ŷ) are identically 0 and omitted). Its expectation is Σ_i (b_i/b)·d(Y^S, Y^{N_i}) for shares of
+  b_i of the b samples (1/n each when equal): the student is
   pulled towards each stone on that stone's samples, as with one stone per step, where the ensemble of the
   one drawn stone gives the same cross term. With a batch smaller than n, the stones left without samples
   skip that step.
@@ -68,6 +71,7 @@ from .kd import TEMPERATURE, WEIGHT
 from .losses import cross_entropy, linear_warmup
 
 SAMPLINGS = ("weighted", "uniform", "split")
+SPLIT_SHARES = ("equal", "weights")
 CONNECTOR_INITS = ("default", "teacher_stats")
 
 
@@ -101,6 +105,9 @@ class BlockKDOptions:
     sampling: str = option("weighted", choice(*SAMPLINGS), "with stones_per_step k: draw the k stones ∝ w_i "
                            "(weighted) or uniformly; split: every stone every step, each on its own random "
                            "1/n share of the batch")
+    split_shares: str = option("equal", choice(*SPLIT_SHARES), "sampling split: each stone's share of the batch, "
+                               "equal (1/n each) or ∝ its weight w_i (the deep, cheap stones get more samples; "
+                               "about half the stones' cost on 3 blocks)")
     batched_stones: bool = option(True, BOOL, "stones crossing the same teacher block run there as one batch")
     stone_warmup: float = option(0.0, number(0), "epochs over which the stones' terms and L_cross ramp up "
                                  "linearly from 0")
@@ -237,12 +244,27 @@ class BlockKD(Distiller):
     def split_batch(self, batch_size: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
         """``split`` sampling: the sample indices of each stone, one tensor per stone (1..n in order).
 
-        A uniformly random permutation of the batch cut into n parts whose sizes differ by at most one
-        (the first ``batch_size % n`` parts get the extra sample): the parts are disjoint, cover the batch,
+        A uniformly random permutation of the batch cut into n parts: the parts are disjoint, cover the batch,
         and each is a uniformly random subset of its size, so a mean over it is unbiased for the batch's.
-        Drawn from torch's CPU generator (reproducible under ``torch.manual_seed``, as ``pick_stones``).
+        Sizes (:meth:`share_sizes`): near-equal, or ∝ w_i with ``split_shares: weights``. Drawn from torch's
+        CPU generator (reproducible under ``torch.manual_seed``, as ``pick_stones``).
         """
-        return list(torch.randperm(batch_size).to(device).tensor_split(self.num_blocks))
+        return list(torch.randperm(batch_size).to(device).split(self.share_sizes(batch_size)))
+
+    def share_sizes(self, batch_size: int) -> list[int]:
+        """How many samples each stone gets under ``split``: sizes differing by at most one (the first
+        ``batch_size % n`` stones get the extra sample), or, with ``split_shares: weights``, the largest-
+        remainder rounding of batch_size·w_i/Σw (sum exactly batch_size; ties to the deeper stone)."""
+        n = self.num_blocks
+        if self.opts.split_shares == "equal":
+            return [batch_size // n + (i < batch_size % n) for i in range(n)]
+        w = self.stone_weights
+        exact = [batch_size * wi / sum(w) for wi in w]
+        sizes = [math.floor(e) for e in exact]
+        by_remainder = sorted(range(n), key=lambda i: (exact[i] - sizes[i], i), reverse=True)
+        for i in by_remainder[:batch_size - sum(sizes)]:
+            sizes[i] += 1
+        return sizes
 
     # -- objective ---------------------------------------------------------------------------------
     def _stone_terms(self, logits, stone_logits, t_logits, y):
