@@ -151,6 +151,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), metavar="NAME",
                    help="variants to run (default all): " + "; ".join(VARIANTS))
+    p.add_argument("--weights-of", nargs="+", choices=[*DISTILL_WEIGHT, "all"], metavar="METHOD",
+                   help="add each METHOD's three distillation-weight variants (x0.5, recipe, x2); all: every "
+                   "baseline of DISTILL_WEIGHT")
     p.add_argument("--seeds", nargs="+", type=int, help="training seeds (default 0)")
     p.add_argument("--val", type=int, help="images held out from the training set for evaluation (default 10000)")
     p.add_argument("--epochs", type=int, help="students' epochs (default: the recipes')")
@@ -172,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         print(render(json.loads(out.read_text()), out)[1])
         return 0
     quick = QUICK if args.quick else {}
-    names = args.variants or quick.get("variants") or list(VARIANTS)
+    weighed = [] if not args.weights_of else list(DISTILL_WEIGHT) if "all" in args.weights_of else args.weights_of
+    names = [*(args.variants or []), *(n for m in weighed for n in VARIANTS if VARIANTS[n][0] == m)]
+    names = names or quick.get("variants") or list(VARIANTS)
     seeds = args.seeds or quick.get("seeds") or [0]
     val = args.val or quick.get("val") or 10000
     s = {**students.DEFAULTS, **(students.QUICK if args.quick else {}), "val": val, "device": None}

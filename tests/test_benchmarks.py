@@ -236,14 +236,21 @@ def test_tuning_report(tmp_path):
     md = (tmp_path / "out" / "tuning.md").read_text()
     assert md.startswith("### Tuning Block-KD") and "| blockkd T 2 | temperature=2.0 | 1 |" in md
 
-    # --append: a second seed of kd joins the first run's results; the rest is kept as it was.
-    proc = subprocess.run([sys.executable, str(BENCH / "tune.py"), "--quick", "--append", "--variants", "kd", "--seeds",
-                           "1", "--out", "out/tuning.json"], cwd=tmp_path, env=env, text=True, capture_output=True,
-                          timeout=240)
+    # --append: a second seed of kd joins the first run's results; the rest is kept as it was. --weights-of pkt
+    # adds PKT at its recipe's distillation weight, half and twice it.
+    proc = subprocess.run([sys.executable, str(BENCH / "tune.py"), "--quick", "--append", "--variants", "kd",
+                           "--weights-of", "pkt", "--seeds", "1", "--out", "out/tuning.json"], cwd=tmp_path, env=env,
+                          text=True, capture_output=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     merged = json.loads((tmp_path / "out" / "tuning.json").read_text())
     assert [i["command"].split("tune.py ")[1] for i in merged["invocations"]] == [
-        "--quick --jobs 2 --out out/tuning.json", "--quick --append --variants kd --seeds 1 --out out/tuning.json"]
+        "--quick --jobs 2 --out out/tuning.json",
+        "--quick --append --variants kd --weights-of pkt --seeds 1 --out out/tuning.json"]
+    recipe = config.load(ROOT / "configs/fashion_mnist/pkt.yaml")["method"]["options"]["feat_weight"]
+    pkt = {r["variant"]: config.load(tmp_path / r["run_dir"] / "config.yaml")["method"]
+           for r in merged["runs"] if r["variant"].startswith("pkt")}
+    assert {k: (m["name"], m["options"]["feat_weight"]) for k, m in pkt.items()} == {
+        "pkt": ("pkt", recipe), "pkt feat_weight x0.5": ("pkt", recipe / 2), "pkt feat_weight x2": ("pkt", recipe * 2)}
     assert merged["variants"]["kd"]["seeds"] == [0, 1]
     assert merged["variants"]["blockkd T 2"]["last_top1"] == variants["blockkd T 2"]["last_top1"]
     kd_runs = [r["last_top1"] for r in merged["runs"] if r["variant"] == "kd"]

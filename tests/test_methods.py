@@ -388,7 +388,7 @@ def test_diagnostics_of_a_silenced_stone_are_zero(silenced):
 # ----------------------------------------------------------------------------------------- split sampling
 @pytest.mark.parametrize("size", [8, 7, 3, 2])
 def test_split_shares_are_disjoint_and_cover_the_batch(size):
-    d = make("blockkd-lite")
+    d = make("blockkd-lite", split_shares="equal")
     assert (d.opts.sampling, d.opts.stones_per_step) == ("split", None)
     for _ in range(5):
         shares = d.split_batch(size)
@@ -404,7 +404,8 @@ def test_split_shares_are_disjoint_and_cover_the_batch(size):
 def test_split_shares_by_weight(size):
     """split_shares: weights gives stone i about size·w_i/Σw samples (w = 1/4, 1/2, 1 on three blocks): the
     largest-remainder rounding, summing to the batch, still disjoint, covering and random."""
-    d = make("blockkd-lite", split_shares="weights")
+    d = make("blockkd-lite")  # the default shares of the lite variant
+    assert d.opts.split_shares == "weights" and blockkd.methods.defaults("blockkd")["split_shares"] == "equal"
     w = d.stone_weights
     assert w == [0.25, 0.5, 1.0]
     sizes = d.share_sizes(size)
@@ -414,7 +415,7 @@ def test_split_shares_by_weight(size):
         shares = d.split_batch(size)
         assert [len(s) for s in shares] == sizes
         assert torch.equal(torch.cat(shares).sort().values, torch.arange(size))
-    assert make("blockkd-lite").share_sizes(128) == [43, 43, 42]  # equal: the default
+    assert make("blockkd-lite", split_shares="equal").share_sizes(128) == [43, 43, 42]
 
 
 @pytest.mark.parametrize("batched", [True, False])

@@ -428,9 +428,9 @@ def _channel_moments(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @register("blockkd-lite")
 class BlockKDLite(BlockKD):
-    """Block-KD at about the cost of one stone per step: every stone on its own 1/n share of the batch.
+    """Block-KD at a fraction of its cost: every stone on its own share of the batch, ∝ its weight w_i.
 
-    ``sampling: split`` (the default here, see :class:`BlockKD`). The former lite variant, k stones drawn per
+    ``sampling: split`` and ``split_shares: weights`` (the defaults here, see :class:`BlockKD`). The former lite variant, k stones drawn per
     step, remains available with ``sampling: weighted`` or ``uniform`` and ``stones_per_step: k``; without a
     k those samplings would run every stone on the whole batch (the full method), which is refused.
     """
@@ -441,8 +441,11 @@ class BlockKDLite(BlockKD):
                                              "stepping-stones per step, reweighted so the expected loss is the "
                                              "full one (k <= n); null with sampling split")
         sampling: str = option("split", choice(*SAMPLINGS), "split: every stone every step, each on its own "
-                               "random 1/n share of the batch; weighted / uniform: draw stones_per_step stones "
+                               "random share of the batch; weighted / uniform: draw stones_per_step stones "
                                "∝ w_i or uniformly")
+        # Shares ∝ w_i: cheaper than equal shares and better on both validation seeds (README, Results).
+        split_shares: str = option("weights", choice(*SPLIT_SHARES), "sampling split: each stone's share of the "
+                                   "batch, ∝ its weight w_i (weights) or 1/n each (equal)")
 
         def check(self) -> None:
             super().check()
