@@ -409,7 +409,7 @@ def flop_table(flop_info: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
         body += [[pair, part, fmt(v / 1e9, ".4g")] for part, v in f["parts"].items()]
         body.append([pair, "kd step = student fwd + bwd + teacher fwd", fmt(f["kd_from_parts"] / 1e9, ".4g")])
         body.append([pair, f"blockkd step = kd step + all {f['num_blocks']} stones", fmt(f["blockkd_from_parts"] / 1e9, ".4g")])
-        body.append([pair, "blockkd-lite step = kd step + one stone, drawn w.p. w_i / Σw (expected)",
+        body.append([pair, "blockkd-lite step = kd step + each stone on its share of the batch (split_shares)",
                      fmt(f["blockkd_lite_expected"] / 1e9, ".4g")])
     return header, body
 

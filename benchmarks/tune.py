@@ -64,9 +64,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "blockkd-lite uniform": ("blockkd-lite", {"sampling": "uniform", "stones_per_step": 1}),
     # Round 4 (not run yet): split sampling (the new blockkd-lite default), the divergences and the connector
     # initialisation of issue 11, and the logit-standardised baselines (KD+LS as Sun et al.: T 2, KD weight 9).
-    "blockkd-lite split": ("blockkd-lite", {}),
-    "blockkd-lite split conv3x3_bn": ("blockkd-lite", {"connector": "conv3x3_bn"}),
-    "blockkd-lite split gamma 0": ("blockkd-lite", {"gamma": 0.0}),
+    # (equal shares: the default of blockkd-lite until round 5 chose shares by weight)
+    "blockkd-lite split": ("blockkd-lite", {"split_shares": "equal"}),
+    "blockkd-lite split conv3x3_bn": ("blockkd-lite", {"split_shares": "equal", "connector": "conv3x3_bn"}),
+    "blockkd-lite split gamma 0": ("blockkd-lite", {"split_shares": "equal", "gamma": 0.0}),
     "blockkd conv3x3_bn dkd": ("blockkd", {"connector": "conv3x3_bn", "divergence": "dkd", "dkd_beta": 2.0}),
     "blockkd conv3x3_bn dkd gamma 0": ("blockkd", {"connector": "conv3x3_bn", "divergence": "dkd", "dkd_beta": 2.0,
                                                    "gamma": 0.0}),
@@ -74,8 +75,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "blockkd conv3x3_bn teacher_stats": ("blockkd", {"connector": "conv3x3_bn", "connector_init": "teacher_stats"}),
     "blockkd conv3x3_bn dkd unit gamma 0": ("blockkd", {"connector": "conv3x3_bn", "divergence": "dkd", "dkd_beta": 2.0,
                                                         "alpha": 1.0, "beta": 1.0, "gamma": 0.0}),
-    "blockkd-lite split conv3x3_bn dkd": ("blockkd-lite", {"connector": "conv3x3_bn", "divergence": "dkd",
-                                                           "dkd_beta": 2.0}),
+    "blockkd-lite split conv3x3_bn dkd": ("blockkd-lite", {"split_shares": "equal", "connector": "conv3x3_bn",
+                                                           "divergence": "dkd", "dkd_beta": 2.0}),
     "blockkd-lite split weights": ("blockkd-lite", {"split_shares": "weights"}),
     "blockkd-lite split weights conv3x3_bn": ("blockkd-lite", {"split_shares": "weights", "connector": "conv3x3_bn"}),
     "kd ls": ("kd", {"logit_standardization": True, "temperature": 2.0, "kd_weight": 9.0}),

@@ -430,9 +430,10 @@ def _channel_moments(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class BlockKDLite(BlockKD):
     """Block-KD at a fraction of its cost: every stone on its own share of the batch, ∝ its weight w_i.
 
-    ``sampling: split`` and ``split_shares: weights`` (the defaults here, see :class:`BlockKD`). The former lite variant, k stones drawn per
-    step, remains available with ``sampling: weighted`` or ``uniform`` and ``stones_per_step: k``; without a
-    k those samplings would run every stone on the whole batch (the full method), which is refused.
+    ``sampling: split`` and ``split_shares: weights`` (the defaults here, see :class:`BlockKD`). The former
+    lite variant, k stones drawn per step, remains available with ``sampling: weighted`` or ``uniform`` and
+    ``stones_per_step: k``; without a k those samplings would run every stone on the whole batch (the full
+    method), which is refused.
     """
 
     @dataclass(frozen=True)
