@@ -44,8 +44,8 @@ from blockkd.engine import runtime
 from blockkd.errors import BlockKDError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from students import (DEFAULTS, QUICK, RUN_KEYS, entries_in, ordered, overrides, pm, recipes_dir,  # noqa: E402
-                      run_student, side_by_side, train_or_reuse_teacher)
+from students import (DEFAULTS, QUICK, RUN_KEYS, entries_in, finished_run, ordered, overrides, pm,  # noqa: E402
+                      recipes_dir, run_student, side_by_side, train_or_reuse_teacher)
 from common import (REPO, append_runs, fmt, machine_info, machine_line, markdown_table, mean_std,  # noqa: E402
                     plural, reproduce_line, section, text_table, write_json, write_text)
 
@@ -247,6 +247,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "processor's arithmetic)")
     p.add_argument("--append", action="store_true", help="keep the runs already in --out for other methods or seeds "
                    "(same teacher and overrides) and report all of them")
+    p.add_argument("--from-runs", action="store_true", help="train nothing: report the finished runs already in "
+                   "the run folders beside --out (a run stopped at a deadline, say), with the given settings")
     p.add_argument("--quick", action="store_true", help="tiny subset, 1 epoch, 1 seed, ce and blockkd: the smoke test")
     p.add_argument("--out", default="results/accuracy.json", help="JSON output; .png and .md go beside it")
     return p.parse_args(argv)
@@ -279,7 +281,16 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         calls = [(folder, method, seed, extra + quiet, teacher_dir, runs_dir)
                  for seed in s["seeds"] for method in s["methods"]]
-        for (_, method, *_), (cfg, result) in zip(calls, side_by_side(run_student, calls, args.jobs)):
+        if args.from_runs:
+            done = [(c, finished_run(runs_dir, c[1], c[2])) for c in calls]
+            calls, outcomes = [c for c, r in done if r], [r for _, r in done if r]
+            if not calls:
+                raise BlockKDError(f"--from-runs: no finished run in {runs_dir} for these methods and seeds")
+            s["methods"] = ordered({c[1] for c in calls})
+            s["seeds"] = sorted({c[2] for c in calls})
+        else:
+            outcomes = side_by_side(run_student, calls, args.jobs)
+        for (_, method, *_), (cfg, result) in zip(calls, outcomes):
             result["fingerprint"] = config.fingerprint(cfg, ignore=RUN_KEYS)
             recipes.setdefault(method, {"file": shown(folder / f"{method}.yaml"),
                                         "fingerprint": result["fingerprint"], "config": cfg})
@@ -287,8 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     except BlockKDError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    minutes = (time.perf_counter() - started) / 60
+    if args.from_runs:  # the runs' own time: their wall-clock summed, over the runs side by side
+        minutes = sum(r["wall_time_s"] for r in results) / 60 / max(1, args.jobs)
     invocations = [{"command": shlex.join(["python", "benchmarks/accuracy.py", *(sys.argv[1:] if argv is None else argv)]),
-                    "minutes": (time.perf_counter() - started) / 60}]
+                    "minutes": minutes}]
     if before:  # keep the earlier runs of other (method, seed) pairs
         results, invocations = append_runs(before, results, invocations, key=lambda r: (r["method"], r["seed"]))
         recipes = {**before["recipes"], **recipes}

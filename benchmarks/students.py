@@ -94,14 +94,29 @@ def run_student(folder: Path, method: str, seed: int, extra: list[str], teacher_
     print(f"\n== {method}, seed {seed}: {cfg.model.name}" + (f" <- {cfg.teacher.name}" if uses_teacher
                                                                     else ""), flush=True)
     summary = train(cfg, overwrite=True)
+    return cfg.to_dict(), result_of(summary, method, seed)
+
+
+def result_of(summary: dict[str, Any], method: str, seed: int) -> dict[str, Any]:
+    """The per-run result the reports use, from a finished run's ``summary.json`` and its metrics."""
     history = history_of(summary["run_dir"])
     heads = {k.removeprefix("test_top1_"): v for k, v in summary["last"].items() if k.startswith("test_top1_")}
-    return cfg.to_dict(), {"method": method, "seed": seed, "last_top1": summary["last"]["test_top1"],
-                           "last_heads": heads,
-                 "last_epoch": summary["last"]["epoch"], "best_top1": summary["best"]["test_top1"],
-                 "best_epoch": summary["best"]["epoch"], "wall_time_s": summary["wall_time_s"],
-                 "images_per_s": summary["images_per_s"], "run_dir": summary["run_dir"],
-                 "curve": [[r["epoch"], r["test_top1"]] for r in history if r.get("test_top1") is not None]}
+    return {"method": method, "seed": seed, "last_top1": summary["last"]["test_top1"], "last_heads": heads,
+            "last_epoch": summary["last"]["epoch"], "best_top1": summary["best"]["test_top1"],
+            "best_epoch": summary["best"]["epoch"], "wall_time_s": summary["wall_time_s"],
+            "images_per_s": summary["images_per_s"], "run_dir": summary["run_dir"],
+            "curve": [[r["epoch"], r["test_top1"]] for r in history if r.get("test_top1") is not None]}
+
+
+def finished_run(runs: Path, method: str, seed: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(config, result) of the run ``runs/<method>-seed<seed>`` if it finished (its summary.json is written
+    last), else None: how a benchmark stopped at a deadline is still reported from what it finished."""
+    run = runs / f"{method}-seed{seed}"
+    if not (run / "summary.json").is_file():
+        return None
+    summary = json.loads((run / "summary.json").read_text())
+    summary["run_dir"] = str(run)
+    return config.load(run / "config.yaml").to_dict(), result_of(summary, method, seed)
 
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -176,6 +177,26 @@ def test_accuracy_append_adds_methods_and_refuses_other_settings(runs, tmp_path)
     proc = subprocess.run(base + ["--methods", "kd", "--epochs", "2"], cwd=tmp_path, env=env, text=True,
                           capture_output=True, timeout=240)
     assert proc.returncode == 2 and "another teacher, other overrides or other recipes" in proc.stderr
+
+
+def test_accuracy_report_from_the_finished_runs(runs, tmp_path):
+    """--from-runs trains nothing: it reports the finished runs in the run folders (a benchmark stopped at a
+    deadline), the same numbers as the run that made them; an unfinished run is left out."""
+    folder, _ = runs["accuracy"]
+    shutil.copytree(folder / "accuracy-runs", tmp_path / "out" / "accuracy-runs")
+    (tmp_path / "out" / "accuracy-runs" / "blockkd-seed0" / "summary.json").unlink()  # as if killed mid-run
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(folder.parent / "cache")}  # the cached teacher
+    proc = subprocess.run([sys.executable, str(BENCH / "accuracy.py"), "--quick", "--val", "300", "--from-runs",
+                           "--out", "out/accuracy.json"], cwd=tmp_path, env=env, text=True, capture_output=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "== " not in proc.stdout  # nothing trained
+    before = json.loads((folder / "accuracy.json").read_text())
+    after = json.loads((tmp_path / "out" / "accuracy.json").read_text())
+    assert after["setup"]["methods"] == ["ce"] and list(after["methods"]) == ["ce"]
+    assert after["methods"]["ce"]["last_top1"] == before["methods"]["ce"]["last_top1"]
+    assert after["recipes"]["ce"]["fingerprint"] == before["recipes"]["ce"]["fingerprint"]
+    assert "--from-runs" in after["invocations"][0]["command"]
 
 
 def test_accuracy_on_another_recipe_folder(tmp_path):
