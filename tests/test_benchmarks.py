@@ -195,7 +195,7 @@ def test_accuracy_report_from_the_finished_runs(runs, tmp_path):
     after = json.loads((tmp_path / "out" / "accuracy.json").read_text())
     assert after["setup"]["methods"] == ["ce"] and list(after["methods"]) == ["ce"]
     assert after["methods"]["ce"]["last_top1"] == before["methods"]["ce"]["last_top1"]
-    assert after["recipes"]["ce"]["fingerprint"] == before["recipes"]["ce"]["fingerprint"]
+    assert after["recipes"]["ce"]["config"]["method"] == before["recipes"]["ce"]["config"]["method"]
     assert "--from-runs" in after["invocations"][0]["command"]
 
 
