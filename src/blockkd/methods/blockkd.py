@@ -34,7 +34,7 @@ Which stones run each step (``stones_per_step``, ``sampling``):
   random share of the batch (a random permutation cut into n parts, :meth:`BlockKD.split_batch`): near-equal
   parts (``split_shares: equal``), so the stones together cost about one stone on the whole batch, or
   parts ∝ w_i (``split_shares: weights``), so most samples go to the deep stones, whose teacher suffix is
-  short, and the stones cost about half as much again. The teacher's blocks are in eval mode, so
+  short, and the stones cost about half as much as with equal parts. The teacher's blocks are in eval mode, so
   a sample's stone logits do not depend on which other samples share its batch (the connector's BN in train
   mode does: it normalises with its share's statistics). Each stone's task and distill term is the mean over
   its share, an unbiased estimate of its full-batch term, with the weight w_i unchanged. L_cross: no stone
