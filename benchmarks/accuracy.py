@@ -41,6 +41,7 @@ from matplotlib.ticker import MaxNLocator
 from blockkd import config
 from blockkd import data as data_lib
 from blockkd.engine import runtime
+from blockkd.engine.checkpoint import WEIGHTS, checkpoint_dir, read_meta
 from blockkd.errors import BlockKDError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -75,6 +76,44 @@ def aggregate(runs: list[dict[str, Any]], method_names: list[str]) -> dict[str, 
 
 
 # ----------------------------------------------------------------------------------------- report
+def teacher_record(teacher_dir: Path, teacher: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
+    """The teacher of this invocation: its scores and the sha256 of the weights the students distil (the
+    teacher cache is per machine, so an ``--append`` elsewhere retrains it from the same recipe and seed,
+    and CPU training need not repeat bit for bit)."""
+    ckpt = checkpoint_dir(teacher_dir)
+    return {"model": teacher["model"], "run_dir": str(teacher_dir), "last_top1": teacher["last"]["test_top1"],
+            "best_top1": teacher["best"]["test_top1"], "wall_time_s": teacher.get("wall_time_s"),
+            "checkpoint": ckpt.name, "weights_sha256": read_meta(ckpt).get("sha256", {}).get(WEIGHTS),
+            "seeds": seeds}
+
+
+def teachers_of(before: dict[str, Any] | None, now: dict[str, Any]) -> dict[str, Any]:
+    """``now``, with the earlier invocations' teachers under "earlier" when they were other weights."""
+    if not before:
+        return now
+    old = before["teacher"]
+    earlier = [*old.get("earlier", []), {k: v for k, v in old.items() if k != "earlier"}]
+    same = (old.get("weights_sha256") == now["weights_sha256"] if old.get("weights_sha256")
+            else (old["last_top1"], old["best_top1"]) == (now["last_top1"], now["best_top1"]))
+    if same:
+        return {**now, "seeds": sorted({*old.get("seeds", before["setup"]["seeds"]), *now["seeds"]}),
+                **({"earlier": old["earlier"]} if old.get("earlier") else {})}
+    earlier[-1].setdefault("seeds", before["setup"]["seeds"])
+    return {**now, "earlier": earlier}
+
+
+def teacher_sentence(report: dict[str, Any]) -> str:
+    t = report["teacher"]
+    if not t.get("earlier"):
+        return "One teacher serves all students."
+    score = lambda x: f"{x['last_top1']:.2f} last / {x['best_top1']:.2f} best epoch"  # noqa: E731
+    then = "; ".join(f"{score(e)} for seeds {', '.join(map(str, e['seeds']))}" for e in t["earlier"])
+    return (f"The teacher was retrained between invocations from the same recipe and seed (the cache is per "
+            f"machine; CPU training does not repeat bit for bit): {then}; {score(t)} for seeds "
+            f"{', '.join(map(str, t['seeds']))}. The students distil from its {t.get('checkpoint', 'best')} "
+            f"checkpoint.")
+
+
 def setup_of(cfg: dict[str, Any], teacher: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
     """What was run, from a student's resolved config: models, data split sizes, schedule, seeds."""
     sizes = data_lib.build(cfg["data"], device="cpu")  # the exact split sizes the runs used
@@ -151,7 +190,7 @@ def setup_line(report: dict[str, Any]) -> str:
             f"{data}, {plural(u['epochs'], 'epoch')} ({u['schedule']} schedule{warmup}, {optim} lr {u['lr']}, batch "
             f"{u['batch_size']}; teacher {plural(u['teacher_epochs'], 'epoch')}), "
             f"seeds {', '.join(map(str, u['seeds']))}; evaluated on {where}. Mean ± std over seeds; the best "
-            f"epoch is picked on the same split, so it is optimistic. One teacher serves all students.")
+            f"epoch is picked on the same split, so it is optimistic. {teacher_sentence(report)}")
 
 
 def plot(report: dict[str, Any], path: Path) -> Path:
@@ -303,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         minutes = sum(r["wall_time_s"] for r in results) / 60 / max(1, args.jobs)
     invocations = [{"command": shlex.join(["python", "benchmarks/accuracy.py", *(sys.argv[1:] if argv is None else argv)]),
                     "minutes": minutes}]
+    teacher_now = teacher_record(teacher_dir, teacher, list(s["seeds"]))  # this invocation's seeds
     if before:  # keep the earlier runs of other (method, seed) pairs
         results, invocations = append_runs(before, results, invocations, key=lambda r: (r["method"], r["seed"]))
         recipes = {**before["recipes"], **recipes}
@@ -314,8 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         "invocations": invocations,
         "setup": {**setup_of(first, teacher, s), "recipes": shown(folder), "overrides": extra,
                   "teacher_overrides": teacher_extra},
-        "teacher": {"model": teacher["model"], "run_dir": str(teacher_dir), "last_top1": teacher["last"]["test_top1"],
-                    "best_top1": teacher["best"]["test_top1"], "wall_time_s": teacher.get("wall_time_s")},
+        "teacher": teachers_of(before, teacher_now),
         "recipes": recipes, "methods": aggregate(results, s["methods"]), "runs": results,
         "minutes": sum(i["minutes"] for i in invocations),
     }

@@ -79,6 +79,16 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                                                            "divergence": "dkd", "dkd_beta": 2.0}),
     "blockkd-lite split weights": ("blockkd-lite", {"split_shares": "weights"}),
     "blockkd-lite split weights conv3x3_bn": ("blockkd-lite", {"split_shares": "weights", "connector": "conv3x3_bn"}),
+    # Round 6: the warm-up for the lite variant, a longer one, the warm-up with teacher-statistics connectors, and
+    # DKD's divergence (its recipe's β) in the student's own distill term only.
+    "blockkd-lite split weights conv3x3_bn stone_warmup 2": ("blockkd-lite", {"split_shares": "weights",
+                                                                              "connector": "conv3x3_bn",
+                                                                              "stone_warmup": 2.0}),
+    "blockkd conv3x3_bn stone_warmup 4": ("blockkd", {"connector": "conv3x3_bn", "stone_warmup": 4.0}),
+    "blockkd conv3x3_bn stone_warmup 2 teacher_stats": ("blockkd", {"connector": "conv3x3_bn", "stone_warmup": 2.0,
+                                                                    "connector_init": "teacher_stats"}),
+    "blockkd conv3x3_bn stone_warmup 2 student dkd": ("blockkd", {"connector": "conv3x3_bn", "stone_warmup": 2.0,
+                                                                  "student_divergence": "dkd", "dkd_beta": 2.0}),
     "kd ls": ("kd", {"logit_standardization": True, "temperature": 2.0, "kd_weight": 9.0}),
     "dkd ls": ("dkd", {"logit_standardization": True}),
 }

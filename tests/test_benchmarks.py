@@ -123,6 +123,10 @@ def test_accuracy_report(runs):
     assert setup["epochs"] == 1 and setup["seeds"] == [0] and setup["methods"] == ["ce", "blockkd"]
     assert 0 <= report["teacher"]["last_top1"] <= 100
     assert Path(report["teacher"]["run_dir"]).is_relative_to(folder.parent / "cache")  # trained once, cached
+    teacher = report["teacher"]
+    meta = json.loads((Path(teacher["run_dir"]) / teacher["checkpoint"] / "meta.json").read_text())
+    assert teacher["checkpoint"] == "best" and teacher["seeds"] == [0] and "earlier" not in teacher
+    assert teacher["weights_sha256"] == meta["sha256"]["weights.safetensors"]
 
     runs_ = {r["method"]: r for r in report["runs"]}
     assert set(runs_) == {"ce", "blockkd"}
@@ -140,6 +144,7 @@ def test_accuracy_report(runs):
     assert (folder / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (folder / "accuracy.md").read_text()
     assert md.startswith("### Accuracy") and "| resnet8 | blockkd | 1 |" in md and "accuracy.png" in md
+    assert "One teacher serves all students." in md
     assert "val top-1, last epoch" in stdout and "held out from the training set" in stdout
 
 
@@ -148,8 +153,10 @@ def test_accuracy_append_adds_methods_and_refuses_other_settings(runs, tmp_path)
     method with options, an entry of its own), here two side by side; a different setting is refused."""
     folder, _ = runs["accuracy"]
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "accuracy.json").write_text((folder / "accuracy.json").read_text())
     before = json.loads((folder / "accuracy.json").read_text())
+    # As if the teacher had been retrained since (another machine's cache): other weights, other scores.
+    retrained = {**before, "teacher": {**before["teacher"], "weights_sha256": "0" * 64, "last_top1": 12.34}}
+    (tmp_path / "out" / "accuracy.json").write_text(json.dumps(retrained))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(folder.parent / "cache")}  # the cached teacher
     base = [sys.executable, str(BENCH / "accuracy.py"), "--quick", "--val", "300", "--append", "--out", "out/accuracy.json"]
     proc = subprocess.run(base + ["--methods", "kd-ls", "kd", "--jobs", "2"], cwd=tmp_path, env=env, text=True,
@@ -165,6 +172,9 @@ def test_accuracy_append_adds_methods_and_refuses_other_settings(runs, tmp_path)
     assert after["methods"]["kd"]["gain_vs_ce"] == approx(after["methods"]["kd"]["last_top1"]["mean"]
                                                            - before["methods"]["ce"]["last_top1"]["mean"])
     assert len(after["invocations"]) == 2
+    earlier, = after["teacher"]["earlier"]
+    assert earlier["last_top1"] == 12.34 and earlier["seeds"] == [0] and after["teacher"]["seeds"] == [0]
+    assert after["teacher"]["weights_sha256"] == before["teacher"]["weights_sha256"]
     assert "--append --out out/accuracy.json --methods kd-ls kd --jobs 2" in after["invocations"][1]["command"]
     md = (tmp_path / "out" / "accuracy.md").read_text()
     assert "| resnet8 | kd | 1 |" in md and "| resnet8 | kd-ls | 1 |" in md
@@ -174,6 +184,7 @@ def test_accuracy_append_adds_methods_and_refuses_other_settings(runs, tmp_path)
     by_score = sorted(after["methods"], key=lambda m: (-after["methods"][m]["last_top1"]["mean"], m))  # ties: by name
     assert ranks[by_score[0]] == 1 and ranks[by_score[-1]] == 4
     assert f"**blockkd ranks {ranks['blockkd']} of 4**" in md
+    assert "retrained between invocations" in md and "12.34 last" in md and "One teacher" not in md
     proc = subprocess.run(base + ["--methods", "kd", "--epochs", "2"], cwd=tmp_path, env=env, text=True,
                           capture_output=True, timeout=240)
     assert proc.returncode == 2 and "another teacher, other overrides or other recipes" in proc.stderr

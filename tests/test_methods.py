@@ -189,6 +189,27 @@ def test_blockkd_loss_equals_paper_formula(detach, divergence, ls):
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("divergence, student", [("kl", "dkd"), ("dkd", "kl")])
+def test_student_divergence_changes_the_students_distill_term_only(divergence, student):
+    d = make("blockkd", temperature=3.0, alpha=0.3, beta=0.7, gamma=0.5, divergence=divergence,
+             student_divergence=student, dkd_alpha=0.5, dkd_beta=3.0)
+    d.train()
+    x, y = batch()
+    logits, losses = d(x, y)
+    stones = d.stones(x)
+    with torch.no_grad():
+        t = d.teacher(x)
+    stone_d = reference_divergence(divergence, False, 3.0, alpha=0.5, beta=3.0)
+    student_d = reference_divergence(student, False, 3.0, alpha=0.5, beta=3.0)
+    ens = torch.stack(stones).mean(0)
+    assert losses["loss_distill_student"].item() == pytest.approx(0.7 * student_d(logits, t, y).item(), rel=1e-4)
+    assert losses["loss_distill_stones"].item() == pytest.approx(
+        0.7 * sum(w * stone_d(z, t, y) for w, z in zip(d.stone_weights, stones)).item(), rel=1e-4)
+    cross = stone_d(logits, ens, y) + sum(stone_d(z, ens, y) for z in stones)  # L_cross keeps ``divergence``
+    assert losses["loss_cross"].item() == pytest.approx(0.5 * cross.item(), rel=1e-4)
+    assert student_d(logits, t, y).item() != pytest.approx(stone_d(logits, t, y).item(), rel=1e-3)
+
+
 def test_stone_warmup_ramps_the_stone_terms_only():
     d = make("blockkd", stone_warmup=2.0)
     full = make("blockkd")

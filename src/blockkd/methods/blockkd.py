@@ -16,6 +16,8 @@ Feature alignment is thus measured through logits. Objective (see docs/blockkd.m
 d is the paper's T²·KL(target ‖ student) by default (``divergence: kl``); ``divergence: dkd`` makes every
 term (student's and stones' distill terms, every L_cross term) DKD's dkd_alpha·TCKD + dkd_beta·NCKD, and
 ``logit_standardization`` z-scores both sides of every term first (:mod:`blockkd.methods.divergences`).
+``student_divergence`` overrides d in the student's own distill term d(Y^S, Y^T) only: DKD's gain over KD is
+in that term, and ``student_divergence: dkd`` keeps KL in the stones' terms and in L_cross.
 DKD needs a target class per sample: the distill terms use the label y, as DKD does; the L_cross terms use
 the label y too (not the ensemble's argmax), so that every term splits "target vs. the rest" at the same
 class, whatever the stones currently predict, and the loss stays a smooth function of the logits.
@@ -65,7 +67,7 @@ from ..schema import registered, BOOL, OptionError, choice, integer, number, opt
 from . import register
 from .base import Distiller
 from .connectors import CONNECTORS, build_connectors
-from .divergences import (LogitDivergence, divergence_option, dkd_alpha_option, dkd_beta_option,
+from .divergences import (DIVERGENCES, LogitDivergence, divergence_option, dkd_alpha_option, dkd_beta_option,
                           logit_standardization_option)
 from .kd import TEMPERATURE, WEIGHT
 from .losses import cross_entropy, linear_warmup
@@ -86,6 +88,9 @@ class BlockKDOptions:
     gamma: float = option(0.05, WEIGHT, "γ: weight of L_cross (agreement with the stones' ensemble)")
     detach_ensemble: bool = option(True, BOOL, "the stones' ensemble is a target in L_cross (no gradient into it)")
     divergence: str = divergence_option()
+    student_divergence: str | None = option(None, optional(choice(*DIVERGENCES.names())),
+                                            "the divergence of the student's own distill term d(Y^S, Y^T) "
+                                            "only (null: divergence's), e.g. dkd there and kl in the stones' terms")
     dkd_alpha: float = dkd_alpha_option()
     dkd_beta: float = dkd_beta_option()
     logit_standardization: bool = logit_standardization_option()
@@ -156,6 +161,8 @@ class BlockKD(Distiller):
         self.stones_per_step = None if k is None or k == n else k
         self.divergence = LogitDivergence(o.divergence, o.temperature, o.logit_standardization,
                                           o.dkd_alpha, o.dkd_beta)
+        self.student_divergence = LogitDivergence(o.student_divergence or o.divergence, o.temperature,
+                                                  o.logit_standardization, o.dkd_alpha, o.dkd_beta)
         self.connectors = build_connectors(s_view.probe(self.input_shape), t_view.probe(self.input_shape),
                                            o.connector, prefix_tokens=(s_view.prefix_tokens, t_view.prefix_tokens))
         if o.connector_init == "teacher_stats":
@@ -273,7 +280,7 @@ class BlockKD(Distiller):
         ens = torch.stack(stone_logits).mean(0)
         if self.opts.detach_ensemble:
             ens = ens.detach()
-        student = (cross_entropy(logits, y), d(logits, t_logits, y), d(logits, ens, y))
+        student = (cross_entropy(logits, y), self.student_divergence(logits, t_logits, y), d(logits, ens, y))
         stones = [(cross_entropy(z, y), d(z, t_logits, y), d(z, ens, y)) for z in stone_logits]
         return student, stones
 
@@ -300,7 +307,7 @@ class BlockKD(Distiller):
         t_logits = self.teacher_logits(x)
         if o.sampling == "split":
             task_stones, distill_stones, cross = self._split_terms(feats, logits, t_logits, y, x)
-            ce_s, distill_s = cross_entropy(logits, y), self.divergence(logits, t_logits, y)
+            ce_s, distill_s = cross_entropy(logits, y), self.student_divergence(logits, t_logits, y)
         else:
             which, coef = self.pick_stones()
             stone_logits = self.run_stones(feats, which, x)
