@@ -76,7 +76,7 @@ def aggregate(runs: list[dict[str, Any]], method_names: list[str]) -> dict[str, 
 
 
 # ----------------------------------------------------------------------------------------- report
-def teacher_record(teacher_dir: Path, teacher: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
+def teacher_record(teacher_dir: Path, teacher: dict[str, Any], seeds: list[int], cpu: str) -> dict[str, Any]:
     """The teacher of this invocation: its scores and the sha256 of the weights the students distil (the
     teacher cache is per machine, so an ``--append`` elsewhere retrains it from the same recipe and seed,
     and CPU training need not repeat bit for bit)."""
@@ -84,7 +84,7 @@ def teacher_record(teacher_dir: Path, teacher: dict[str, Any], seeds: list[int])
     return {"model": teacher["model"], "run_dir": str(teacher_dir), "last_top1": teacher["last"]["test_top1"],
             "best_top1": teacher["best"]["test_top1"], "wall_time_s": teacher.get("wall_time_s"),
             "checkpoint": ckpt.name, "weights_sha256": read_meta(ckpt).get("sha256", {}).get(WEIGHTS),
-            "seeds": seeds}
+            "seeds": seeds, "cpu": cpu}
 
 
 def teachers_of(before: dict[str, Any] | None, now: dict[str, Any]) -> dict[str, Any]:
@@ -99,6 +99,7 @@ def teachers_of(before: dict[str, Any] | None, now: dict[str, Any]) -> dict[str,
         return {**now, "seeds": sorted({*old.get("seeds", before["setup"]["seeds"]), *now["seeds"]}),
                 **({"earlier": old["earlier"]} if old.get("earlier") else {})}
     earlier[-1].setdefault("seeds", before["setup"]["seeds"])
+    earlier[-1].setdefault("cpu", before["machine"]["cpu"])
     return {**now, "earlier": earlier}
 
 
@@ -107,10 +108,11 @@ def teacher_sentence(report: dict[str, Any]) -> str:
     if not t.get("earlier"):
         return "One teacher serves all students."
     score = lambda x: f"{x['last_top1']:.2f} last / {x['best_top1']:.2f} best epoch"  # noqa: E731
-    then = "; ".join(f"{score(e)} for seeds {', '.join(map(str, e['seeds']))}" for e in t["earlier"])
+    cpu = lambda x: f" ({x['cpu']})" if x.get("cpu") else ""  # noqa: E731
+    then = "; ".join(f"{score(e)} for seeds {', '.join(map(str, e['seeds']))}{cpu(e)}" for e in t["earlier"])
     return (f"The teacher was retrained between invocations from the same recipe and seed (the cache is per "
-            f"machine; CPU training does not repeat bit for bit): {then}; {score(t)} for seeds "
-            f"{', '.join(map(str, t['seeds']))}. The students distil from its {t.get('checkpoint', 'best')} "
+            f"machine, and training on another CPU does not repeat bit for bit): {then}; {score(t)} for seeds "
+            f"{', '.join(map(str, t['seeds']))}{cpu(t)}. The students distil from its {t.get('checkpoint', 'best')} "
             f"checkpoint.")
 
 
@@ -342,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         minutes = sum(r["wall_time_s"] for r in results) / 60 / max(1, args.jobs)
     invocations = [{"command": shlex.join(["python", "benchmarks/accuracy.py", *(sys.argv[1:] if argv is None else argv)]),
                     "minutes": minutes}]
-    teacher_now = teacher_record(teacher_dir, teacher, list(s["seeds"]))  # this invocation's seeds
+    machine = machine_info(runtime.resolve_device(next(iter(recipes.values()))["config"]["train"]["device"]))
+    teacher_now = teacher_record(teacher_dir, teacher, list(s["seeds"]), machine["cpu"])
     if before:  # keep the earlier runs of other (method, seed) pairs
         results, invocations = append_runs(before, results, invocations, key=lambda r: (r["method"], r["seed"]))
         recipes = {**before["recipes"], **recipes}
@@ -350,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         s["seeds"] = sorted({r["seed"] for r in results})
     first = next(iter(recipes.values()))["config"]
     report: dict[str, Any] = {
-        "machine": machine_info(runtime.resolve_device(first["train"]["device"])),
+        "machine": machine,
         "invocations": invocations,
         "setup": {**setup_of(first, teacher, s), "recipes": shown(folder), "overrides": extra,
                   "teacher_overrides": teacher_extra},

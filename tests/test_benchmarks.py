@@ -127,6 +127,7 @@ def test_accuracy_report(runs):
     meta = json.loads((Path(teacher["run_dir"]) / teacher["checkpoint"] / "meta.json").read_text())
     assert teacher["checkpoint"] == "best" and teacher["seeds"] == [0] and "earlier" not in teacher
     assert teacher["weights_sha256"] == meta["sha256"]["weights.safetensors"]
+    assert teacher["cpu"] == report["machine"]["cpu"]
 
     runs_ = {r["method"]: r for r in report["runs"]}
     assert set(runs_) == {"ce", "blockkd"}
@@ -174,6 +175,7 @@ def test_accuracy_append_adds_methods_and_refuses_other_settings(runs, tmp_path)
     assert len(after["invocations"]) == 2
     earlier, = after["teacher"]["earlier"]
     assert earlier["last_top1"] == 12.34 and earlier["seeds"] == [0] and after["teacher"]["seeds"] == [0]
+    assert earlier["cpu"] == before["machine"]["cpu"]
     assert after["teacher"]["weights_sha256"] == before["teacher"]["weights_sha256"]
     assert "--append --out out/accuracy.json --methods kd-ls kd --jobs 2" in after["invocations"][1]["command"]
     md = (tmp_path / "out" / "accuracy.md").read_text()
