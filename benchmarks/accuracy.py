@@ -46,7 +46,7 @@ from blockkd.errors import BlockKDError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from students import (DEFAULTS, QUICK, RUN_KEYS, entries_in, finished_run, ordered, overrides, pm,  # noqa: E402
-                      recipes_dir, run_student, side_by_side, train_or_reuse_teacher)
+                      recipe_folder, run_student, shown, side_by_side, train_or_reuse_teacher)
 from common import (REPO, append_runs, fmt, machine_info, machine_line, markdown_table, mean_std,  # noqa: E402
                     plural, reproduce_line, section, text_table, write_json, write_text)
 
@@ -242,35 +242,17 @@ def render_markdown(report: dict[str, Any], png: Path) -> str:
         image = png.resolve().relative_to(REPO).as_posix()
     except ValueError:
         image = png.name
-    return section(f"Accuracy ({report['setup'].get('title', 'Fashion-MNIST')})", [
+    u = report["setup"]
+    title = u.get("title", "Fashion-MNIST")
+    if Path(u.get("recipes", "configs/fashion_mnist")).name != u.get("dataset", "fashion_mnist"):
+        title += f", {u['teacher']} -> {u['student']}"  # a second setting on the same data (fashion_mnist_wide)
+    return section(f"Accuracy ({title})", [
         setup_line(report), markdown_table(*table(report)), place_line(report), f"![accuracy per method]({image})",
         f"Machine: {machine_line(report['machine'])}; {report['minutes']:.0f} min in all. "
         + reproduce_line(report["invocations"])])
 
 
 # ----------------------------------------------------------------------------------------- main
-def recipe_folder(given: str | None) -> Path:
-    """``--recipes`` as an absolute folder holding a teacher.yaml (relative: to the working directory, else
-    to the repository); none given: ``configs/fashion_mnist`` (``blockkd.demo.recipes_dir``)."""
-    if given is None:
-        return recipes_dir()
-    folder = Path(given).expanduser()
-    if not folder.is_absolute() and not folder.is_dir() and (REPO / folder).is_dir():
-        folder = REPO / folder
-    folder = folder.resolve()
-    if not (folder / "teacher.yaml").is_file():
-        raise BlockKDError(f"--recipes {given}: no teacher.yaml in {folder}")
-    return folder
-
-
-def shown(path: Path) -> str:
-    """``path`` relative to the repository when inside it (as the reports name recipes), else as it is."""
-    try:
-        return path.resolve().relative_to(REPO).as_posix()
-    except ValueError:
-        return str(path)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--recipes", metavar="DIR", help="folder of the recipes: DIR/teacher.yaml and DIR/<method>.yaml "

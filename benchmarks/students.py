@@ -15,6 +15,9 @@ from typing import Any, Callable
 from blockkd import config, methods
 from blockkd.demo import recipes_dir, train_or_reuse_teacher  # noqa: F401  (re-exported for the scripts)
 from blockkd.engine import train
+from blockkd.errors import BlockKDError
+
+import common
 
 METHODS = ["ce", "kd", "dkd", "blockkd", "blockkd-lite"]
 # The order of a leaderboard's entries (a recipe's name: a method, or a method with options such as kd-ls):
@@ -122,3 +125,25 @@ def finished_run(runs: Path, method: str, seed: int) -> tuple[dict[str, Any], di
 
 def pm(stat: dict[str, Any]) -> str:
     return f"{stat['mean']:.2f} ± {stat['std']:.2f}"
+
+
+def recipe_folder(given: str | None) -> Path:
+    """``--recipes`` as an absolute folder holding a teacher.yaml (relative: to the working directory, else
+    to the repository); none given: ``configs/fashion_mnist`` (``blockkd.demo.recipes_dir``)."""
+    if given is None:
+        return recipes_dir()
+    folder = Path(given).expanduser()
+    if not folder.is_absolute() and not folder.is_dir() and (common.REPO / folder).is_dir():
+        folder = common.REPO / folder
+    folder = folder.resolve()
+    if not (folder / "teacher.yaml").is_file():
+        raise BlockKDError(f"--recipes {given}: no teacher.yaml in {folder}")
+    return folder
+
+
+def shown(path: Path) -> str:
+    """``path`` relative to the repository when inside it (as the reports name recipes), else as it is."""
+    try:
+        return path.resolve().relative_to(common.REPO).as_posix()
+    except ValueError:
+        return str(path)

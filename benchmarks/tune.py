@@ -2,15 +2,16 @@
 and each baseline's distillation weight (``DISTILL_WEIGHT``: the recipe's value, half and twice it).
 
     python benchmarks/tune.py [--variants NAME ...] [--seeds 0] [--jobs 2] [--val 10000] [--quick]
-                              [--out results/tuning.json]
+                              [--recipes configs/fashion_mnist] [--out results/tuning.json]
 
 Why: the accuracy benchmark's goal is Block-KD above KD and DKD; where it is not, the choices the paper
 leaves open (docs/blockkd.md) are the place to look, and they must be tuned without looking at the test
-split. Every run here is ``accuracy.py``'s (``students.run_student``): the ``configs/fashion_mnist`` recipe of the method plus the
-variant's ``method.options``, trained by ``blockkd.engine.train`` on the recipes' training subset and
-evaluated on ``--val`` images held out from the training set (``data.val_split``; the teacher is trained
-without them too). The baselines ce, kd and dkd run in the same setting. ``--jobs`` runs that many
-trainings side by side, each on cores/jobs threads (the small CPU models use two cores poorly).
+split. Every run here is ``accuracy.py``'s (``students.run_student``): the recipe of the method
+(``--recipes``, default ``configs/fashion_mnist``) plus the variant's ``method.options``, trained by
+``blockkd.engine.train`` on the recipes' training subset and evaluated on ``--val`` images held out from the
+training set (``data.val_split``; the teacher is trained without them too). The baselines ce, kd and dkd run
+in the same setting. ``--jobs`` runs that many trainings side by side, each on cores/jobs threads (the small
+CPU models use two cores poorly).
 Outputs: a table on stdout (sorted by last-epoch val top-1), ``--out`` (JSON) and ``.md`` beside it.
 """
 from __future__ import annotations
@@ -121,12 +122,12 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
 
-def run_variant(name: str, seed: int, extra: list[str], teacher_dir: str, runs: str) -> dict[str, Any]:
-    """One training (in a worker process): the variant's recipe with ``seed``; its per-run result."""
+def run_variant(name: str, seed: int, extra: list[str], teacher_dir: str, runs: str, folder: str) -> dict[str, Any]:
+    """One training (in a worker process): the variant's recipe of ``folder`` with ``seed``; its per-run result."""
     method, options = VARIANTS[name]
     if method.startswith("blockkd"):  # relative to the method's defaults: the recipe's connector came from this sweep
         options = {"connector": methods.defaults(method)["connector"], **options}
-    _, result = students.run_student(students.recipes_dir(), method, seed, extra + option_overrides(options),
+    _, result = students.run_student(Path(folder), method, seed, extra + option_overrides(options),
                                      Path(teacher_dir), Path(runs), name=slug(name))
     return {**result, "variant": name, "options": VARIANTS[name][1]}
 
@@ -165,6 +166,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--weights-of", nargs="+", choices=[*DISTILL_WEIGHT, "all"], metavar="METHOD",
                    help="add each METHOD's three distillation-weight variants (x0.5, recipe, x2); all: every "
                    "baseline of DISTILL_WEIGHT")
+    p.add_argument("--recipes", metavar="DIR", help="folder of the recipes: DIR/teacher.yaml and DIR/<method>.yaml "
+                   "(default configs/fashion_mnist; configs/fashion_mnist_wide: the wide teacher)")
     p.add_argument("--seeds", nargs="+", type=int, help="training seeds (default 0)")
     p.add_argument("--val", type=int, help="images held out from the training set for evaluation (default 10000)")
     p.add_argument("--epochs", type=int, help="students' epochs (default: the recipes')")
@@ -197,26 +200,30 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     teacher_extra, extra = students.overrides(s, args.quick)
     extra.append("output.progress=false")  # side-by-side runs: one line per epoch, no live bars
+    before = json.loads(out.read_text()) if args.append and out.is_file() else None
     try:
-        teacher_dir, teacher = students.train_or_reuse_teacher(students.recipes_dir(), teacher_extra)
+        folder = students.recipe_folder(args.recipes)
+        if before and before["setup"].get("recipes", "configs/fashion_mnist") != students.shown(folder):
+            raise BlockKDError(f"--append: {out} holds runs of other recipes ({before['setup'].get('recipes')})")
+        teacher_dir, teacher = students.train_or_reuse_teacher(folder, teacher_extra)
     except BlockKDError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     jobs = max(1, min(args.jobs, len(names) * len(seeds)))
     threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
-    results = students.side_by_side(run_variant, [(n, seed, extra, str(teacher_dir), str(runs))
+    results = students.side_by_side(run_variant, [(n, seed, extra, str(teacher_dir), str(runs), str(folder))
                                                   for seed in seeds for n in names], jobs, threads)
     command = shlex.join(["python", "benchmarks/tune.py", *(sys.argv[1:] if argv is None else argv)])
     invocations = [{"command": command, "minutes": (time.perf_counter() - started) / 60,
                     "date": machine_info()["date"]}]
     if args.append and out.is_file():  # earlier runs first, minus those just redone
-        before = json.loads(out.read_text())
         results, invocations = append_runs(before, results, invocations, key=lambda r: (r["variant"], r["seed"]))
         seeds = sorted({r["seed"] for r in results})
     names = [n for n in VARIANTS if any(r["variant"] == n for r in results)]
     summary = summarise(results, names)
     report = {"machine": machine_info(runtime.resolve_device("auto")), "invocations": invocations,
-              "setup": {"val_split": val, "seeds": seeds, "jobs": jobs, "threads_per_job": threads,
+              "setup": {"recipes": students.shown(folder), "val_split": val, "seeds": seeds, "jobs": jobs,
+                        "threads_per_job": threads,
                         "overrides": extra, "teacher_overrides": teacher_extra},
               "teacher": {"model": teacher["model"], "run_dir": str(teacher_dir), "last_top1": teacher["last"]["test_top1"]},
               "variants": summary, "runs": results, "minutes": sum(i["minutes"] for i in invocations)}
@@ -233,10 +240,11 @@ def render(report: dict[str, Any], out: Path) -> tuple[str, Path]:
     epochs = [o.split("=", 1)[1] for o in u["overrides"] if o.startswith("train.epochs=")]
     schedule = f"{epochs[-1]} epochs" if epochs else "the recipes' schedule"
     text = (f"Validation top-1 on {u['val_split']} images held out from the Fashion-MNIST training set (the test "
-            f"split is unused), configs/fashion_mnist recipes, {schedule}, teacher {t['model']} at "
+            f"split is unused), {u.get('recipes', 'configs/fashion_mnist')} recipes, {schedule}, teacher {t['model']} at "
             f"{t['last_top1']:.2f}; seeds {', '.join(map(str, u['seeds']))} (the seeds column says how many each "
             f"variant ran with); {u['jobs']} runs side by side, {u['threads_per_job']} thread(s) each.")
-    title = "Tuning Block-KD (validation split" + (f", {epochs[-1]} epochs)" if epochs else ")")
+    wide = "" if u.get("recipes", "configs/fashion_mnist") == "configs/fashion_mnist" else f", {u['recipes']}"
+    title = "Tuning Block-KD (validation split" + wide + (f", {epochs[-1]} epochs)" if epochs else ")")
     md = write_text(out.with_suffix(".md"), section(title, [
         text, markdown_table(*table(report["variants"])),
         f"Machine: {machine_line(report['machine'])}; {report['minutes']:.0f} min in all. "

@@ -255,6 +255,7 @@ def test_tuning_report(tmp_path):
     report = json.loads((tmp_path / "out" / "tuning.json").read_text())
     variants = report["variants"]
     assert list(variants) == ["kd", "blockkd", "blockkd T 2"] and report["setup"]["val_split"] == 300
+    assert report["setup"]["recipes"] == "configs/fashion_mnist"
     assert report["setup"]["jobs"] == 2 and report["setup"]["threads_per_job"] >= 1
     for r in report["runs"]:
         cfg = config.load(tmp_path / r["run_dir"] / "config.yaml")  # run_dir is relative to the cwd
@@ -290,6 +291,31 @@ def test_tuning_report(tmp_path):
     kd_runs = [r["last_top1"] for r in merged["runs"] if r["variant"] == "kd"]
     assert merged["variants"]["kd"]["last_top1"]["mean"] == approx(statistics.fmean(kd_runs))
     assert merged["setup"]["seeds"] == [0, 1]
+
+    # runs of another recipe folder do not join this file: refused before any training
+    proc = subprocess.run([sys.executable, str(BENCH / "tune.py"), "--quick", "--append", "--recipes",
+                           "configs/fashion_mnist_wide", "--out", "out/tuning.json"], cwd=tmp_path, env=env,
+                          text=True, capture_output=True, timeout=60)
+    assert proc.returncode == 2 and "holds runs of other recipes (configs/fashion_mnist)" in proc.stderr, proc.stderr
+    assert "teacher" not in proc.stdout
+
+
+def test_tuning_on_the_wide_teacher(tmp_path):
+    """--recipes configs/fashion_mnist_wide: the same variants distil from the 4x wider resnet8x4 teacher."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, str(BENCH / "tune.py"), "--quick", "--recipes", "configs/fashion_mnist_wide",
+                           "--variants", "blockkd conv3x3_bn", "--out", "out/wide.json"],
+                          cwd=tmp_path, env=env, text=True, capture_output=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "wide.json").read_text())
+    assert report["setup"]["recipes"] == "configs/fashion_mnist_wide" and report["teacher"]["model"] == "resnet8x4"
+    (run,) = report["runs"]
+    cfg = config.load(tmp_path / run["run_dir"] / "config.yaml")
+    assert (cfg["model"]["name"], cfg["teacher"]["name"]) == ("resnet8", "resnet8x4")
+    assert cfg["method"]["options"]["connector"] == "conv3x3_bn" and cfg["data"]["val_split"] == 300
+    md = (tmp_path / "out" / "wide.md").read_text()
+    assert md.startswith("### Tuning Block-KD (validation split, configs/fashion_mnist_wide)")
+    assert "configs/fashion_mnist_wide recipes" in md and "teacher resnet8x4 at" in md
 
 
 # ----------------------------------------------------------------------------------------- README
