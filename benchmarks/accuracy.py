@@ -103,17 +103,41 @@ def teachers_of(before: dict[str, Any] | None, now: dict[str, Any]) -> dict[str,
     return {**now, "earlier": earlier}
 
 
-def teacher_sentence(report: dict[str, Any]) -> str:
+def served(report: dict[str, Any]) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Each teacher of the report with the runs it taught, oldest first; a teacher none of whose runs is left
+    (all redone since) is left out. Runs written before they recorded their teacher's weights go to the
+    oldest teacher whose seeds hold theirs, else to the current one."""
     t = report["teacher"]
-    if not t.get("earlier"):
+    teachers = [*t.get("earlier", []), t]
+    taught: list[list[dict[str, Any]]] = [[] for _ in teachers]
+    for r in report["runs"]:
+        sha = r.get("teacher_sha256")
+        mine = [k for k, x in enumerate(teachers) if (x.get("weights_sha256") == sha if sha
+                                                      else r["seed"] in x.get("seeds", []))]
+        taught[mine[0] if mine else len(teachers) - 1].append(r)
+    return [(x, runs) for x, runs in zip(teachers, taught) if runs]
+
+
+def runs_phrase(runs: list[dict[str, Any]]) -> str:
+    """'seeds 0, 1, 2 of ce, kd and seed 3 of dkd': the (method, seed) pairs, methods with equal seeds together."""
+    seeds = {m: sorted(r["seed"] for r in runs if r["method"] == m) for m in ordered({r["method"] for r in runs})}
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for m, mine in seeds.items():
+        groups.setdefault(tuple(mine), []).append(m)
+    return " and ".join(f"seed{'s' if len(k) > 1 else ''} {', '.join(map(str, k))} of {', '.join(ms)}"
+                        for k, ms in groups.items())
+
+
+def teacher_sentence(report: dict[str, Any]) -> str:
+    teachers = served(report)
+    if len(teachers) < 2:
         return "One teacher serves all students."
     score = lambda x: f"{x['last_top1']:.2f} last / {x['best_top1']:.2f} best epoch"  # noqa: E731
     cpu = lambda x: f" ({x['cpu']})" if x.get("cpu") else ""  # noqa: E731
-    then = "; ".join(f"{score(e)} for seeds {', '.join(map(str, e['seeds']))}{cpu(e)}" for e in t["earlier"])
+    each = "; ".join(f"{score(x)}{cpu(x)} for {runs_phrase(runs)}" for x, runs in teachers)
     return (f"The teacher was retrained between invocations from the same recipe and seed (the cache is per "
-            f"machine, and training on another CPU does not repeat bit for bit): {then}; {score(t)} for seeds "
-            f"{', '.join(map(str, t['seeds']))}{cpu(t)}. The students distil from its {t.get('checkpoint', 'best')} "
-            f"checkpoint.")
+            f"machine, and training on another CPU does not repeat bit for bit): {each}. The students distil "
+            f"from its {report['teacher'].get('checkpoint', 'best')} checkpoint.")
 
 
 def setup_of(cfg: dict[str, Any], teacher: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
@@ -328,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
                     "minutes": minutes}]
     machine = machine_info(runtime.resolve_device(next(iter(recipes.values()))["config"]["train"]["device"]))
     teacher_now = teacher_record(teacher_dir, teacher, list(s["seeds"]), machine["cpu"])
+    for r in results:  # which weights taught it: an --append elsewhere may have retrained the teacher
+        r["teacher_sha256"] = teacher_now["weights_sha256"]
     if before:  # keep the earlier runs of other (method, seed) pairs
         results, invocations = append_runs(before, results, invocations, key=lambda r: (r["method"], r["seed"]))
         recipes = {**before["recipes"], **recipes}

@@ -126,6 +126,7 @@ def test_accuracy_report(runs):
     teacher = report["teacher"]
     meta = json.loads((Path(teacher["run_dir"]) / teacher["checkpoint"] / "meta.json").read_text())
     assert teacher["checkpoint"] == "best" and teacher["seeds"] == [0] and "earlier" not in teacher
+    assert {r["teacher_sha256"] for r in report["runs"]} == {teacher["weights_sha256"]}
     assert teacher["weights_sha256"] == meta["sha256"]["weights.safetensors"]
     assert teacher["cpu"] == report["machine"]["cpu"]
 
@@ -156,7 +157,8 @@ def test_accuracy_append_adds_methods_and_refuses_other_settings(runs, tmp_path)
     (tmp_path / "out").mkdir()
     before = json.loads((folder / "accuracy.json").read_text())
     # As if the teacher had been retrained since (another machine's cache): other weights, other scores.
-    retrained = {**before, "teacher": {**before["teacher"], "weights_sha256": "0" * 64, "last_top1": 12.34}}
+    retrained = {**before, "teacher": {**before["teacher"], "weights_sha256": "0" * 64, "last_top1": 12.34},
+                 "runs": [{**r, "teacher_sha256": "0" * 64} for r in before["runs"]]}
     (tmp_path / "out" / "accuracy.json").write_text(json.dumps(retrained))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(folder.parent / "cache")}  # the cached teacher
     base = [sys.executable, str(BENCH / "accuracy.py"), "--quick", "--val", "300", "--append", "--out", "out/accuracy.json"]
@@ -169,7 +171,9 @@ def test_accuracy_append_adds_methods_and_refuses_other_settings(runs, tmp_path)
     kd_ls = after["recipes"]["kd-ls"]["config"]["method"]
     assert kd_ls["name"] == "kd" and kd_ls["options"]["logit_standardization"] is True
     assert after["recipes"]["kd"]["config"]["method"]["options"]["logit_standardization"] is False
-    assert [r for r in after["runs"] if r["method"] not in ("kd", "kd-ls")] == before["runs"]
+    assert [r for r in after["runs"] if r["method"] not in ("kd", "kd-ls")] == retrained["runs"]
+    assert {r["teacher_sha256"] for r in after["runs"] if r["method"] in ("kd", "kd-ls")} == {
+        before["teacher"]["weights_sha256"]}
     assert after["methods"]["kd"]["gain_vs_ce"] == approx(after["methods"]["kd"]["last_top1"]["mean"]
                                                            - before["methods"]["ce"]["last_top1"]["mean"])
     assert len(after["invocations"]) == 2
@@ -186,7 +190,8 @@ def test_accuracy_append_adds_methods_and_refuses_other_settings(runs, tmp_path)
     by_score = sorted(after["methods"], key=lambda m: (-after["methods"][m]["last_top1"]["mean"], m))  # ties: by name
     assert ranks[by_score[0]] == 1 and ranks[by_score[-1]] == 4
     assert f"**blockkd ranks {ranks['blockkd']} of 4**" in md
-    assert "retrained between invocations" in md and "12.34 last" in md and "One teacher" not in md
+    assert "retrained between invocations" in md and "One teacher" not in md
+    assert "12.34 last / " in md and " for seed 0 of ce, blockkd; " in md and " for seed 0 of kd, kd-ls. " in md
     proc = subprocess.run(base + ["--methods", "kd", "--epochs", "2"], cwd=tmp_path, env=env, text=True,
                           capture_output=True, timeout=240)
     assert proc.returncode == 2 and "another teacher, other overrides or other recipes" in proc.stderr
@@ -314,7 +319,7 @@ def test_tuning_on_the_wide_teacher(tmp_path):
     assert (cfg["model"]["name"], cfg["teacher"]["name"]) == ("resnet8", "resnet8x4")
     assert cfg["method"]["options"]["connector"] == "conv3x3_bn" and cfg["data"]["val_split"] == 300
     md = (tmp_path / "out" / "wide.md").read_text()
-    assert md.startswith("### Tuning Block-KD (validation split, configs/fashion_mnist_wide)")
+    assert md.startswith("### Tuning Block-KD (validation split, configs/fashion_mnist_wide, 1 epochs)")
     assert "configs/fashion_mnist_wide recipes" in md and "teacher resnet8x4 at" in md
 
 
