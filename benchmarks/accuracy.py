@@ -3,6 +3,7 @@
     python benchmarks/accuracy.py [--recipes configs/fashion_mnist] [--seeds 0 1 2 3 4]
                                   [--methods ce kd ... blockkd-lite] [--epochs N] [--train-subset N]
                                   [--val [N]] [--jobs 2] [--append] [--quick] [--out results/accuracy.json]
+    python benchmarks/accuracy.py --render [--out results/accuracy.json]   # .md and .png again, from the JSON
 
 How, and why this way: every run is a plain ``blockkd.config.load`` of a recipe of ``--recipes`` (the
 teacher ``DIR/teacher.yaml``, the students ``DIR/<name>.yaml``: every other recipe there but the shared
@@ -16,8 +17,10 @@ the accuracy on texts). For each seed, every method gets the same ``train.seed``
 initialisation and data order. Reported per method:
 mean ± std over seeds of the last-epoch top-1 and of the best-epoch top-1 (the best epoch is chosen on
 the evaluated split, so it is optimistic and labelled as such), the gain over ``ce`` (means of the last
-epochs) and the wall-clock time. ``--val`` evaluates on images held out from the training set instead of
-the test split, for tuning without ever looking at the test split.
+epochs) and the wall-clock time; for a method with extra heads (Block-KD's stepping-stones and their
+ensemble), each head's mean ± std last-epoch top-1 on a line under the table. ``--val`` evaluates on
+images held out from the training set instead of the test split, for tuning without ever looking at the
+test split.
 
 Subset and schedule are the recipes' own (``DIR/base.yaml``) unless ``--train-subset``
 (0: all the training images) or ``--epochs`` (students only) say otherwise. Outputs: a table on stdout, ``--out`` (JSON), and
@@ -197,6 +200,24 @@ def place_line(report: dict[str, Any], entry: str = "blockkd") -> str:
     return " ".join(said)
 
 
+def heads_lines(report: dict[str, Any]) -> list[str]:
+    """A line per method whose runs report extra heads (Block-KD's stepping-stones and their ensemble): each
+    head's mean ± std top-1 at the last epoch beside the student's, so that which stone leads, and whether the
+    ensemble is above the student, reads from the report (the heads are dropped at inference; the student's
+    figure is the one ranked)."""
+    split, lines = report["setup"]["split"], []
+    for m in ranked(report):
+        runs = [r for r in report["runs"] if r["method"] == m and r.get("last_heads")]
+        heads = list(dict.fromkeys(h for r in runs for h in r["last_heads"]))
+        if not heads:
+            continue
+        said = ", ".join(f"{h.replace('stone', 'stone ')} "
+                         f"{pm(mean_std([r['last_heads'][h] for r in runs if h in r['last_heads']]))}" for h in heads)
+        lines.append(f"{m}'s heads, {split} top-1 at the last epoch over {plural(len(runs), 'run')}: {said}; "
+                     f"the student {pm(report['methods'][m]['last_top1'])}.")
+    return lines
+
+
 def duration(seconds: float) -> str:
     """Minutes with one decimal; under a minute, whole seconds."""
     return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
@@ -271,7 +292,8 @@ def render_markdown(report: dict[str, Any], png: Path) -> str:
     if Path(u.get("recipes", "configs/fashion_mnist")).name != u.get("dataset", "fashion_mnist"):
         title += f", {u['teacher']} -> {u['student']}"  # a second setting on the same data (fashion_mnist_wide)
     return section(f"Accuracy ({title})", [
-        setup_line(report), markdown_table(*table(report)), place_line(report), f"![accuracy per method]({image})",
+        setup_line(report), markdown_table(*table(report)), place_line(report), *heads_lines(report),
+        f"![accuracy per method]({image})",
         f"Machine: {machine_line(report['machine'])}; {report['minutes']:.0f} min in all. "
         + reproduce_line(report["invocations"])])
 
@@ -296,6 +318,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "(same teacher and overrides) and report all of them")
     p.add_argument("--from-runs", action="store_true", help="train nothing: report the finished runs already in "
                    "the run folders beside --out (a run stopped at a deadline, say), with the given settings")
+    p.add_argument("--render", action="store_true", help="train nothing: only rewrite the .md and .png from the "
+                   "JSON in --out (after a change to the report's format)")
     p.add_argument("--quick", action="store_true", help="tiny subset, 1 epoch, 1 seed, ce and blockkd: the smoke test")
     p.add_argument("--out", default="results/accuracy.json", help="JSON output; .png and .md go beside it")
     return p.parse_args(argv)
@@ -306,6 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     given = {k: v for k, v in vars(args).items() if v is not None and k in DEFAULTS}
     s = {**DEFAULTS, **(QUICK if args.quick else {}), **given, "val": args.val, "device": args.device}
     out = Path(args.out)
+    if args.render:
+        report = json.loads(out.read_text())
+        png = plot(report, out.with_suffix(".png"))
+        print(f"{write_text(out.with_suffix('.md'), render_markdown(report, png))}, {png}")
+        return 0
     runs_dir = out.with_name(out.stem + "-runs")
     started = time.perf_counter()
     try:

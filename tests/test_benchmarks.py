@@ -148,6 +148,17 @@ def test_accuracy_report(runs):
     assert md.startswith("### Accuracy") and "| resnet8 | blockkd | 1 |" in md and "accuracy.png" in md
     assert "One teacher serves all students." in md
     assert "val top-1, last epoch" in stdout and "held out from the training set" in stdout
+    heads = runs_["blockkd"]["last_heads"]  # the stones and their ensemble, on a line of their own
+    assert set(heads) == {"stone1", "stone2", "stone3", "ensemble"} and not runs_["ce"]["last_heads"]
+    line = next(x for x in md.splitlines() if x.startswith("blockkd's heads"))
+    assert f"stone 1 {heads['stone1']:.2f} ± 0.00" in line and f"ensemble {heads['ensemble']:.2f} ± 0.00" in line
+    assert line.endswith(f"the student {runs_['blockkd']['last_top1']:.2f} ± 0.00.") and "ce's heads" not in md
+
+    # --render: the .md again from the JSON alone, byte for byte
+    (folder / "accuracy.md").unlink()
+    subprocess.run([sys.executable, str(BENCH / "accuracy.py"), "--render", "--out", str(folder / "accuracy.json")],
+                   check=True, capture_output=True)
+    assert (folder / "accuracy.md").read_text() == md
 
 
 def test_accuracy_append_adds_methods_and_refuses_other_settings(runs, tmp_path):
