@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -159,6 +160,43 @@ def table(summary: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]
     return header, rows
 
 
+FACTORS = (1.0, 0.5, 2.0)  # the recipe's weight first: it wins a tie
+
+
+def sweep_names(method: str) -> dict[float, str]:
+    key = DISTILL_WEIGHT[method]
+    return {f: method if f == 1.0 else f"{method} {key} x{f:g}" for f in FACTORS}
+
+
+def weight_sweeps(summary: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per baseline whose three weight variants all ran: the weights tried (from the variants' recorded options,
+    so the record holds after its recipe takes the chosen value) and the one with the best mean last-epoch
+    val top-1, the value its recipe gets."""
+    out = {}
+    for method, key in DISTILL_WEIGHT.items():
+        names = sweep_names(method)
+        if not all(n in summary for n in names.values()):
+            continue
+        recipe = summary[names[0.5]]["options"][key] / 0.5
+        chosen = max(FACTORS, key=lambda f: summary[names[f]]["last_top1"]["mean"])
+        out[method] = {"key": key, "recipe": recipe, "chosen_factor": chosen, "chosen": recipe * chosen,
+                       "tried": {f"{f:g}": {"value": recipe * f, "variant": names[f],
+                                            "last_top1": summary[names[f]]["last_top1"]} for f in FACTORS}}
+    return out
+
+
+def sweep_table(sweeps: dict[str, dict[str, Any]], summary: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    header = ["method", "weight", "seeds", "x0.5", "x1 (recipe)", "x2", "chosen", "time/run"]
+    rows = []
+    for method, w in sweeps.items():
+        tried = [w["tried"][f"{f:g}"] for f in (0.5, 1.0, 2.0)]
+        seeds = min(len(summary[t["variant"]]["seeds"]) for t in tried)
+        minutes = statistics.fmean(summary[t["variant"]]["wall_time_s"]["mean"] for t in tried) / 60
+        rows.append([method, w["key"], seeds, *(f"{t['value']:g}: {students.pm(t['last_top1'])}" for t in tried),
+                     f"**{w['chosen']:g}** (x{w['chosen_factor']:g})", f"{minutes:.1f} min"])
+    return header, rows
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), metavar="NAME",
@@ -244,9 +282,17 @@ def render(report: dict[str, Any], out: Path) -> tuple[str, Path]:
             f"{t['last_top1']:.2f}; seeds {', '.join(map(str, u['seeds']))} (the seeds column says how many each "
             f"variant ran with); {u['jobs']} runs side by side, {u['threads_per_job']} thread(s) each.")
     wide = "" if u.get("recipes", "configs/fashion_mnist") == "configs/fashion_mnist" else f", {u['recipes']}"
-    title = "Tuning Block-KD (validation split" + wide + (f", {epochs[-1]} epochs)" if epochs else ")")
+    summary = report["variants"]
+    sweeps = weight_sweeps(summary)
+    swept = {n for w in sweeps.values() for t in w["tried"].values() for n in [t["variant"]]}
+    rest = {n: v for n, v in summary.items() if n not in swept}
+    what = "Block-KD" if rest else "the baselines' distillation weights"
+    title = f"Tuning {what} (validation split" + wide + (f", {epochs[-1]} epochs)" if epochs else ")")
+    chosen = ("Each baseline's distillation weight at its recipe's value (the published one), half and twice it; "
+              "the chosen one (bold: the best mean last-epoch val top-1 of the three, the recipe's on a tie) is "
+              "the value its recipe takes.") if sweeps else ""
     md = write_text(out.with_suffix(".md"), section(title, [
-        text, markdown_table(*table(report["variants"])),
+        text, chosen, sweeps and markdown_table(*sweep_table(sweeps, summary)), rest and markdown_table(*table(rest)),
         f"Machine: {machine_line(report['machine'])}; {report['minutes']:.0f} min in all. "
         + reproduce_line(report["invocations"])]))
     return text, md

@@ -307,6 +307,13 @@ def test_tuning_report(tmp_path):
     kd_runs = [r["last_top1"] for r in merged["runs"] if r["variant"] == "kd"]
     assert merged["variants"]["kd"]["last_top1"]["mean"] == approx(statistics.fmean(kd_runs))
     assert merged["setup"]["seeds"] == [0, 1]
+    # the sweep's own table: each weight tried with its val top-1, the best one chosen (the recipe's on a tie)
+    means = {k: merged["variants"][k]["last_top1"]["mean"] for k in pkt}
+    factor = {"pkt": 1, "pkt feat_weight x0.5": 0.5, "pkt feat_weight x2": 2}
+    best = max(factor, key=means.get)
+    sweep = re.search(r"^\| pkt \| feat_weight \| 1 \| (.*)$", (tmp_path / "out" / "tuning.md").read_text(), re.M)
+    assert sweep and f"{recipe / 2:g}: {means['pkt feat_weight x0.5']:.2f} ± 0.00" in sweep[1]
+    assert f"**{pkt[best]['options']['feat_weight']:g}** (x{factor[best]:g})" in sweep[1]
 
     # runs of another recipe folder do not join this file: refused before any training
     proc = subprocess.run([sys.executable, str(BENCH / "tune.py"), "--quick", "--append", "--recipes",
