@@ -12,7 +12,9 @@ split. Every run here is ``accuracy.py``'s (``students.run_student``): the recip
 training set (``data.val_split``; the teacher is trained without them too). The baselines ce, kd and dkd run
 in the same setting. ``--jobs`` runs that many trainings side by side, each on cores/jobs threads (the small
 CPU models use two cores poorly).
-Outputs: a table on stdout (sorted by last-epoch val top-1), ``--out`` (JSON) and ``.md`` beside it.
+Outputs: a table on stdout (sorted by last-epoch val top-1), ``--out`` (JSON) and ``.md`` beside it; there,
+a baseline whose three weights all ran (``--weights-of``) gets a row of its own in a sweep table: each
+weight's val top-1 and the chosen one, which its recipe then takes.
 """
 from __future__ import annotations
 
