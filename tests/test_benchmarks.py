@@ -362,3 +362,19 @@ def test_readme_results_are_the_committed_benchmark_output(tmp_path):
     assert readme("--readme", str(tmp_path / "README.md")) == 0
     assert "\nedited\n<!-- END" in (tmp_path / "README.md").read_text()
     assert readme("--check", "--readme", str(tmp_path / "README.md")) == 0
+
+
+def test_recipes_carry_the_weights_chosen_on_the_validation_split(monkeypatch):
+    """Each baseline swept in results/tuning-baselines.json has, in its Fashion-MNIST recipe, the weight that
+    the sweep chose (what the README's leaderboard says of its entries)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import tune
+
+    report = json.loads((ROOT / "results" / "tuning-baselines.json").read_text())
+    sweeps = tune.weight_sweeps(report["variants"])
+    assert sweeps, "results/tuning-baselines.json holds no complete sweep"
+    for method, w in sweeps.items():
+        means = {f: t["last_top1"]["mean"] for f, t in w["tried"].items()}
+        assert means[f"{w['chosen_factor']:g}"] == max(means.values())
+        recipe = config.load(ROOT / "configs" / "fashion_mnist" / f"{method}.yaml")["method"]["options"]
+        assert recipe[w["key"]] == approx(w["chosen"]), f"{method}.yaml: {w['key']} is not the chosen {w['chosen']:g}"
