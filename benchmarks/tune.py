@@ -102,7 +102,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
        for name, extra in {"gamma 0.2": {"gamma": 0.2},
                            "gamma 0.2 student dkd": {"gamma": 0.2, "student_divergence": "dkd", "dkd_beta": 2.0},
                            "alpha beta 0.5": {"alpha": 0.5, "beta": 0.5},
-                           "student dkd beta 8": {"student_divergence": "dkd", "dkd_beta": 8.0}}.items()},
+                           "student dkd beta 8": {"student_divergence": "dkd", "dkd_beta": 8.0},
+                           # after α = β = 0.5 led on seed 0: larger still (scaling α and β scales the
+                           # student's and stones' gradients, much like a larger learning rate for them)
+                           "alpha beta 0.7": {"alpha": 0.7, "beta": 0.7},
+                           "alpha beta 1": {"alpha": 1.0, "beta": 1.0}}.items()},
     "kd ls": ("kd", {"logit_standardization": True, "temperature": 2.0, "kd_weight": 9.0}),
     "dkd ls": ("dkd", {"logit_standardization": True}),
 }
