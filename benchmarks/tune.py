@@ -300,7 +300,7 @@ def render(report: dict[str, Any], out: Path) -> tuple[str, Path]:
     wide = "" if u.get("recipes", "configs/fashion_mnist") == "configs/fashion_mnist" else f", {u['recipes']}"
     summary = report["variants"]
     sweeps = weight_sweeps(summary)
-    swept = {n for w in sweeps.values() for t in w["tried"].values() for n in [t["variant"]]}
+    swept = {t["variant"] for w in sweeps.values() for t in w["tried"].values()}
     rest = {n: v for n, v in summary.items() if n not in swept}
     what = "Block-KD" if rest else "the baselines' distillation weights"
     title = f"Tuning {what} (validation split" + wide + (f", {epochs[-1]} epochs)" if epochs else ")")
