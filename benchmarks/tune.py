@@ -106,7 +106,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                            # after α = β = 0.5 led on seed 0: larger still (scaling α and β scales the
                            # student's and stones' gradients, much like a larger learning rate for them)
                            "alpha beta 0.7": {"alpha": 0.7, "beta": 0.7},
-                           "alpha beta 1": {"alpha": 1.0, "beta": 1.0}}.items()},
+                           "alpha beta 1": {"alpha": 1.0, "beta": 1.0},
+                           # Round 8, after α = β = 1 beat DKD on both seeds: larger still
+                           "alpha beta 1.5": {"alpha": 1.5, "beta": 1.5}}.items()},
+    # Round 8: the lite variant with round 7's weights (it inherits blockkd.yaml's options)
+    "blockkd-lite split weights conv3x3_bn stone_warmup 2 alpha beta 1": ("blockkd-lite", {
+        "split_shares": "weights", "connector": "conv3x3_bn", "stone_warmup": 2.0, "alpha": 1.0, "beta": 1.0}),
     "kd ls": ("kd", {"logit_standardization": True, "temperature": 2.0, "kd_weight": 9.0}),
     "dkd ls": ("dkd", {"logit_standardization": True}),
 }
