@@ -1,4 +1,6 @@
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,3 +12,14 @@ torch.set_num_threads(int(os.environ.get("BLOCKKD_TEST_THREADS", "1")))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def baseline_sweeps(monkeypatch):
+    """The baselines' weight sweeps recorded in results/tuning-baselines.json, as benchmarks/tune.py reads them
+    (method -> key, weights tried, the chosen one): what their Fashion-MNIST recipes must carry."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root / "benchmarks"))
+    import tune
+
+    return tune.weight_sweeps(json.loads((root / "results" / "tuning-baselines.json").read_text())["variants"])

@@ -6,7 +6,6 @@ pair; extra modules are trained and saved; bad options are refused; every recipe
 """
 import copy
 import itertools
-import json
 import math
 from pathlib import Path
 
@@ -416,7 +415,7 @@ PAIR_OPTIONS = {("vgg13_vgg8", "fitnet"): {"hint_block": 3}}  # mdistiller's HIN
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_recipes_load_with_the_published_options(method, monkeypatch):
+def test_recipes_load_with_the_published_options(method, baseline_sweeps):
     for pair in CIFAR_PAIRS:
         defaults = {**blockkd.methods.defaults(method), **PAIR_OPTIONS.get((pair, method), {})}
         cfg = config.load(CONFIGS / "cifar100" / pair / f"{method}.yaml")
@@ -428,10 +427,6 @@ def test_recipes_load_with_the_published_options(method, monkeypatch):
     assert fm["method"]["name"] == method and fm["data"]["name"] == "fashion_mnist"
     # A Fashion-MNIST recipe differs in one key at most: the distillation weight, once results/tuning-baselines.json
     # holds its sweep on the validation split (test_benchmarks checks the value against it); until then, none.
-    monkeypatch.syspath_prepend(str(CONFIGS.parent / "benchmarks"))
-    import tune
-
-    swept = tune.weight_sweeps(json.loads((CONFIGS.parent / "results" / "tuning-baselines.json").read_text())["variants"])
-    tuned = tune.DISTILL_WEIGHT[method] if method in swept else None
+    tuned = baseline_sweeps[method]["key"] if method in baseline_sweeps else None
     assert {k: v for k, v in fm["method"]["options"].items() if k != tuned} == {
         k: v for k, v in blockkd.methods.defaults(method).items() if k != tuned}
