@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,10 @@ import torch
 
 # Two cores in CI: one intra-op thread per test process keeps timings predictable.
 torch.set_num_threads(int(os.environ.get("BLOCKKD_TEST_THREADS", "1")))
+# A suite started in the background of a non-interactive shell (`cmd &`, nohup) inherits SIGINT ignored, and
+# the Ctrl-C fault tests (tests/faults/test_resources.py) would then never see their SIGINT: restore Python's
+# handler, which the runs they start inherit as the default disposition.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
