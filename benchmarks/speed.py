@@ -281,8 +281,8 @@ def flops(pair: str, labels: list[str], batch_size: int, image_size: int, num_cl
     kd = parts["student forward"] + parts["student backward"] + parts["teacher forward"]
     w = d.stone_weights
     # blockkd-lite's split sampling: stone i runs on its share of m_i samples (FLOPs are linear in the batch),
-    # the shares its options give (split_shares).
-    shares = build("blockkd-lite")[1].share_sizes(batch_size)
+    # the shares its options give (split_shares; the whole batch for its whole_batch_stones).
+    shares = build("blockkd-lite")[1].stone_batch_sizes(batch_size)
     lite = kd + sum(m / batch_size * c for m, c in zip(shares, stones))
     if "blockkd-lite" in labels:
         per_step["blockkd-lite"] = round(lite)

@@ -19,6 +19,7 @@ weight's val top-1 and the chosen one, which its recipe then takes.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shlex
@@ -112,6 +113,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # Round 8: the lite variant with round 7's weights (it inherits blockkd.yaml's options)
     "blockkd-lite split weights conv3x3_bn stone_warmup 2 alpha beta 1": ("blockkd-lite", {
         "split_shares": "weights", "connector": "conv3x3_bn", "stone_warmup": 2.0, "alpha": 1.0, "beta": 1.0}),
+    # Round 9: the same with its deepest stone (the cheapest, and the one that pulls hardest on the student)
+    # on the whole batch instead of its 4/7 share
+    "blockkd-lite split weights conv3x3_bn stone_warmup 2 alpha beta 1 whole 1": ("blockkd-lite", {
+        "split_shares": "weights", "connector": "conv3x3_bn", "stone_warmup": 2.0, "alpha": 1.0, "beta": 1.0,
+        "whole_batch_stones": 1}),
     "kd ls": ("kd", {"logit_standardization": True, "temperature": 2.0, "kd_weight": 9.0}),
     "dkd ls": ("dkd", {"logit_standardization": True}),
 }
@@ -274,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   for seed in seeds for n in names], jobs, threads)
     command = shlex.join(["python", "benchmarks/tune.py", *(sys.argv[1:] if argv is None else argv)])
     invocations = [{"command": command, "minutes": (time.perf_counter() - started) / 60,
-                    "date": machine_info()["date"]}]
+                    "date": machine_info()["date"], "jobs": jobs, "threads_per_job": threads}]
     if args.append and out.is_file():  # earlier runs first, minus those just redone
         results, invocations = append_runs(before, results, invocations, key=lambda r: (r["variant"], r["seed"]))
         seeds = sorted({r["seed"] for r in results})
@@ -293,6 +299,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def parallelism(report: dict[str, Any]) -> str:
+    """How many runs shared the machine, and with how many threads each: one phrase, or one per command when
+    appended invocations differed (an invocation without the fields ran with the setup's)."""
+    u = report["setup"]
+    each = [(i.get("jobs", u["jobs"]), i.get("threads_per_job", u["threads_per_job"])) for i in report["invocations"]]
+    phrase = lambda j, t: f"{j} runs side by side, {t} thread(s) each" if j > 1 else f"one run at a time, {t} thread(s)"  # noqa: E731
+    if len(set(each)) == 1:
+        return phrase(*each[0])
+    parts, k = [], 1
+    for (j, t), group in itertools.groupby(each):
+        n = len(list(group))
+        parts.append(f"{phrase(j, t)} (command{'s' if n > 1 else ''} {k}{f'–{k + n - 1}' if n > 1 else ''} below)")
+        k += n
+    return "; ".join(parts)
+
+
 def render(report: dict[str, Any], out: Path) -> tuple[str, Path]:
     """The setup sentence, and the README section written beside ``out`` (.md), from a tuning report."""
     u, t = report["setup"], report["teacher"]
@@ -301,7 +323,7 @@ def render(report: dict[str, Any], out: Path) -> tuple[str, Path]:
     text = (f"Validation top-1 on {u['val_split']} images held out from the Fashion-MNIST training set (the test "
             f"split is unused), {u.get('recipes', 'configs/fashion_mnist')} recipes, {schedule}, teacher {t['model']} at "
             f"{t['last_top1']:.2f}; seeds {', '.join(map(str, u['seeds']))} (the seeds column says how many each "
-            f"variant ran with); {u['jobs']} runs side by side, {u['threads_per_job']} thread(s) each.")
+            f"variant ran with); {parallelism(report)}.")
     wide = "" if u.get("recipes", "configs/fashion_mnist") == "configs/fashion_mnist" else f", {u['recipes']}"
     summary = report["variants"]
     sweeps = weight_sweeps(summary)

@@ -290,13 +290,13 @@ def test_tuning_report(tmp_path):
     # --append: a second seed of kd joins the first run's results; the rest is kept as it was. --weights-of pkt
     # adds PKT at its recipe's distillation weight, half and twice it.
     proc = subprocess.run([sys.executable, str(BENCH / "tune.py"), "--quick", "--append", "--variants", "kd",
-                           "--weights-of", "pkt", "--seeds", "1", "--out", "out/tuning.json"], cwd=tmp_path, env=env,
+                           "--weights-of", "pkt", "--seeds", "1", "--jobs", "1", "--out", "out/tuning.json"], cwd=tmp_path, env=env,
                           text=True, capture_output=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     merged = json.loads((tmp_path / "out" / "tuning.json").read_text())
     assert [i["command"].split("tune.py ")[1] for i in merged["invocations"]] == [
         "--quick --jobs 2 --out out/tuning.json",
-        "--quick --append --variants kd --weights-of pkt --seeds 1 --out out/tuning.json"]
+        "--quick --append --variants kd --weights-of pkt --seeds 1 --jobs 1 --out out/tuning.json"]
     recipe = config.load(ROOT / "configs/fashion_mnist/pkt.yaml")["method"]["options"]["feat_weight"]
     pkt = {r["variant"]: config.load(tmp_path / r["run_dir"] / "config.yaml")["method"]
            for r in merged["runs"] if r["variant"].startswith("pkt")}
@@ -307,6 +307,12 @@ def test_tuning_report(tmp_path):
     kd_runs = [r["last_top1"] for r in merged["runs"] if r["variant"] == "kd"]
     assert merged["variants"]["kd"]["last_top1"]["mean"] == approx(statistics.fmean(kd_runs))
     assert merged["setup"]["seeds"] == [0, 1]
+    # each command's parallelism is kept and said: the first ran two trainings side by side, the second one
+    assert [i["jobs"] for i in merged["invocations"]] == [2, 1]
+    md = (tmp_path / "out" / "tuning.md").read_text()
+    threads = [i["threads_per_job"] for i in merged["invocations"]]
+    assert (f"2 runs side by side, {threads[0]} thread(s) each (command 1 below); one run at a time, {threads[1]} "
+            f"thread(s) (command 2 below)") in md
     # the sweep's own table: each weight tried with its val top-1, the best one chosen (the recipe's on a tie)
     means = {k: merged["variants"][k]["last_top1"]["mean"] for k in pkt}
     factor = {"pkt": 1, "pkt feat_weight x0.5": 0.5, "pkt feat_weight x2": 2}

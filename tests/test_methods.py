@@ -456,7 +456,7 @@ def test_split_stones_equal_the_full_path_per_sample(batched):
 
 def _with_shares(d, perm):
     """Make ``d.split_batch`` return the shares of the permutation ``perm``."""
-    d.split_batch = lambda b, device="cpu": list(torch.tensor(perm).split(d.share_sizes(b)))
+    d.split_batch = lambda b, device="cpu": d.stone_rows(torch.tensor(perm))
 
 
 @pytest.mark.parametrize("divergence,shares", [("kl", "equal"), ("dkd", "equal"), ("kl", "weights")])
@@ -494,6 +494,58 @@ def test_split_objective_is_unbiased_and_its_cross_term_exact(divergence, shares
         # E[L_cross] = Σ_i P(j in share i) · d(Y^S, Y^{N_i}) = Σ_i (b_i / 4) · d(Y^S, Y^{N_i}).
         expected = sum(b / 4 * split.divergence(s_logits, z, y).item() for b, z in zip(sizes, stones))
         assert sums["loss_cross"] == pytest.approx(0.5 * expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("shares,k", [("weights", 1), ("equal", 2)])
+def test_whole_batch_stones_see_every_sample_and_their_cross_term(shares, k):
+    """whole_batch_stones: k: the k deepest stones run on the whole batch, the others on their share (the same
+    share sizes); over every permutation of a batch of 4 the task and distill terms average to the full
+    objective's; each draw's L_cross is d(Y^S, Ŷ) + Σ_i mean over stone i's samples of d(Y^{N_i}, Ŷ), with Ŷ_j
+    the mean of the stones that saw j, computed here sample by sample."""
+    import itertools
+    opts = dict(gamma=0.5)  # not logit_standardization: its z-scores would hide a mis-scaled Ŷ
+    split = make("blockkd-lite", split_shares=shares, whole_batch_stones=k, **opts)
+    sizes = {"weights": [1, 1, 2], "equal": [2, 1, 1]}[shares]
+    assert split.share_sizes(4) == sizes
+    assert split.stone_batch_sizes(4) == sizes[:3 - k] + [4] * k
+    assert split.stone_batch_sizes(128) == {1: [18, 37, 128], 2: [43, 128, 128]}[k]
+    rows = split.split_batch(4)
+    assert [len(r) for r in rows] == split.stone_batch_sizes(4)
+    assert all(torch.equal(r, torch.arange(4)) for r in rows[3 - k:])
+    assert torch.equal(torch.cat(rows[:3 - k]).unique(), torch.cat(rows[:3 - k]).sort().values)  # disjoint
+    full = make("blockkd", **opts)
+    full.load_state_dict(split.state_dict())
+    split.eval(), full.eval()
+    x, y = batch(4)
+    d = split.divergence
+    with torch.no_grad():
+        _, ref = full.forward_train(x, y, epoch=1.0)
+        stones = full.stones(x)
+        s_logits = full.student(x)
+        sums = {"loss_task_stones": 0.0, "loss_distill_stones": 0.0}
+        perms = list(itertools.permutations(range(4)))
+        for perm in perms:
+            _with_shares(split, perm)
+            _, got = split.forward_train(x, y, epoch=1.0)
+            for key in sums:
+                sums[key] += got[key].item() / len(perms)
+            owner = {j: i for i, share in enumerate(torch.tensor(perm).split(sizes)) for j in share.tolist()}
+            saw = [{owner[j], *range(3 - k, 3)} for j in range(4)]
+            hat = torch.stack([sum(stones[i][j] for i in saw[j]) / len(saw[j]) for j in range(4)])
+            cross = d(s_logits, hat, y).item()
+            for i in range(3):
+                mine = [j for j in range(4) if i in saw[j]]
+                if mine:
+                    cross += d(stones[i][mine], hat[mine], y[mine]).item()
+            assert got["loss_cross"].item() == pytest.approx(0.5 * cross, rel=1e-4)
+        assert sums["loss_task_stones"] == pytest.approx(ref["loss_task_stones"].item(), rel=1e-5)
+        assert sums["loss_distill_stones"] == pytest.approx(ref["loss_distill_stones"].item(), rel=1e-5)
+    with pytest.raises(BlockKDError, match=r"method\.options\.whole_batch_stones.*sampling split"):
+        make("blockkd", whole_batch_stones=1)
+    with pytest.raises(BlockKDError, match=r"whole_batch_stones must be between 0 and the number of blocks \(3\), got 4"):
+        make("blockkd-lite", whole_batch_stones=4)
+    with pytest.raises(BlockKDError, match=r"method\.options\.whole_batch_stones.*num_blocks is 2"):
+        make("blockkd-lite", whole_batch_stones=3, num_blocks=2)
 
 
 def test_split_every_connector_gets_a_gradient_every_step():

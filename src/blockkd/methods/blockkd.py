@@ -46,7 +46,11 @@ Which stones run each step (``stones_per_step``, ``sampling``):
   b_i of the b samples (1/n each when equal): the student is
   pulled towards each stone on that stone's samples, as with one stone per step, where the ensemble of the
   one drawn stone gives the same cross term. With a batch smaller than n, the stones left without samples
-  skip that step.
+  skip that step. ``whole_batch_stones: k`` runs the k deepest stones on the whole batch instead of their
+  share (the other stones keep theirs): they are the cheap ones, and the deepest one, the whole student
+  under the teacher's head, is the one that pulls hardest on the student (docs/blockkd.md). A sample is
+  then seen by those k stones and its share's stone; Ŷ_j is their mean, and every stone's cross term
+  d(Y^{N_i}, Ŷ) is its mean over the samples it saw.
 
 Inputs may be images or, for transformers, mappings of tensors (``input_ids``, ``attention_mask``); the
 teacher blocks of every stone take the extra inputs they need (the attention mask) from the batch
@@ -113,6 +117,9 @@ class BlockKDOptions:
     split_shares: str = option("equal", choice(*SPLIT_SHARES), "sampling split: each stone's share of the batch, "
                                "equal (1/n each) or ∝ its weight w_i (the deep, cheap stones get more samples; "
                                "about half the stones' cost on 3 blocks)")
+    whole_batch_stones: int = option(0, integer(0), "sampling split: the k deepest stones run on the whole batch "
+                                     "instead of their share (the others keep theirs); the deep stones are the "
+                                     "cheap ones (a connector and a short teacher suffix)")
     batched_stones: bool = option(True, BOOL, "stones crossing the same teacher block run there as one batch")
     stone_warmup: float = option(0.0, number(0), "epochs over which the stones' terms and L_cross ramp up "
                                  "linearly from 0")
@@ -125,6 +132,12 @@ class BlockKDOptions:
             raise OptionError("stones_per_step", f"sampling split runs every stone every step, each on its share "
                                                  f"of the batch; stones_per_step must be null, got "
                                                  f"{self.stones_per_step}")
+        if self.whole_batch_stones and self.sampling != "split":
+            raise OptionError("whole_batch_stones", f"whole_batch_stones applies to sampling split, got sampling "
+                                                    f"{self.sampling}")
+        if self.whole_batch_stones and self.num_blocks is not None and self.whole_batch_stones > self.num_blocks:
+            raise OptionError("whole_batch_stones", f"{self.whole_batch_stones} stones on the whole batch, but "
+                                                    f"num_blocks is {self.num_blocks}")
         if self.connector_init == "teacher_stats" and CONNECTORS.get(self.connector)[-1][1]:
             raise OptionError("connector_init", f"teacher_stats sets the affine parameters of the connector's last "
                                                 f"BN, but connector {self.connector} ends with a ReLU after it")
@@ -159,6 +172,9 @@ class BlockKD(Distiller):
             raise OptionError("stones_per_step", f"stones_per_step must be between 1 and the number of blocks "
                                                  f"({n}), got {k}")
         self.stones_per_step = None if k is None or k == n else k
+        if o.whole_batch_stones > n:
+            raise OptionError("whole_batch_stones", f"whole_batch_stones must be between 0 and the number of blocks "
+                                                    f"({n}), got {o.whole_batch_stones}")
         self.divergence = LogitDivergence(o.divergence, o.temperature, o.logit_standardization,
                                           o.dkd_alpha, o.dkd_beta)
         self.student_divergence = LogitDivergence(o.student_divergence or o.divergence, o.temperature,
@@ -254,9 +270,25 @@ class BlockKD(Distiller):
         A uniformly random permutation of the batch cut into n parts: the parts are disjoint, cover the batch,
         and each is a uniformly random subset of its size, so a mean over it is unbiased for the batch's.
         Sizes (:meth:`share_sizes`): near-equal, or ∝ w_i with ``split_shares: weights``. Drawn from torch's
-        CPU generator (reproducible under ``torch.manual_seed``, as ``pick_stones``).
+        CPU generator (reproducible under ``torch.manual_seed``, as ``pick_stones``). With
+        ``whole_batch_stones: k`` the k deepest stones get every index instead (:meth:`stone_rows`).
         """
-        return list(torch.randperm(batch_size).to(device).split(self.share_sizes(batch_size)))
+        return self.stone_rows(torch.randperm(batch_size).to(device))
+
+    def stone_rows(self, perm: torch.Tensor) -> list[torch.Tensor]:
+        """The sample indices of each stone for the permutation ``perm`` of the batch: ``perm`` cut into the
+        shares (:meth:`share_sizes`), then the whole batch for the ``whole_batch_stones`` deepest stones."""
+        rows = list(perm.split(self.share_sizes(len(perm))))
+        n, k = self.num_blocks, self.opts.whole_batch_stones
+        if k:
+            rows[n - k:] = [torch.arange(len(perm), device=perm.device)] * k
+        return rows
+
+    def stone_batch_sizes(self, batch_size: int) -> list[int]:
+        """How many samples each stone runs on per step under ``split`` (its share, or the whole batch for
+        the ``whole_batch_stones`` deepest): what its cost is proportional to (benchmarks/speed.py)."""
+        sizes, n, k = self.share_sizes(batch_size), self.num_blocks, self.opts.whole_batch_stones
+        return sizes[:n - k] + [batch_size] * k
 
     def share_sizes(self, batch_size: int) -> list[int]:
         """How many samples each stone gets under ``split``: sizes differing by at most one (the first
@@ -293,12 +325,24 @@ class BlockKD(Distiller):
         stone_logits = self.run_stones(feats, which, x, rows=rows)
         task = sum(w[i] * cross_entropy(z, y[r]) for i, r, z in zip(which, rows, stone_logits))
         distill = sum(w[i] * d(z, t_logits[r], y[r]) for i, r, z in zip(which, rows, stone_logits))
-        # Ŷ_j: the logits of the stone that saw sample j, put back in the batch's order.
-        order = torch.cat(rows)
-        hat = torch.cat(stone_logits)[torch.argsort(order)]
+        if not self.opts.whole_batch_stones:
+            # Ŷ_j: the logits of the one stone that saw sample j, put back in the batch's order.
+            hat = torch.cat(stone_logits)[torch.argsort(torch.cat(rows))]
+            if self.opts.detach_ensemble:
+                hat = hat.detach()
+            return task, distill, d(logits, hat, y)
+        # Ŷ_j: the mean of the stones that saw sample j (the deepest ones and its share's stone); each stone's
+        # own cross term is its mean over the samples it saw, as its task and distill terms.
+        total = logits.new_zeros(logits.shape[0], stone_logits[0].shape[1], dtype=stone_logits[0].dtype)
+        seen = logits.new_zeros(logits.shape[0], 1, dtype=stone_logits[0].dtype)
+        for r, z in zip(rows, stone_logits):
+            total = total.index_add(0, r, z)
+            seen = seen.index_add(0, r, torch.ones_like(z[:, :1]))
+        hat = total / seen
         if self.opts.detach_ensemble:
             hat = hat.detach()
-        return task, distill, d(logits, hat, y)
+        cross = d(logits, hat, y) + sum(d(z, hat[r], y[r]) for r, z in zip(rows, stone_logits))
+        return task, distill, cross
 
     def forward_train(self, x, y, *, epoch):
         o = self.opts
