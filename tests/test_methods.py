@@ -540,6 +540,13 @@ def test_whole_batch_stones_see_every_sample_and_their_cross_term(shares, k):
             assert got["loss_cross"].item() == pytest.approx(0.5 * cross, rel=1e-4)
         assert sums["loss_task_stones"] == pytest.approx(ref["loss_task_stones"].item(), rel=1e-5)
         assert sums["loss_distill_stones"] == pytest.approx(ref["loss_distill_stones"].item(), rel=1e-5)
+    # every stone on the whole batch: the split objective is the full one, term by term
+    every = make("blockkd-lite", whole_batch_stones=3, **opts)
+    every.load_state_dict(split.state_dict())
+    every.eval()
+    with torch.no_grad():
+        _, got = every.forward_train(x, y, epoch=1.0)
+    assert {k: v.item() for k, v in got.items()} == pytest.approx({k: v.item() for k, v in ref.items()}, rel=1e-5)
     with pytest.raises(BlockKDError, match=r"method\.options\.whole_batch_stones.*sampling split"):
         make("blockkd", whole_batch_stones=1)
     with pytest.raises(BlockKDError, match=r"whole_batch_stones must be between 0 and the number of blocks \(3\), got 4"):
