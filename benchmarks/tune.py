@@ -161,11 +161,15 @@ def run_variant(name: str, seed: int, extra: list[str], teacher_dir: str, runs: 
 
 
 def summarise(results: list[dict[str, Any]], names: list[str]) -> dict[str, dict[str, Any]]:
-    """Per variant: mean ± std of last/best val top-1 and the gains over ce, kd and dkd (last epoch)."""
+    """Per variant: mean ± std of last/best val top-1 and the gains over ce, kd and dkd (last epoch).
+
+    A variant's options are those its runs recorded, not today's ``VARIANTS``: a weight variant is defined from
+    its recipe's value, which changes once the recipe takes the chosen weight."""
     out = {}
     for name in names:
         mine = [r for r in results if r["variant"] == name]
-        out[name] = {"method": VARIANTS[name][0], "options": VARIANTS[name][1], "seeds": [r["seed"] for r in mine],
+        options = mine[0].get("options", VARIANTS[name][1]) if mine else VARIANTS[name][1]
+        out[name] = {"method": VARIANTS[name][0], "options": options, "seeds": [r["seed"] for r in mine],
                      "last_top1": mean_std([r["last_top1"] for r in mine]),
                      "best_top1": mean_std([r["best_top1"] for r in mine]),
                      "wall_time_s": mean_std([r["wall_time_s"] for r in mine])}

@@ -329,6 +329,21 @@ def test_tuning_report(tmp_path):
     assert "teacher" not in proc.stdout
 
 
+def test_tuning_summary_keeps_the_options_its_runs_recorded(monkeypatch):
+    """A weight variant is defined from its recipe's value, which changes once the recipe takes the chosen
+    weight: the summary (and so the sweep's table and the recipe check) must keep the value that ran."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import tune
+
+    name = "pkt feat_weight x0.5"
+    runs = [{"variant": name, "seed": s, "options": {"feat_weight": 7.0}, "last_top1": 80.0 + s, "best_top1": 81.0,
+             "wall_time_s": 60.0} for s in (0, 1)]
+    assert tune.VARIANTS[name][1] != {"feat_weight": 7.0}
+    summary = tune.summarise(runs, [name])
+    assert summary[name]["options"] == {"feat_weight": 7.0} and summary[name]["seeds"] == [0, 1]
+    assert summary[name]["last_top1"]["mean"] == approx(80.5)
+
+
 def test_tuning_on_the_wide_teacher(tmp_path):
     """--recipes configs/fashion_mnist_wide: the same variants distil from the 4x wider resnet8x4 teacher."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
