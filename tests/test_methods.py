@@ -459,12 +459,25 @@ def _with_shares(d, perm):
     d.split_batch = lambda b, device="cpu": d.stone_rows(torch.tensor(perm))
 
 
+def _every_draw(d, x, y):
+    """``[(perm, losses)]``: ``d.forward_train`` on the batch once per permutation of it, each as its shares."""
+    import itertools
+    draws = []
+    for perm in itertools.permutations(range(len(y))):
+        _with_shares(d, perm)
+        draws.append((perm, d.forward_train(x, y, epoch=1.0)[1]))
+    return draws
+
+
+def _mean_over(draws, key):
+    return sum(got[key].item() for _, got in draws) / len(draws)
+
+
 @pytest.mark.parametrize("divergence,shares", [("kl", "equal"), ("dkd", "equal"), ("kl", "weights")])
 def test_split_objective_is_unbiased_and_its_cross_term_exact(divergence, shares):
     """Over every permutation of a batch of 4 (shares of 2, 1, 1; by weight 1, 1, 2), the stones' task and
     distill terms average to the full objective's; each draw's L_cross is d(Y^S, Ŷ) with Ŷ_j the logits of the
     stone that saw j."""
-    import itertools
     opts = dict(divergence=divergence, logit_standardization=True, gamma=0.5, dkd_beta=2.0)
     split = make("blockkd-lite", split_shares=shares, **opts)
     sizes = {"equal": [2, 1, 1], "weights": [1, 1, 2]}[shares]
@@ -477,23 +490,18 @@ def test_split_objective_is_unbiased_and_its_cross_term_exact(divergence, shares
         _, ref = full.forward_train(x, y, epoch=1.0)
         stones = full.stones(x)
         s_logits = full.student(x)
-        sums = {k: 0.0 for k in ("loss_task_stones", "loss_distill_stones", "loss_cross")}
-        perms = list(itertools.permutations(range(4)))
-        for perm in perms:
-            _with_shares(split, perm)
-            _, got = split.forward_train(x, y, epoch=1.0)
-            for k in sums:
-                sums[k] += got[k].item() / len(perms)
+        draws = _every_draw(split, x, y)
+        for perm, got in draws:
             for k in ("loss_task_student", "loss_distill_student"):
                 assert got[k].item() == pytest.approx(ref[k].item(), rel=1e-5)
             owner = {j: i for i, share in enumerate(torch.tensor(perm).split(sizes)) for j in share.tolist()}
             hat = torch.stack([stones[owner[j]][j] for j in range(4)])
             assert got["loss_cross"].item() == pytest.approx(0.5 * split.divergence(s_logits, hat, y).item(), rel=1e-5)
-        assert sums["loss_task_stones"] == pytest.approx(ref["loss_task_stones"].item(), rel=1e-5)
-        assert sums["loss_distill_stones"] == pytest.approx(ref["loss_distill_stones"].item(), rel=1e-5)
+        for k in ("loss_task_stones", "loss_distill_stones"):
+            assert _mean_over(draws, k) == pytest.approx(ref[k].item(), rel=1e-5)
         # E[L_cross] = Σ_i P(j in share i) · d(Y^S, Y^{N_i}) = Σ_i (b_i / 4) · d(Y^S, Y^{N_i}).
         expected = sum(b / 4 * split.divergence(s_logits, z, y).item() for b, z in zip(sizes, stones))
-        assert sums["loss_cross"] == pytest.approx(0.5 * expected, rel=1e-5)
+        assert _mean_over(draws, "loss_cross") == pytest.approx(0.5 * expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("shares,k", [("weights", 1), ("equal", 2)])
@@ -502,7 +510,6 @@ def test_whole_batch_stones_see_every_sample_and_their_cross_term(shares, k):
     share sizes); over every permutation of a batch of 4 the task and distill terms average to the full
     objective's; each draw's L_cross is d(Y^S, Ŷ) + Σ_i mean over stone i's samples of d(Y^{N_i}, Ŷ), with Ŷ_j
     the mean of the stones that saw j, computed here sample by sample."""
-    import itertools
     opts = dict(gamma=0.5)  # not logit_standardization: its z-scores would hide a mis-scaled Ŷ
     split = make("blockkd-lite", split_shares=shares, whole_batch_stones=k, **opts)
     sizes = {"weights": [1, 1, 2], "equal": [2, 1, 1]}[shares]
@@ -522,13 +529,8 @@ def test_whole_batch_stones_see_every_sample_and_their_cross_term(shares, k):
         _, ref = full.forward_train(x, y, epoch=1.0)
         stones = full.stones(x)
         s_logits = full.student(x)
-        sums = {"loss_task_stones": 0.0, "loss_distill_stones": 0.0}
-        perms = list(itertools.permutations(range(4)))
-        for perm in perms:
-            _with_shares(split, perm)
-            _, got = split.forward_train(x, y, epoch=1.0)
-            for key in sums:
-                sums[key] += got[key].item() / len(perms)
+        draws = _every_draw(split, x, y)
+        for perm, got in draws:
             owner = {j: i for i, share in enumerate(torch.tensor(perm).split(sizes)) for j in share.tolist()}
             saw = [{owner[j], *range(3 - k, 3)} for j in range(4)]
             hat = torch.stack([sum(stones[i][j] for i in saw[j]) / len(saw[j]) for j in range(4)])
@@ -538,8 +540,8 @@ def test_whole_batch_stones_see_every_sample_and_their_cross_term(shares, k):
                 if mine:
                     cross += d(stones[i][mine], hat[mine], y[mine]).item()
             assert got["loss_cross"].item() == pytest.approx(0.5 * cross, rel=1e-4)
-        assert sums["loss_task_stones"] == pytest.approx(ref["loss_task_stones"].item(), rel=1e-5)
-        assert sums["loss_distill_stones"] == pytest.approx(ref["loss_distill_stones"].item(), rel=1e-5)
+        for key in ("loss_task_stones", "loss_distill_stones"):
+            assert _mean_over(draws, key) == pytest.approx(ref[key].item(), rel=1e-5)
     # every stone on the whole batch: the split objective is the full one, term by term
     every = make("blockkd-lite", whole_batch_stones=3, **opts)
     every.load_state_dict(split.state_dict())
