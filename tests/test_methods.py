@@ -469,6 +469,18 @@ def _every_draw(d, x, y):
     return draws
 
 
+def _full_twin(split, opts):
+    """Full Block-KD with ``split``'s weights, both in eval mode (per-sample BN everywhere), on a batch of 4:
+    ``(x, y, its losses, its stones' logits, its student's logits)``, the reference of a split objective."""
+    full = make("blockkd", **opts)
+    full.load_state_dict(split.state_dict())
+    split.eval(), full.eval()
+    x, y = batch(4)
+    with torch.no_grad():
+        _, ref = full.forward_train(x, y, epoch=1.0)
+        return x, y, ref, full.stones(x), full.student(x)
+
+
 def _mean_over(draws, key):
     return sum(got[key].item() for _, got in draws) / len(draws)
 
@@ -482,14 +494,8 @@ def test_split_objective_is_unbiased_and_its_cross_term_exact(divergence, shares
     split = make("blockkd-lite", split_shares=shares, **opts)
     sizes = {"equal": [2, 1, 1], "weights": [1, 1, 2]}[shares]
     assert split.share_sizes(4) == sizes
-    full = make("blockkd", **opts)
-    full.load_state_dict(split.state_dict())
-    split.eval(), full.eval()  # per-sample: eval-mode BN everywhere
-    x, y = batch(4)
+    x, y, ref, stones, s_logits = _full_twin(split, opts)
     with torch.no_grad():
-        _, ref = full.forward_train(x, y, epoch=1.0)
-        stones = full.stones(x)
-        s_logits = full.student(x)
         draws = _every_draw(split, x, y)
         for perm, got in draws:
             for k in ("loss_task_student", "loss_distill_student"):
@@ -520,15 +526,9 @@ def test_whole_batch_stones_see_every_sample_and_their_cross_term(shares, k):
     assert [len(r) for r in rows] == split.stone_batch_sizes(4)
     assert all(torch.equal(r, torch.arange(4)) for r in rows[3 - k:])
     assert torch.equal(torch.cat(rows[:3 - k]).unique(), torch.cat(rows[:3 - k]).sort().values)  # disjoint
-    full = make("blockkd", **opts)
-    full.load_state_dict(split.state_dict())
-    split.eval(), full.eval()
-    x, y = batch(4)
+    x, y, ref, stones, s_logits = _full_twin(split, opts)
     d = split.divergence
     with torch.no_grad():
-        _, ref = full.forward_train(x, y, epoch=1.0)
-        stones = full.stones(x)
-        s_logits = full.student(x)
         draws = _every_draw(split, x, y)
         for perm, got in draws:
             owner = {j: i for i, share in enumerate(torch.tensor(perm).split(sizes)) for j in share.tolist()}
