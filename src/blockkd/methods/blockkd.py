@@ -325,14 +325,8 @@ class BlockKD(Distiller):
         stone_logits = self.run_stones(feats, which, x, rows=rows)
         task = sum(w[i] * cross_entropy(z, y[r]) for i, r, z in zip(which, rows, stone_logits))
         distill = sum(w[i] * d(z, t_logits[r], y[r]) for i, r, z in zip(which, rows, stone_logits))
-        if not self.opts.whole_batch_stones:
-            # Ŷ_j: the logits of the one stone that saw sample j, put back in the batch's order.
-            hat = torch.cat(stone_logits)[torch.argsort(torch.cat(rows))]
-            if self.opts.detach_ensemble:
-                hat = hat.detach()
-            return task, distill, d(logits, hat, y)
-        # Ŷ_j: the mean of the stones that saw sample j (the deepest ones and its share's stone); each stone's
-        # own cross term is its mean over the samples it saw, as its task and distill terms.
+        # Ŷ_j: the mean of the stones that saw sample j (its share's stone, and the whole_batch_stones deepest
+        # ones); with one stone per sample, exactly that stone's logits.
         total = logits.new_zeros(logits.shape[0], stone_logits[0].shape[1], dtype=stone_logits[0].dtype)
         seen = logits.new_zeros(logits.shape[0], 1, dtype=stone_logits[0].dtype)
         for r, z in zip(rows, stone_logits):
@@ -341,7 +335,11 @@ class BlockKD(Distiller):
         hat = total / seen
         if self.opts.detach_ensemble:
             hat = hat.detach()
-        cross = d(logits, hat, y) + sum(d(z, hat[r], y[r]) for r, z in zip(rows, stone_logits))
+        cross = d(logits, hat, y)
+        if self.opts.whole_batch_stones:
+            # each stone's own term d(Y^{N_i}, Ŷ), its mean over the samples it saw (identically 0, so omitted,
+            # when every sample has one stone)
+            cross = cross + sum(d(z, hat[r], y[r]) for r, z in zip(rows, stone_logits))
         return task, distill, cross
 
     def forward_train(self, x, y, *, epoch):
