@@ -118,6 +118,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "blockkd-lite split weights conv3x3_bn stone_warmup 2 alpha beta 1 whole 1": ("blockkd-lite", {
         "split_shares": "weights", "connector": "conv3x3_bn", "stone_warmup": 2.0, "alpha": 1.0, "beta": 1.0,
         "whole_batch_stones": 1}),
+    # Round 10: shares ∝ √w_i, more samples for the shallow stones (which the lite variant trains on 18 and 37
+    # of 128 samples, against 73 for the deepest) within the 1.35x-of-kd budget (speed table's FLOP parts)
+    "blockkd-lite split sqrt_weights conv3x3_bn stone_warmup 2 alpha beta 1": ("blockkd-lite", {
+        "split_shares": "sqrt_weights", "connector": "conv3x3_bn", "stone_warmup": 2.0, "alpha": 1.0, "beta": 1.0}),
     "kd ls": ("kd", {"logit_standardization": True, "temperature": 2.0, "kd_weight": 9.0}),
     "dkd ls": ("dkd", {"logit_standardization": True}),
 }

@@ -439,6 +439,19 @@ def test_split_shares_by_weight(size):
     assert make("blockkd-lite", split_shares="equal").share_sizes(128) == [43, 43, 42]
 
 
+@pytest.mark.parametrize("size", [128, 64, 7, 3])
+def test_split_shares_by_root_weight(size):
+    """split_shares: sqrt_weights gives stone i about size·√w_i/Σ√w samples: between equal and weights."""
+    d = make("blockkd-lite", split_shares="sqrt_weights")
+    r = [wi ** 0.5 for wi in d.stone_weights]
+    sizes = d.share_sizes(size)
+    assert sum(sizes) == size and all(abs(s - size * ri / sum(r)) < 1 for s, ri in zip(sizes, r))
+    assert sizes == {128: [29, 41, 58], 64: [14, 21, 29], 7: [2, 2, 3], 3: [1, 1, 1]}[size]
+    shares = d.split_batch(size)
+    assert [len(s) for s in shares] == sizes
+    assert torch.equal(torch.cat(shares).sort().values, torch.arange(size))
+
+
 @pytest.mark.parametrize("batched", [True, False])
 def test_split_stones_equal_the_full_path_per_sample(batched):
     """The teacher is in eval mode: a stone's logits on its share are its full-batch logits on those samples

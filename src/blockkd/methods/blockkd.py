@@ -36,7 +36,8 @@ Which stones run each step (``stones_per_step``, ``sampling``):
   random share of the batch (a random permutation cut into n parts, :meth:`BlockKD.split_batch`): near-equal
   parts (``split_shares: equal``), so the stones together cost about one stone on the whole batch, or
   parts ∝ w_i (``split_shares: weights``), so most samples go to the deep stones, whose teacher suffix is
-  short, and the stones cost about half as much as with equal parts. The teacher's blocks are in eval mode, so
+  short, and the stones cost about half as much as with equal parts, or parts ∝ √w_i (``split_shares:
+  sqrt_weights``), in between: more samples for the shallow stones than ∝ w_i. The teacher's blocks are in eval mode, so
   a sample's stone logits do not depend on which other samples share its batch (the connector's BN in train
   mode does: it normalises with its share's statistics). Each stone's task and distill term is the mean over
   its share, an unbiased estimate of its full-batch term, with the weight w_i unchanged. L_cross: no stone
@@ -77,7 +78,7 @@ from .kd import TEMPERATURE, WEIGHT
 from .losses import cross_entropy, linear_warmup
 
 SAMPLINGS = ("weighted", "uniform", "split")
-SPLIT_SHARES = ("equal", "weights")
+SPLIT_SHARES = ("equal", "weights", "sqrt_weights")
 CONNECTOR_INITS = ("default", "teacher_stats")
 
 
@@ -115,8 +116,9 @@ class BlockKDOptions:
                            "(weighted) or uniformly; split: every stone every step, each on its own random "
                            "1/n share of the batch")
     split_shares: str = option("equal", choice(*SPLIT_SHARES), "sampling split: each stone's share of the batch, "
-                               "equal (1/n each) or ∝ its weight w_i (the deep, cheap stones get more samples; "
-                               "about half the stones' cost on 3 blocks)")
+                               "equal (1/n each), ∝ its weight w_i (weights: the deep, cheap stones get more "
+                               "samples; about half the stones' cost on 3 blocks) or ∝ √w_i (sqrt_weights: in "
+                               "between)")
     whole_batch_stones: int = option(0, integer(0), "sampling split: the k deepest stones run on the whole batch "
                                      "instead of their share (the others keep theirs); the deep stones are the "
                                      "cheap ones (a connector and a short teacher suffix)")
@@ -292,12 +294,13 @@ class BlockKD(Distiller):
 
     def share_sizes(self, batch_size: int) -> list[int]:
         """How many samples each stone gets under ``split``: sizes differing by at most one (the first
-        ``batch_size % n`` stones get the extra sample), or, with ``split_shares: weights``, the largest-
-        remainder rounding of batch_size·w_i/Σw (sum exactly batch_size; ties to the deeper stone)."""
+        ``batch_size % n`` stones get the extra sample), or, with ``split_shares: weights`` (``sqrt_weights``),
+        the largest-remainder rounding of batch_size·w_i/Σw (w_i → √w_i; sum exactly batch_size; ties to the
+        deeper stone)."""
         n = self.num_blocks
         if self.opts.split_shares == "equal":
             return [batch_size // n + (i < batch_size % n) for i in range(n)]
-        w = self.stone_weights
+        w = [wi ** 0.5 if self.opts.split_shares == "sqrt_weights" else wi for wi in self.stone_weights]
         exact = [batch_size * wi / sum(w) for wi in w]
         sizes = [math.floor(e) for e in exact]
         by_remainder = sorted(range(n), key=lambda i: (exact[i] - sizes[i], i), reverse=True)
@@ -495,7 +498,8 @@ class BlockKDLite(BlockKD):
                                "∝ w_i or uniformly")
         # Shares ∝ w_i: cheaper than equal shares and better on both validation seeds (README, Results).
         split_shares: str = option("weights", choice(*SPLIT_SHARES), "sampling split: each stone's share of the "
-                                   "batch, ∝ its weight w_i (weights) or 1/n each (equal)")
+                                   "batch, ∝ its weight w_i (weights), ∝ √w_i (sqrt_weights) or 1/n each "
+                                   "(equal)")
 
         def check(self) -> None:
             super().check()
