@@ -164,6 +164,18 @@ def run_variant(name: str, seed: int, extra: list[str], teacher_dir: str, runs: 
     return {**result, "variant": name, "options": VARIANTS[name][1]}
 
 
+def finished_variant(name: str, seed: int, runs: Path) -> dict[str, Any] | None:
+    """A finished run of the variant (``--from-runs``) as :func:`run_variant` reports it, or None; its options are
+    read from the run's own config (a weight variant's value follows its recipe, which may have changed since)."""
+    done = students.finished_run(runs, slug(name), seed)
+    if done is None:
+        return None
+    cfg, result = done
+    method, options = VARIANTS[name]
+    ran = {k: cfg["method"]["options"][k] for k in options}
+    return {**result, "method": method, "variant": name, "options": ran}
+
+
 def summarise(results: list[dict[str, Any]], names: list[str]) -> dict[str, dict[str, Any]]:
     """Per variant: mean ± std of last/best val top-1 and the gains over ce, kd and dkd (last epoch).
 
@@ -249,6 +261,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch threads per training (default: cores / jobs)")
     p.add_argument("--append", action="store_true",
                    help="keep the runs already in --out (other variants or seeds) and summarise all of them")
+    p.add_argument("--from-runs", action="store_true", help="train nothing: report the finished runs already in "
+                   "the run folders beside --out (an invocation that stopped or failed part-way, say)")
     p.add_argument("--render", action="store_true", help="only rewrite the .md from the JSON in --out (no training)")
     p.add_argument("--quick", action="store_true", help="tiny subset, 1 epoch, three variants: the smoke test")
     p.add_argument("--out", default="results/tuning.json", help="JSON output; the .md goes beside it")
@@ -284,10 +298,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     jobs = max(1, min(args.jobs, len(names) * len(seeds)))
     threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
-    results = students.side_by_side(run_variant, [(n, seed, extra, str(teacher_dir), str(runs), str(folder))
-                                                  for seed in seeds for n in names], jobs, threads)
+    minutes = None
+    if args.from_runs:
+        results = [r for seed in seeds for n in names if (r := finished_variant(n, seed, runs))]
+        if not results:
+            print(f"error: --from-runs: no finished run in {runs} for these variants and seeds", file=sys.stderr)
+            return 2
+        minutes = sum(r["wall_time_s"] for r in results) / 60 / jobs  # the runs' own time, side by side
+    else:
+        results = students.side_by_side(run_variant, [(n, seed, extra, str(teacher_dir), str(runs), str(folder))
+                                                      for seed in seeds for n in names], jobs, threads)
     command = shlex.join(["python", "benchmarks/tune.py", *(sys.argv[1:] if argv is None else argv)])
-    invocations = [{"command": command, "minutes": (time.perf_counter() - started) / 60,
+    invocations = [{"command": command, "minutes": minutes or (time.perf_counter() - started) / 60,
                     "date": machine_info()["date"], "jobs": jobs, "threads_per_job": threads}]
     if args.append and out.is_file():  # earlier runs first, minus those just redone
         results, invocations = append_runs(before, results, invocations, key=lambda r: (r["variant"], r["seed"]))

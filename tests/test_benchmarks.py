@@ -321,6 +321,23 @@ def test_tuning_report(tmp_path):
     assert sweep and f"{recipe / 2:g}: {means['pkt feat_weight x0.5']:.2f} ± 0.00" in sweep[1]
     assert f"**{pkt[best]['options']['feat_weight']:g}** (x{factor[best]:g})" in sweep[1]
 
+    # --from-runs: the finished runs are reported again, nothing is trained (their summaries stay as they were)
+    pkt_runs = {(r["variant"], r["seed"]): r for r in merged["runs"] if r["variant"].startswith("pkt")}
+    stamps = {k: (tmp_path / r["run_dir"] / "summary.json").stat().st_mtime_ns for k, r in pkt_runs.items()}
+    proc = subprocess.run([sys.executable, str(BENCH / "tune.py"), "--quick", "--append", "--from-runs", "--weights-of",
+                           "pkt", "--seeds", "1", "2", "--jobs", "1", "--out", "out/tuning.json"], cwd=tmp_path,
+                          env=env, text=True, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    again = json.loads((tmp_path / "out" / "tuning.json").read_text())
+    assert {(r["variant"], r["seed"]): r for r in again["runs"] if r["variant"].startswith("pkt")} == pkt_runs
+    assert stamps == {k: (tmp_path / r["run_dir"] / "summary.json").stat().st_mtime_ns for k, r in pkt_runs.items()}
+    assert again["variants"]["pkt feat_weight x2"] == merged["variants"]["pkt feat_weight x2"]
+    assert len(again["invocations"]) == 3 and "--from-runs" in again["invocations"][2]["command"]
+    proc = subprocess.run([sys.executable, str(BENCH / "tune.py"), "--quick", "--append", "--from-runs", "--variants",
+                           "kd", "--seeds", "5", "--out", "out/tuning.json"], cwd=tmp_path, env=env, text=True,
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 2 and "no finished run" in proc.stderr, proc.stderr
+
     # runs of another recipe folder do not join this file: refused before any training
     proc = subprocess.run([sys.executable, str(BENCH / "tune.py"), "--quick", "--append", "--recipes",
                            "configs/fashion_mnist_wide", "--out", "out/tuning.json"], cwd=tmp_path, env=env,

@@ -19,7 +19,7 @@ from blockkd.methods.at import at_loss
 from blockkd.methods.dist import dist_parts
 from blockkd.methods.feature import embedding
 from blockkd.methods.fitnet import hint_loss
-from blockkd.methods.kdsvd import kdsvd_loss
+from blockkd.methods.kdsvd import _SVD, kdsvd_loss
 from blockkd.methods.nst import nst_loss
 from blockkd.methods.pkt import pkt_loss
 from blockkd.methods.rkd import rkd_angle_loss, rkd_distance_loss
@@ -208,6 +208,47 @@ def test_kdsvd_does_not_depend_on_singular_vector_signs():
     g_t = [torch.rand(2, 5, 8, 8), torch.rand(2, 6, 4, 4)]
     flipped = [torch.flip(g, dims=[0]) for g in g_s], [torch.flip(g, dims=[0]) for g in g_t]
     assert kdsvd_loss(g_s, g_t).item() == pytest.approx(kdsvd_loss(*flipped).item(), rel=1e-4)
+
+
+def _top_svd(svd, a, k=2):
+    """A function of the top k singular values and vectors only, invariant to the vectors' signs."""
+    u, s, v = svd(a)
+    return s[..., :k], v[..., :k] @ v[..., :k].mT, u[..., :k] @ u[..., :k].mT
+
+
+def _torch_svd(a):
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    return u, s, vh.mT
+
+
+@pytest.mark.parametrize("shape", [(3, 12, 6), (3, 5, 9)])
+def test_kdsvd_svd_gradient_is_torchs_where_that_is_finite(shape):
+    a = torch.randn(*shape, dtype=torch.double, requires_grad=True)
+    weights = [torch.randn_like(t) for t in _top_svd(_torch_svd, a)]
+    grads = [torch.autograd.grad(sum((t * w).sum() for t, w in zip(_top_svd(svd, a), weights)), a)[0]
+             for svd in (_torch_svd, _SVD.apply)]
+    assert torch.allclose(*grads, atol=1e-10)
+    assert torch.autograd.gradcheck(lambda a: _top_svd(_SVD.apply, a), (a,))
+
+
+def test_kdsvd_svd_gradient_is_finite_and_right_on_a_rank_deficient_map():
+    """Two zero columns: repeated zero singular values, where torch's own backward gives NaN (0/0); the top
+    vectors' gradient is still well defined, and ours matches finite differences (the TF original's fix)."""
+    a = torch.randn(3, 12, 6, dtype=torch.double)
+    a[..., 4:] = 0
+    a.requires_grad_()
+    top = lambda svd: _top_svd(svd, a)[:2]  # noqa: E731
+    weights = [torch.randn_like(t) for t in top(_torch_svd)]
+    grads = [torch.autograd.grad(sum((t * w).sum() for t, w in zip(top(svd), weights)), a)[0]
+             for svd in (_torch_svd, _SVD.apply)]
+    assert not grads[0].isfinite().all() and grads[1].isfinite().all()
+    assert torch.autograd.gradcheck(lambda a: _top_svd(_SVD.apply, a)[:2], (a,))
+    # and through the loss: a student whose last map is rank-deficient gets finite gradients
+    f_s = [torch.rand(2, 3, 8, 8), torch.rand(2, 4, 4, 4)]
+    f_s[1][..., 2:] = 0
+    f_s = [f.requires_grad_() for f in f_s]
+    kdsvd_loss(f_s, [torch.rand(2, 5, 8, 8), torch.rand(2, 6, 4, 4)]).backward()
+    assert all(f.grad.isfinite().all() for f in f_s)
 
 
 def test_dist_matches_paper_formula():

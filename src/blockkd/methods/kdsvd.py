@@ -13,9 +13,12 @@ As mdistiller's ``KDSVD`` (defaults ``cfg.KDSVD``: K 1, CE_WEIGHT 1, FEAT_WEIGHT
 k + 3, and a (B, C, H, W) map is decomposed as a (B, C·H, W) matrix, so that the vectors live on the
 width axis and a student and a teacher of different channel counts can be compared. (The TensorFlow
 original decomposes (B, H·W, C), which needs equal channel counts.) Non-finite values are zeroed as
-in mdistiller. Two differences: maps of different sizes are compared at the smaller one, and each
+in mdistiller. Three differences: maps of different sizes are compared at the smaller one; each
 singular vector's sign is fixed (largest entry positive) where mdistiller keeps whatever its SVD
-routine returns, on which the loss depends.
+routine returns, on which the loss depends; and the SVD's backward is the TensorFlow original's, which
+zeroes the non-finite entries of 1/(s_j² − s_i²) (:class:`_SVD`): with torch's own (as in mdistiller) a
+rank-deficient feature map gives NaN gradients, and resnet20 → resnet8 on Fashion-MNIST failed in its
+first epoch at every weight tried (results/tuning-baselines.md).
 """
 from __future__ import annotations
 
@@ -36,12 +39,47 @@ def _finite(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
 
 
+class _SVD(torch.autograd.Function):
+    """``(u, s, v)`` of ``torch.linalg.svd(a, full_matrices=False)`` (v, not vh), with the original's backward.
+
+    Why not torch's own: its backward divides by s_j² − s_i² and by s, so a feature map with repeated
+    singular values (two zero ones: a rank-deficient ReLU map) gets 0/0 = NaN gradients even when the loss
+    uses only the top vectors, whose gradient is well defined; the weights turn NaN and the next SVD fails.
+    The TensorFlow original overrides the SVD gradient for this reason and zeroes the non-finite entries of
+    1/(s_j² − s_i²); so do we, and of 1/s. Where every entry is finite this is torch's gradient (Townsend,
+    "Differentiating the Singular Value Decomposition", 2016, real case)."""
+
+    @staticmethod
+    def forward(ctx, a):
+        u, s, vh = torch.linalg.svd(a, full_matrices=False)
+        v = vh.transpose(-2, -1)
+        ctx.save_for_backward(u, s, v)
+        return u, s, v
+
+    @staticmethod
+    def backward(ctx, gu, gs, gv):
+        u, s, v = ctx.saved_tensors
+        s2 = s * s
+        f = _finite(1.0 / (s2[..., None, :] - s2[..., :, None]))  # f_ij = 1/(s_j² − s_i²); diagonal 1/0 → 0
+        s_inv = _finite(1.0 / s)
+        inner = torch.diag_embed(gs)
+        grad = torch.zeros(*u.shape[:-1], v.shape[-2], dtype=u.dtype, device=u.device)
+        if gu is not None:
+            inner = inner + f * (u.mT @ gu - gu.mT @ u) * s[..., None, :]
+            grad = grad + ((gu - u @ (u.mT @ gu)) * s_inv[..., None, :]) @ v.mT
+        if gv is not None:
+            inner = inner + s[..., :, None] * (f * (v.mT @ gv - gv.mT @ v))
+            right = s_inv[..., :, None] * gv.mT
+            grad = grad + u @ (right - (right @ v) @ v.mT)
+        return grad + u @ inner @ v.mT
+
+
 def truncated_svd(feat: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(s, v)``: the top ``n`` singular values (B, n) and right-singular vectors (B, W, n) of the
     (B, C·H, W) matrix of ``feat``, each L2-normalised (the values across the n, each vector on its own)."""
     b, c, h, w = feat.shape
-    _, s, vh = torch.linalg.svd(feat.float().reshape(b, c * h, w), full_matrices=False)
-    s, v = _finite(s), _finite(vh.transpose(-2, -1))
+    _, s, v = _SVD.apply(feat.float().reshape(b, c * h, w))
+    s, v = _finite(s), _finite(v)
     v = F.normalize(v[:, :, :n], dim=1)
     # A singular vector's sign is arbitrary (LAPACK, cuSOLVER and MAGMA may differ) and the RBF relations
     # between blocks depend on it: fix it, so that the loss is a function of the features alone.
