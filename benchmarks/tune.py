@@ -298,7 +298,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     jobs = max(1, min(args.jobs, len(names) * len(seeds)))
     threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
-    minutes = None
     if args.from_runs:
         results = [r for seed in seeds for n in names if (r := finished_variant(n, seed, runs))]
         if not results:
@@ -308,8 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         results = students.side_by_side(run_variant, [(n, seed, extra, str(teacher_dir), str(runs), str(folder))
                                                       for seed in seeds for n in names], jobs, threads)
+        minutes = (time.perf_counter() - started) / 60
     command = shlex.join(["python", "benchmarks/tune.py", *(sys.argv[1:] if argv is None else argv)])
-    invocations = [{"command": command, "minutes": minutes or (time.perf_counter() - started) / 60,
+    invocations = [{"command": command, "minutes": minutes,
                     "date": machine_info()["date"], "jobs": jobs, "threads_per_job": threads}]
     if args.append and out.is_file():  # earlier runs first, minus those just redone
         results, invocations = append_runs(before, results, invocations, key=lambda r: (r["variant"], r["seed"]))

@@ -62,16 +62,13 @@ class _SVD(torch.autograd.Function):
         s2 = s * s
         f = _finite(1.0 / (s2[..., None, :] - s2[..., :, None]))  # f_ij = 1/(s_j² − s_i²); diagonal 1/0 → 0
         s_inv = _finite(1.0 / s)
-        inner = torch.diag_embed(gs)
-        grad = torch.zeros(*u.shape[:-1], v.shape[-2], dtype=u.dtype, device=u.device)
-        if gu is not None:
-            inner = inner + f * (u.mT @ gu - gu.mT @ u) * s[..., None, :]
-            grad = grad + ((gu - u @ (u.mT @ gu)) * s_inv[..., None, :]) @ v.mT
-        if gv is not None:
-            inner = inner + s[..., :, None] * (f * (v.mT @ gv - gv.mT @ v))
-            right = s_inv[..., :, None] * gv.mT
-            grad = grad + u @ (right - (right @ v) @ v.mT)
-        return grad + u @ inner @ v.mT
+        # gu, gs, gv are never None: autograd materialises the gradient of an unused output as zeros
+        inner = (torch.diag_embed(gs) + f * (u.mT @ gu - gu.mT @ u) * s[..., None, :]
+                 + s[..., :, None] * (f * (v.mT @ gv - gv.mT @ v)))
+        right = s_inv[..., :, None] * gv.mT
+        outside_u = ((gu - u @ (u.mT @ gu)) * s_inv[..., None, :]) @ v.mT  # (I − UUᵀ) Ū S⁻¹ Vᵀ
+        outside_v = u @ (right - (right @ v) @ v.mT)  # U S⁻¹ V̄ᵀ (I − VVᵀ)
+        return u @ inner @ v.mT + outside_u + outside_v
 
 
 def truncated_svd(feat: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
