@@ -221,3 +221,32 @@ def test_a_run_trains_with_dot(tmp_path):
     state = load_checkpoint(tmp_path / "r" / "last").state
     kinds = {k for s in state["optimizer"]["state"].values() for k in s}
     assert kinds == {"momentum_buffer", "distill_momentum_buffer"}  # both buffers are saved for resuming
+
+
+@pytest.mark.parametrize("term", ["loss_kd", "loss_ce"])
+def test_a_nan_gradient_of_either_pass_is_seen_and_vetoes_the_step(term):
+    """The distillation gradients leave ``.grad`` for DOT's stash before the task pass: the finite check
+    must look at them there, or a NaN in them alone would slip into the update."""
+
+    class NaNGrad(Toy):
+        def forward(self, x, y, *, epoch=0.0):
+            logits, losses = super().forward(x, y, epoch=epoch)
+            poisoned = self.c if term == "loss_kd" else self.h  # c: distillation gradient only; h: task only
+            hook = poisoned.register_hook(lambda g: torch.full_like(g, float("nan")))
+            losses[term] = losses[term] + 0 * poisoned.sum()
+            self.hooks = [hook]
+            return logits, losses
+
+    toy, seen = NaNGrad(), []
+    before = [p.detach().clone() for p in toy.parameters()]
+    x, y = torch.zeros(1, 1), torch.zeros(1, dtype=torch.long)
+    _, losses, stepped = train_step(toy, x, y, epoch=0.0, optimizer=DOT(toy.parameters(), lr=LR),
+                                    scaler=no_scaler(), rt=RT, proceed_grads=lambda f: seen.append(bool(f)) or False)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert seen == [False] and not stepped
+    assert all(torch.equal(p, q) for p, q in zip(toy.parameters(), before))
+    toy.hooks[0].remove()
+    clean = Toy()
+    _, _, stepped = train_step(clean, x, y, epoch=0.0, optimizer=DOT(clean.parameters(), lr=LR),
+                               scaler=no_scaler(), rt=RT, proceed_grads=lambda f: seen.append(bool(f)) or True)
+    assert seen == [False, True] and stepped

@@ -97,3 +97,85 @@ def test_skip_mode_skips_the_step_and_names_it(one_epoch, tmp_path, monkeypatch,
     for folder in ("last", "best"):
         tensors = load_checkpoint(run / folder).weights
         assert all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point()), folder
+
+
+def _poison_grads(monkeypatch, call: int, then_raise: bool = False) -> None:
+    """The ``call``-th training forward keeps finite losses but backpropagates NaN into the student's logits
+    (as an SVD of a rank-deficient map does); with ``then_raise``, the next forward raises a RuntimeError
+    (as that SVD does on the NaN weights)."""
+    create, calls = methods.create, [0]
+
+    def patched(*args, **kwargs):
+        distiller = create(*args, **kwargs)
+        forward = distiller.forward
+
+        def poisoned(x, y=None, *, epoch=0.0):
+            if distiller.training and y is not None:
+                calls[0] += 1
+                if then_raise and calls[0] == call + 1:
+                    raise RuntimeError("linalg.svd: the algorithm failed to converge")
+            logits, *rest = forward(x, y, epoch=epoch)
+            if distiller.training and y is not None and calls[0] == call:
+                logits.register_hook(lambda g: torch.full_like(g, math.nan))
+            return (logits, *rest)
+
+        distiller.forward = poisoned
+        return distiller
+
+    monkeypatch.setattr(methods, "create", patched)
+
+
+def test_nan_gradient_of_a_finite_loss_stops_and_keeps_the_checkpoints(one_epoch, tmp_path, monkeypatch):
+    run = shutil.copytree(one_epoch, tmp_path / "r")
+    before = snapshot(run, ("last", "best", "last.prev")), (run / "metrics.jsonl").read_bytes()
+    _poison_grads(monkeypatch, 3)
+    with pytest.raises(BlockKDError, match=r"^non-finite gradient at epoch 2 step 3 \(the loss was finite"):
+        train(_cfg(tmp_path, "r", train__epochs=2), resume=True)
+    assert (snapshot(run, ("last", "best", "last.prev")), (run / "metrics.jsonl").read_bytes()) == before
+
+
+def test_an_error_after_a_nan_gradient_names_the_nan_step(one_epoch, tmp_path, monkeypatch):
+    """The corrupted weights may make the next forward raise before the guard's next read of the device:
+    the run still ends in the guard's line, naming the step that went wrong first."""
+    run = shutil.copytree(one_epoch, tmp_path / "r")
+    before = snapshot(run)
+    _poison_grads(monkeypatch, 4, then_raise=True)  # 32 steps per epoch: the device is read after steps 3, 6, ...
+    with pytest.raises(BlockKDError, match=r"^non-finite gradient at epoch 2 step 4 .*then, in a later step: "
+                                           r"RuntimeError") as info:
+        train(_cfg(tmp_path, "r", data__batch_size=8, train__epochs=2), resume=True)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert snapshot(run) == before
+    # Without a NaN step before it, the same error is the method's own and passes through unchanged.
+    run2 = shutil.copytree(one_epoch, tmp_path / "r2")
+    create, calls = methods.create, [0]
+
+    def failing(*args, **kwargs):
+        distiller = create(*args, **kwargs)
+        forward = distiller.forward
+
+        def raising(x, y=None, *, epoch=0.0):
+            if distiller.training and y is not None:
+                calls[0] += 1
+                if calls[0] == 2:
+                    raise RuntimeError("linalg.svd: the algorithm failed to converge")
+            return forward(x, y, epoch=epoch)
+
+        distiller.forward = raising
+        return distiller
+
+    monkeypatch.setattr(methods, "create", failing)
+    with pytest.raises(RuntimeError, match="failed to converge"):
+        train(_cfg(tmp_path, run2.name, data__batch_size=8, train__epochs=2), resume=True)
+
+
+def test_skip_mode_skips_a_nan_gradient_step(one_epoch, tmp_path, monkeypatch, caplog):
+    run = shutil.copytree(one_epoch, tmp_path / "r")
+    _poison_grads(monkeypatch, 2)
+    with caplog.at_level(logging.WARNING, logger="blockkd.engine"):
+        summary = train(_cfg(tmp_path, "r", train__epochs=2, train__nonfinite="skip"), resume=True)
+    warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("non-finite")]
+    assert warnings == ["non-finite gradient at epoch 2 step 2 (the loss was finite); step skipped (1 so far)"]
+    assert summary["skipped_steps"] == 1
+    for folder in ("last", "best"):
+        tensors = load_checkpoint(run / folder).weights
+        assert all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point()), folder

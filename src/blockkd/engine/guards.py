@@ -28,7 +28,7 @@ def oom_advice(key: str, batch_size: int) -> Iterator[None]:
 
 
 class NonFiniteGuard:
-    """Catches NaN/Inf loss terms.
+    """Catches NaN/Inf loss terms, and NaN/Inf gradients of finite losses.
 
     ``stop``: the first bad step is recorded on the device and reported at the next sync point (no
     host sync per step); the run then raises before any checkpoint is written from the corrupted state.
@@ -43,6 +43,7 @@ class NonFiniteGuard:
         self.counter = torch.zeros((), dtype=torch.long, device=self.device)  # step index in the epoch
         self.first = torch.full((), -1, dtype=torch.long, device=self.device)
         self.values: torch.Tensor | None = None
+        self.first_grad = torch.full((), -1, dtype=torch.long, device=self.device)  # a finite loss's NaN gradient
 
     @staticmethod
     def describe(names, values) -> str:
@@ -66,13 +67,40 @@ class NonFiniteGuard:
         self.counter += 1
         return True
 
+    def grads_ok(self, finite: torch.Tensor, epoch: int, step: int, log: RunLogger) -> bool:
+        """After :meth:`ok` passed this step's loss: False when its gradients are not all finite and the
+        step must be skipped (``skip`` mode only). Under DDP the gradients are already all-reduced, so
+        every rank reaches the same answer."""
+        if self.mode == "skip":
+            if finite.item():
+                return True
+            self.skipped += 1
+            log.warning(f"non-finite gradient at epoch {epoch + 1} step {step + 1} (the loss was finite); "
+                        f"step skipped ({self.skipped} so far)")
+            return False
+        new = ~finite & (self.first_grad < 0)
+        self.first_grad = torch.where(new, self.counter - 1, self.first_grad)
+        return True
+
     def check(self, names, epoch: int) -> None:
         """Raise if a bad step was recorded here or on another rank (one host sync)."""
         if self.mode != "stop":
             return
-        bad_ranks = runtime.all_reduce_sum((self.first >= 0).float()[None]).item()
-        if (step := int(self.first)) >= 0:
-            raise BlockKDError(f"non-finite loss at epoch {epoch + 1} step {step + 1}: "
-                               f"{self.describe(names, self.values.tolist())}")
+        bad_ranks = runtime.all_reduce_sum(((self.first >= 0) | (self.first_grad >= 0)).float()[None]).item()
+        self.raise_recorded(names, epoch)
         if bad_ranks:
-            raise BlockKDError(f"non-finite loss at epoch {epoch + 1} on another rank (see its message)")
+            raise BlockKDError(f"non-finite loss or gradient at epoch {epoch + 1} on another rank (see its message)")
+
+    def raise_recorded(self, names, epoch: int, cause: BaseException | None = None) -> None:
+        """Raise if this rank recorded a bad step (no collective: also safe while ``cause``, an error of a
+        later step that the corrupted weights may have caused, unwinds)."""
+        if self.mode != "stop":
+            return
+        loss, grad = int(self.first), int(self.first_grad)
+        later = f" (then, in a later step: {type(cause).__name__})" if cause is not None else ""
+        if loss >= 0 and (grad < 0 or loss <= grad):
+            raise BlockKDError(f"non-finite loss at epoch {epoch + 1} step {loss + 1}: "
+                               f"{self.describe(names, self.values.tolist())}{later}") from cause
+        if grad >= 0:
+            raise BlockKDError(f"non-finite gradient at epoch {epoch + 1} step {grad + 1} (the loss was finite; "
+                               f"train.nonfinite=skip skips such steps){later}") from cause

@@ -34,10 +34,14 @@ from .runtime import Runtime
 def train_step(model: nn.Module, x: Any, y: torch.Tensor, *, epoch: float, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, rt: Runtime, grad_clip: float | None = None,
                params: list[nn.Parameter] | None = None, index: torch.Tensor | None = None,
-               proceed: Callable[[dict[str, torch.Tensor]], bool] | None = None):
+               proceed: Callable[[dict[str, torch.Tensor]], bool] | None = None,
+               proceed_grads: Callable[[torch.Tensor], bool] | None = None):
     """One optimizer step: forward under autocast, the sum of the method's losses, (scaled) backward,
     optional gradient clipping, optimizer step. Returns ``(logits, losses, stepped)``; ``proceed(losses)``
-    may veto the update (a non-finite loss in ``skip`` mode). ``index``: each sample's index in the
+    may veto the update (a non-finite loss in ``skip`` mode), and so may ``proceed_grads(finite)``, given
+    whether every gradient is finite (a 0-dim bool tensor on the device) when no fp16 loss scaler is on:
+    a finite loss can still backpropagate NaN (a singular value decomposition of a rank-deficient map, a
+    square root at 0), and the scaler's own inf check covers only fp16. ``index``: each sample's index in the
     training split, for the methods that keep per-sample state (``needs_index``: CRD's memory bank).
     An optimizer with ``needs_loss_split`` (DOT) gets the task and the distillation gradients apart
     (:func:`backward_split`)."""
@@ -47,23 +51,41 @@ def train_step(model: nn.Module, x: Any, y: torch.Tensor, *, epoch: float, optim
     optimizer.zero_grad(set_to_none=True)
     if proceed is not None and not proceed(losses):
         return logits, losses, False
+    check = proceed_grads is not None and not scaler.is_enabled()
+    params = params if params is not None else [p for g in optimizer.param_groups for p in g["params"]]
     if getattr(optimizer, "needs_loss_split", False):
-        backward_split(model, losses, optimizer, scaler, grad_clip)
+        distill_finite = backward_split(model, losses, optimizer, scaler, grad_clip, params if check else None)
     else:
         scaler.scale(sum(losses.values())).backward()
+        distill_finite = None
+    if check:
+        finite = grads_finite(params)
+        if not proceed_grads(finite if distill_finite is None else finite & distill_finite):
+            optimizer.zero_grad(set_to_none=True)
+            return logits, losses, False
     if grad_clip:
         scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(params if params is not None else [p for g in optimizer.param_groups
-                                                                     for p in g["params"]], grad_clip)
+        nn.utils.clip_grad_norm_(params, grad_clip)
     scaler.step(optimizer)
     scaler.update()
     return logits, losses, True
 
 
+def grads_finite(params: list[nn.Parameter]) -> torch.Tensor:
+    """Whether every gradient of ``params`` is finite, as a 0-dim bool tensor on their device (no host sync):
+    the norms' sum is finite exactly when each norm is."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.ones((), dtype=torch.bool)
+    return torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(grads)]).sum())
+
+
 def backward_split(model: nn.Module, losses: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                   scaler: torch.amp.GradScaler, grad_clip: float | None = None) -> None:
+                   scaler: torch.amp.GradScaler, grad_clip: float | None = None,
+                   check: list[nn.Parameter] | None = None) -> torch.Tensor | None:
     """Two backward passes: the distillation terms' (their gradients then handed to
-    ``optimizer.stash_distill_grads()``), then the task terms' into ``.grad``. The task terms are the losses
+    ``optimizer.stash_distill_grads()``), then the task terms' into ``.grad``. Returns whether the
+    distillation gradients of ``check`` were finite (None without ``check``). The task terms are the losses
     named in the method's ``task_losses``; the rest are the distillation terms. fp16 loss scaling and
     gradient clipping are refused: the scaler would unscale and check only the task gradients, and clipping
     one of the two is not clipping their sum (bf16 autocast needs no scaler and works)."""
@@ -78,9 +100,11 @@ def backward_split(model: nn.Module, losses: dict[str, torch.Tensor], optimizer:
     distill = [v for k, v in losses.items() if k not in names and v.requires_grad]
     if distill:
         sum(distill).backward(retain_graph=bool(task))
+    finite = grads_finite(check) if check is not None else None
     optimizer.stash_distill_grads()
     if task:
         sum(task).backward()
+    return finite
 
 
 def task_losses_of(model: nn.Module) -> tuple[str, ...]:
@@ -192,7 +216,8 @@ class Trainer:
 
         logits, _, stepped = train_step(self.model, x, y, epoch=epoch + (i + 1) / self.steps_per_epoch,
                                         optimizer=self.optimizer, scaler=self.scaler, rt=self.rt,
-                                        grad_clip=self.grad_clip, params=self.params, index=index, proceed=proceed)
+                                        grad_clip=self.grad_clip, params=self.params, index=index, proceed=proceed,
+                                        proceed_grads=lambda finite: self.guard.grads_ok(finite, epoch, i, self.log))
         if not stepped:
             return None
         return torch.cat([terms[0] * y.shape[0], (logits.argmax(1) == y).sum().float()[None]])
@@ -232,7 +257,11 @@ class Trainer:
                 if self.out_of_steps():
                     break
                 fault_point("step", step=self.step)
-                stats = self.step_once(x, y, epoch, i, *index)
+                try:
+                    stats = self.step_once(x, y, epoch, i, *index)
+                except (RuntimeError, ValueError) as e:  # e.g. an SVD of weights that an earlier NaN step corrupted
+                    self.guard.raise_recorded(self.loss_names or [], epoch, cause=e)
+                    raise
                 if stats is not None:
                     acc = stats if acc is None else acc + stats
                     seen += y.shape[0]
