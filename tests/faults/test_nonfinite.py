@@ -99,10 +99,10 @@ def test_skip_mode_skips_the_step_and_names_it(one_epoch, tmp_path, monkeypatch,
         assert all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point()), folder
 
 
-def _poison_grads(monkeypatch, call: int, then_raise: bool = False) -> None:
-    """The ``call``-th training forward keeps finite losses but backpropagates NaN into the student's logits
-    (as an SVD of a rank-deficient map does); with ``then_raise``, the next forward raises a RuntimeError
-    (as that SVD does on the NaN weights)."""
+def _poison_grads(monkeypatch, nan_at: int | None, raise_at: int | None = None) -> None:
+    """The ``nan_at``-th training forward (counted from 1) keeps finite losses but backpropagates NaN into
+    the student's logits (as an SVD of a rank-deficient map does); the ``raise_at``-th raises a RuntimeError
+    (as that SVD does on NaN weights)."""
     create, calls = methods.create, [0]
 
     def patched(*args, **kwargs):
@@ -110,12 +110,12 @@ def _poison_grads(monkeypatch, call: int, then_raise: bool = False) -> None:
         forward = distiller.forward
 
         def poisoned(x, y=None, *, epoch=0.0):
-            if distiller.training and y is not None:
-                calls[0] += 1
-                if then_raise and calls[0] == call + 1:
-                    raise RuntimeError("linalg.svd: the algorithm failed to converge")
+            training = distiller.training and y is not None
+            calls[0] += training
+            if training and calls[0] == raise_at:
+                raise RuntimeError("linalg.svd: the algorithm failed to converge")
             logits, *rest = forward(x, y, epoch=epoch)
-            if distiller.training and y is not None and calls[0] == call:
+            if training and calls[0] == nan_at:
                 logits.register_hook(lambda g: torch.full_like(g, math.nan))
             return (logits, *rest)
 
@@ -139,7 +139,7 @@ def test_an_error_after_a_nan_gradient_names_the_nan_step(one_epoch, tmp_path, m
     the run still ends in the guard's line, naming the step that went wrong first."""
     run = shutil.copytree(one_epoch, tmp_path / "r")
     before = snapshot(run)
-    _poison_grads(monkeypatch, 4, then_raise=True)  # 32 steps per epoch: the device is read after steps 3, 6, ...
+    _poison_grads(monkeypatch, 4, raise_at=5)  # 32 steps per epoch: the device is read after steps 3, 6, ...
     with pytest.raises(BlockKDError, match=r"^non-finite gradient at epoch 2 step 4 .*then, in a later step: "
                                            r"RuntimeError") as info:
         train(_cfg(tmp_path, "r", data__batch_size=8, train__epochs=2), resume=True)
@@ -147,23 +147,8 @@ def test_an_error_after_a_nan_gradient_names_the_nan_step(one_epoch, tmp_path, m
     assert snapshot(run) == before
     # Without a NaN step before it, the same error is the method's own and passes through unchanged.
     run2 = shutil.copytree(one_epoch, tmp_path / "r2")
-    create, calls = methods.create, [0]
-
-    def failing(*args, **kwargs):
-        distiller = create(*args, **kwargs)
-        forward = distiller.forward
-
-        def raising(x, y=None, *, epoch=0.0):
-            if distiller.training and y is not None:
-                calls[0] += 1
-                if calls[0] == 2:
-                    raise RuntimeError("linalg.svd: the algorithm failed to converge")
-            return forward(x, y, epoch=epoch)
-
-        distiller.forward = raising
-        return distiller
-
-    monkeypatch.setattr(methods, "create", failing)
+    monkeypatch.undo()
+    _poison_grads(monkeypatch, None, raise_at=2)
     with pytest.raises(RuntimeError, match="failed to converge"):
         train(_cfg(tmp_path, run2.name, data__batch_size=8, train__epochs=2), resume=True)
 
