@@ -161,6 +161,27 @@ def test_accuracy_report(runs):
     assert (folder / "accuracy.md").read_text() == md
 
 
+def test_a_leaderboard_of_many_entries_renders_in_rank_order(runs, tmp_path):
+    """Past ten entries the plot switches colours and zooms (the full leaderboard has 19): it must still
+    render, and the table must rank the entries by mean last-epoch top-1."""
+    folder, _ = runs["accuracy"]
+    report = json.loads((folder / "accuracy.json").read_text())
+    base = report["methods"]["blockkd"]
+    for k in range(12):
+        entry = json.loads(json.dumps(base))
+        entry["last_top1"]["mean"] = entry["best_top1"]["mean"] = 50.0 + k
+        entry["curve"]["mean"] = [50.0 + k] * len(entry["curve"]["mean"])
+        report["methods"][f"m{k}"] = entry
+    out = tmp_path / "many.json"
+    out.write_text(json.dumps(report))
+    subprocess.run([sys.executable, str(BENCH / "accuracy.py"), "--render", "--out", str(out)], check=True,
+                   capture_output=True)
+    assert (tmp_path / "many.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [line.split(" | ")[2] for line in (tmp_path / "many.md").read_text().splitlines()
+            if line.startswith("| ") and " | resnet8 | m" in line]
+    assert rows == [f"m{k}" for k in reversed(range(12))]
+
+
 def test_accuracy_append_adds_methods_and_refuses_other_settings(runs, tmp_path):
     """--append keeps the earlier runs and adds the new entries, in leaderboard order (kd-ls: a recipe of the kd
     method with options, an entry of its own), here two side by side; a different setting is refused."""
