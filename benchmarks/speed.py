@@ -281,9 +281,15 @@ def flops(pair: str, labels: list[str], batch_size: int, image_size: int, num_cl
     kd = parts["student forward"] + parts["student backward"] + parts["teacher forward"]
     w = d.stone_weights
     # blockkd-lite's split sampling: stone i runs on its share of m_i samples (FLOPs are linear in the batch),
-    # the shares its options give (split_shares; the whole batch for its whole_batch_stones).
-    shares = build("blockkd-lite")[1].stone_batch_sizes(batch_size)
+    # the shares its options give (split_shares; the whole batch for its whole_batch_stones); the connectors
+    # of its whole_batch_connectors shallowest stones run on the rest of the batch too.
+    lite_d = build("blockkd-lite")[1]
+    shares = lite_d.stone_batch_sizes(batch_size)
     lite = kd + sum(m / batch_size * c for m, c in zip(shares, stones))
+    for i in range(lite_d.opts.whole_batch_connectors):
+        z: list[torch.Tensor] = []
+        connector = count_flops(lambda: z.append(d.connectors[i](feats[i]))) + count_flops(lambda: z[0].sum().backward())
+        lite += (1 - shares[i] / batch_size) * connector
     if "blockkd-lite" in labels:
         per_step["blockkd-lite"] = round(lite)
     ref = per_step.get("kd", kd)

@@ -122,6 +122,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # of 128 samples, against 73 for the deepest) within the 1.35x-of-kd budget (speed table's FLOP parts)
     "blockkd-lite split sqrt_weights conv3x3_bn stone_warmup 2 alpha beta 1": ("blockkd-lite", {
         "split_shares": "sqrt_weights", "connector": "conv3x3_bn", "stone_warmup": 2.0, "alpha": 1.0, "beta": 1.0}),
+    # Round 11: every connector on the whole batch (its BN normalising with the batch's statistics, not with
+    # a share of 18, 37 or 73 samples; the lite variant's shallowest stone was erratic at evaluation), the
+    # teacher suffixes on the shares as before: 1.27x kd's FLOPs on resnet32x4 -> resnet8x4 (speed.py's count)
+    "blockkd-lite split weights conv3x3_bn stone_warmup 2 alpha beta 1 connectors whole": ("blockkd-lite", {
+        "split_shares": "weights", "connector": "conv3x3_bn", "stone_warmup": 2.0, "alpha": 1.0, "beta": 1.0,
+        "whole_batch_connectors": 3}),
     "kd ls": ("kd", {"logit_standardization": True, "temperature": 2.0, "kd_weight": 9.0}),
     "dkd ls": ("dkd", {"logit_standardization": True}),
 }

@@ -570,6 +570,38 @@ def test_whole_batch_stones_see_every_sample_and_their_cross_term(shares, k):
         make("blockkd-lite", whole_batch_stones=3, num_blocks=2)
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_whole_batch_connectors_normalise_with_the_batch(k):
+    """whole_batch_connectors: k: the k shallowest stones' connectors run on the whole batch in train mode, so
+    their BN statistics are the batch's, and their share's logits are those of the stone run on the whole batch,
+    cut to the share; a deeper stone still normalises with its own share (its logits differ); the running
+    statistics are updated from the whole batch."""
+    d = make("blockkd-lite", whole_batch_connectors=k).train()
+    x, _ = batch(16)
+    feats, _ = d.student_features(x)
+    feats = [f.detach() for f in feats]
+    rows = d.split_batch(16)
+    assert [len(r) for r in rows] == [2, 5, 9]
+    bns = [[m for m in c.modules() if isinstance(m, torch.nn.BatchNorm2d)][-1] for c in d.connectors]
+    with torch.no_grad():
+        for bn in bns:
+            bn.reset_running_stats()
+        split = d.run_stones(feats, [0, 1, 2], x, rows=rows)
+        means = [bn.running_mean.clone() for bn in bns]
+        alone = [d.run_stones(feats, [i], x)[0] for i in range(3)]  # each stone on the whole batch
+        for i in range(3):
+            conv_out = d.connectors[i].proj[:-1](feats[i] if i < k else feats[i][rows[i]])  # up to the last BN
+            torch.testing.assert_close(means[i], bns[i].momentum * conv_out.mean((0, 2, 3)))
+            if i < k:
+                torch.testing.assert_close(split[i], alone[i][rows[i]], rtol=1e-4, atol=1e-5)
+            else:
+                assert not torch.allclose(split[i], alone[i][rows[i]], rtol=1e-3, atol=1e-4)
+    with pytest.raises(BlockKDError, match=r"method\.options\.whole_batch_connectors.*sampling split"):
+        make("blockkd", whole_batch_connectors=1)
+    with pytest.raises(BlockKDError, match=r"whole_batch_connectors must be between 0 and the number of blocks \(3\)"):
+        make("blockkd-lite", whole_batch_connectors=4)
+
+
 def test_split_every_connector_gets_a_gradient_every_step():
     d = make("blockkd-lite").train()
     opt = torch.optim.SGD(d.trainable_parameters(), lr=0.01)

@@ -51,7 +51,10 @@ Which stones run each step (``stones_per_step``, ``sampling``):
   share (the other stones keep theirs): they are the cheap ones, and the deepest one, the whole student
   under the teacher's head, is the one that pulls hardest on the student (docs/blockkd.md). A sample is
   then seen by those k stones and its share's stone; Ŷ_j is their mean, and every stone's cross term
-  d(Y^{N_i}, Ŷ) is its mean over the samples it saw.
+  d(Y^{N_i}, Ŷ) is its mean over the samples it saw. ``whole_batch_connectors: k`` runs the connectors of
+  the k shallowest stones on the whole batch and passes only their share on to the teacher: the shallowest
+  stone's share is a few samples (18 of 128 with ``weights`` on 3 blocks), too few for its connector's BN
+  to normalise with steady statistics, while the connector costs little beside the teacher suffix.
 
 Inputs may be images or, for transformers, mappings of tensors (``input_ids``, ``attention_mask``); the
 teacher blocks of every stone take the extra inputs they need (the attention mask) from the batch
@@ -122,6 +125,10 @@ class BlockKDOptions:
     whole_batch_stones: int = option(0, integer(0), "sampling split: the k deepest stones run on the whole batch "
                                      "instead of their share (the others keep theirs); the deep stones are the "
                                      "cheap ones (a connector and a short teacher suffix)")
+    whole_batch_connectors: int = option(0, integer(0), "sampling split: the connectors of the k shallowest stones "
+                                         "run on the whole batch, then pass their stone's share on to the "
+                                         "teacher: their BN normalises with the batch's statistics, not with a "
+                                         "small share's (the connector is cheap beside the teacher suffix)")
     batched_stones: bool = option(True, BOOL, "stones crossing the same teacher block run there as one batch")
     stone_warmup: float = option(0.0, number(0), "epochs over which the stones' terms and L_cross ramp up "
                                  "linearly from 0")
@@ -137,6 +144,9 @@ class BlockKDOptions:
         if self.whole_batch_stones and self.sampling != "split":
             raise OptionError("whole_batch_stones", f"whole_batch_stones applies to sampling split, got sampling "
                                                     f"{self.sampling}")
+        if self.whole_batch_connectors and self.sampling != "split":
+            raise OptionError("whole_batch_connectors", f"whole_batch_connectors applies to sampling split, got "
+                                                        f"sampling {self.sampling}")
         if self.whole_batch_stones and self.num_blocks is not None and self.whole_batch_stones > self.num_blocks:
             raise OptionError("whole_batch_stones", f"{self.whole_batch_stones} stones on the whole batch, but "
                                                     f"num_blocks is {self.num_blocks}")
@@ -174,9 +184,9 @@ class BlockKD(Distiller):
             raise OptionError("stones_per_step", f"stones_per_step must be between 1 and the number of blocks "
                                                  f"({n}), got {k}")
         self.stones_per_step = None if k is None or k == n else k
-        if o.whole_batch_stones > n:
-            raise OptionError("whole_batch_stones", f"whole_batch_stones must be between 0 and the number of blocks "
-                                                    f"({n}), got {o.whole_batch_stones}")
+        for key in ("whole_batch_stones", "whole_batch_connectors"):
+            if getattr(o, key) > n:
+                raise OptionError(key, f"{key} must be between 0 and the number of blocks ({n}), got {getattr(o, key)}")
         self.divergence = LogitDivergence(o.divergence, o.temperature, o.logit_standardization,
                                           o.dkd_alpha, o.dkd_beta)
         self.student_divergence = LogitDivergence(o.student_divergence or o.divergence, o.temperature,
@@ -209,26 +219,36 @@ class BlockKD(Distiller):
         """
         t_view = self._views[1]
         n = self.num_blocks
-        subsets = {i: feats[i] if rows is None else feats[i][r] for i, r in zip(which, rows or which)}
+        share = dict(zip(which, rows)) if rows is not None else {}
         per_stone = rows is not None and isinstance(inputs, Mapping)  # shares of text inputs: one stone at a time
         if not self.opts.batched_stones or per_stone:
             out = []
             for k, i in enumerate(which):
                 own = {key: v[rows[k]] for key, v in inputs.items()} if per_stone else inputs
-                h = self.connectors[i](subsets[i])
+                h = self.connect(i, feats[i], share.get(i))
                 for j in range(i + 1, n):
                     h = t_view.run_block(j, h, own)
                 out.append(t_view.run_head(h, own))
             return out
         h, sizes = None, []
         for i in range(which[0], n):
-            if i in subsets:
-                z = self.connectors[i](subsets[i])
+            if i in which:
+                z = self.connect(i, feats[i], share.get(i))
                 h = z if h is None else torch.cat([h, z])
                 sizes.append(z.shape[0])
             if i + 1 < n:
                 h = t_view.run_block(i + 1, h, inputs)
         return list(t_view.run_head(h, inputs).split(sizes))
+
+    def connect(self, i: int, feat: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """Connector ``i`` on the student feature ``feat``, for the samples ``rows`` (None: all). One of the
+        ``whole_batch_connectors`` shallowest runs on the whole batch and its output is cut to ``rows`` after:
+        its BN then normalises with the batch's statistics, not with those of a share of a few samples."""
+        if rows is None:
+            return self.connectors[i](feat)
+        if i < self.opts.whole_batch_connectors:
+            return self.connectors[i](feat)[rows]
+        return self.connectors[i](feat[rows])
 
     def stones(self, x) -> list[torch.Tensor]:
         """``[Y^{N_1}, …, Y^{N_n}]``: the logits of every stepping-stone for input ``x``."""
