@@ -251,12 +251,12 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     ax_bar, ax_curve = fig.subplots(1, 2, width_ratios=[1, 1.3])
     names = ranked(report)
     xs = range(len(names))
-    colours = colormaps["tab20"].colors if len(names) > 10 else [None] * len(names)
+    many = len(names) > 10
+    colours = colormaps["tab20"].colors if many else [None] * len(names)
     for offset, key, label in ((-0.2, "last_top1", "last epoch"), (0.2, "best_top1", "best epoch (optimistic)")):
         means, stds = [res[m][key]["mean"] for m in names], [res[m][key]["std"] for m in names]
         bars = ax_bar.bar([x + offset for x in xs], means, 0.4, yerr=stds, capsize=4, label=label)
-        ax_bar.bar_label(bars, fmt="%.2f", fontsize=7 if len(names) <= 10 else 6, padding=2,
-                         rotation=0 if len(names) <= 10 else 90)
+        ax_bar.bar_label(bars, fmt="%.2f", fontsize=6 if many else 7, padding=2, rotation=90 if many else 0)
     lows = [res[m][k]["mean"] - res[m][k]["std"] for m in names for k in ("last_top1", "best_top1")]
     highs = [res[m][k]["mean"] + res[m][k]["std"] for m in names for k in ("last_top1", "best_top1")]
     teacher = report["teacher"]["last_top1"]
@@ -271,19 +271,19 @@ def plot(report: dict[str, Any], path: Path) -> Path:
         hi = [a + b for a, b in zip(c["mean"], c["std"])]
         (line,) = ax_curve.plot(c["epoch"], c["mean"], marker=".", label=m, color=colour,
                                 lw=2.5 if m.startswith("blockkd") else 1.2)
-        ax_curve.fill_between(c["epoch"], lo, hi, color=line.get_color(), alpha=0.15 if len(names) <= 10 else 0.06)
+        ax_curve.fill_between(c["epoch"], lo, hi, color=line.get_color(), alpha=0.06 if many else 0.15)
     ax_curve.axhline(teacher, color="grey", ls="--", lw=1, label="teacher")
     ax_curve.set_xlabel("epoch")
     ax_curve.set_ylabel(f"{split} top-1 (%)")
     ax_curve.xaxis.set_major_locator(MaxNLocator(integer=True))
     epochs = max([e for m in names for e in res[m]["curve"]["epoch"]], default=1)
     ax_curve.set_xlim(0.5, epochs + 0.5)
-    if len(names) > 10:  # many close curves: zoom on the second half of training, where the ranking forms
+    if many:  # many close curves: zoom on the second half of training, where the ranking forms
         half = [v for m in names for e, v in zip(res[m]["curve"]["epoch"], res[m]["curve"]["mean"]) if e > epochs / 2]
         ax_curve.set_ylim(min(half) - 1, max(half + [teacher]) + 0.5)
         ax_curve.set_title("zoomed on the second half of training", fontsize=8)
     ax_curve.grid(alpha=0.3)
-    ax_curve.legend(fontsize=7, ncols=2 if len(names) > 10 else 1)
+    ax_curve.legend(fontsize=7, ncols=2 if many else 1)
     u = report["setup"]
     pair = f"{u.get('title', 'Fashion-MNIST')}, {u['teacher']} -> {u['student']}"
     fig.suptitle(pair + ("\n" if len(pair) > 80 else ": ")  # long (path-like) model names: two lines

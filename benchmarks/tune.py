@@ -124,7 +124,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "split_shares": "sqrt_weights", "connector": "conv3x3_bn", "stone_warmup": 2.0, "alpha": 1.0, "beta": 1.0}),
     # Round 11: every connector on the whole batch (its BN normalising with the batch's statistics, not with
     # a share of 18, 37 or 73 samples; the lite variant's shallowest stone was erratic at evaluation), the
-    # teacher suffixes on the shares as before: 1.27x kd's FLOPs on resnet32x4 -> resnet8x4 (speed.py's count)
+    # teacher suffixes on the shares as before (the connectors are cheap beside them; speed.py counts their
+    # extra FLOPs once blockkd-lite's defaults take the option)
     "blockkd-lite split weights conv3x3_bn stone_warmup 2 alpha beta 1 connectors whole": ("blockkd-lite", {
         "split_shares": "weights", "connector": "conv3x3_bn", "stone_warmup": 2.0, "alpha": 1.0, "beta": 1.0,
         "whole_batch_connectors": 3}),
