@@ -602,6 +602,37 @@ def test_whole_batch_connectors_normalise_with_the_batch(k):
         make("blockkd-lite", whole_batch_connectors=4)
 
 
+@pytest.mark.parametrize("reweight", [True, False])
+def test_stones_every_k_runs_the_stones_on_every_kth_step_only(reweight):
+    """stones_every: 3: steps 0, 3, 6 give the full objective's stone terms (×3 with the reweighting, so that
+    their mean over steps is the full one), the steps between give zero stone terms and the same student terms;
+    the step count is saved with the checkpoint, so a resumed distiller keeps the rhythm."""
+    ref = make("blockkd", stone_warmup=0.0).train()
+    every = make("blockkd", stones_every=3, stones_every_reweight=reweight).train()
+    every.load_state_dict(ref.state_dict(), strict=False)  # same student and connectors; the counter stays 0
+    x, y = batch(8)
+    stone_terms = ("loss_task_stones", "loss_distill_stones", "loss_cross")
+    scale = 3.0 if reweight else 1.0
+    with torch.no_grad():
+        _, full = ref.forward_train(x, y, epoch=1.0)
+        for step in range(5):
+            _, got = every.forward_train(x, y, epoch=1.0)
+            for name, value in got.items():
+                want = full[name] * (scale if step % 3 == 0 else 0.0) if name in stone_terms else full[name]
+                torch.testing.assert_close(value, want, rtol=1e-5, atol=1e-6, msg=f"step {step} {name}")
+        assert int(every.train_state_dict()["stone_step"]) == 5
+        resumed = make("blockkd", stones_every=3, stones_every_reweight=reweight).train()
+        resumed.load_train_state_dict(every.train_state_dict())
+        due = [bool(resumed.forward_train(x, y, epoch=1.0)[1]["loss_distill_stones"]) for _ in range(4)]
+        assert due == [False, True, False, False]  # steps 5, 6, 7, 8
+        resumed.load_train_state_dict(every.train_state_dict())  # back to step 5, in the same process
+        due = [bool(resumed.forward_train(x, y, epoch=1.0)[1]["loss_distill_stones"]) for _ in range(2)]
+        assert due == [False, True]
+    assert "stone_step" not in ref.train_state_dict()  # the default's checkpoints keep their keys
+    with pytest.raises(BlockKDError, match=r"method\.options\.stones_every"):
+        make("blockkd", stones_every=0)
+
+
 def test_split_every_connector_gets_a_gradient_every_step():
     d = make("blockkd-lite").train()
     opt = torch.optim.SGD(d.trainable_parameters(), lr=0.01)

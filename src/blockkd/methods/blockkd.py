@@ -55,6 +55,9 @@ Which stones run each step (``stones_per_step``, ``sampling``):
   the k shallowest stones on the whole batch and passes only their share on to the teacher: the shallowest
   stone's share is a few samples (18 of 128 with ``weights`` on 3 blocks), too few for its connector's BN
   to normalise with steady statistics, while the connector costs little beside the teacher suffix.
+- ``stones_every: k`` (with any of the above): the stones run on steps 0, k, 2k, … only, all of them together,
+  with their terms and L_cross ×k there (``stones_every_reweight``, so the expected loss is the full one);
+  the steps between train the student's CE and distill terms alone, at KD's cost.
 
 Inputs may be images or, for transformers, mappings of tensors (``input_ids``, ``attention_mask``); the
 teacher blocks of every stone take the extra inputs they need (the attention mask) from the batch
@@ -132,6 +135,12 @@ class BlockKDOptions:
     batched_stones: bool = option(True, BOOL, "stones crossing the same teacher block run there as one batch")
     stone_warmup: float = option(0.0, number(0), "epochs over which the stones' terms and L_cross ramp up "
                                  "linearly from 0")
+    stones_every: int = option(1, integer(1), "run the stones (all of them, on the whole batch or their shares) "
+                               "on every k-th training step only (steps 0, k, 2k, … counted across resumes); the "
+                               "other steps train the student's own terms alone. 1: every step")
+    stones_every_reweight: bool = option(True, BOOL, "with stones_every k: the stones' terms and L_cross count k "
+                                         "times on the steps that run them, so that the expected loss is the "
+                                         "full one; false: their plain weight (1/k of it on average)")
 
     def check(self) -> None:
         if self.stones_per_step is not None and self.num_blocks is not None and self.stones_per_step > self.num_blocks:
@@ -198,6 +207,13 @@ class BlockKD(Distiller):
             # Only registered with teacher_stats, so the checkpoints of the default keep their keys.
             self.register_buffer("connectors_initialised", torch.zeros((), dtype=torch.bool))
             self._init_pending = True
+        if o.stones_every > 1:
+            # Steps taken, saved with the checkpoint so that a resumed run keeps the k-step rhythm; only
+            # registered with stones_every > 1, so the checkpoints of the default keep their keys. A Python
+            # mirror (read from the buffer on the first step and after every load) decides without a device sync.
+            self.register_buffer("stone_step", torch.zeros((), dtype=torch.long))
+            self.register_load_state_dict_post_hook(_forget_step)
+        self._step: int | None = None
 
     # -- pieces ------------------------------------------------------------------------------------
     def student_features(self, x) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -328,6 +344,16 @@ class BlockKD(Distiller):
             sizes[i] += 1
         return sizes
 
+    @torch.compiler.disable  # a Python decision per step: compiled code sees its result, not the counter
+    def stones_due(self) -> bool:
+        """``stones_every: k``: whether this training step runs the stones (steps 0, k, 2k, …), and count it."""
+        if self._step is None:
+            self._step = int(self.stone_step)
+        due = self._step % self.opts.stones_every == 0
+        self._step += 1
+        self.stone_step.add_(1)
+        return due
+
     # -- objective ---------------------------------------------------------------------------------
     def _stone_terms(self, logits, stone_logits, t_logits, y):
         """Unweighted (CE, distill, cross) of the student and of each stone in ``stone_logits``."""
@@ -370,7 +396,12 @@ class BlockKD(Distiller):
         feats, logits = self.student_features(x)
         self._maybe_init_connectors(x, feats)
         t_logits = self.teacher_logits(x)
-        if o.sampling == "split":
+        due = self.stones_due() if o.stones_every > 1 else True
+        scale = float(o.stones_every) if due and o.stones_every_reweight else 1.0
+        if not due:
+            ce_s, distill_s = cross_entropy(logits, y), self.student_divergence(logits, t_logits, y)
+            task_stones = distill_stones = cross = logits.new_zeros(())
+        elif o.sampling == "split":
             task_stones, distill_stones, cross = self._split_terms(feats, logits, t_logits, y, x)
             ce_s, distill_s = cross_entropy(logits, y), self.student_divergence(logits, t_logits, y)
         else:
@@ -381,7 +412,7 @@ class BlockKD(Distiller):
             distill_stones = sum(c * dist for c, (_, dist, _) in zip(coef, stones))
             cross_scale = self.num_blocks / len(which)  # unbiased for the Σ_i over stones when sampling
             cross = cross_s + cross_scale * sum(cr for _, _, cr in stones)
-        ramp = linear_warmup(epoch, o.stone_warmup)
+        ramp = linear_warmup(epoch, o.stone_warmup) * scale
         return logits, {
             "loss_task_student": o.alpha * ce_s,
             "loss_task_stones": ramp * o.alpha * task_stones,
@@ -482,6 +513,11 @@ class BlockKD(Distiller):
             bn.running_mean.copy_(mean_in)
             bn.running_var.copy_(var_in * count / max(count - 1, 1))  # BN's running variance is unbiased
         self.connectors_initialised.fill_(True)
+
+
+def _forget_step(module: BlockKD, _keys) -> None:
+    """After a load, the step counter is read again from the loaded buffer (``stones_every``)."""
+    module._step = None
 
 
 def _channel_moments(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
