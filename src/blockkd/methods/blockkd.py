@@ -398,12 +398,10 @@ class BlockKD(Distiller):
         t_logits = self.teacher_logits(x)
         due = self.stones_due() if o.stones_every > 1 else True
         scale = float(o.stones_every) if due and o.stones_every_reweight else 1.0
-        if not due:
+        if not due or o.sampling == "split":  # the student's own terms here; the stones' below, if they run
             ce_s, distill_s = cross_entropy(logits, y), self.student_divergence(logits, t_logits, y)
-            task_stones = distill_stones = cross = logits.new_zeros(())
-        elif o.sampling == "split":
-            task_stones, distill_stones, cross = self._split_terms(feats, logits, t_logits, y, x)
-            ce_s, distill_s = cross_entropy(logits, y), self.student_divergence(logits, t_logits, y)
+            task_stones, distill_stones, cross = (self._split_terms(feats, logits, t_logits, y, x) if due
+                                                  else (logits.new_zeros(()),) * 3)
         else:
             which, coef = self.pick_stones()
             stone_logits = self.run_stones(feats, which, x)
