@@ -135,6 +135,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     **{f"blockkd conv3x3_bn stone_warmup 2 alpha beta 1 stones_every 4{name}": ("blockkd", {
         "connector": "conv3x3_bn", "stone_warmup": 2.0, "alpha": 1.0, "beta": 1.0, "stones_every": 4,
         "stones_every_reweight": reweight}) for name, reweight in {"": True, " plain": False}.items()},
+    # Round 13: L_cross in the lite variant. No stone sees the whole batch, so each sample's "ensemble" is the
+    # one stone that saw it (issue 11 names this single-stone ensemble as a suspect): without the term (γ 0),
+    # and with a stronger pull (γ 0.15) in case the one-stone target is too weak a signal at γ 0.05
+    **{f"blockkd-lite split weights conv3x3_bn stone_warmup 2 alpha beta 1 gamma {name}": ("blockkd-lite", {
+        "split_shares": "weights", "connector": "conv3x3_bn", "stone_warmup": 2.0, "alpha": 1.0, "beta": 1.0,
+        "gamma": g}) for name, g in {"0": 0.0, "0.15": 0.15}.items()},
     "kd ls": ("kd", {"logit_standardization": True, "temperature": 2.0, "kd_weight": 9.0}),
     "dkd ls": ("dkd", {"logit_standardization": True}),
 }
