@@ -141,6 +141,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     **{f"blockkd-lite split weights conv3x3_bn stone_warmup 2 alpha beta 1 gamma {name}": ("blockkd-lite", {
         "split_shares": "weights", "connector": "conv3x3_bn", "stone_warmup": 2.0, "alpha": 1.0, "beta": 1.0,
         "gamma": g}) for name, g in {"0": 0.0, "0.15": 0.15}.items()},
+    # Round 14: the lite variant's own α = β (tuned for full Block-KD in rounds 7-8, where 1.5 lost to 1): its
+    # stones' terms are noisier estimates (each stone on its share), so its best weight may differ
+    "blockkd-lite split weights conv3x3_bn stone_warmup 2 alpha beta 1.5": ("blockkd-lite", {
+        "split_shares": "weights", "connector": "conv3x3_bn", "stone_warmup": 2.0, "alpha": 1.5, "beta": 1.5}),
     "kd ls": ("kd", {"logit_standardization": True, "temperature": 2.0, "kd_weight": 9.0}),
     "dkd ls": ("dkd", {"logit_standardization": True}),
 }
