@@ -145,6 +145,15 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # stones' terms are noisier estimates (each stone on its share), so its best weight may differ
     "blockkd-lite split weights conv3x3_bn stone_warmup 2 alpha beta 1.5": ("blockkd-lite", {
         "split_shares": "weights", "connector": "conv3x3_bn", "stone_warmup": 2.0, "alpha": 1.5, "beta": 1.5}),
+    # Round 15: issue 11's "only the deepest, cheapest stones" (first_stone: 2; stone 1 carries nearly the whole
+    # teacher, twice stone 2's cost, and was the lite variant's erratic stone on the test split). Lite: stone 2
+    # on half the batch, stone 3 (nearly free) on all of it, 1.24x kd's FLOPs on resnet32x4 -> resnet8x4 (speed
+    # table's FLOP parts); full Block-KD without stone 1 says what that stone adds at all
+    "blockkd-lite first_stone 2 split equal whole 1 conv3x3_bn stone_warmup 2 alpha beta 1": ("blockkd-lite", {
+        "first_stone": 2, "split_shares": "equal", "whole_batch_stones": 1, "connector": "conv3x3_bn",
+        "stone_warmup": 2.0, "alpha": 1.0, "beta": 1.0}),
+    "blockkd first_stone 2 conv3x3_bn stone_warmup 2 alpha beta 1": ("blockkd", {
+        "first_stone": 2, "connector": "conv3x3_bn", "stone_warmup": 2.0, "alpha": 1.0, "beta": 1.0}),
     "kd ls": ("kd", {"logit_standardization": True, "temperature": 2.0, "kd_weight": 9.0}),
     "dkd ls": ("dkd", {"logit_standardization": True}),
 }

@@ -661,6 +661,86 @@ def test_split_option_combinations():
 
 
 # ------------------------------------------------------------------------------ connector initialisation
+# ------------------------------------------------------------------------------------------- first_stone
+def test_first_stone_keeps_the_deeper_stones_with_their_weights():
+    """first_stone: 2 builds stones 2..n only: their connectors, weights and logits are those of the full
+    method's stones 2..n, and the loss is the paper's formula over them."""
+    full = make("blockkd", gamma=0.5)
+    d = make("blockkd", gamma=0.5, first_stone=2)
+    assert d.stone_ids == [1, 2] and d.stone_weights == [0.5, 1.0] and len(d.connectors) == 2
+    # the same modules under the full model's keys, shifted by one stone
+    state = {k.replace("connectors.0.", "connectors.x.").replace("connectors.1.", "connectors.0.")
+             .replace("connectors.2.", "connectors.1."): v for k, v in full.state_dict().items()}
+    d.load_state_dict({k: v for k, v in state.items() if not k.startswith("connectors.x.")})
+    full.eval(), d.eval()
+    x, y = batch(6)
+    with torch.no_grad():
+        out, ref = d.eval_logits(x), full.eval_logits(x)
+        assert list(out) == ["student", "stone2", "stone3", "ensemble"]
+        for key in ("student", "stone2", "stone3"):
+            assert torch.allclose(out[key], ref[key], atol=1e-6)
+        assert torch.allclose(out["ensemble"], (ref["stone2"] + ref["stone3"]) / 2, atol=1e-6)
+        logits, losses = d.forward_train(x, y, epoch=1.0)
+        t = d.teacher(x)
+    div, stones = reference_divergence("kl", False, 4.0), [out["stone2"], out["stone3"]]
+    ens = torch.stack(stones).mean(0)
+    ce = lambda z: F.cross_entropy(z.double(), y)
+    expected = 0.35 * (ce(logits) + 0.5 * ce(stones[0]) + ce(stones[1])) \
+        + 0.35 * (div(logits, t, y) + 0.5 * div(stones[0], t, y) + div(stones[1], t, y)) \
+        + 0.5 * (div(logits, ens, y) + sum(div(z, ens, y) for z in stones))
+    assert sum(losses.values()).item() == pytest.approx(expected.item(), rel=1e-4)
+    assert set(d.diagnostics(x, y, epoch=1.0)) == {"grad_norm_student", "grad_norm_stone2", "grad_norm_stone3"}
+
+
+def test_first_stone_with_split_shares_and_sampling():
+    """With first_stone the shares, the whole-batch stones and the drawn stones range over stones f..n."""
+    d = make("blockkd-lite", first_stone=2)
+    assert d.share_sizes(6) == [2, 4] and d.stone_batch_sizes(6) == [2, 4]
+    rows = d.split_batch(6)
+    assert len(rows) == 2 and sorted(torch.cat(rows).tolist()) == list(range(6))
+    whole = make("blockkd-lite", first_stone=2, whole_batch_stones=1)
+    assert whole.stone_batch_sizes(6) == [2, 6]
+    drawn = make("blockkd-lite", first_stone=2, sampling="uniform", stones_per_step=1)
+    torch.manual_seed(0)
+    picks = [drawn.pick_stones() for _ in range(50)]
+    assert {tuple(i) for i, _ in picks} == {(1,), (2,)}
+    assert all(c == [drawn.stone_weights[i[0] - 1] * 2] for i, c in picks)
+    x, y = batch(6)
+    _, losses = d.train()(x, y, epoch=1.0)
+    sum(losses.values()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in d.connectors.parameters())
+    with pytest.raises(BlockKDError, match="first_stone"):
+        make("blockkd", first_stone=4)
+    with pytest.raises(BlockKDError, match="whole_batch_stones"):
+        make("blockkd-lite", first_stone=3, whole_batch_stones=2)
+
+
+def test_first_stone_split_objective_is_unbiased():
+    """Over every permutation of a batch of 4 (stones 2 and 3, shares by weight 1 and 3), the stones' terms
+    average to those of full Block-KD with the same first_stone."""
+    opts = dict(gamma=0.5, first_stone=2)
+    split = make("blockkd-lite", **opts)
+    assert split.share_sizes(4) == [1, 3]
+    x, y, ref, stones, s_logits = _full_twin(split, opts)
+    with torch.no_grad():
+        draws = _every_draw(split, x, y)
+        for k in ("loss_task_stones", "loss_distill_stones"):
+            assert _mean_over(draws, k) == pytest.approx(ref[k].item(), rel=1e-5)
+        expected = sum(b / 4 * split.divergence(s_logits, z, y).item() for b, z in zip([1, 3], stones))
+        assert _mean_over(draws, "loss_cross") == pytest.approx(0.5 * expected, rel=1e-5)
+
+
+def test_first_stone_teacher_stats_init_matches_its_own_block():
+    d = make("blockkd", connector_init="teacher_stats", first_stone=2).train()
+    x, y = batch(16)
+    d(x, y)
+    with torch.no_grad():
+        feats, _ = d.student_features(x)
+        t_feats, _ = d._views[1].features(x)
+        for conn, i in zip(d.connectors, d.stone_ids):
+            assert torch.allclose(_moments(conn.train()(feats[i]))[0], _moments(t_feats[i])[0], atol=1e-4)
+
+
 def _moments(f):
     dims = [0, 2, 3]
     return f.mean(dims), f.var(dims, unbiased=False).sqrt()

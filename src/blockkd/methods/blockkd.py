@@ -25,6 +25,11 @@ class, whatever the stones currently predict, and the loss stays a smooth functi
 The frozen teacher blocks carry gradients to the connectors and the student but never compute
 weight gradients of their own (their parameters have ``requires_grad=False``).
 
+Which stones exist (``first_stone``): stones 1..n by default, the paper's method; ``first_stone: f`` builds,
+trains and evaluates stones f..n only, each with its weight w_i = 1/2^(n-i). The shallow stones carry nearly
+the whole teacher (stone 1 costs about twice stone 2), so leaving them out is the cheapest cut; in what
+follows, "n stones" then means the n - f + 1 that exist, and the i of a stone name stays its block index.
+
 Which stones run each step (``stones_per_step``, ``sampling``):
 
 - ``stones_per_step: null`` with ``sampling`` ``weighted`` or ``uniform``: every stone on the whole batch,
@@ -132,6 +137,10 @@ class BlockKDOptions:
                                          "run on the whole batch, then pass their stone's share on to the "
                                          "teacher: their BN normalises with the batch's statistics, not with a "
                                          "small share's (the connector is cheap beside the teacher suffix)")
+    first_stone: int = option(1, integer(1), "the shallowest stepping-stone that is built and trained: stones "
+                              "first_stone..n, each with its weight w_i = 1/2^(n-i) (1: all n, the paper's "
+                              "method); the shallow stones carry nearly the whole teacher, so they are the "
+                              "costly ones")
     batched_stones: bool = option(True, BOOL, "stones crossing the same teacher block run there as one batch")
     stone_warmup: float = option(0.0, number(0), "epochs over which the stones' terms and L_cross ramp up "
                                  "linearly from 0")
@@ -156,6 +165,8 @@ class BlockKDOptions:
         if self.whole_batch_connectors and self.sampling != "split":
             raise OptionError("whole_batch_connectors", f"whole_batch_connectors applies to sampling split, got "
                                                         f"sampling {self.sampling}")
+        if self.num_blocks is not None and self.first_stone > self.num_blocks:
+            raise OptionError("first_stone", f"first_stone {self.first_stone}, but num_blocks is {self.num_blocks}")
         if self.whole_batch_stones and self.num_blocks is not None and self.whole_batch_stones > self.num_blocks:
             raise OptionError("whole_batch_stones", f"{self.whole_batch_stones} stones on the whole batch, but "
                                                     f"num_blocks is {self.num_blocks}")
@@ -187,21 +198,30 @@ class BlockKD(Distiller):
         self._views = (s_view, t_view)
         n = len(s_view.blocks)
         self.num_blocks = n
-        self.stone_weights = [1.0 / 2 ** (n - i) for i in range(1, n + 1)]
+        if o.first_stone > n:
+            raise OptionError("first_stone", f"first_stone must be between 1 and the number of blocks ({n}), got "
+                                             f"{o.first_stone}")
+        # The stones that exist (0-based block indices, ascending) and their weights, in the same order.
+        self.stone_ids = list(range(o.first_stone - 1, n))
+        self.stone_weights = [1.0 / 2 ** (n - 1 - i) for i in self.stone_ids]
+        m = len(self.stone_ids)
         k = o.stones_per_step
-        if k is not None and k > n:
-            raise OptionError("stones_per_step", f"stones_per_step must be between 1 and the number of blocks "
-                                                 f"({n}), got {k}")
-        self.stones_per_step = None if k is None or k == n else k
+        if k is not None and k > m:
+            raise OptionError("stones_per_step", f"stones_per_step must be between 1 and the number of stones "
+                                                 f"({m}), got {k}")
+        self.stones_per_step = None if k is None or k == m else k
         for key in ("whole_batch_stones", "whole_batch_connectors"):
-            if getattr(o, key) > n:
-                raise OptionError(key, f"{key} must be between 0 and the number of blocks ({n}), got {getattr(o, key)}")
+            if getattr(o, key) > m:
+                raise OptionError(key, f"{key} must be between 0 and the number of stones ({m}), got "
+                                       f"{getattr(o, key)}")
         self.divergence = LogitDivergence(o.divergence, o.temperature, o.logit_standardization,
                                           o.dkd_alpha, o.dkd_beta)
         self.student_divergence = LogitDivergence(o.student_divergence or o.divergence, o.temperature,
                                                   o.logit_standardization, o.dkd_alpha, o.dkd_beta)
-        self.connectors = build_connectors(s_view.probe(self.input_shape), t_view.probe(self.input_shape),
-                                           o.connector, prefix_tokens=(s_view.prefix_tokens, t_view.prefix_tokens))
+        connectors = build_connectors(s_view.probe(self.input_shape), t_view.probe(self.input_shape),
+                                      o.connector, prefix_tokens=(s_view.prefix_tokens, t_view.prefix_tokens))
+        # connectors[k] belongs to stone stone_ids[k]: none is built for a stone below first_stone
+        self.connectors = nn.ModuleList(list(connectors)[o.first_stone - 1:])
         if o.connector_init == "teacher_stats":
             # A buffer, so that it is saved with the connectors: a resumed run does not initialise them again.
             # Only registered with teacher_stats, so the checkpoints of the default keep their keys.
@@ -260,16 +280,17 @@ class BlockKD(Distiller):
         """Connector ``i`` on the student feature ``feat``, for the samples ``rows`` (None: all). One of the
         ``whole_batch_connectors`` shallowest runs on the whole batch and its output is cut to ``rows`` after:
         its BN then normalises with the batch's statistics, not with those of a share of a few samples."""
+        k = i - self.stone_ids[0]  # the stone's position: its connector, and whether it is one of the shallowest
         if rows is None:
-            return self.connectors[i](feat)
-        if i < self.opts.whole_batch_connectors:
-            return self.connectors[i](feat)[rows]
-        return self.connectors[i](feat[rows])
+            return self.connectors[k](feat)
+        if k < self.opts.whole_batch_connectors:
+            return self.connectors[k](feat)[rows]
+        return self.connectors[k](feat[rows])
 
     def stones(self, x) -> list[torch.Tensor]:
         """``[Y^{N_1}, …, Y^{N_n}]``: the logits of every stepping-stone for input ``x``."""
         feats, _ = self.student_features(x)
-        return self.run_stones(feats, list(range(self.num_blocks)), x)
+        return self.run_stones(feats, self.stone_ids, x)
 
     def eval_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The logits of ``student``, ``stone1`` … ``stoneN`` and their ``ensemble`` (mean), e.g. for evaluation.
@@ -278,9 +299,9 @@ class BlockKD(Distiller):
         to evaluate (the stones' connectors then use their BN running statistics).
         """
         feats, logits = self.student_features(x)
-        stones = self.run_stones(feats, list(range(self.num_blocks)), x)
+        stones = self.run_stones(feats, self.stone_ids, x)
         out = {"student": logits}
-        out.update({f"stone{i + 1}": z for i, z in enumerate(stones)})
+        out.update({f"stone{i + 1}": z for i, z in zip(self.stone_ids, stones)})
         out["ensemble"] = torch.stack(stones).mean(0)
         return out
 
@@ -292,15 +313,16 @@ class BlockKD(Distiller):
         equals the full one: "weighted" draws i.i.d. with p_i ∝ w_i (coefficient count_i·Σw/k, cheap: the
         shallow, costly stones are rare); "uniform" draws k distinct stones (coefficient w_i·n/k).
         """
-        n, k, w = self.num_blocks, self.stones_per_step, self.stone_weights
+        ids, k, w = self.stone_ids, self.stones_per_step, self.stone_weights
+        m = len(ids)
         if k is None:
-            return list(range(n)), list(w)
+            return list(ids), list(w)
         if self.opts.sampling == "uniform":
-            idx = sorted(torch.randperm(n)[:k].tolist())
-            return idx, [w[i] * n / k for i in idx]
+            pos = sorted(torch.randperm(m)[:k].tolist())
+            return [ids[p] for p in pos], [w[p] * m / k for p in pos]
         draws = torch.multinomial(torch.tensor(w), k, replacement=True).tolist()
-        idx = sorted(set(draws))
-        return idx, [draws.count(i) * sum(w) / k for i in idx]
+        pos = sorted(set(draws))
+        return [ids[p] for p in pos], [draws.count(p) * sum(w) / k for p in pos]
 
     def split_batch(self, batch_size: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
         """``split`` sampling: the sample indices of each stone, one tensor per stone (1..n in order).
@@ -317,23 +339,23 @@ class BlockKD(Distiller):
         """The sample indices of each stone for the permutation ``perm`` of the batch: ``perm`` cut into the
         shares (:meth:`share_sizes`), then the whole batch for the ``whole_batch_stones`` deepest stones."""
         rows = list(perm.split(self.share_sizes(len(perm))))
-        n, k = self.num_blocks, self.opts.whole_batch_stones
+        m, k = len(self.stone_ids), self.opts.whole_batch_stones
         if k:
-            rows[n - k:] = [torch.arange(len(perm), device=perm.device)] * k
+            rows[m - k:] = [torch.arange(len(perm), device=perm.device)] * k
         return rows
 
     def stone_batch_sizes(self, batch_size: int) -> list[int]:
         """How many samples each stone runs on per step under ``split`` (its share, or the whole batch for
         the ``whole_batch_stones`` deepest): what its cost is proportional to (benchmarks/speed.py)."""
-        sizes, n, k = self.share_sizes(batch_size), self.num_blocks, self.opts.whole_batch_stones
-        return sizes[:n - k] + [batch_size] * k
+        sizes, m, k = self.share_sizes(batch_size), len(self.stone_ids), self.opts.whole_batch_stones
+        return sizes[:m - k] + [batch_size] * k
 
     def share_sizes(self, batch_size: int) -> list[int]:
         """How many samples each stone gets under ``split``: sizes differing by at most one (the first
         ``batch_size % n`` stones get the extra sample), or, with ``split_shares: weights`` (``sqrt_weights``),
         the largest-remainder rounding of batch_size·w_i/Σw (w_i → √w_i; sum exactly batch_size; ties to the
         deeper stone)."""
-        n = self.num_blocks
+        n = len(self.stone_ids)
         if self.opts.split_shares == "equal":
             return [batch_size // n + (i < batch_size % n) for i in range(n)]
         w = [wi ** 0.5 if self.opts.split_shares == "sqrt_weights" else wi for wi in self.stone_weights]
@@ -369,11 +391,11 @@ class BlockKD(Distiller):
         """``split`` sampling: (task_stones, distill_stones, cross), see the module's docstring."""
         d, w = self.divergence, self.stone_weights
         shares = self.split_batch(logits.shape[0], logits.device)
-        which = [i for i, r in enumerate(shares) if len(r)]
-        rows = [shares[i] for i in which]
-        stone_logits = self.run_stones(feats, which, x, rows=rows)
-        task = sum(w[i] * cross_entropy(z, y[r]) for i, r, z in zip(which, rows, stone_logits))
-        distill = sum(w[i] * d(z, t_logits[r], y[r]) for i, r, z in zip(which, rows, stone_logits))
+        pos = [k for k, r in enumerate(shares) if len(r)]  # positions among stone_ids of the stones that run
+        rows = [shares[k] for k in pos]
+        stone_logits = self.run_stones(feats, [self.stone_ids[k] for k in pos], x, rows=rows)
+        task = sum(w[k] * cross_entropy(z, y[r]) for k, r, z in zip(pos, rows, stone_logits))
+        distill = sum(w[k] * d(z, t_logits[r], y[r]) for k, r, z in zip(pos, rows, stone_logits))
         # Ŷ_j: the mean of the stones that saw sample j (its share's stone, and the whole_batch_stones deepest
         # ones); with one stone per sample, exactly that stone's logits.
         total = logits.new_zeros(logits.shape[0], stone_logits[0].shape[1], dtype=stone_logits[0].dtype)
@@ -408,7 +430,7 @@ class BlockKD(Distiller):
             (ce_s, distill_s, cross_s), stones = self._stone_terms(logits, stone_logits, t_logits, y)
             task_stones = sum(c * ce for c, (ce, _, _) in zip(coef, stones))
             distill_stones = sum(c * dist for c, (_, dist, _) in zip(coef, stones))
-            cross_scale = self.num_blocks / len(which)  # unbiased for the Σ_i over stones when sampling
+            cross_scale = len(self.stone_ids) / len(which)  # unbiased for the Σ_i over stones when sampling
             cross = cross_s + cross_scale * sum(cr for _, _, cr in stones)
         ramp = linear_warmup(epoch, o.stone_warmup) * scale
         return logits, {
@@ -438,11 +460,11 @@ class BlockKD(Distiller):
             with torch.enable_grad():
                 feats, logits = self.student_features(x)
                 t_logits = self.teacher_logits(x)
-                stone_logits = self.run_stones(feats, list(range(self.num_blocks)), x)
+                stone_logits = self.run_stones(feats, self.stone_ids, x)
                 (ce_s, dist_s, cross_s), stones = self._stone_terms(logits, stone_logits, t_logits, y)
                 ramp = linear_warmup(epoch, o.stone_warmup)
                 parts = {"student": o.alpha * ce_s + o.beta * dist_s + ramp * o.gamma * cross_s}
-                for i, ((ce, dist, cross), w) in enumerate(zip(stones, self.stone_weights)):
+                for i, (ce, dist, cross), w in zip(self.stone_ids, stones, self.stone_weights):
                     parts[f"stone{i + 1}"] = ramp * (o.alpha * w * ce + o.beta * w * dist + o.gamma * cross)
                 out = {}
                 names = list(parts)
@@ -492,7 +514,8 @@ class BlockKD(Distiller):
         Under torch.distributed the statistics are averaged over the processes, so every replica starts equal.
         """
         t_feats, _ = self._views[1].features(x)
-        for conn, f_t, f_s in zip(self.connectors, t_feats, feats):
+        for conn, i in zip(self.connectors, self.stone_ids):
+            f_t, f_s = t_feats[i], feats[i]
             bn = [m for m in conn.modules() if isinstance(m, nn.BatchNorm2d)][-1]
             mean_t, var_t = _channel_moments(f_t)
             captured = []
