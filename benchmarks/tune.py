@@ -154,6 +154,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "stone_warmup": 2.0, "alpha": 1.0, "beta": 1.0}),
     "blockkd first_stone 2 conv3x3_bn stone_warmup 2 alpha beta 1": ("blockkd", {
         "first_stone": 2, "connector": "conv3x3_bn", "stone_warmup": 2.0, "alpha": 1.0, "beta": 1.0}),
+    # Round 16 (after round 15: stone 1 adds about 0.26 to full Block-KD but nothing to the lite variant, where
+    # it sees 1/7 of each batch): does full Block-KD gain from L_cross, the one term that needs several stones on
+    # the same sample (which the shares never give)?
+    "blockkd conv3x3_bn stone_warmup 2 alpha beta 1 gamma 0": ("blockkd", {
+        "connector": "conv3x3_bn", "stone_warmup": 2.0, "alpha": 1.0, "beta": 1.0, "gamma": 0.0}),
     "kd ls": ("kd", {"logit_standardization": True, "temperature": 2.0, "kd_weight": 9.0}),
     "dkd ls": ("dkd", {"logit_standardization": True}),
 }
