@@ -145,23 +145,23 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # stones' terms are noisier estimates (each stone on its share), so its best weight may differ
     "blockkd-lite split weights conv3x3_bn stone_warmup 2 alpha beta 1.5": ("blockkd-lite", {
         "split_shares": "weights", "connector": "conv3x3_bn", "stone_warmup": 2.0, "alpha": 1.5, "beta": 1.5}),
-    # Round 15: issue 11's "only the deepest, cheapest stones" (first_stone: 2; stone 1 carries nearly the whole
+    # Round 15: issue 11's "only the deepest, cheapest stones" (num_stones: 2; stone 1 carries nearly the whole
     # teacher, twice stone 2's cost, and was the lite variant's erratic stone on the test split). Lite: stone 2
     # on half the batch, stone 3 (nearly free) on all of it, 1.24x kd's FLOPs on resnet32x4 -> resnet8x4 (speed
     # table's FLOP parts); full Block-KD without stone 1 says what that stone adds at all
-    "blockkd-lite first_stone 2 split equal whole 1 conv3x3_bn stone_warmup 2 alpha beta 1": ("blockkd-lite", {
-        "first_stone": 2, "split_shares": "equal", "whole_batch_stones": 1, "connector": "conv3x3_bn",
+    "blockkd-lite num_stones 2 split equal whole 1 conv3x3_bn stone_warmup 2 alpha beta 1": ("blockkd-lite", {
+        "num_stones": 2, "split_shares": "equal", "whole_batch_stones": 1, "connector": "conv3x3_bn",
         "stone_warmup": 2.0, "alpha": 1.0, "beta": 1.0}),
-    "blockkd first_stone 2 conv3x3_bn stone_warmup 2 alpha beta 1": ("blockkd", {
-        "first_stone": 2, "connector": "conv3x3_bn", "stone_warmup": 2.0, "alpha": 1.0, "beta": 1.0}),
-    # Round 16 (after round 15: stone 1 adds about 0.26 to full Block-KD but nothing to the lite variant, where
-    # it sees 1/7 of each batch): does full Block-KD gain from L_cross, the one term that needs several stones on
-    # the same sample (which the shares never give)?
-    "blockkd conv3x3_bn stone_warmup 2 alpha beta 1 gamma 0": ("blockkd", {
-        "connector": "conv3x3_bn", "stone_warmup": 2.0, "alpha": 1.0, "beta": 1.0, "gamma": 0.0}),
+    "blockkd num_stones 2 conv3x3_bn stone_warmup 2 alpha beta 1": ("blockkd", {
+        "num_stones": 2, "connector": "conv3x3_bn", "stone_warmup": 2.0, "alpha": 1.0, "beta": 1.0}),
     "kd ls": ("kd", {"logit_standardization": True, "temperature": 2.0, "kd_weight": 9.0}),
     "dkd ls": ("dkd", {"logit_standardization": True}),
 }
+# Round 15 made the two deepest stones, the deeper on the whole batch, blockkd-lite's defaults; the lite variants
+# of rounds 3-14 pin the defaults they ran with (every stone, shares ∝ w_i) so that their reproduce lines hold.
+FORMER_LITE = {"num_stones": None, "split_shares": "weights", "whole_batch_stones": 0}
+VARIANTS.update({name: (m, {**FORMER_LITE, **opts}) for name, (m, opts) in VARIANTS.items()
+                 if m == "blockkd-lite" and "num_stones" not in opts})
 # The baselines' one hyper-parameter each (issue 12: every method's chosen on the validation split, as
 # Block-KD's were): the weight of its distillation term, at the recipe's value (the published one) and at half
 # and twice it. Variant "<method>" is the recipe as it is; "<method> <key> x0.5" / "x2" change that one key.
@@ -184,7 +184,8 @@ QUICK: dict[str, Any] = {"variants": ["kd", "blockkd", "blockkd T 2"], "seeds": 
 
 
 def option_overrides(options: dict[str, Any]) -> list[str]:
-    return [f"method.options.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in options.items()]
+    return [f"method.options.{k}={'null' if v is None else str(v).lower() if isinstance(v, bool) else v}"
+            for k, v in options.items()]
 
 
 def slug(name: str) -> str:

@@ -19,6 +19,11 @@ def make(method, student="resnet8", teacher="resnet14", num_classes=10, shape=SH
     return blockkd.methods.create(method, s, t, input_shape=shape, **options)
 
 
+def lite3(**options):
+    """blockkd-lite with all three stones on shares ∝ w_i (its defaults until round 15): the split mechanics."""
+    return make("blockkd-lite", **{"num_stones": None, "split_shares": "weights", "whole_batch_stones": 0, **options})
+
+
 def batch(n=8, shape=SHAPE, num_classes=10):
     return torch.randn(n, *shape), torch.randint(0, num_classes, (n,))
 
@@ -276,7 +281,7 @@ def test_batched_and_separate_stones_agree():
 
 @pytest.mark.parametrize("sampling", ["weighted", "uniform"])
 def test_lite_sampling_is_unbiased(sampling):
-    d = make("blockkd-lite", sampling=sampling, stones_per_step=1)
+    d = lite3(sampling=sampling, stones_per_step=1)
     torch.manual_seed(0)
     total = torch.zeros(d.num_blocks)
     draws = 4000
@@ -409,7 +414,7 @@ def test_diagnostics_of_a_silenced_stone_are_zero(silenced):
 # ----------------------------------------------------------------------------------------- split sampling
 @pytest.mark.parametrize("size", [8, 7, 3, 2])
 def test_split_shares_are_disjoint_and_cover_the_batch(size):
-    d = make("blockkd-lite", split_shares="equal")
+    d = lite3(split_shares="equal")
     assert (d.opts.sampling, d.opts.stones_per_step) == ("split", None)
     for _ in range(5):
         shares = d.split_batch(size)
@@ -425,8 +430,7 @@ def test_split_shares_are_disjoint_and_cover_the_batch(size):
 def test_split_shares_by_weight(size):
     """split_shares: weights gives stone i about size·w_i/Σw samples (w = 1/4, 1/2, 1 on three blocks): the
     largest-remainder rounding, summing to the batch, still disjoint, covering and random."""
-    d = make("blockkd-lite")  # the default shares of the lite variant
-    assert d.opts.split_shares == "weights" and blockkd.methods.defaults("blockkd")["split_shares"] == "equal"
+    d = lite3()
     w = d.stone_weights
     assert w == [0.25, 0.5, 1.0]
     sizes = d.share_sizes(size)
@@ -436,13 +440,13 @@ def test_split_shares_by_weight(size):
         shares = d.split_batch(size)
         assert [len(s) for s in shares] == sizes
         assert torch.equal(torch.cat(shares).sort().values, torch.arange(size))
-    assert make("blockkd-lite", split_shares="equal").share_sizes(128) == [43, 43, 42]
+    assert lite3(split_shares="equal").share_sizes(128) == [43, 43, 42]
 
 
 @pytest.mark.parametrize("size", [128, 64, 7, 3])
 def test_split_shares_by_root_weight(size):
     """split_shares: sqrt_weights gives stone i about size·√w_i/Σ√w samples: between equal and weights."""
-    d = make("blockkd-lite", split_shares="sqrt_weights")
+    d = lite3(split_shares="sqrt_weights")
     r = [wi ** 0.5 for wi in d.stone_weights]
     sizes = d.share_sizes(size)
     assert sum(sizes) == size and all(abs(s - size * ri / sum(r)) < 1 for s, ri in zip(sizes, r))
@@ -456,7 +460,7 @@ def test_split_shares_by_root_weight(size):
 def test_split_stones_equal_the_full_path_per_sample(batched):
     """The teacher is in eval mode: a stone's logits on its share are its full-batch logits on those samples
     (with the connectors' BN in eval mode too; in train mode it normalises with the share's statistics)."""
-    d = make("blockkd-lite", batched_stones=batched).eval()
+    d = lite3(batched_stones=batched).eval()
     x, _ = batch(8)
     with torch.no_grad():
         feats, _ = d.student_features(x)
@@ -504,7 +508,7 @@ def test_split_objective_is_unbiased_and_its_cross_term_exact(divergence, shares
     distill terms average to the full objective's; each draw's L_cross is d(Y^S, Ŷ) with Ŷ_j the logits of the
     stone that saw j."""
     opts = dict(divergence=divergence, logit_standardization=True, gamma=0.5, dkd_beta=2.0)
-    split = make("blockkd-lite", split_shares=shares, **opts)
+    split = lite3(split_shares=shares, **opts)
     sizes = {"equal": [2, 1, 1], "weights": [1, 1, 2]}[shares]
     assert split.share_sizes(4) == sizes
     x, y, ref, stones, s_logits = _full_twin(split, opts)
@@ -530,7 +534,7 @@ def test_whole_batch_stones_see_every_sample_and_their_cross_term(shares, k):
     objective's; each draw's L_cross is d(Y^S, Ŷ) + Σ_i mean over stone i's samples of d(Y^{N_i}, Ŷ), with Ŷ_j
     the mean of the stones that saw j, computed here sample by sample."""
     opts = dict(gamma=0.5)  # not logit_standardization: its z-scores would hide a mis-scaled Ŷ
-    split = make("blockkd-lite", split_shares=shares, whole_batch_stones=k, **opts)
+    split = lite3(split_shares=shares, whole_batch_stones=k, **opts)
     sizes = {"weights": [1, 1, 2], "equal": [2, 1, 1]}[shares]
     assert split.share_sizes(4) == sizes
     assert split.stone_batch_sizes(4) == sizes[:3 - k] + [4] * k
@@ -556,7 +560,7 @@ def test_whole_batch_stones_see_every_sample_and_their_cross_term(shares, k):
         for key in ("loss_task_stones", "loss_distill_stones"):
             assert _mean_over(draws, key) == pytest.approx(ref[key].item(), rel=1e-5)
     # every stone on the whole batch: the split objective is the full one, term by term
-    every = make("blockkd-lite", whole_batch_stones=3, **opts)
+    every = lite3(whole_batch_stones=3, **opts)
     every.load_state_dict(split.state_dict())
     every.eval()
     with torch.no_grad():
@@ -564,10 +568,10 @@ def test_whole_batch_stones_see_every_sample_and_their_cross_term(shares, k):
     assert {k: v.item() for k, v in got.items()} == pytest.approx({k: v.item() for k, v in ref.items()}, rel=1e-5)
     with pytest.raises(BlockKDError, match=r"method\.options\.whole_batch_stones.*sampling split"):
         make("blockkd", whole_batch_stones=1)
-    with pytest.raises(BlockKDError, match=r"whole_batch_stones must be between 0 and the number of blocks \(3\), got 4"):
-        make("blockkd-lite", whole_batch_stones=4)
+    with pytest.raises(BlockKDError, match=r"whole_batch_stones must be between 0 and the number of stones \(3\), got 4"):
+        lite3(whole_batch_stones=4)
     with pytest.raises(BlockKDError, match=r"method\.options\.whole_batch_stones.*num_blocks is 2"):
-        make("blockkd-lite", whole_batch_stones=3, num_blocks=2)
+        lite3(whole_batch_stones=3, num_blocks=2)
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -576,7 +580,7 @@ def test_whole_batch_connectors_normalise_with_the_batch(k):
     their BN statistics are the batch's, and their share's logits are those of the stone run on the whole batch,
     cut to the share; a deeper stone still normalises with its own share (its logits differ); the running
     statistics are updated from the whole batch."""
-    d = make("blockkd-lite", whole_batch_connectors=k).train()
+    d = lite3(whole_batch_connectors=k).train()
     x, _ = batch(16)
     feats, _ = d.student_features(x)
     feats = [f.detach() for f in feats]
@@ -598,8 +602,8 @@ def test_whole_batch_connectors_normalise_with_the_batch(k):
                 assert not torch.allclose(split[i], alone[i][rows[i]], rtol=1e-3, atol=1e-4)
     with pytest.raises(BlockKDError, match=r"method\.options\.whole_batch_connectors.*sampling split"):
         make("blockkd", whole_batch_connectors=1)
-    with pytest.raises(BlockKDError, match=r"whole_batch_connectors must be between 0 and the number of blocks \(3\)"):
-        make("blockkd-lite", whole_batch_connectors=4)
+    with pytest.raises(BlockKDError, match=r"whole_batch_connectors must be between 0 and the number of stones \(3\)"):
+        lite3(whole_batch_connectors=4)
 
 
 @pytest.mark.parametrize("reweight", [True, False])
@@ -634,7 +638,7 @@ def test_stones_every_k_runs_the_stones_on_every_kth_step_only(reweight):
 
 
 def test_split_every_connector_gets_a_gradient_every_step():
-    d = make("blockkd-lite").train()
+    d = lite3().train()
     opt = torch.optim.SGD(d.trainable_parameters(), lr=0.01)
     for step in range(3):
         x, y = batch(8)
@@ -653,20 +657,34 @@ def test_split_option_combinations():
     with pytest.raises(BlockKDError, match=r"method\.options\.stones_per_step.*split"):
         make("blockkd", sampling="split", stones_per_step=2)
     with pytest.raises(BlockKDError, match=r"method\.options\.stones_per_step.*split"):
-        make("blockkd-lite", stones_per_step=1)
+        lite3(stones_per_step=1)
     with pytest.raises(BlockKDError, match=r"method\.options\.sampling.*stones_per_step"):
-        make("blockkd-lite", sampling="uniform")
-    assert make("blockkd-lite", sampling="uniform", stones_per_step=1).stones_per_step == 1
+        lite3(sampling="uniform")
+    assert lite3(sampling="uniform", stones_per_step=1).stones_per_step == 1
     assert make("blockkd", sampling="split").opts.sampling == "split"
 
 
 # ------------------------------------------------------------------------------ connector initialisation
-# ------------------------------------------------------------------------------------------- first_stone
-def test_first_stone_keeps_the_deeper_stones_with_their_weights():
-    """first_stone: 2 builds stones 2..n only: their connectors, weights and logits are those of the full
-    method's stones 2..n, and the loss is the paper's formula over them."""
+# -------------------------------------------------------------------------------------------- num_stones
+def test_lite_defaults_are_the_two_deepest_stones_the_deepest_on_the_whole_batch():
+    d = make("blockkd-lite")
+    assert (d.opts.sampling, d.opts.num_stones, d.opts.split_shares, d.opts.whole_batch_stones) == (
+        "split", 2, "equal", 1)
+    assert blockkd.methods.defaults("blockkd")["num_stones"] is None  # the full method keeps every stone
+    assert d.stone_ids == [1, 2] and len(d.connectors) == 2
+    assert d.stone_batch_sizes(128) == [64, 128] and d.stone_batch_sizes(7) == [4, 7]
+    rows = d.split_batch(8)
+    assert len(rows[0]) == 4 and torch.equal(rows[1], torch.arange(8))
+    # with fewer blocks than num_stones, every stone there is
+    small = make("blockkd-lite", num_blocks=1)
+    assert small.stone_ids == [0] and small.stone_batch_sizes(8) == [8]
+
+
+def test_num_stones_keeps_the_deeper_stones_with_their_weights():
+    """num_stones: 2 builds the two deepest of 3 stones only: their connectors, weights and logits are those of
+    the full method's stones 2 and 3, and the loss is the paper's formula over them."""
     full = make("blockkd", gamma=0.5)
-    d = make("blockkd", gamma=0.5, first_stone=2)
+    d = make("blockkd", gamma=0.5, num_stones=2)
     assert d.stone_ids == [1, 2] and d.stone_weights == [0.5, 1.0] and len(d.connectors) == 2
     # the same modules under the full model's keys, shifted by one stone
     state = {k.replace("connectors.0.", "connectors.x.").replace("connectors.1.", "connectors.0.")
@@ -692,15 +710,15 @@ def test_first_stone_keeps_the_deeper_stones_with_their_weights():
     assert set(d.diagnostics(x, y, epoch=1.0)) == {"grad_norm_student", "grad_norm_stone2", "grad_norm_stone3"}
 
 
-def test_first_stone_with_split_shares_and_sampling():
-    """With first_stone the shares, the whole-batch stones and the drawn stones range over stones f..n."""
-    d = make("blockkd-lite", first_stone=2)
+def test_num_stones_with_split_shares_and_sampling():
+    """With num_stones the shares, the whole-batch stones and the drawn stones range over the stones that exist."""
+    d = make("blockkd-lite", num_stones=2, split_shares="weights", whole_batch_stones=0)
     assert d.share_sizes(6) == [2, 4] and d.stone_batch_sizes(6) == [2, 4]
     rows = d.split_batch(6)
     assert len(rows) == 2 and sorted(torch.cat(rows).tolist()) == list(range(6))
-    whole = make("blockkd-lite", first_stone=2, whole_batch_stones=1)
+    whole = make("blockkd-lite", num_stones=2, split_shares="weights", whole_batch_stones=1)
     assert whole.stone_batch_sizes(6) == [2, 6]
-    drawn = make("blockkd-lite", first_stone=2, sampling="uniform", stones_per_step=1)
+    drawn = make("blockkd-lite", num_stones=2, sampling="uniform", stones_per_step=1, whole_batch_stones=0)
     torch.manual_seed(0)
     picks = [drawn.pick_stones() for _ in range(50)]
     assert {tuple(i) for i, _ in picks} == {(1,), (2,)}
@@ -709,17 +727,16 @@ def test_first_stone_with_split_shares_and_sampling():
     _, losses = d.train()(x, y, epoch=1.0)
     sum(losses.values()).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in d.connectors.parameters())
-    with pytest.raises(BlockKDError, match="first_stone"):
-        make("blockkd", first_stone=4)
+    assert make("blockkd", num_stones=4).stone_ids == [0, 1, 2]  # at most the n there are
     with pytest.raises(BlockKDError, match="whole_batch_stones"):
-        make("blockkd-lite", first_stone=3, whole_batch_stones=2)
+        make("blockkd-lite", num_stones=1, whole_batch_stones=2)
 
 
-def test_first_stone_split_objective_is_unbiased():
+def test_num_stones_split_objective_is_unbiased():
     """Over every permutation of a batch of 4 (stones 2 and 3, shares by weight 1 and 3), the stones' terms
-    average to those of full Block-KD with the same first_stone."""
-    opts = dict(gamma=0.5, first_stone=2)
-    split = make("blockkd-lite", **opts)
+    average to those of full Block-KD with the same num_stones."""
+    opts = dict(gamma=0.5, num_stones=2)
+    split = make("blockkd-lite", split_shares="weights", whole_batch_stones=0, **opts)
     assert split.share_sizes(4) == [1, 3]
     x, y, ref, stones, s_logits = _full_twin(split, opts)
     with torch.no_grad():
@@ -730,8 +747,8 @@ def test_first_stone_split_objective_is_unbiased():
         assert _mean_over(draws, "loss_cross") == pytest.approx(0.5 * expected, rel=1e-5)
 
 
-def test_first_stone_teacher_stats_init_matches_its_own_block():
-    d = make("blockkd", connector_init="teacher_stats", first_stone=2).train()
+def test_num_stones_teacher_stats_init_matches_its_own_block():
+    d = make("blockkd", connector_init="teacher_stats", num_stones=2).train()
     x, y = batch(16)
     d(x, y)
     with torch.no_grad():

@@ -25,10 +25,11 @@ class, whatever the stones currently predict, and the loss stays a smooth functi
 The frozen teacher blocks carry gradients to the connectors and the student but never compute
 weight gradients of their own (their parameters have ``requires_grad=False``).
 
-Which stones exist (``first_stone``): stones 1..n by default, the paper's method; ``first_stone: f`` builds,
-trains and evaluates stones f..n only, each with its weight w_i = 1/2^(n-i). The shallow stones carry nearly
-the whole teacher (stone 1 costs about twice stone 2), so leaving them out is the cheapest cut; in what
-follows, "n stones" then means the n - f + 1 that exist, and the i of a stone name stays its block index.
+Which stones exist (``num_stones``): stones 1..n by default, the paper's method; ``num_stones: k`` builds,
+trains and evaluates the k deepest only, stones n-k+1..n (all n where n <= k), each with its weight w_i = 1/2^(n-i). The shallow
+stones carry nearly the whole teacher (stone 1 costs about twice stone 2 on three blocks), so leaving them out
+is the cheapest cut; in what follows, "n stones" then means the k that exist, and the i of a stone's name
+stays its block index.
 
 Which stones run each step (``stones_per_step``, ``sampling``):
 
@@ -137,10 +138,10 @@ class BlockKDOptions:
                                          "run on the whole batch, then pass their stone's share on to the "
                                          "teacher: their BN normalises with the batch's statistics, not with a "
                                          "small share's (the connector is cheap beside the teacher suffix)")
-    first_stone: int = option(1, integer(1), "the shallowest stepping-stone that is built and trained: stones "
-                              "first_stone..n, each with its weight w_i = 1/2^(n-i) (1: all n, the paper's "
-                              "method); the shallow stones carry nearly the whole teacher, so they are the "
-                              "costly ones")
+    num_stones: int | None = option(None, optional(integer(1)), "k: only the k deepest stepping-stones are built "
+                                    "and trained, stones n-k+1..n (all n where n <= k), each with its weight "
+                                    "w_i = 1/2^(n-i) (null: all n, the paper's method); the shallow stones carry "
+                                    "nearly the whole teacher, so they are the costly ones")
     batched_stones: bool = option(True, BOOL, "stones crossing the same teacher block run there as one batch")
     stone_warmup: float = option(0.0, number(0), "epochs over which the stones' terms and L_cross ramp up "
                                  "linearly from 0")
@@ -165,8 +166,6 @@ class BlockKDOptions:
         if self.whole_batch_connectors and self.sampling != "split":
             raise OptionError("whole_batch_connectors", f"whole_batch_connectors applies to sampling split, got "
                                                         f"sampling {self.sampling}")
-        if self.num_blocks is not None and self.first_stone > self.num_blocks:
-            raise OptionError("first_stone", f"first_stone {self.first_stone}, but num_blocks is {self.num_blocks}")
         if self.whole_batch_stones and self.num_blocks is not None and self.whole_batch_stones > self.num_blocks:
             raise OptionError("whole_batch_stones", f"{self.whole_batch_stones} stones on the whole batch, but "
                                                     f"num_blocks is {self.num_blocks}")
@@ -198,11 +197,8 @@ class BlockKD(Distiller):
         self._views = (s_view, t_view)
         n = len(s_view.blocks)
         self.num_blocks = n
-        if o.first_stone > n:
-            raise OptionError("first_stone", f"first_stone must be between 1 and the number of blocks ({n}), got "
-                                             f"{o.first_stone}")
         # The stones that exist (0-based block indices, ascending) and their weights, in the same order.
-        self.stone_ids = list(range(o.first_stone - 1, n))
+        self.stone_ids = list(range(n - min(o.num_stones or n, n), n))
         self.stone_weights = [1.0 / 2 ** (n - 1 - i) for i in self.stone_ids]
         m = len(self.stone_ids)
         k = o.stones_per_step
@@ -220,8 +216,8 @@ class BlockKD(Distiller):
                                                   o.logit_standardization, o.dkd_alpha, o.dkd_beta)
         connectors = build_connectors(s_view.probe(self.input_shape), t_view.probe(self.input_shape),
                                       o.connector, prefix_tokens=(s_view.prefix_tokens, t_view.prefix_tokens))
-        # connectors[k] belongs to stone stone_ids[k]: none is built for a stone below first_stone
-        self.connectors = nn.ModuleList(list(connectors)[o.first_stone - 1:])
+        # connectors[k] belongs to stone stone_ids[k]: none is built for the stones left out by num_stones
+        self.connectors = nn.ModuleList(list(connectors)[self.stone_ids[0]:])
         if o.connector_init == "teacher_stats":
             # A buffer, so that it is saved with the connectors: a resumed run does not initialise them again.
             # Only registered with teacher_stats, so the checkpoints of the default keep their keys.
@@ -557,12 +553,16 @@ def _channel_moments(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @register("blockkd-lite")
 class BlockKDLite(BlockKD):
-    """Block-KD at a fraction of its cost: every stone on its own share of the batch, ∝ its weight w_i.
+    """Block-KD at a fraction of its cost: the two deepest stones, the deepest on the whole batch, the other
+    on a random half of it.
 
-    ``sampling: split`` and ``split_shares: weights`` (the defaults here, see :class:`BlockKD`). The former
-    lite variant, k stones drawn per step, remains available with ``sampling: weighted`` or ``uniform`` and
-    ``stones_per_step: k``; without a k those samplings would run every stone on the whole batch (the full
-    method), which is refused.
+    ``num_stones: 2``, ``sampling: split``, ``split_shares: equal`` and ``whole_batch_stones: 1`` (the defaults
+    here, see :class:`BlockKD`): on three blocks stone 2 runs on half of each batch and stone 3 (a connector
+    and the teacher's head, nearly free) on all of it; stone 1, whose suffix is nearly the whole teacher, is
+    left out. The former lite variants remain options: all stones on shares ∝ w_i (``num_stones: null``,
+    ``split_shares: weights``, ``whole_batch_stones: 0``), and k stones drawn per step (``sampling: weighted``
+    or ``uniform``, ``stones_per_step: k``, ``whole_batch_stones: 0``); without a k those samplings would run
+    every stone on the whole batch (the full method), which is refused.
     """
 
     @dataclass(frozen=True)
@@ -573,14 +573,21 @@ class BlockKDLite(BlockKD):
         sampling: str = option("split", choice(*SAMPLINGS), "split: every stone every step, each on its own "
                                "random share of the batch; weighted / uniform: draw stones_per_step stones "
                                "∝ w_i or uniformly")
-        # Shares ∝ w_i: cheaper than equal shares and better on both validation seeds (README, Results).
-        split_shares: str = option("weights", choice(*SPLIT_SHARES), "sampling split: each stone's share of the "
-                                   "batch, ∝ its weight w_i (weights), ∝ √w_i (sqrt_weights) or 1/n each "
-                                   "(equal)")
+        # The two deepest stones, the deeper on the whole batch and the other on half of it: better than all
+        # three stones on shares ∝ w_i on both validation seeds, and cheaper (README, "Rounds 7 to 15").
+        num_stones: int | None = option(2, optional(integer(1)), "k: only the k deepest stepping-stones are built "
+                                        "and trained (all n where n <= k; null: all): the shallow stones carry "
+                                        "nearly the whole teacher, the costly part of a stone")
+        split_shares: str = option("equal", choice(*SPLIT_SHARES), "sampling split: each stone's share of the "
+                                   "batch, 1/k each (equal), ∝ its weight w_i (weights) or ∝ √w_i (sqrt_weights)")
+        whole_batch_stones: int = option(1, integer(0), "sampling split: the k deepest stones run on the whole "
+                                         "batch instead of their share (the deepest is nearly free: a connector "
+                                         "and the teacher's head); 0 with sampling weighted or uniform")
 
         def check(self) -> None:
             super().check()
             if self.sampling != "split" and self.stones_per_step is None:
                 raise OptionError("sampling", f"blockkd-lite with sampling {self.sampling} draws stones_per_step "
-                                              f"stones per step: set stones_per_step (1 was the former default), "
-                                              f"or use sampling split (the default), or method blockkd")
+                                              f"stones per step: set stones_per_step (1 was the former default) "
+                                              f"and whole_batch_stones 0, or use sampling split (the default), "
+                                              f"or method blockkd")
