@@ -280,16 +280,17 @@ def flops(pair: str, labels: list[str], batch_size: int, image_size: int, num_cl
         stones.append(parts[f"stone {i + 1} forward"] + parts[f"stone {i + 1} backward"])
     kd = parts["student forward"] + parts["student backward"] + parts["teacher forward"]
     w = d.stone_weights
-    # blockkd-lite's split sampling: stone i runs on its share of m_i samples (FLOPs are linear in the batch),
-    # the shares its options give (split_shares; the whole batch for its whole_batch_stones); the connectors
-    # of its whole_batch_connectors shallowest stones run on the rest of the batch too.
+    # blockkd-lite's split sampling: each of its stones (num_stones: the deepest ones) runs on its share of m_i
+    # samples (FLOPs are linear in the batch), the shares its options give (split_shares; the whole batch for
+    # its whole_batch_stones); the connectors of its whole_batch_connectors shallowest stones run on the rest of
+    # the batch too.
     lite_d = build("blockkd-lite")[1]
     shares = lite_d.stone_batch_sizes(batch_size)
-    lite = kd + sum(m / batch_size * c for m, c in zip(shares, stones))
-    for i in range(lite_d.opts.whole_batch_connectors):
-        z: list[torch.Tensor] = []
+    lite = kd + sum(m / batch_size * stones[i] for i, m in zip(lite_d.stone_ids, shares))
+    for k in range(lite_d.opts.whole_batch_connectors):
+        i, z = lite_d.stone_ids[k], []
         connector = count_flops(lambda: z.append(d.connectors[i](feats[i]))) + count_flops(lambda: z[0].sum().backward())
-        lite += (1 - shares[i] / batch_size) * connector
+        lite += (1 - shares[k] / batch_size) * connector
     if "blockkd-lite" in labels:
         per_step["blockkd-lite"] = round(lite)
     ref = per_step.get("kd", kd)
@@ -415,7 +416,7 @@ def flop_table(flop_info: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
         body += [[pair, part, fmt(v / 1e9, ".4g")] for part, v in f["parts"].items()]
         body.append([pair, "kd step = student fwd + bwd + teacher fwd", fmt(f["kd_from_parts"] / 1e9, ".4g")])
         body.append([pair, f"blockkd step = kd step + all {f['num_blocks']} stones", fmt(f["blockkd_from_parts"] / 1e9, ".4g")])
-        body.append([pair, "blockkd-lite step = kd step + each stone on its share of the batch (split_shares)",
+        body.append([pair, "blockkd-lite step = kd step + each of its stones on its share of the batch",
                      fmt(f["blockkd_lite_expected"] / 1e9, ".4g")])
     return header, body
 

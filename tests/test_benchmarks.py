@@ -85,6 +85,10 @@ def test_speed_report(runs):
     assert per_step["blockkd (unbatched)"] == per_step["blockkd"]
     assert f["floor_blockkd"] == approx(f["blockkd_from_parts"] / f["kd_from_parts"])
     assert per_step["ce"] < per_step["kd"] < per_step["blockkd-lite"] < per_step["blockkd"]
+    # blockkd-lite's defaults: stone 2 on half of the batch, stone 3 on all of it, stone 1 left out
+    part = lambda i: f["parts"][f"stone {i} forward"] + f["parts"][f"stone {i} backward"]  # noqa: E731
+    b = s["batch_size"]
+    assert per_step["blockkd-lite"] == approx(f["kd_from_parts"] + part(2) * ((b + 1) // 2) / b + part(3), abs=1)
     stones = [f["parts"][f"stone {i} forward"] for i in range(1, f["num_blocks"] + 1)]
     assert stones == sorted(stones, reverse=True)  # deeper stones run shorter teacher suffixes
 
