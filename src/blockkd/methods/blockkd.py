@@ -26,10 +26,10 @@ The frozen teacher blocks carry gradients to the connectors and the student but 
 weight gradients of their own (their parameters have ``requires_grad=False``).
 
 Which stones exist (``num_stones``): stones 1..n by default, the paper's method; ``num_stones: k`` builds,
-trains and evaluates the k deepest only, stones n-k+1..n (all n where n <= k), each with its weight w_i = 1/2^(n-i). The shallow
-stones carry nearly the whole teacher (stone 1 costs about twice stone 2 on three blocks), so leaving them out
-is the cheapest cut; in what follows, "n stones" then means the k that exist, and the i of a stone's name
-stays its block index.
+trains and evaluates the k deepest only, stones n-k+1..n (all n where n <= k), each with its weight
+w_i = 1/2^(n-i). The shallow stones carry nearly the whole teacher (stone 1 costs about twice stone 2 on
+three blocks), so leaving them out is the cheapest cut; in what follows, "n stones" then means the k that
+exist, and the i of a stone's name stays its block index.
 
 Which stones run each step (``stones_per_step``, ``sampling``):
 
