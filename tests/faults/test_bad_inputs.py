@@ -74,7 +74,7 @@ CASES |= {
     "option-known-later": (["ok.yaml", "method.name=blockkd", "method.options.stones_per_step=9"],
                            r"^error: invalid method\.options\.stones_per_step in override "
                            r"'method\.options\.stones_per_step=9' \(on ok\.yaml\): stones_per_step must be between 1 "
-                           r"and the number of blocks \(3\), got 9$"),
+                           r"and the number of stones \(3\), got 9$"),
 }
 DEBUG = {"debug-config": ["ok.yaml", "optim.lrr=0.1", "--debug"],
          "debug-engine": ["ok.yaml", "method.options.num_blocks=9", "--debug"]}
