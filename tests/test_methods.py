@@ -664,7 +664,6 @@ def test_split_option_combinations():
     assert make("blockkd", sampling="split").opts.sampling == "split"
 
 
-# ------------------------------------------------------------------------------ connector initialisation
 # -------------------------------------------------------------------------------------------- num_stones
 def test_lite_defaults_are_the_two_deepest_stones_the_deepest_on_the_whole_batch():
     d = make("blockkd-lite")
@@ -712,13 +711,13 @@ def test_num_stones_keeps_the_deeper_stones_with_their_weights():
 
 def test_num_stones_with_split_shares_and_sampling():
     """With num_stones the shares, the whole-batch stones and the drawn stones range over the stones that exist."""
-    d = make("blockkd-lite", num_stones=2, split_shares="weights", whole_batch_stones=0)
+    d = lite3(num_stones=2)
     assert d.share_sizes(6) == [2, 4] and d.stone_batch_sizes(6) == [2, 4]
     rows = d.split_batch(6)
     assert len(rows) == 2 and sorted(torch.cat(rows).tolist()) == list(range(6))
-    whole = make("blockkd-lite", num_stones=2, split_shares="weights", whole_batch_stones=1)
+    whole = lite3(num_stones=2, whole_batch_stones=1)
     assert whole.stone_batch_sizes(6) == [2, 6]
-    drawn = make("blockkd-lite", num_stones=2, sampling="uniform", stones_per_step=1, whole_batch_stones=0)
+    drawn = lite3(num_stones=2, sampling="uniform", stones_per_step=1)
     torch.manual_seed(0)
     picks = [drawn.pick_stones() for _ in range(50)]
     assert {tuple(i) for i, _ in picks} == {(1,), (2,)}
@@ -736,7 +735,7 @@ def test_num_stones_split_objective_is_unbiased():
     """Over every permutation of a batch of 4 (stones 2 and 3, shares by weight 1 and 3), the stones' terms
     average to those of full Block-KD with the same num_stones."""
     opts = dict(gamma=0.5, num_stones=2)
-    split = make("blockkd-lite", split_shares="weights", whole_batch_stones=0, **opts)
+    split = lite3(**opts)
     assert split.share_sizes(4) == [1, 3]
     x, y, ref, stones, s_logits = _full_twin(split, opts)
     with torch.no_grad():
@@ -758,6 +757,7 @@ def test_num_stones_teacher_stats_init_matches_its_own_block():
             assert torch.allclose(_moments(conn.train()(feats[i]))[0], _moments(t_feats[i])[0], atol=1e-4)
 
 
+# ------------------------------------------------------------------------------ connector initialisation
 def _moments(f):
     dims = [0, 2, 3]
     return f.mean(dims), f.var(dims, unbiased=False).sqrt()
