@@ -1,6 +1,7 @@
 """blockkd.engine: the training loop, its outputs, checkpoints, exact resume, failure handling, schedules."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -246,6 +247,37 @@ def test_corrupt_last_falls_back_with_a_warning(two_epochs, tmp_path, caplog):
     assert "weights.safetensors" in warning and "last.prev/ (epoch 1)" in warning
     assert [r["epoch"] for r in rows(run)] == [1, 2, 3]
     assert load_checkpoint(run / "last").meta["epoch"] == 3
+
+
+def forget_setting(checkpoint: Path, key: str) -> None:
+    """Rewrite ``checkpoint``'s meta.json (and its checksum) as a blockkd from before ``key`` existed wrote it."""
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    *path, leaf = key.split(".")
+    node = meta["config"]
+    for part in path:
+        node = node[part]
+    del node[leaf]
+    text = json.dumps(meta, indent=1).encode("utf-8")
+    (checkpoint / "meta.json").write_bytes(text)
+    (checkpoint / "meta.json.sha256").write_text(hashlib.sha256(text).hexdigest())
+
+
+def test_resume_names_settings_the_run_predates(teacher_run, tmp_path, caplog):
+    """A run saved before a setting existed resumes with today's default for it: the user is told which,
+    and when the checkpoint then does not fit (blockkd-lite's num_stones went from 3 to 2), how to fix it."""
+    run, _ = teacher_run
+    lite = dict(method__name="blockkd-lite", teacher__name="resnet14", teacher__checkpoint=str(run))
+    train(recipe(tmp_path, "old", **lite, train__epochs=1, method__options={"num_stones": None}))
+    for ck in ("last", "best"):
+        forget_setting(tmp_path / "old" / ck, "method.options.num_stones")
+    with pytest.raises(BlockKDError, match=r"does not fit this distiller.*unexpected \['connectors\.2\..*"
+                                           r"saved config predates method\.options\.num_stones=2: pass"):
+        train(recipe(tmp_path, "old", **lite), resume=True)
+    with caplog.at_level(logging.WARNING, logger="blockkd.engine"):
+        train(recipe(tmp_path, "old", **lite, method__options={"num_stones": None}), resume=True)
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "predates these settings (today's defaults apply): method.options.num_stones=null" in warning
+    assert [r["epoch"] for r in rows(tmp_path / "old")] == [1, 2]
 
 
 def test_nonfinite_loss_stops_without_touching_checkpoints(two_epochs, tmp_path, monkeypatch, caplog):

@@ -9,6 +9,7 @@ from ``set_epoch``, RNG/optimizer/scheduler state from the checkpoint).
 from __future__ import annotations
 
 import functools
+import json
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -170,12 +171,24 @@ class Trainer:
             self.log.warning(f"nothing to resume in {self.run_dir} (no checkpoint yet); starting from scratch")
             return
         meta, state = ckpt.meta, ckpt.state
-        saved = flat_keys(meta["config"])
-        changed = {k: v for k, v in flat_keys(self.cfg.to_dict()).items()
-                   if saved.get(k, v) != v and not k.startswith("output.")}
+        saved, now = flat_keys(meta["config"]), flat_keys(self.cfg.to_dict())
+        shown = {k: f"{k}={json.dumps(v)}" for k, v in now.items() if not k.startswith("output.")}  # as overrides
+        changed = ", ".join(s for k, s in shown.items() if k in saved and saved[k] != now[k])
+        # Keys the run's saved config lacks were added to blockkd since; today's defaults fill them in,
+        # which may not be what the run was trained with (e.g. blockkd-lite's num_stones).
+        unrecorded = ", ".join(s for k, s in shown.items() if k not in saved)
         if changed:
-            self.log.warning("resuming with changed settings: " + ", ".join(f"{k}={v}" for k, v in changed.items()))
-        self.distiller.load_train_state_dict(ckpt.weights)
+            self.log.warning(f"resuming with changed settings: {changed}")
+        if unrecorded:
+            self.log.warning(f"resuming a run whose saved config predates these settings (today's defaults "
+                             f"apply): {unrecorded}")
+        try:
+            self.distiller.load_train_state_dict(ckpt.weights)
+        except BlockKDError as e:
+            if not unrecorded:
+                raise
+            raise BlockKDError(f"{e}; the run's saved config predates {unrecorded}: pass the values it was "
+                               f"trained with as key=value overrides") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):

@@ -103,9 +103,15 @@ class Distiller(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
 
     def load_train_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("teacher.")]
-        if missing or unexpected:
+        """Load what ``train_state_dict`` saved; a checkpoint of another shape fails in one line, before
+        anything is loaded (torch's own error lists every mismatched tensor over many lines)."""
+        own = self.train_state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        reshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                    if k in state and state[k].shape != v.shape]
+        if missing or unexpected or reshaped:
             from ..errors import BlockKDError
-            raise BlockKDError(
-                f"checkpoint does not fit this distiller: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise BlockKDError(f"checkpoint does not fit this distiller: missing {missing[:5]}, unexpected "
+                               f"{unexpected[:5]}, other shapes {reshaped[:3]}")
+        self.load_state_dict(state, strict=False)
