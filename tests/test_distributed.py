@@ -124,6 +124,29 @@ method: {name: kd}
     assert len(digests[0]) == 2 and digests[0] == digests[1]  # one per epoch, over both launches
 
 
+def test_dot_under_torchrun_matches_a_single_process_run(tmp_path, monkeypatch):
+    """DOT's two backward passes per step run outside DDP's sync and are averaged by hand: the DDP run must
+    train like one process on the global batch (same LayerNorm-student argument as above). A pass left
+    unaveraged (each rank stepping on its own half) or summed would leave the metrics far apart."""
+    path = recipe(tmp_path, "dot", """
+model: {name: timm.test_convnext}
+teacher: {name: resnet8, allow_random: true}
+method: {name: kd}
+""")
+    runs = tmp_path / "runs"
+    common = [f"output.dir={runs}", "data.image_size=32", "optim.name=dot", "optim.delta=0.075"]
+    torchrun(path, *common, "output.name=ddp", log=tmp_path / "ddp")
+    single(path, *common, "output.name=single", log=tmp_path / "single", monkeypatch=monkeypatch)
+    ddp, ref = metrics(runs / "ddp"), metrics(runs / "single")
+    assert [m["epoch"] for m in ddp] == [1, 2]
+    for a, b in zip(ddp, ref):
+        for key in ("train_loss", "train_loss_ce", "train_loss_kd", "test_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["epoch"], key)
+    assert ddp[1]["train_loss"] != pytest.approx(ddp[0]["train_loss"], rel=1e-3)  # it did train
+    digests = [[r["weights_sha256"] for r in records(tmp_path / "ddp", rank, "weights_sha256")] for rank in (0, 1)]
+    assert len(digests[0]) == 2 and digests[0] == digests[1]
+
+
 def test_text_blockkd_under_torchrun_keeps_the_ranks_identical(tmp_path):
     """The text path (tokenised dict batches, dynamic padding, length buckets, token connectors) under DDP:
     two ranks train a tiny BERT student with Block-KD from a BERT teacher, and end every epoch with

@@ -94,6 +94,51 @@ def test_recipes_follow_mdistiller_imagenet_settings():
         assert distiller.num_blocks == 4  # stages end at strides 4, 8, 16, 32 on both sides
 
 
+# mdistiller's ImageNet baselines (configs/imagenet/{r34_r18,r50_mv1}/*.yaml): options, batch size, lr.
+BASELINES = {
+    ("resnet34_resnet18", "at"): ({"p": 2.0, "ce_weight": 1.0, "feat_weight": 1000.0}, 512, 0.2),
+    ("resnet50_mobilenetv1", "at"): ({"p": 2.0, "ce_weight": 1.0, "feat_weight": 1000.0}, 512, 0.2),
+    ("resnet34_resnet18", "crd"): ({"ce_weight": 1.0, "weight": 0.8, "feat_dim": 128, "nce_k": 16384, "nce_t": 0.07,
+                                    "nce_m": 0.5, "mode": "exact", "num_data": 1281167, "seed": 0}, 256, 0.1),
+    ("resnet50_mobilenetv1", "crd"): ({"ce_weight": 1.0, "weight": 0.8, "feat_dim": 128, "nce_k": 16384,
+                                       "nce_t": 0.07, "nce_m": 0.5, "mode": "exact", "num_data": 1281167, "seed": 0},
+                                      256, 0.1),
+    ("resnet34_resnet18", "reviewkd"): ({"ce_weight": 1.0, "weight": 1.0, "warmup": 1.0, "max_mid_channels": 512,
+                                         "student_preact": True}, 256, 0.1),
+    ("resnet50_mobilenetv1", "reviewkd"): ({"ce_weight": 1.0, "weight": 8.0, "warmup": 1.0, "max_mid_channels": 256,
+                                            "student_preact": True}, 256, 0.1),
+    ("resnet50_mobilenetv1", "ofd"): ({"ce_weight": 1.0, "feat_weight": 0.0001, "kernel_size": 1}, 128, 0.05),
+}
+
+
+@pytest.mark.parametrize("pair,method", sorted(BASELINES))
+def test_baseline_recipes_follow_mdistiller_imagenet_settings_and_train_a_step(pair, method):
+    options, batch_size, lr = BASELINES[pair, method]
+    cfg = config.load(RECIPES / pair / f"{method}.yaml")
+    assert cfg["method"] == {"name": method, "options": options}
+    assert (cfg["data"]["batch_size"], cfg["optim"]["lr"], cfg["optim"]["name"]) == (batch_size, lr, "sgd")
+    assert (cfg["schedule"]["milestones"], cfg["train"]["epochs"]) == ([30, 60, 90], 100)
+    assert cfg["teacher"]["checkpoint"] == "torchvision://IMAGENET1K_V1"
+    # One training step of the recipe's method on its pair (CRD with a small memory bank: 1.3M rows is 1.3 GB).
+    student, teacher = (models.create(getattr(cfg, k).name, num_classes=10) for k in ("model", "teacher"))
+    small = {"num_data": 64, "nce_k": 16} if method == "crd" else {}
+    opts = methods.parse_options(method, {**options, **small})
+    distiller = methods.create(method, student, teacher.eval(), (3, 64, 64), options=opts).train()
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 7])
+    _, losses = distiller(x, y, epoch=1.0, **({"index": torch.tensor([3, 40])} if method == "crd" else {}))
+    assert len(losses) >= 2 and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in distiller.student.parameters() if p.requires_grad)
+
+
+def test_dot_recipes_follow_mdistiller_imagenet_settings():
+    for pair in ("resnet34_resnet18", "resnet50_mobilenetv1"):
+        cfg = config.load(RECIPES / pair / "kd_dot.yaml")
+        assert cfg["optim"] == {"name": "dot", "lr": 0.2, "momentum": 0.9, "delta": 0.09, "weight_decay": 1e-4}
+        assert cfg["method"] == config.load(RECIPES / pair / "kd.yaml")["method"]
+        assert cfg["output"]["name"] == config.load(RECIPES / pair / "kd.yaml")["output"]["name"] + "-dot"
+
+
 def test_torchvision_and_timm_names():
     assert models.prefixes() == ["torchvision.", "timm.", "hf.", "hf-config."]
     for name in models.names():  # every listed name can be created (the prefixes are listed apart)

@@ -85,6 +85,28 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.parallel.
         find_unused_parameters=True)
 
 
+def average_grads(params: list[torch.nn.Parameter]) -> None:
+    """Average ``.grad`` over ranks in place, as DDP does, for backward passes run outside its sync (DOT's two
+    per step, under ``no_sync``). A parameter keeps no gradient (None) only where no rank has one: whether
+    a gradient exists is part of DOT's update rule (a parameter with one kind of gradient only is plain SGD).
+    One flat all-reduce per dtype (a no-op for one process)."""
+    if not is_distributed() or not params:
+        return
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=params[0].device)
+    dist.all_reduce(present, op=dist.ReduceOp.MAX)
+    grads: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p, has in zip(params, present.tolist()):
+        if has:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.setdefault(p.grad.dtype, []).append(p.grad)
+    for group in grads.values():
+        flat = torch.cat([g.reshape(-1) for g in group])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= world_size()
+        torch._foreach_copy_(group, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in group]), group)])
+
+
 def broadcast_tensors(tensors: list[torch.Tensor]) -> None:
     """Overwrite ``tensors`` in place with rank 0's (a no-op for one process)."""
     if is_distributed():

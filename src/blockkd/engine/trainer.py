@@ -8,6 +8,7 @@ from ``set_epoch``, RNG/optimizer/scheduler state from the checkpoint).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import time
@@ -46,19 +47,23 @@ def train_step(model: nn.Module, x: Any, y: torch.Tensor, *, epoch: float, optim
     training split, for the methods that keep per-sample state (``needs_index``: CRD's memory bank).
     An optimizer with ``needs_loss_split`` (DOT) gets the task and the distillation gradients apart
     (:func:`backward_split`)."""
-    with rt.autocast():
-        extra = {} if index is None else {"index": index}
-        logits, losses = model(rt.prepare(x), y, epoch=epoch, **extra)
-    optimizer.zero_grad(set_to_none=True)
-    if proceed is not None and not proceed(losses):
-        return logits, losses, False
-    check = proceed_grads is not None and not scaler.is_enabled()
+    split = getattr(optimizer, "needs_loss_split", False)
     params = params if params is not None else [p for g in optimizer.param_groups for p in g["params"]]
-    if getattr(optimizer, "needs_loss_split", False):
-        distill_finite = backward_split(model, losses, optimizer, scaler, grad_clip, params if check else None)
-    else:
-        scaler.scale(sum(losses.values())).backward()
-        distill_finite = None
+    # DDP all-reduces in one backward per forward; DOT's two run outside its sync and are averaged here.
+    with ddp_of(model).no_sync() if split and runtime.is_distributed() else contextlib.nullcontext():
+        with rt.autocast():
+            extra = {} if index is None else {"index": index}
+            logits, losses = model(rt.prepare(x), y, epoch=epoch, **extra)
+        optimizer.zero_grad(set_to_none=True)
+        if proceed is not None and not proceed(losses):
+            return logits, losses, False
+        check = proceed_grads is not None and not scaler.is_enabled()
+        if split:
+            distill_finite = backward_split(model, losses, optimizer, scaler, grad_clip, params if check else None,
+                                            average=runtime.average_grads)
+        else:
+            scaler.scale(sum(losses.values())).backward()
+            distill_finite = None
     if check:
         finite = grads_finite(params)
         if not proceed_grads(finite if distill_finite is None else finite & distill_finite):
@@ -83,11 +88,13 @@ def grads_finite(params: list[nn.Parameter]) -> torch.Tensor:
 
 def backward_split(model: nn.Module, losses: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                    scaler: torch.amp.GradScaler, grad_clip: float | None = None,
-                   check: list[nn.Parameter] | None = None) -> torch.Tensor | None:
+                   check: list[nn.Parameter] | None = None,
+                   average: Callable[[list[nn.Parameter]], None] | None = None) -> torch.Tensor | None:
     """Two backward passes: the distillation terms' (their gradients then handed to
     ``optimizer.stash_distill_grads()``), then the task terms' into ``.grad``. Returns whether the
     distillation gradients of ``check`` were finite (None without ``check``). The task terms are the losses
-    named in the method's ``task_losses``; the rest are the distillation terms. fp16 loss scaling and
+    named in the method's ``task_losses``; the rest are the distillation terms. ``average(params)``, under
+    DDP, averages each pass's gradients over the ranks before they are used. fp16 loss scaling and
     gradient clipping are refused: the scaler would unscale and check only the task gradients, and clipping
     one of the two is not clipping their sum (bf16 autocast needs no scaler and works)."""
     if scaler.is_enabled() or grad_clip:
@@ -99,13 +106,25 @@ def backward_split(model: nn.Module, losses: dict[str, torch.Tensor], optimizer:
                            f"(its task_losses), among its losses {list(losses)}")
     task = [v for k, v in losses.items() if k in names and v.requires_grad]
     distill = [v for k, v in losses.items() if k not in names and v.requires_grad]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     if distill:
         sum(distill).backward(retain_graph=bool(task))
+    if average is not None:
+        average(params)  # every rank runs both passes (with or without terms), so the collectives match
     finite = grads_finite(check) if check is not None else None
     optimizer.stash_distill_grads()
     if task:
         sum(task).backward()
+    if average is not None:
+        average(params)
     return finite
+
+
+def ddp_of(model: nn.Module) -> nn.parallel.DistributedDataParallel:
+    """The DDP wrapper of ``model``, through a torch.compile wrapper (``._orig_mod``)."""
+    while not isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model._orig_mod
+    return model
 
 
 def task_losses_of(model: nn.Module) -> tuple[str, ...]:
@@ -144,10 +163,10 @@ class Trainer:
 
         self.params = list(self.distiller.trainable_parameters())
         self.optimizer = build_optimizer(self.params, cfg.optim)
-        if getattr(self.optimizer, "needs_loss_split", False) and (runtime.is_distributed() or rt.fp16):
+        if getattr(self.optimizer, "needs_loss_split", False) and rt.fp16:
             raise BlockKDError(f"optim.name={cfg.optim.name!r} runs two backward passes per step, one per gradient; "
-                               f"DDP and fp16 loss scaling do not support that: train in one process, with "
-                               f"train.amp bf16 or off (this run: {rt.describe()})")
+                               f"fp16 loss scaling does not support that: use train.amp bf16 or off "
+                               f"(this run: {rt.describe()})")
         self.steps_per_epoch = len(self.data.train)
         self.epochs = tcfg.epochs
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, steps_per_epoch=self.steps_per_epoch,
