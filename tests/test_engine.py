@@ -264,7 +264,7 @@ def forget_setting(checkpoint: Path, key: str) -> None:
 
 def test_resume_names_settings_the_run_predates(teacher_run, tmp_path, caplog):
     """A run saved before a setting existed resumes with today's default for it: the user is told which,
-    and when the checkpoint then does not fit (blockkd-lite's num_stones went from 3 to 2), how to fix it."""
+    and when the checkpoint then does not fit (blockkd-lite's num_stones went from null, every stone, to 2), how to fix it."""
     run, _ = teacher_run
     lite = dict(method__name="blockkd-lite", teacher__name="resnet14", teacher__checkpoint=str(run))
     train(recipe(tmp_path, "old", **lite, train__epochs=1, method__options={"num_stones": None}))
