@@ -39,6 +39,12 @@ train: {{epochs: 2, deterministic: true, device: cpu}}
 output: {{tensorboard: false, progress: false, plot: false}}
 """
 STEPS_PER_EPOCH = 64 // 16
+# kd with a LayerNorm student: DDP then trains like one process on the global batch (module docstring).
+KD_LAYERNORM = """
+model: {name: timm.test_convnext}
+teacher: {name: resnet8, allow_random: true}
+method: {name: kd}
+"""
 
 
 def recipe(tmp: Path, name: str, body: str) -> Path:
@@ -67,6 +73,22 @@ def records(log: Path, rank: int, key: str) -> list[dict]:
 
 def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_trains_like_one_process(runs: Path, log: Path) -> list[dict]:
+    """The kd run ``runs/ddp`` (2 epochs, 2 ranks) against ``runs/single``: the same losses epoch by epoch (to
+    1e-5), test top-1 within one near-tie, training that moved, and both ranks' weights identical after each
+    epoch. Returns the DDP run's metrics."""
+    ddp, ref = metrics(runs / "ddp"), metrics(runs / "single")
+    assert [m["epoch"] for m in ddp] == [1, 2]
+    for a, b in zip(ddp, ref):
+        for key in ("train_loss", "train_loss_ce", "train_loss_kd", "test_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["epoch"], key)
+        assert abs(a["test_top1"] - b["test_top1"]) <= 100 / 32 + 1e-9  # at most one near-tie flipped
+    assert ddp[1]["train_loss"] != pytest.approx(ddp[0]["train_loss"], rel=1e-3)  # it did train
+    digests = [[r["weights_sha256"] for r in records(log, rank, "weights_sha256")] for rank in (0, 1)]
+    assert len(digests[0]) == 2 and digests[0] == digests[1]  # one per epoch (over every launch)
+    return ddp
 
 
 def test_blockkd_ranks_train_disjoint_halves_of_the_global_batch_and_stay_identical(tmp_path, monkeypatch):
@@ -101,11 +123,7 @@ method: {name: blockkd}
 
 
 def test_resumed_ddp_run_matches_a_single_process_run(tmp_path, monkeypatch):
-    path = recipe(tmp_path, "kd", """
-model: {name: timm.test_convnext}
-teacher: {name: resnet8, allow_random: true}
-method: {name: kd}
-""")
+    path = recipe(tmp_path, "kd", KD_LAYERNORM)
     runs = tmp_path / "runs"
     common = [f"output.dir={runs}", "data.image_size=32"]
     torchrun(path, *common, "output.name=ddp", f"train.max_steps={STEPS_PER_EPOCH}", log=tmp_path / "ddp")
@@ -113,38 +131,20 @@ method: {name: kd}
     torchrun(path, *common, "output.name=ddp", "--resume", log=tmp_path / "ddp")
     single(path, *common, "output.name=single", log=tmp_path / "single", monkeypatch=monkeypatch)
 
-    ddp, ref = metrics(runs / "ddp"), metrics(runs / "single")
-    assert [m["epoch"] for m in ddp] == [1, 2] and [m["step"] for m in ddp] == [4, 8]
-    for a, b in zip(ddp, ref):
-        for key in ("train_loss", "train_loss_ce", "train_loss_kd", "test_loss"):
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["epoch"], key)
-        assert abs(a["test_top1"] - b["test_top1"]) <= 100 / 32 + 1e-9  # at most one near-tie flipped
-    assert ddp[1]["train_loss"] != pytest.approx(ddp[0]["train_loss"], rel=1e-3)  # it did train
-    digests = [[r["weights_sha256"] for r in records(tmp_path / "ddp", rank, "weights_sha256")] for rank in (0, 1)]
-    assert len(digests[0]) == 2 and digests[0] == digests[1]  # one per epoch, over both launches
+    ddp = assert_trains_like_one_process(runs, tmp_path / "ddp")
+    assert [m["step"] for m in ddp] == [4, 8]
 
 
 def test_dot_under_torchrun_matches_a_single_process_run(tmp_path, monkeypatch):
     """DOT's two backward passes per step run outside DDP's sync and are averaged by hand: the DDP run must
     train like one process on the global batch (same LayerNorm-student argument as above). A pass left
     unaveraged (each rank stepping on its own half) or summed would leave the metrics far apart."""
-    path = recipe(tmp_path, "dot", """
-model: {name: timm.test_convnext}
-teacher: {name: resnet8, allow_random: true}
-method: {name: kd}
-""")
+    path = recipe(tmp_path, "dot", KD_LAYERNORM)
     runs = tmp_path / "runs"
     common = [f"output.dir={runs}", "data.image_size=32", "optim.name=dot", "optim.delta=0.075"]
     torchrun(path, *common, "output.name=ddp", log=tmp_path / "ddp")
     single(path, *common, "output.name=single", log=tmp_path / "single", monkeypatch=monkeypatch)
-    ddp, ref = metrics(runs / "ddp"), metrics(runs / "single")
-    assert [m["epoch"] for m in ddp] == [1, 2]
-    for a, b in zip(ddp, ref):
-        for key in ("train_loss", "train_loss_ce", "train_loss_kd", "test_loss"):
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["epoch"], key)
-    assert ddp[1]["train_loss"] != pytest.approx(ddp[0]["train_loss"], rel=1e-3)  # it did train
-    digests = [[r["weights_sha256"] for r in records(tmp_path / "ddp", rank, "weights_sha256")] for rank in (0, 1)]
-    assert len(digests[0]) == 2 and digests[0] == digests[1]
+    assert_trains_like_one_process(runs, tmp_path / "ddp")
 
 
 def test_text_blockkd_under_torchrun_keeps_the_ranks_identical(tmp_path):

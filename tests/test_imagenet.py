@@ -95,14 +95,14 @@ def test_recipes_follow_mdistiller_imagenet_settings():
 
 
 # mdistiller's ImageNet baselines (configs/imagenet/{r34_r18,r50_mv1}/*.yaml): options, batch size, lr.
+AT = ({"p": 2.0, "ce_weight": 1.0, "feat_weight": 1000.0}, 512, 0.2)
+CRD = ({"ce_weight": 1.0, "weight": 0.8, "feat_dim": 128, "nce_k": 16384, "nce_t": 0.07, "nce_m": 0.5, "mode": "exact",
+        "num_data": 1281167, "seed": 0}, 256, 0.1)
 BASELINES = {
-    ("resnet34_resnet18", "at"): ({"p": 2.0, "ce_weight": 1.0, "feat_weight": 1000.0}, 512, 0.2),
-    ("resnet50_mobilenetv1", "at"): ({"p": 2.0, "ce_weight": 1.0, "feat_weight": 1000.0}, 512, 0.2),
-    ("resnet34_resnet18", "crd"): ({"ce_weight": 1.0, "weight": 0.8, "feat_dim": 128, "nce_k": 16384, "nce_t": 0.07,
-                                    "nce_m": 0.5, "mode": "exact", "num_data": 1281167, "seed": 0}, 256, 0.1),
-    ("resnet50_mobilenetv1", "crd"): ({"ce_weight": 1.0, "weight": 0.8, "feat_dim": 128, "nce_k": 16384,
-                                       "nce_t": 0.07, "nce_m": 0.5, "mode": "exact", "num_data": 1281167, "seed": 0},
-                                      256, 0.1),
+    ("resnet34_resnet18", "at"): AT,
+    ("resnet50_mobilenetv1", "at"): AT,
+    ("resnet34_resnet18", "crd"): CRD,
+    ("resnet50_mobilenetv1", "crd"): CRD,
     ("resnet34_resnet18", "reviewkd"): ({"ce_weight": 1.0, "weight": 1.0, "warmup": 1.0, "max_mid_channels": 512,
                                          "student_preact": True}, 256, 0.1),
     ("resnet50_mobilenetv1", "reviewkd"): ({"ce_weight": 1.0, "weight": 8.0, "warmup": 1.0, "max_mid_channels": 256,

@@ -13,7 +13,7 @@ import functools
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -60,7 +60,7 @@ def train_step(model: nn.Module, x: Any, y: torch.Tensor, *, epoch: float, optim
         check = proceed_grads is not None and not scaler.is_enabled()
         if split:
             distill_finite = backward_split(model, losses, optimizer, scaler, grad_clip, params if check else None,
-                                            average=runtime.average_grads)
+                                            average=lambda: runtime.average_grads(params))
         else:
             scaler.scale(sum(losses.values())).backward()
             distill_finite = None
@@ -89,12 +89,12 @@ def grads_finite(params: list[nn.Parameter]) -> torch.Tensor:
 def backward_split(model: nn.Module, losses: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                    scaler: torch.amp.GradScaler, grad_clip: float | None = None,
                    check: list[nn.Parameter] | None = None,
-                   average: Callable[[list[nn.Parameter]], None] | None = None) -> torch.Tensor | None:
+                   average: Callable[[], None] | None = None) -> torch.Tensor | None:
     """Two backward passes: the distillation terms' (their gradients then handed to
     ``optimizer.stash_distill_grads()``), then the task terms' into ``.grad``. Returns whether the
     distillation gradients of ``check`` were finite (None without ``check``). The task terms are the losses
-    named in the method's ``task_losses``; the rest are the distillation terms. ``average(params)``, under
-    DDP, averages each pass's gradients over the ranks before they are used. fp16 loss scaling and
+    named in the method's ``task_losses``; the rest are the distillation terms. ``average()``, under DDP,
+    averages each pass's gradients over the ranks before they are used. fp16 loss scaling and
     gradient clipping are refused: the scaler would unscale and check only the task gradients, and clipping
     one of the two is not clipping their sum (bf16 autocast needs no scaler and works)."""
     if scaler.is_enabled() or grad_clip:
@@ -106,35 +106,36 @@ def backward_split(model: nn.Module, losses: dict[str, torch.Tensor], optimizer:
                            f"(its task_losses), among its losses {list(losses)}")
     task = [v for k, v in losses.items() if k in names and v.requires_grad]
     distill = [v for k, v in losses.items() if k not in names and v.requires_grad]
-    params = [p for g in optimizer.param_groups for p in g["params"]]
     if distill:
         sum(distill).backward(retain_graph=bool(task))
     if average is not None:
-        average(params)  # every rank runs both passes (with or without terms), so the collectives match
+        average()  # every rank runs both passes (with or without terms), so the collectives match
     finite = grads_finite(check) if check is not None else None
     optimizer.stash_distill_grads()
     if task:
         sum(task).backward()
     if average is not None:
-        average(params)
+        average()
     return finite
 
 
+def layers(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` and the modules it wraps, outermost first: through DDP (``.module``) and torch.compile
+    (``._orig_mod``) down to the distiller. ``_orig_mod`` first: a compiled module forwards unknown
+    attributes to the one it wraps, so its ``.module`` would skip a DDP wrapper inside it."""
+    while isinstance(model, nn.Module):
+        yield model
+        model = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+
+
 def ddp_of(model: nn.Module) -> nn.parallel.DistributedDataParallel:
-    """The DDP wrapper of ``model``, through a torch.compile wrapper (``._orig_mod``)."""
-    while not isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model._orig_mod
-    return model
+    """The DDP wrapper of ``model``, itself or under a torch.compile wrapper."""
+    return next(m for m in layers(model) if isinstance(m, nn.parallel.DistributedDataParallel))
 
 
 def task_losses_of(model: nn.Module) -> tuple[str, ...]:
-    """The distiller's ``task_losses`` through DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
-    while not hasattr(model, "task_losses"):
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return ("loss_ce",)
-        model = inner
-    return tuple(model.task_losses)
+    """The distiller's ``task_losses`` through its wrappers (CE's name for a model that declares none)."""
+    return next((tuple(m.task_losses) for m in layers(model) if hasattr(m, "task_losses")), ("loss_ce",))
 
 
 class Trainer:
