@@ -22,7 +22,7 @@ import torch
 from .. import schema
 from ..registry import Registry
 from ..schema import BOOL, STRING, integer, option, optional
-from . import cifar, fashion_mnist, folder, synthetic, text
+from . import cifar, fashion_mnist, folder, lm, synthetic, text
 from .common import DataBundle, Loader
 from .device_loader import ArrayData, DeviceLoader, build_in_memory, crop_flip, sample_crop_flip
 
@@ -95,6 +95,14 @@ DATASETS.register("glue", Dataset(text.GlueOptions, text.build_glue,
                                   "a GLUE task through the datasets library (validation split as test)"))
 DATASETS.register("fortunes", Dataset(text.FortunesOptions, text.build_fortunes,
                                       "offline topic classification: Debian's fortune files, one class per file"))
+DATASETS.register("lm_text", Dataset(lm.LMTextOptions, lm.build, "causal LM: plain text (.txt/.jsonl) packed into "
+                                                                 "fixed-length sequences"))
+DATASETS.register("lm_jsonl", Dataset(lm.LMJsonlOptions, lm.build, "causal LM: JSONL prompt/response pairs, the loss "
+                                                                   "on the response"))
+DATASETS.register("lm_hf", Dataset(lm.LMHubOptions, lm.build, "causal LM: a datasets library dataset by name "
+                                                              "(text, or prompt/response columns)"))
+DATASETS.register("lm_fortunes", Dataset(lm.LMFortunesOptions, lm.build, "causal LM, offline: Debian's fortune "
+                                                                         "files packed into sequences"))
 
 
 def register(name: str, options: type = RootOptions, help: str = ""):

@@ -33,6 +33,8 @@ def check_fits(model: nn.Module, sd: dict[str, torch.Tensor], *, role: str, path
     own = model.state_dict()
     classes, channels = _signature(own, sd)
     want_classes, want_channels = data.num_classes, data.in_channels
+    if getattr(data, "task", None) == "causal_lm":  # the LM head's rows are the model's vocabulary, checked below
+        classes, want_classes = None, None
     if (classes is not None and classes != want_classes) or (channels is not None and channels != want_channels):
         raise BlockKDError(
             f"{role} checkpoint {path} is for {classes} classes and {channels} input channels, but the data "
@@ -75,7 +77,12 @@ def load_model_weights(model: nn.Module, path: str | Path, *, role: str, name: s
 
 def build_model(name: str, data, *, checkpoint: str | None = None, role: str = "model") -> nn.Module:
     """``models.create`` for the data's classes and channels (None: text), then ``checkpoint``, if any."""
-    model = models.create(name, num_classes=data.num_classes, in_channels=data.in_channels)
+    if getattr(data, "task", None) == "causal_lm":
+        from ..models.external import create_causal_lm
+
+        model = create_causal_lm(name)
+    else:
+        model = models.create(name, num_classes=data.num_classes, in_channels=data.in_channels)
     if getattr(data, "check_model", None) is not None:  # e.g. text: the tokenizer must fit the embeddings
         data.check_model(model, role=role, name=name)
     if checkpoint:

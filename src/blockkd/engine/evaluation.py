@@ -52,6 +52,10 @@ def evaluate(model: nn.Module, loader, rt: Runtime | None = None, *, heads: bool
     if rt is None:
         param = next(model.parameters(), None)
         rt = Runtime(param.device if param is not None else torch.device("cpu"), None, False)
+    if getattr(loader, "causal_lm", False):  # next-token data: perplexity and token accuracy
+        from .lm_eval import evaluate_lm
+
+        return evaluate_lm(model, loader, rt, heads=heads)
     forward = heads_of(model) if heads else (lambda x: {"student": call_model(model, x)})
     sums: dict[str, torch.Tensor] = {}
     predictions: list[torch.Tensor] = []

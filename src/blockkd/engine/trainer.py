@@ -77,6 +77,16 @@ def train_step(model: nn.Module, x: Any, y: torch.Tensor, *, epoch: float, optim
     return logits, losses, True
 
 
+def correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The batch's correct predictions, counted in samples: a classifier's (argmax of ``(B, C)`` logits vs ``(B,)``
+    labels); a language-model method returns its predicted tokens ``(B, L)`` instead of logits (methods/lm.py),
+    and each sample counts its share of correct tokens among those labelled (label != -100)."""
+    if logits.shape != y.shape:
+        return (logits.argmax(1) == y).sum()
+    counted = (y != -100).sum(1).clamp_min(1)
+    return ((logits == y).sum(1) / counted).sum()
+
+
 def grads_finite(params: list[nn.Parameter]) -> torch.Tensor:
     """Whether every gradient of ``params`` is finite, as a 0-dim bool tensor on their device (no host sync):
     the norms' sum is finite exactly when each norm is."""
@@ -253,7 +263,7 @@ class Trainer:
                                         proceed_grads=lambda finite: self.guard.grads_ok(finite, epoch, i, self.log))
         if not stepped:
             return None
-        return torch.cat([terms[0] * y.shape[0], (logits.argmax(1) == y).sum().float()[None]])
+        return torch.cat([terms[0] * y.shape[0], correct(logits, y).float()[None]])
 
     def diagnostics(self, x: torch.Tensor, y: torch.Tensor, epoch: float, sums: dict[str, list[float]]) -> None:
         """The method's own training diagnostics (e.g. Block-KD's per-stone gradient norms): to TensorBoard
@@ -356,6 +366,11 @@ class Trainer:
             raise
         if hasattr(self.distiller.student, "save_pretrained"):  # Hugging Face models: loadable by transformers
             self.folder.save_pretrained(self.distiller.student, self.data.tokenizer)
+        if getattr(self.data, "task", None) == "causal_lm":  # a few continuations of test prompts: samples.md
+            from .lm_eval import write_samples
+
+            write_samples(self.distiller.student, self.data.tokenizer, self.data.test, self.run_dir / "samples.md",
+                          seed=self.cfg.train.seed)
         return self.finish(n_params)
 
     def epochs_loop(self) -> None:

@@ -123,6 +123,26 @@ def _create_hf(fam: str, base: str, num_classes: int) -> nn.Module:
                            f" and name the folder: hf.models/{base.split('/')[-1]}") from None
 
 
+def create_causal_lm(name: str) -> nn.Module:
+    """``hf.<hub id or folder>`` (pretrained, ``AutoModelForCausalLM.from_pretrained``) or ``hf-config.<config>``
+    (randomly initialised) as a causal language model, for next-token data (``blockkd.data.lm``)."""
+    fam = family(name)
+    if fam not in TEXT_FAMILIES:
+        raise BlockKDError(f"{name!r} is not a Hugging Face model: language-model data needs hf.<id or folder> or "
+                           f"hf-config.<config.json> (a *ForCausalLM)")
+    t = transformers_module()
+    base = name.partition(".")[2]
+    try:
+        if fam == "hf-config":
+            path = _config_path(base)
+            return t.AutoModelForCausalLM.from_config(t.AutoConfig.from_pretrained(str(path)))
+        return t.AutoModelForCausalLM.from_pretrained(base)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BlockKDError(f"cannot build the causal LM {name} ({first}); offline, download it on a connected "
+                           f"machine (huggingface-cli download {base}) and name the folder: hf.<folder>") from None
+
+
 def create(name: str, num_classes: int, in_channels: int | None) -> nn.Module:
     """A torchvision or timm model (randomly initialised), or a Hugging Face text classifier.
 
