@@ -108,13 +108,13 @@ def _reference(kind: str, s: torch.Tensor, t: torch.Tensor, T: float, beta: floa
 @pytest.mark.parametrize("kind", LOSSES)
 def test_token_divergences_match_their_formulas_in_float64(kind):
     g = torch.Generator().manual_seed(1)
-    s, t = torch.randn(6, 50, generator=g, dtype=torch.float64) * 3, torch.randn(6, 50, generator=g, dtype=torch.float64) * 3
+    s, t = (torch.randn(6, 50, generator=g, dtype=torch.float64) * 3 for _ in range(2))
     for T, beta, skew in ((1.0, 0.5, 0.1), (2.0, 0.3, 0.4)):
         got = token_divergence(kind, s, t, temperature=T, beta=beta, skew=skew)
         assert got.dtype == torch.float64
         assert torch.allclose(got, _reference(kind, s, t, T, beta, skew), atol=1e-10, rtol=1e-9)
-        assert (got >= -1e-12).all() and torch.allclose(token_divergence(kind, t, t, temperature=T), torch.zeros(6).double(),
-                                                        atol=1e-6)
+        same = token_divergence(kind, t, t, temperature=T)
+        assert (got >= -1e-12).all() and torch.allclose(same, torch.zeros_like(same), atol=1e-6)
     # TRL's limits of the generalised JSD: β = 0 is forward KL, β = 1 reverse KL
     if kind == "jsd":
         assert torch.equal(token_divergence("jsd", s, t, beta=0.0), token_divergence("forward_kl", s, t))
@@ -227,7 +227,7 @@ def test_jsonl_prompt_response_data_and_text_file(tmp_path):
     x, y = next(iter(bundle.train))
     assert y.shape == x["input_ids"].shape == (4, 24) and bundle.task == "causal_lm"
     tok = bundle.tokenizer
-    for ids, lab in zip(x["input_ids"], y):
+    for lab in y:
         counted = lab[lab != -100]
         assert tok.decode(counted).startswith(" It is") and tok.decode(counted).endswith("<|endoftext|>")
     (tmp_path / "a.txt").write_text("\n\n".join(f"Document number {i} says hello." for i in range(30)))

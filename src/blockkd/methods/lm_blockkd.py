@@ -3,7 +3,7 @@
 
 Stone i runs the student's blocks 1..i (embeddings and decoder layers, grouped by depth against the teacher's:
 :func:`blockkd.blocks.match`), a connector C_i (Linear + LayerNorm over the width), then the frozen teacher's
-blocks i+1..n, its final norm and LM head: ``N_i = T_head ∘ T_n ∘ … ∘ T_{i+1} ∘ C_i ∘ S_i ∘ … ∘ S_1``; the
+blocks i+1..n, its final norm and LM head, ``N_i = T_head ∘ T_n ∘ … ∘ T_{i+1} ∘ C_i ∘ S_i ∘ … ∘ S_1``; the
 teacher's layers get the batch's attention mask and positions (:mod:`blockkd.blocks.hf_lm`). The objective is
 Block-KD's, per token, with d the token divergence ``loss`` of :mod:`blockkd.methods.lm` (forward KL by default):
 
