@@ -305,3 +305,18 @@ def test_one_step_through_the_cli_from_the_recipes(runs, recipe, capsys):
     assert summary["steps"] == 1 and summary["last"]["test_perplexity"] > 1
     if recipe == "blockkd":
         assert "test_top1_stone1" in summary["last"]
+
+
+def test_memory_benchmark_chunked_peak_does_not_grow_with_the_sequence():
+    """benchmarks/lm_memory.py: the naive loss's peak grows with tokens x vocabulary, the chunked one's does not
+    (real CPU tensors, tiny sizes), and the meta device counts the same bytes."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lm_memory", Path(__file__).parents[1] / "benchmarks/lm_memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    naive = [bench.loss_peak(500, s, 16, None, "cpu") for s in (64, 256)]
+    chunk = [bench.loss_peak(500, s, 16, 32, "cpu") for s in (64, 256)]
+    assert naive[1] >= 4 * 256 * 500 * 4 and naive[1] / naive[0] > 3.5  # several (L, V) float32 tensors at once
+    assert chunk[1] < 1.1 * chunk[0] and chunk[1] < naive[1] / 4
+    assert bench.loss_peak(500, 256, 16, 32, "meta") == chunk[1]

@@ -102,7 +102,8 @@ def chunked(fn: Callable[..., tuple[torch.Tensor, ...]], n: int, chunk: int, *in
     """Sums over chunks of ``chunk`` rows of ``fn(*row-chunks of inputs)`` (a tuple of 0-dim tensors).
 
     ``inputs`` are ``(n, ...)`` tensors, lists of them, or None. Under autograd each chunk runs under
-    activation checkpointing: only its inputs are kept, and its logits are recomputed in the backward pass.
+    activation checkpointing: only its inputs are kept, and its logits are recomputed in the backward pass
+    (no RNG state is saved: heads and losses draw no random numbers).
     """
     def cut(v: Any, a: int) -> Any:
         if isinstance(v, (list, tuple)):
@@ -113,7 +114,7 @@ def chunked(fn: Callable[..., tuple[torch.Tensor, ...]], n: int, chunk: int, *in
     grad = torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad for v in _flat(inputs))
     for a in range(0, max(n, 1), chunk):  # no row: one empty chunk, whose sums are zeros
         args = [cut(v, a) for v in inputs]
-        part = checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args)
+        part = checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False) if grad else fn(*args)
         total = list(part) if total is None else [x + p for x, p in zip(total, part)]
     return total or []
 
