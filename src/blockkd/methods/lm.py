@@ -51,7 +51,8 @@ from .base import Distiller
 
 IGNORE = -100
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "tvd")
-CHUNK = option(1024, integer(1), "tokens whose logits are computed at once (peak memory ∝ chunk × vocabulary)")
+CHUNK = option(256, integer(1), "tokens whose logits are computed at once (peak memory ∝ chunk × vocabulary; "
+               "benchmarks/lm_memory.py)")
 
 
 # ----------------------------------------------------------------------------------------- divergences
