@@ -100,6 +100,11 @@ def build_distiller(cfg, data, device: torch.device, *, sync_bn: bool = False):
     from ..errors import BlockKDError
     from ..schema import OptionError
 
+    lm_data, lm_method = getattr(data, "task", None) == "causal_lm", getattr(methods.get(cfg.method.name), "task", None)
+    if lm_data != (lm_method == "causal_lm"):
+        lm = ", ".join(m for m in methods.names() if getattr(methods.get(m), "task", None) == "causal_lm")
+        raise BlockKDError(f"method {cfg.method.name} does not fit data {data.name}: language-model data (data.name "
+                           f"lm_*) needs one of {lm}, and those methods need language-model data")
     student = build_model(cfg.model.name, data, checkpoint=cfg.model.checkpoint, role="model")
     if sync_bn:
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)  # before the method builds views of it

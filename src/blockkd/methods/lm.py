@@ -193,6 +193,7 @@ class CausalLM(Distiller):
 
     Options = LMCEOptions
     needs_teacher = False
+    task = "causal_lm"  # next-token data (blockkd.data.lm); the other methods distil classifiers
 
     def __init__(self, student, teacher=None, options=None, input_shape=None):
         super().__init__(student, teacher, options, input_shape if input_shape is not None else {})
