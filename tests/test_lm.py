@@ -66,12 +66,21 @@ def data_home(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------------------- blocks
-@pytest.mark.parametrize("make", [lambda: llama(4, 32), lambda: gpt2(2, 32)], ids=["llama", "gpt2"])
+def qwen2_sliding() -> transformers.Qwen2ForCausalLM:
+    """Qwen2 with a sliding-window layer (window 4) after a full-attention one."""
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, use_sliding_window=True, sliding_window=4,
+        max_window_layers=1, layer_types=["full_attention", "sliding_attention"]))
+
+
+@pytest.mark.parametrize("make", [lambda: llama(4, 32), lambda: gpt2(2, 32), qwen2_sliding],
+                         ids=["llama", "gpt2", "qwen2-sliding"])
 def test_causal_lm_split_equals_forward_with_padding_and_positions(make):
     torch.manual_seed(0)
     model = make().eval()
     view = split(model)
-    assert len(view.blocks) == model.config.num_hidden_layers if hasattr(model.config, "num_hidden_layers") else 2
+    assert len(view.blocks) == model.config.num_hidden_layers
     x, _ = batch()
     with torch.no_grad():
         want = model(**x, use_cache=False).logits
@@ -298,7 +307,20 @@ def test_a_classifier_method_on_lm_data_is_refused_in_one_line(runs, tmp_path):
         train(cfg)
 
 
-@pytest.mark.parametrize("recipe", ["blockkd", "jsd"])
+def test_gpt2_pair_runs_lm_blockkd():
+    torch.manual_seed(0)
+    d = methods.create("lm-blockkd", gpt2(2, 16), gpt2(4, 32), text_input(12)).train()  # student, teacher
+    x, y = batch()
+    _, losses = d(x, y)
+    sum(losses.values()).backward()
+    assert d.num_blocks == 2 and all(torch.isfinite(v) for v in losses.values())
+
+
+RECIPES = sorted(p.stem for p in (Path(__file__).parents[1] / "configs/lm_fortunes").glob("*.yaml")
+                 if p.stem not in ("base", "pair", "teacher"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
 def test_one_step_through_the_cli_from_the_recipes(runs, recipe, capsys):
     from blockkd.cli import main
 
@@ -310,10 +332,16 @@ def test_one_step_through_the_cli_from_the_recipes(runs, recipe, capsys):
             "data.batch_size=4", "data.eval_batch_size=16", "train.max_steps=1", "train.device=cpu",
             f"output.dir={folder}", "output.progress=false", "output.tensorboard=false", "output.plot=false"]
     assert main(args) == 0
-    summary = json.loads((folder / f"lm-fortunes-{recipe}" / "summary.json").read_text())
+    run = folder / f"lm-fortunes-{recipe}"
+    summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 1 and summary["last"]["test_perplexity"] > 1
-    if recipe == "blockkd":
-        assert "test_top1_stone1" in summary["last"]
+    method = {"ce": "lm-ce", "blockkd": "lm-blockkd", "blockkd-lite": "lm-blockkd-lite"}.get(recipe, "lm-kd")
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summary["method"] == method and row["train_loss"] > 0
+    if method == "lm-kd":  # the recipe's divergence ran
+        assert f"loss: {recipe}" in (run / "config.yaml").read_text() and row["train_loss_kd"] > 0
+    if method.startswith("lm-blockkd"):
+        assert "test_top1_stone1" in summary["last"] and row["train_loss_distill_stones"] > 0
 
 
 def test_memory_benchmark_chunked_peak_does_not_grow_with_the_sequence():
