@@ -249,6 +249,51 @@ def test_jsonl_prompt_response_data_and_text_file(tmp_path):
                     "response_column": "answer"}, device="cpu")
 
 
+class FakePart:
+    """A split of a ``datasets`` dataset: what blockkd.data.lm reads of it."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows, self.column_names = rows, list(rows[0])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, column: str) -> list:
+        return [r[column] for r in self.rows]
+
+    def select(self, indices) -> "FakePart":
+        return FakePart([self.rows[i] for i in indices])
+
+
+def test_datasets_by_name_text_and_prompt_response(monkeypatch):
+    """lm_hf through a stand-in for the datasets library (not installed by the test extra; no network)."""
+    import sys
+    import types
+
+    calls = []
+    rows = [{"text": f"Line {i} of a story about cats and dogs.", "prompt": f"Q{i}?", "completion": f" A{i}."}
+            for i in range(60)]
+
+    def load_dataset(name, config=None):
+        calls.append((name, config))
+        return {"train": FakePart(rows[:50]), "test": FakePart(rows[50:])}
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    common = {"name": "lm_hf", "dataset": "org/stories", "config": "en", "tokenizer": "bytebpe", "vocab_size": VOCAB,
+              "batch_size": 2}
+    text = data.build({**common, "test_split": "test", "seq_len": 16, "max_samples": 40}, device="cpu")
+    assert calls[-1] == ("org/stories", "en") and text.task == "causal_lm" and text.test_size >= 1
+    x, y = next(iter(text.train))
+    assert torch.equal(x["input_ids"][:, 1:], y[:, :-1]) and (y != -100).all()
+    qa = data.build({**common, "text_column": None, "response_column": "completion", "seq_len": 12}, device="cpu")
+    x, y = next(iter(qa.train))
+    assert all(qa.tokenizer.decode(lab[lab != -100]).startswith(" A") for lab in y)
+    with pytest.raises(BlockKDError, match="has no split 'validation'"):
+        data.build({**common, "test_split": "validation"}, device="cpu")
+    with pytest.raises(BlockKDError, match="column 'story' is not in org/stories train"):
+        data.build({**common, "text_column": "story"}, device="cpu")
+
+
 # ----------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
