@@ -294,6 +294,17 @@ def test_datasets_by_name_text_and_prompt_response(monkeypatch):
         data.build({**common, "text_column": "story"}, device="cpu")
 
 
+def test_conversations_go_through_the_chat_template():
+    tok = lm_data.train_bytebpe(["hello there, how are you"], VOCAB)
+    prompt = [{"role": "user", "content": "Hi?"}]
+    assert lm_data.render(prompt, tok, prompt=True) == "Hi?"  # no chat template: the contents
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    assert lm_data.render(prompt, tok, prompt=True) == "<user>Hi?<assistant>"
+    assert lm_data.render([{"role": "assistant", "content": " Fine."}], tok, prompt=False) == " Fine."
+    assert lm_data.render("plain", tok, prompt=True) == "plain"
+
+
 # ----------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):

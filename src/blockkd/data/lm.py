@@ -292,7 +292,7 @@ def _read_pairs(path: Path, prompt: str, response: str) -> tuple[list[str], list
     rows = [r for r in rows if r.get(prompt) is not None and r.get(response) is not None]
     if not rows:
         raise BlockKDError(f"{path} holds no {prompt}/{response} pairs")
-    return [str(r[prompt]) for r in rows], [str(r[response]) for r in rows]
+    return [r[prompt] for r in rows], [r[response] for r in rows]  # strings or conversations: see render
 
 
 def _split_docs(train: list, test: list | None, fraction: float) -> tuple[list, list]:
@@ -343,7 +343,7 @@ def _hub(cfg: dict) -> tuple[dict[str, list], dict[str, list] | None]:
             if c not in part.column_names:
                 raise BlockKDError(f"column {c!r} is not in {cfg['dataset']} {split} (its columns: "
                                    f"{', '.join(part.column_names)})")
-        return {c: [str(v) for v in part[c]] for c in cols}
+        return {c: list(part[c]) for c in cols}  # strings, or conversations (rendered once the tokenizer is known)
 
     return columns(cfg["train_split"]), (columns(cfg["test_split"]) if cfg["test_split"] else None)
 
@@ -365,16 +365,30 @@ def _raw(cfg: dict) -> tuple[str, Any, Any, list[str]]:
         test = _read_pairs(Path(cfg["test"]).expanduser(), cfg["prompt_column"], cfg["response_column"]) \
             if cfg["test"] else None
         train, test = _split_docs(list(zip(p, r)), None if test is None else list(zip(*test)), cfg["test_fraction"])
-        return "pairs", train, test, [a + b for a, b in train]
+        return "pairs", train, test, [render(a, None, prompt=True) + render(b, None, prompt=False) for a, b in train]
     tr, te = _hub(cfg)
     if cfg["text_column"]:
         c = cfg["text_column"]
         train, test = _split_docs(tr[c], te[c] if te else None, cfg["test_fraction"])
+        train, test = [render(t, None, prompt=False) for t in train], [render(t, None, prompt=False) for t in test]
         return "text", train, test, train
     pc, rc = cfg["prompt_column"], cfg["response_column"]
     train, test = _split_docs(list(zip(tr[pc], tr[rc])), list(zip(te[pc], te[rc])) if te else None,
                               cfg["test_fraction"])
-    return "pairs", train, test, [a + b for a, b in train]
+    return "pairs", train, test, [render(a, None, prompt=True) + render(b, None, prompt=False) for a, b in train]
+
+
+def render(value: Any, tokenizer, *, prompt: bool) -> str:
+    """A column value as text: a string as it is; a conversation (a list of ``{"role", "content"}``, TRL's
+    conversational format) through the tokenizer's chat template where it has one (a prompt with the assistant's
+    turn opened), else its contents joined (a completion's turns: their contents)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(m, dict) and "content" in m for m in value):
+        if prompt and tokenizer is not None and getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template(list(value), tokenize=False, add_generation_prompt=True)
+        return "".join(str(m["content"]) for m in value)
+    return str(value)
 
 
 def check_lm_model(model: torch.nn.Module, *, role: str, name: str, data: str, vocab: int, length: int) -> None:
@@ -391,7 +405,8 @@ def build(cfg: dict, *, device: torch.device, rank: int, world_size: int, seed: 
     tok = load_lm_tokenizer(cfg["tokenizer"], vocab_size=cfg["vocab_size"], texts=texts)
     length = int(cfg["seq_len"])
     encode = (lambda docs: pack(tok, docs, length)) if kind == "text" else \
-        (lambda ps: pairs(tok, [p for p, _ in ps], [r for _, r in ps], length))
+        (lambda ps: pairs(tok, [render(p, tok, prompt=True) for p, _ in ps],
+                          [render(r, tok, prompt=False) for _, r in ps], length))
     seq_train, seq_test = encode(train), encode(test)
     train_idx, val_idx = split_indices(len(seq_train), cfg["val_split"], cfg["train_subset"])
     if val_idx is not None:

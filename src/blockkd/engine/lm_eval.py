@@ -70,8 +70,8 @@ def evaluate_lm(model: nn.Module, loader, rt, *, heads: bool = False) -> dict[st
 def write_samples(model: nn.Module, tokenizer, loader, path: Path, *, count: int = 4, prompt_tokens: int = 8,
                   new_tokens: int = 48, seed: int = 0) -> list[str]:
     """``count`` continuations (sampled, temperature 0.8, top-k 50, from ``seed``) of the first ``prompt_tokens``
-    tokens of the first test sequences, written to ``path`` (markdown); returns them."""
-    if not hasattr(model, "generate") or tokenizer is None:
+    tokens of the first test sequences, written to ``path`` (markdown) by rank 0; returns them."""
+    if not hasattr(model, "generate") or tokenizer is None or not runtime.is_main():
         return []
     x, _ = next(iter(loader))
     ids = x["input_ids"][:count, :prompt_tokens]
@@ -85,10 +85,9 @@ def write_samples(model: nn.Module, tokenizer, loader, path: Path, *, count: int
     for prompt, full in zip(ids, out):
         texts.append(f"**{tokenizer.decode(prompt, skip_special_tokens=True)}**"
                      f"{tokenizer.decode(full[len(prompt):], skip_special_tokens=True)}")
-    if runtime.is_main():
-        path.write_text("# Samples from the student\n\nPrompt (bold: the first tokens of a test sequence), then "
-                        f"{new_tokens} sampled tokens (temperature 0.8, top-k 50).\n\n"
-                        + "\n\n---\n\n".join(texts) + "\n", encoding="utf-8")
+    path.write_text("# Samples from the student\n\nPrompt (bold: the first tokens of a test sequence), then "
+                    f"{new_tokens} sampled tokens (temperature 0.8, top-k 50).\n\n"
+                    + "\n\n---\n\n".join(texts) + "\n", encoding="utf-8")
     return texts
 
 
