@@ -416,3 +416,23 @@ def test_memory_benchmark_chunked_peak_does_not_grow_with_the_sequence():
     assert naive[1] >= 4 * 256 * 500 * 4 and naive[1] / naive[0] > 3.5  # several (L, V) float32 tensors at once
     assert chunk[1] < 1.1 * chunk[0] and chunk[1] < naive[1] / 4
     assert bench.loss_peak(500, 256, 16, 32, "meta") == chunk[1]
+
+
+def test_lm_blockkd_run_resumes_exactly(runs, tmp_path):
+    """Two epochs in one go == one epoch, then resumed for the second: the LM loader's order, the stones' token
+    draws (torch's RNG, saved in the checkpoint) and the optimizer state all replay."""
+    folder, names, _ = runs
+
+    def cfg(name: str, epochs: int) -> dict:
+        return {"model": {"name": names["student"]}, "method": {"name": "lm-blockkd", "options": {"stone_tokens": 8}},
+                "teacher": {"name": names["teacher"], "checkpoint": str(folder / "teacher")},
+                "data": {**LM_DATA, "train_subset": 12}, "optim": {"name": "adamw", "lr": 1e-3},
+                "schedule": {"name": "constant"}, "train": {"epochs": epochs, "device": "cpu", "seed": 3},
+                "output": {"dir": str(tmp_path), "name": name, "progress": False, "tensorboard": False,
+                           "plot": False}}
+
+    train(cfg("full", 2))
+    train(cfg("resumed", 1))
+    train(cfg("resumed", 2), resume=True)
+    weights = [(tmp_path / r / "last" / "weights.safetensors").read_bytes() for r in ("full", "resumed")]
+    assert weights[0] == weights[1]
