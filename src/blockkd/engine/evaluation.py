@@ -22,6 +22,7 @@ from . import runtime
 from .build import build_model, check_fits
 from .checkpoint import checkpoint_dir, load_checkpoint, read_meta
 from .guards import oom_advice
+from .logger import progress_bar
 from .runtime import Runtime
 
 
@@ -42,12 +43,14 @@ def _gather(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, rt: Runtime | None = None, *, heads: bool = False,
-             metrics: Callable[[torch.Tensor, torch.Tensor], dict[str, float]] | None = None) -> dict[str, float]:
+             metrics: Callable[[torch.Tensor, torch.Tensor], dict[str, float]] | None = None,
+             progress: bool = False) -> dict[str, float]:
     """Top-1/top-5 (%), mean cross-entropy and images/s of ``model`` on ``loader`` (summed over ranks).
 
     ``heads=True``: ``model`` is a distiller and each further head of ``eval_logits`` adds ``top1_<head>``.
     ``metrics``: the data's extra metrics (``DataBundle.metrics``), computed from the student's predictions
     and the labels of the whole test split (gathered from every rank only when asked for).
+    ``progress``: a bar over the batches, on a terminal (a large test set takes minutes).
     """
     if rt is None:
         param = next(model.parameters(), None)
@@ -58,8 +61,9 @@ def evaluate(model: nn.Module, loader, rt: Runtime | None = None, *, heads: bool
     labels: list[torch.Tensor] = []
     n = 0
     start = time.perf_counter()
-    with eval_mode(model):
-        for x, y in loader:
+    with eval_mode(model), progress_bar(loader, enabled=progress and runtime.is_main(), desc="eval",
+                                        unit="batch") as batches:
+        for x, y in batches:
             with rt.autocast():
                 outputs = forward(rt.prepare(x))
             for name, logits in outputs.items():
@@ -113,7 +117,7 @@ def evaluate_checkpoint(path: str | Path, data_overrides: list[str] | None = Non
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
     with oom_advice("data.eval_batch_size", data_cfg["eval_batch_size"]):
-        result = evaluate(model, data.test, rt, metrics=data.metrics)
+        result = evaluate(model, data.test, rt, metrics=data.metrics, progress=True)
         heads, note = _heads_of_run(saved, ckpt, data, rt)
         if heads is not None:
             result.update({k: v for k, v in evaluate(heads, data.test, rt, heads=True).items() if k.startswith("top1_")})

@@ -28,7 +28,7 @@ from . import run_folder, runtime
 from .build import build_distiller
 from .evaluation import evaluate
 from .guards import NonFiniteGuard, oom_advice
-from .logger import RunLogger
+from .logger import RunLogger, quiet_libraries
 from .plots import plot_curves
 from .runtime import Runtime
 
@@ -332,7 +332,7 @@ class Trainer:
         teacher = self.distiller.teacher
         if teacher is None:
             return
-        res = evaluate(teacher, self.data.test, self.rt)
+        res = evaluate(teacher, self.data.test, self.rt, progress=self.log.progress)
         self.teacher_top1 = res["top1"]
         name = self.cfg.teacher.name
         self.log.info(f"teacher {name}: test top-1 {res['top1']:.1f}% (top-5 {res['top5']:.1f}%)")
@@ -355,7 +355,8 @@ class Trainer:
             self.log.warning(f"interrupted in epoch {self.epoch + 1}; {self.folder.saved_note()}")
             raise
         if hasattr(self.distiller.student, "save_pretrained"):  # Hugging Face models: loadable by transformers
-            self.folder.save_pretrained(self.distiller.student, self.data.tokenizer)
+            with quiet_libraries(not self.log.shows_bars()):
+                self.folder.save_pretrained(self.distiller.student, self.data.tokenizer)
         return self.finish(n_params)
 
     def epochs_loop(self) -> None:
@@ -364,6 +365,7 @@ class Trainer:
         eval_oom = functools.partial(oom_advice, "data.eval_batch_size", cfg.data.eval_batch_size)
         with eval_oom():
             self.evaluate_teacher()
+        epoch_times: list[float] = []  # this process's epochs: the run's ETA
         while self.epoch < self.epochs and not self.out_of_steps():
             epoch = self.epoch
             epoch_start = time.perf_counter()
@@ -373,8 +375,8 @@ class Trainer:
             self.sync_buffers()
             last = epoch + 1 == self.epochs or self.out_of_steps()
             with eval_oom():
-                test = evaluate(self.distiller, self.data.test, self.rt, heads=True, metrics=self.data.metrics) \
-                    if (epoch + 1) % cfg.train.eval_every == 0 or last else {}
+                test = evaluate(self.distiller, self.data.test, self.rt, heads=True, metrics=self.data.metrics,
+                                progress=self.log.progress) if (epoch + 1) % cfg.train.eval_every == 0 or last else {}
             if test and test["top1"] > self.best_top1:
                 self.best_top1, self.best_epoch = test["top1"], epoch + 1
             row: dict[str, Any] = {
@@ -388,12 +390,13 @@ class Trainer:
                 "train_time_s": trained.pop("train_time_s"), "epoch_time_s": time.perf_counter() - epoch_start,
                 "skipped_steps": self.guard.skipped}
             self.history.append(row)
+            epoch_times.append(row["epoch_time_s"])
             self.epoch = epoch + 1
             with runtime.defer_sigint():  # Ctrl-C waits until last/, best/ and the metrics files agree
                 self.save(is_best=self.best_epoch == epoch + 1)
                 log.metrics(self.history)
             log.scalars("epoch", {k: v for k, v in row.items() if k not in ("epoch", "step")}, self.epoch)
-            log.info(_epoch_line(row, self.epochs))
+            log.info(_epoch_line(row, self.epochs) + self.eta(epoch_times))
 
     def sync_buffers(self) -> None:
         """Rank 0's trained buffers (BN running statistics) on every rank, before evaluating and saving
@@ -402,6 +405,16 @@ class Trainer:
         runtime.broadcast_tensors([b for n, b in self.distiller.named_buffers() if n in trained])
         debug_log(runtime.rank(), lambda: {"epoch": self.epoch + 1, "step": self.step,
                                            "weights_sha256": runtime.state_digest(self.distiller.train_state_dict())})
+
+    def eta(self, epoch_times: list[float]) -> str:
+        """``, run ETA 1:02:03`` (the mean epoch time so far times the epochs left), or nothing at the end."""
+        left = self.epochs - self.epoch
+        if self.max_steps is not None:
+            left = min(left, -(-(self.max_steps - self.step) // self.steps_per_epoch))
+        if left <= 0 or not epoch_times:
+            return ""
+        seconds = round(left * sum(epoch_times) / len(epoch_times))
+        return f", run ETA {seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d} ({left} epochs left)"
 
     def out_of_steps(self) -> bool:
         return self.max_steps is not None and self.step >= self.max_steps
