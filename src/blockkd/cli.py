@@ -97,8 +97,7 @@ def _methods(args: argparse.Namespace) -> int:
         teacher = "needs a teacher" if cls.needs_teacher else "no teacher"
         rows += [(name, doc[0] if doc else ""), ("", f"{teacher}; {cls.paper}" if cls.paper else teacher)]
         rows += [("", f"  {key} = {default}: {help_}") for key, default, _, help_ in methods.describe(name)]
-    _table(rows, ("method", "description and options (method.options.<key>)"))
-    print("\nblockkd methods NAME: one method's description, paper and options in full")
+    _table(rows, ("method", "description and options (method.options.<key>); blockkd methods NAME: one in full"))
     return 0
 
 

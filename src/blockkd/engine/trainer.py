@@ -182,7 +182,8 @@ class Trainer:
         self.loss_names: list[str] | None = None
         if resume:
             self.restore()
-        log.open_tensorboard(purge_step=self.step if resume else None)
+        # The checkpoint's last step (logged as step self.step) is kept; the resumed run logs from the next one.
+        log.open_tensorboard(purge_step=self.step + 1 if resume else None)
 
     # -- state ---------------------------------------------------------------------------------------
     def restore(self) -> None:
@@ -211,6 +212,7 @@ class Trainer:
                                f"trained with as key=value overrides") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.apply_schedule(meta["config"]["train"].get("epochs"))
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         runtime.set_rng_state(meta["rng"])
@@ -222,6 +224,20 @@ class Trainer:
         self.log.info(f"resuming {self.run_dir} from {ckpt.path.name}/ after epoch {self.epoch} (step {self.step})")
         self.log.metrics(self.history)  # a kill after the checkpoint but before the metrics files left them behind
         self.folder.repair_best(self.best_epoch, ckpt.path)
+
+    def apply_schedule(self, saved_epochs: int | None) -> None:
+        """The lr of the resumed step from today's schedule. The rule: the lr of every step is the recipe's
+        schedule at that step, for the recipe's train.epochs; resumed with more (or fewer) epochs, the run
+        goes on from where a run planned with the new train.epochs would be at this step (the saved optimizer
+        holds the old schedule's lr, e.g. 0 at the end of a finished cosine decay)."""
+        sched = self.scheduler
+        lrs = [base * f(sched.last_epoch) for base, f in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        sched._last_lr = lrs  # what get_last_lr() reports
+        if saved_epochs is not None and saved_epochs != self.epochs:
+            self.log.info(f"train.epochs {saved_epochs} -> {self.epochs}: the lr schedule is now that of a "
+                          f"{self.epochs}-epoch run; from step {self.step} lr {lrs[0]:.4g}")
 
     def wall_time(self) -> float:
         return self.wall_before + time.perf_counter() - self.started
@@ -465,6 +481,8 @@ def _epoch_line(row: dict, epochs: int) -> str:
 def train(cfg: Config | dict, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Train the run described by the recipe ``cfg`` (a :class:`Config`, or a nested mapping validated
     here); returns the summary (also in summary.json)."""
+    if resume and overwrite:  # deleting the checkpoint, then finding nothing to resume, helps no one
+        raise BlockKDError("--resume continues a run from its checkpoint and --overwrite deletes it: pass one of them")
     cfg = validate(cfg)
     t = cfg.train
     rt = runtime.resolve(t.device, t.amp, t.channels_last)
