@@ -180,6 +180,15 @@ def _check_models(sections: dict, where) -> None:
             message = str(err).replace("unknown model", f"unknown {kind}", 1)
             raise UnknownNameError(message.replace(repr(value), f"{value!r} ({key}.name in {where(key + '.name')})", 1)
                                    ) from None
+        kwargs = sections[key].kwargs
+        if kwargs and models.external.family(value) not in ("torchvision", "timm"):
+            raise BlockKDError(f"{key}.kwargs (in {where(key + '.kwargs')}) are a torchvision.* or timm.* model's "
+                               f"constructor arguments; {key}.name is {value}: remove them or register a model "
+                               f"(blockkd.models.register) that takes them")
+        reserved = [k for k in kwargs if k in models.external.RESERVED_KWARGS]
+        if reserved:
+            raise BlockKDError(f"{key}.kwargs.{reserved[0]} (in {where(key + '.kwargs')}) is set by blockkd from the "
+                               f"data and the checkpoint keys; remove it")
 
 
 def _check_teacher(cfg: Config) -> None:

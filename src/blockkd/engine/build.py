@@ -73,9 +73,11 @@ def load_model_weights(model: nn.Module, path: str | Path, *, role: str, name: s
     return model
 
 
-def build_model(name: str, data, *, checkpoint: str | None = None, role: str = "model") -> nn.Module:
-    """``models.create`` for the data's classes and channels (None: text), then ``checkpoint``, if any."""
-    model = models.create(name, num_classes=data.num_classes, in_channels=data.in_channels)
+def build_model(name: str, data, *, checkpoint: str | None = None, role: str = "model",
+                kwargs: dict | None = None) -> nn.Module:
+    """``models.create`` for the data's classes and channels (None: text) and the recipe's constructor
+    arguments (``model.kwargs``), then ``checkpoint``, if any."""
+    model = models.create(name, num_classes=data.num_classes, in_channels=data.in_channels, **(kwargs or {}))
     if getattr(data, "check_model", None) is not None:  # e.g. text: the tokenizer must fit the embeddings
         data.check_model(model, role=role, name=name)
     if checkpoint:
@@ -93,11 +95,12 @@ def build_distiller(cfg, data, device: torch.device, *, sync_bn: bool = False):
     from ..errors import BlockKDError
     from ..schema import OptionError
 
-    student = build_model(cfg.model.name, data, checkpoint=cfg.model.checkpoint, role="model")
+    student = build_model(cfg.model.name, data, checkpoint=cfg.model.checkpoint, role="model",
+                          kwargs=cfg.model.kwargs)
     if sync_bn:
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)  # before the method builds views of it
-    teacher = build_model(cfg.teacher.name, data, checkpoint=cfg.teacher.checkpoint, role="teacher") \
-        if cfg.needs_teacher else None
+    teacher = build_model(cfg.teacher.name, data, checkpoint=cfg.teacher.checkpoint, role="teacher",
+                          kwargs=cfg.teacher.kwargs) if cfg.needs_teacher else None
     try:
         distiller = methods.create(cfg.method.name, student, teacher, data.input_shape, options=cfg.method.options)
     except OptionError as e:

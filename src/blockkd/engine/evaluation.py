@@ -109,7 +109,7 @@ def evaluate_checkpoint(path: str | Path, data_overrides: list[str] | None = Non
     train = saved["train"]
     rt = runtime.resolve(device or train["device"], train["amp"], train["channels_last"])
     data = data_lib.build(data_cfg, device=rt.device, seed=train["seed"])
-    model = build_model(saved["model"]["name"], data)
+    model = build_model(saved["model"]["name"], data, kwargs=saved["model"].get("kwargs"))
     weights = ckpt.student_weights()
     check_fits(model, weights, role="evaluated", path=ckpt.path, data=data)
     model.load_state_dict(weights)

@@ -197,7 +197,7 @@ class Trainer:
         changed = ", ".join(s for k, s in shown.items() if k in saved and saved[k] != now[k])
         # Keys the run's saved config lacks were added to blockkd since; today's defaults fill them in,
         # which may not be what the run was trained with (e.g. blockkd-lite's num_stones).
-        unrecorded = ", ".join(s for k, s in shown.items() if k not in saved)
+        unrecorded = ", ".join(s for k, s in shown.items() if k not in saved and now[k] != {})  # {}: sets nothing
         if changed:
             self.log.warning(f"resuming with changed settings: {changed}")
         if unrecorded:

@@ -42,6 +42,7 @@ WEIGHTS_SCHEME = "torchvision://"
 TIMM_SCHEME = "timm://"
 
 
+RESERVED_KWARGS = ("num_classes", "in_chans", "in_channels", "pretrained", "weights")  # blockkd sets these
 HUB_PROBE_TIMEOUT = 2.0  # seconds: a reachable hub answers a TCP connect far sooner
 
 
@@ -203,23 +204,35 @@ def _from_pretrained(t, base: str, source: str, num_classes: int, *, offline: bo
                            ) from None
 
 
-def create(name: str, num_classes: int, in_channels: int | None) -> nn.Module:
+def create(name: str, num_classes: int, in_channels: int | None, **kwargs) -> nn.Module:
     """A torchvision or timm model (randomly initialised), or a Hugging Face text classifier.
 
-    torchvision: ``get_model(name, weights=None, num_classes=...)``; for ``in_channels != 3`` the first
+    torchvision: ``get_model(name, weights=None, num_classes=..., **kwargs)``; for ``in_channels != 3`` the first
     conv is replaced by a freshly initialised one (pretrained RGB weights then no longer fit it).
-    timm: ``create_model(name, pretrained=False, num_classes=..., in_chans=...)``.
+    timm: ``create_model(name, pretrained=False, num_classes=..., in_chans=..., **kwargs)``. A keyword the
+    constructor refuses is one line naming it (``model.kwargs``).
     """
     check(name)
     fam, base = name.split(".", 1)
     if fam in TEXT_FAMILIES:
         return _create_hf(fam, base, num_classes)
-    if fam == "torchvision":
-        import torchvision.models as tvm
+    for reserved in RESERVED_KWARGS:
+        if reserved in kwargs:
+            raise BlockKDError(f"model.kwargs.{reserved} is set by blockkd from the data and the checkpoint keys; "
+                               f"remove it")
+    try:
+        if fam == "torchvision":
+            import torchvision.models as tvm
 
-        model = tvm.get_model(base, weights=None, num_classes=num_classes)
-        return model if in_channels == 3 else _replace_first_conv(model, in_channels)
-    return _timm().create_model(base, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+            model = tvm.get_model(base, weights=None, num_classes=num_classes, **kwargs)
+            return model if in_channels == 3 else _replace_first_conv(model, in_channels)
+        return _timm().create_model(base, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
+    except (TypeError, ValueError, AssertionError) as e:
+        if not kwargs:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BlockKDError(f"cannot build {name} with the constructor arguments {kwargs} ({type(e).__name__}: "
+                           f"{first})") from None
 
 
 def torchvision_state_dict(name: str, spec: str) -> dict[str, torch.Tensor]:
