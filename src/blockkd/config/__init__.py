@@ -268,7 +268,10 @@ def parse_data_overrides(items: Iterable[str] | Mapping[str, Any], base: Mapping
     for key, (value, item) in data_overrides(items).items():
         values[key] = value
         sources[f"data.{key}"] = f"--data {item!r}"
-    return data.parse(values, where=lambda k: sources.get(k, "the run's config"), drop_foreign=True).flat()
+    # The run's own keys of another dataset (an older version stored them all) are dropped; a --data key
+    # that does not apply to the run's dataset is refused, as train refuses it.
+    return data.parse(values, where=lambda k: sources.get(k, "the run's config"),
+                      drop_foreign=lambda k: k not in sources).flat()
 
 
 def flat_keys(cfg: Mapping, prefix: str = "") -> dict[str, Any]:
