@@ -167,3 +167,29 @@ def test_transformers_bars_are_off_without_progress(tmp_path, capfd):
     with quiet_libraries(False):
         model.save_pretrained(tmp_path / "shown")
     assert "Writing model shards" in capfd.readouterr().err
+
+
+def test_eval_of_a_run_folder_says_which_epoch_it_picked(tmp_path, capsys, monkeypatch):
+    """Tied best epochs (here every epoch scores the same): eval says it took the earliest, and where the
+    final student is; a run whose best is its last epoch gets no note."""
+    from blockkd import config
+    from blockkd.engine import evaluate_checkpoint, train, trainer
+
+    real = trainer.evaluate
+    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: {**real(*a, **k), "top1": 50.0})  # a tie
+    flat = dict(tiny_recipe(tmp_path, "tied").to_dict(),
+                output={"dir": str(tmp_path), "name": "tied", "progress": False, "tensorboard": False, "plot": False})
+    train(config.validate(flat))
+    monkeypatch.undo()
+    result = evaluate_checkpoint(tmp_path / "tied", device="cpu")
+    assert result["epoch"] == 1
+    assert result["note"] == (f"evaluated {tmp_path / 'tied' / 'best'} (epoch 1, the earliest of the epochs tied at "
+                              f"the best test top-1 (1, 2, 3)); {tmp_path / 'tied' / 'last'} holds the final "
+                              f"student (epoch 3)")
+    assert "note" not in evaluate_checkpoint(tmp_path / "tied" / "best", device="cpu")  # named explicitly
+    assert cli.main(["eval", str(tmp_path / "tied"), "--device", "cpu"]) == 0
+    assert "note: evaluated" in capsys.readouterr().err
+    flat["train"] = {**flat["train"], "epochs": 1}
+    flat["output"] = {**flat["output"], "name": "one"}
+    train(config.validate(flat))
+    assert "note" not in evaluate_checkpoint(tmp_path / "one", device="cpu")

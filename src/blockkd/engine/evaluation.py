@@ -121,9 +121,30 @@ def evaluate_checkpoint(path: str | Path, data_overrides: list[str] | None = Non
         heads, note = _heads_of_run(saved, ckpt, data, rt)
         if heads is not None:
             result.update({k: v for k, v in evaluate(heads, data.test, rt, heads=True).items() if k.startswith("top1_")})
+    note = "; ".join(n for n in (_picked(Path(path), folder, ckpt.meta), note) if n)
     return {"checkpoint": str(ckpt.path), "epoch": ckpt.meta.get("epoch"), "model": saved["model"]["name"],
             "method": saved["method"]["name"], "data": data_cfg["name"], "metric_names": list(data.metric_names),
             **result, **({"note": note} if note else {})}
+
+
+def _picked(path: Path, folder: Path, meta: dict) -> str | None:
+    """For a run folder whose best/ is not its last epoch: which epoch was picked and why (the earliest of
+    tied best epochs), and that ``last/`` holds the final student."""
+    if folder != path / "best":
+        return None
+    try:
+        last = read_meta(path / "last")
+    except BlockKDError:
+        return None
+    epoch, final = meta.get("epoch"), last.get("epoch")
+    if epoch == final:
+        return None
+    rows = last.get("history") or []
+    top = next((r.get("test_top1") for r in rows if r.get("epoch") == epoch), None)
+    tied = [r["epoch"] for r in rows if top is not None and r.get("test_top1") == top]
+    why = (f"the earliest of the epochs tied at the best test top-1 ({', '.join(map(str, tied))})" if len(tied) > 1
+           else "the best test top-1")
+    return f"evaluated {folder} (epoch {epoch}, {why}); {path / 'last'} holds the final student (epoch {final})"
 
 
 def _heads_of_run(saved: dict, ckpt, data, rt: Runtime):
