@@ -184,7 +184,14 @@ def _split_extras(parser: argparse.ArgumentParser, args: argparse.Namespace, ext
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command in ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
-    args, extras = parser.parse_known_args(argv)
+    try:
+        args, extras = parser.parse_known_args(argv)
+    except SystemExit:  # --help, --version, a usage error: `blockkd --help | head -1` must end quietly too
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _silence_stdout()
+        raise
     _split_extras(parser, args, extras)
     try:
         status = args.func(args)
