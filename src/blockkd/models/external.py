@@ -227,7 +227,7 @@ def create(name: str, num_classes: int, in_channels: int | None, **kwargs) -> nn
             model = tvm.get_model(base, weights=None, num_classes=num_classes, **kwargs)
             return model if in_channels == 3 else _replace_first_conv(model, in_channels)
         return _timm().create_model(base, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
-    except (TypeError, ValueError, AssertionError) as e:
+    except Exception as e:  # TypeError, AssertionError, RuntimeError ...: with kwargs, most likely theirs
         if not kwargs:
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
