@@ -17,6 +17,7 @@ import transformers  # the test extra installs it (and tokenizers)
 
 from blockkd import config, data, models  # noqa: E402
 from blockkd.data import text  # noqa: E402
+from blockkd.engine import metrics  # noqa: E402
 from blockkd.engine import evaluate_checkpoint, load_checkpoint, train  # noqa: E402
 from blockkd.engine.build import build_model  # noqa: E402
 from blockkd.errors import BlockKDError  # noqa: E402
@@ -296,11 +297,11 @@ def test_glue_task_metrics_in_the_metrics_rows(monkeypatch, tmp_path, bert_confi
 def test_metric_functions():
     y = torch.tensor([1, 1, 1, 0, 0, 0, 1, 0])
     p = torch.tensor([1, 1, 0, 0, 0, 1, 1, 0])
-    assert text.f1_score(p, y) == pytest.approx(100 * 2 * 3 / (2 * 3 + 1 + 1))
+    assert metrics.f1_score(p, y) == pytest.approx(100 * 2 * 3 / (2 * 3 + 1 + 1))
     # tp=3 tn=3 fp=1 fn=1: (9 - 1) / sqrt(4 * 4 * 4 * 4)
-    assert text.matthews(p, y) == pytest.approx(100 * 8 / 16)
-    assert text.matthews(torch.zeros(4, dtype=torch.long), y[:4]) == 0.0  # constant predictions: undefined -> 0
-    assert text.matthews(y, y) == pytest.approx(100.0)
+    assert metrics.matthews(p, y) == pytest.approx(100 * 8 / 16)
+    assert metrics.matthews(torch.zeros(4, dtype=torch.long), y[:4]) == 0.0  # constant predictions: undefined -> 0
+    assert metrics.matthews(y, y) == pytest.approx(100.0)
 
 
 # ------------------------------------------------------------------------------------------- one-line errors

@@ -6,6 +6,7 @@ help. ``Distiller.eval_logits(x)`` returns ``{"student": logits, ...}``; a plain
 """
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -22,6 +23,7 @@ from . import runtime
 from .build import build_model, check_fits
 from .checkpoint import checkpoint_dir, load_checkpoint, read_meta
 from .guards import oom_advice
+from .metrics import compute_metrics
 from .runtime import Runtime
 
 
@@ -29,6 +31,14 @@ def heads_of(model: nn.Module) -> Callable[[torch.Tensor], dict[str, torch.Tenso
     """``x -> {head name: logits}``: a distiller's ``eval_logits`` where it has one, else the model itself."""
     eval_logits = getattr(model, "eval_logits", None)
     return eval_logits if callable(eval_logits) else (lambda x: {"student": call_model(model, x)})
+
+
+def metrics_of(data) -> Callable[[torch.Tensor, torch.Tensor], dict[str, float]] | None:
+    """The extra metrics evaluation reports for ``data``: its own ``metrics``, else those its
+    ``metric_names`` name (``engine.metrics``: GLUE's F1, Matthews correlation)."""
+    if data.metrics is not None:
+        return data.metrics
+    return functools.partial(compute_metrics, tuple(data.metric_names)) if data.metric_names else None
 
 
 def _gather(t: torch.Tensor) -> torch.Tensor:
@@ -113,7 +123,7 @@ def evaluate_checkpoint(path: str | Path, data_overrides: list[str] | None = Non
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
     with oom_advice("data.eval_batch_size", data_cfg["eval_batch_size"]):
-        result = evaluate(model, data.test, rt, metrics=data.metrics)
+        result = evaluate(model, data.test, rt, metrics=metrics_of(data))
         heads, note = _heads_of_run(saved, ckpt, data, rt)
         if heads is not None:
             result.update({k: v for k, v in evaluate(heads, data.test, rt, heads=True).items() if k.startswith("top1_")})

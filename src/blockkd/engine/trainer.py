@@ -26,7 +26,7 @@ from ..errors import BlockKDError
 from ..optim import build_optimizer, build_scheduler
 from . import run_folder, runtime
 from .build import build_distiller
-from .evaluation import evaluate
+from .evaluation import evaluate, metrics_of
 from .guards import NonFiniteGuard, oom_advice
 from .logger import RunLogger
 from .plots import plot_curves
@@ -373,7 +373,7 @@ class Trainer:
             self.sync_buffers()
             last = epoch + 1 == self.epochs or self.out_of_steps()
             with eval_oom():
-                test = evaluate(self.distiller, self.data.test, self.rt, heads=True, metrics=self.data.metrics) \
+                test = evaluate(self.distiller, self.data.test, self.rt, heads=True, metrics=metrics_of(self.data)) \
                     if (epoch + 1) % cfg.train.eval_every == 0 or last else {}
             if test and test["top1"] > self.best_top1:
                 self.best_top1, self.best_epoch = test["top1"], epoch + 1
