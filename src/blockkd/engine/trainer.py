@@ -458,12 +458,13 @@ def train(cfg: Config | dict, *, resume: bool = False, overwrite: bool = False) 
     created_group = not runtime.is_distributed()
     runtime.init_distributed(rt.device)
     created_group = created_group and runtime.is_distributed()
+    lock = None  # rank 0 owns the run folder (run_folder.RunLock) until the run ends, however it ends
     try:
         run_dir = Path(cfg.output.dir).expanduser() / cfg.output.name
         error = None
         if runtime.is_main():
             try:
-                run_folder.prepare(run_dir, resume=resume, overwrite=overwrite)
+                lock = run_folder.prepare(run_dir, resume=resume, overwrite=overwrite)
             except BlockKDError as e:
                 error = str(e)
         error = runtime.broadcast_object(error)
@@ -472,9 +473,14 @@ def train(cfg: Config | dict, *, resume: bool = False, overwrite: bool = False) 
         out = cfg.output
         with runtime.reproducibility(t.deterministic), \
                 RunLogger(run_dir, enabled=runtime.is_main(), tensorboard=out.tensorboard, progress=out.progress) as log:
+            if lock is not None and lock.stale:
+                log.warning(f"the run folder's last owner ({run_folder.describe_holder(lock.stale)}) ended without "
+                            f"releasing it (killed?); taking over")
             folder = run_folder.RunFolder(run_dir, log.warning)
             folder.write_config(dump(cfg))
             return Trainer(cfg, folder, rt, log, resume=resume).fit()
     finally:
+        if lock is not None:
+            lock.release()
         if created_group:
             torch.distributed.destroy_process_group()
