@@ -71,7 +71,13 @@ def _read_rows(path: Path) -> tuple[list[dict], list[str]]:
         if suffix in (".csv", ".tsv"):
             with path.open(newline="", encoding="utf-8-sig") as f:
                 reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-                rows = list(reader)
+                rows = []
+                for row in reader:
+                    if None in row:  # more fields than the header: a damaged or misquoted line
+                        raise BlockKDError(f"{path}, line {reader.line_num}: {len(reader.fieldnames) + len(row[None])} "
+                                           f"fields, but the header has {len(reader.fieldnames)} (an unquoted "
+                                           f"{'tab' if suffix == '.tsv' else 'comma'} in a text?)")
+                    rows.append(row)
                 return rows, list(reader.fieldnames or [])
         if suffix in (".jsonl", ".json"):
             rows, columns = [], {}
@@ -89,7 +95,10 @@ def _read_rows(path: Path) -> tuple[list[dict], list[str]]:
                     rows.append(row)
                     columns.update(dict.fromkeys(row))
             return rows, list(columns)
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+    except UnicodeDecodeError as e:
+        raise BlockKDError(f"cannot read {path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8"
+                           ) from None
+    except (OSError, csv.Error) as e:
         raise BlockKDError(f"cannot read {path}: {e}") from None
     raise BlockKDError(f"text file {path} must end in .csv, .tsv or .jsonl")
 
@@ -103,6 +112,10 @@ def _column(rows: list[dict], columns: list[str], key: str, name: str, path: Pat
     missing = next((i for i, v in enumerate(values) if v is None), None)
     if missing is not None:
         raise BlockKDError(f"{path}: record {missing + 1} has no {name!r} ({key})")
+    nested = next((i for i, v in enumerate(values) if isinstance(v, (dict, list))), None)
+    if nested is not None:
+        raise BlockKDError(f"{path}: record {nested + 1}'s {name!r} ({key}) is a JSON "
+                           f"{'object' if isinstance(values[nested], dict) else 'list'}; expected a string or a number")
     return values
 
 
@@ -177,7 +190,10 @@ def load_glue(cfg: dict) -> RawText:
 
 def read_fortunes(path: Path) -> list[str]:
     """The entries of one fortune file (separated by lines holding ``%``), overstriking removed."""
-    text = path.read_bytes().decode("utf-8", errors="replace")
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except OSError as e:
+        raise BlockKDError(f"cannot read fortune file {path}: {e.strerror}") from None
     text = re.sub(r".\x08", "", text)  # "x\bx" bold / "_\bx" underline of old terminals
     return [e.strip() for e in re.split(r"^%\s*$", text, flags=re.M) if e.strip()]
 
