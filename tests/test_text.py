@@ -249,6 +249,36 @@ def test_csv_and_jsonl_files(tmp_path):
         data.build({**cfg, "test": None}, device="cpu")
 
 
+def test_textfile_run_records_its_labels_and_its_hf_folder_deploys(tmp_path, bert_configs):
+    """String labels are stored (meta.json, summary.json, hf/'s id2label), and hf/ works with a plain
+    transformers pipeline: a text longer than the training length is cut to it (model_max_length), not a crash."""
+    texts = text.read_fortunes(FORTUNES / "food")[:16] + text.read_fortunes(FORTUNES / "sports")[:16]
+    with (tmp_path / "train.jsonl").open("w") as f:
+        for i, t in enumerate(texts):
+            f.write(json.dumps({"text": t, "label": "food" if i < 16 else "sports"}) + "\n")
+    cfg = recipe(tmp_path, "labels", bert_configs["student"], train__max_steps=2,
+                 data={"name": "textfile", "train": str(tmp_path / "train.jsonl"), "val_split": 8,
+                       "tokenizer": "wordpiece", "vocab_size": VOCAB, "max_length": LENGTH, "batch_size": 8})
+    summary = train(cfg)
+    run = tmp_path / "labels"
+    assert summary["classes"] == ["food", "sports"]
+    assert json.loads((run / "summary.json").read_text())["classes"] == ["food", "sports"]
+    assert load_checkpoint(run / "last", with_state=False).meta["classes"] == ["food", "sports"]
+    hf_config = json.loads((run / "hf" / "config.json").read_text())
+    assert hf_config["id2label"] == {"0": "food", "1": "sports"} and hf_config["label2id"] == {"food": 0, "sports": 1}
+    classify = transformers.pipeline("text-classification", model=str(run / "hf"), device="cpu")
+    assert classify.tokenizer.model_max_length == LENGTH
+    long = "cheese wine and bread " * 40  # ~160 tokens; the model has LENGTH=32 positions
+    assert len(classify.tokenizer(long)["input_ids"]) > LENGTH
+    (result,) = classify(long, truncation=True)
+    assert result["label"] in ("food", "sports") and 0 < result["score"] <= 1
+    # the pipeline's answer is the model's on the first LENGTH tokens
+    x = classify.tokenizer(long, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = classify.model(**x).logits[0]
+    assert x["input_ids"].shape[1] == LENGTH and result["label"] == ["food", "sports"][int(logits.argmax())]
+
+
 # ------------------------------------------------------------------------------------------- GLUE, metrics
 def fake_datasets(monkeypatch, task_columns: tuple[str, str | None], n: int = 48, fail: Exception | None = None):
     """A stand-in ``datasets`` module: real fortune texts, labels 0/1 (no network)."""

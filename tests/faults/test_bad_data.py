@@ -3,6 +3,7 @@ and one line naming the file, not with a DataLoader traceback; ``data.skip_unrea
 with a warning and a count instead."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -86,6 +87,8 @@ def test_train_on_a_corrupt_image_exits_2_in_one_line(tmp_path, commands):
     assert skipped.returncode == 0, skipped.stderr
     assert "warning: skipping unreadable image images/train/c1/3.png" in skipped.stderr
     assert [r["epoch"] for r in rows(tmp_path / "runs" / "r")] == [1]
+    summary = json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())
+    assert summary["classes"] == ["c0", "c1"]  # the class folders' names, recorded with the run
 
 
 TEXT = {"test": None, "val_split": 1, "text_column": "text", "text_pair_column": None, "label_column": "label"}

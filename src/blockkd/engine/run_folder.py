@@ -137,16 +137,25 @@ class RunFolder:
         if is_best:
             copy_checkpoint(last, self.path / "best")
 
-    def save_pretrained(self, model, tokenizer=None) -> None:
+    def save_pretrained(self, model, tokenizer=None, *, classes: list[str] | None = None,
+                        max_length: int | None = None) -> None:
         """``hf/``: ``model.save_pretrained`` (and the tokenizer's) for ``from_pretrained``; rank 0 only.
-        Written to ``hf.tmp/`` then renamed, so ``hf/`` is never half-written."""
+        Deployable as saved: the config names the classes (``id2label``/``label2id``) and the tokenizer's
+        ``model_max_length`` is the length the model was trained on, so ``pipeline(..., truncation=True)``
+        cuts longer texts to it. Written to ``hf.tmp/`` then renamed, so ``hf/`` is never half-written."""
         if not runtime.is_main():
             return
         final, tmp, old = self.path / "hf", self.path / "hf.tmp", self.path / "hf.old"
         for stale in (tmp, old):
             shutil.rmtree(stale, ignore_errors=True)
+        config = getattr(model, "config", None)
+        if classes and config is not None:
+            config.id2label = dict(enumerate(classes))
+            config.label2id = {name: i for i, name in enumerate(classes)}
         model.save_pretrained(tmp)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            if max_length is not None:
+                tokenizer.model_max_length = max_length
             tokenizer.save_pretrained(tmp)
         if final.exists():
             final.rename(old)

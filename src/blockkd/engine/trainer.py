@@ -168,6 +168,8 @@ class Trainer:
             raise BlockKDError(f"optim.name={cfg.optim.name!r} runs two backward passes per step, one per gradient; "
                                f"fp16 loss scaling does not support that: use train.amp bf16 or off "
                                f"(this run: {rt.describe()})")
+        # the class names in label order, recorded in meta.json, summary.json and hf/ (index strings if unnamed)
+        self.classes = [str(c) for c in self.data.classes or range(self.data.num_classes)]
         self.steps_per_epoch = len(self.data.train)
         self.epochs = tcfg.epochs
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, steps_per_epoch=self.steps_per_epoch,
@@ -227,7 +229,7 @@ class Trainer:
         return self.wall_before + time.perf_counter() - self.started
 
     def save(self, is_best: bool) -> None:
-        meta = {"config": self.cfg.to_dict(), "epoch": self.epoch, "step": self.step, "history": self.history,
+        meta = {"config": self.cfg.to_dict(), "classes": self.classes, "epoch": self.epoch, "step": self.step, "history": self.history,
                 "best_top1": self.best_top1, "best_epoch": self.best_epoch, "wall_time_s": self.wall_time(),
                 "skipped_steps": self.guard.skipped, "rng": runtime.rng_state()}
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -355,7 +357,10 @@ class Trainer:
             self.log.warning(f"interrupted in epoch {self.epoch + 1}; {self.folder.saved_note()}")
             raise
         if hasattr(self.distiller.student, "save_pretrained"):  # Hugging Face models: loadable by transformers
-            self.folder.save_pretrained(self.distiller.student, self.data.tokenizer)
+            spec = self.data.input_shape
+            length = spec["input_ids"][0] if isinstance(spec, dict) and "input_ids" in spec else None
+            self.folder.save_pretrained(self.distiller.student, self.data.tokenizer, classes=self.classes,
+                                        max_length=length)
         return self.finish(n_params)
 
     def epochs_loop(self) -> None:
@@ -415,7 +420,7 @@ class Trainer:
         summary = {
             "run_dir": str(self.run_dir), "method": self.cfg.method.name, "model": self.cfg.model.name,
             "teacher": self.cfg.teacher.name if self.distiller.teacher is not None else None,
-            "data": self.data.name, "epochs": self.epoch, "steps": self.step,
+            "data": self.data.name, "classes": self.classes, "epochs": self.epoch, "steps": self.step,
             "last": {"epoch": last.get("epoch"), "test_top1": last.get("test_top1"), "test_top5": last.get("test_top5"),
                      **{f"test_{k}": last.get(f"test_{k}") for k in self.data.metric_names},
                      **{k: v for k, v in last.items() if k.startswith("test_top1_")}},
