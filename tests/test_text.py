@@ -279,6 +279,58 @@ def test_textfile_run_records_its_labels_and_its_hf_folder_deploys(tmp_path, ber
     assert x["input_ids"].shape[1] == LENGTH and result["label"] == ["food", "sports"][int(logits.argmax())]
 
 
+def test_paths_resolve_against_their_recipe_and_runs_work_from_anywhere(tmp_path, bert_configs, monkeypatch):
+    """A recipe's relative paths (hf-config., data files, teacher.checkpoint) are read from the recipe's folder,
+    stored absolute, so `blockkd eval` works from any directory; one file named relatively or absolutely is one
+    teacher."""
+    import contextlib
+    import shutil
+
+    import yaml
+
+    from blockkd.cli import main
+
+    rec = tmp_path / "project" / "recipes"
+    (rec / "models").mkdir(parents=True)
+    for role in ("student", "teacher"):
+        shutil.copy(bert_configs[role].removeprefix("hf-config."), rec / "models" / f"{role}.json")
+    texts = text.read_fortunes(FORTUNES / "food")[:12] + text.read_fortunes(FORTUNES / "sports")[:12]
+    with (rec / "train.jsonl").open("w") as f:
+        for i, t in enumerate(texts):
+            f.write(json.dumps({"text": t, "label": "food" if i < 12 else "sports"}) + "\n")
+    common = {"data": {"name": "textfile", "train": "train.jsonl", "val_split": 8, "tokenizer": "wordpiece",
+                       "vocab_size": VOCAB, "max_length": LENGTH, "batch_size": 8},
+              "optim": {"name": "adamw", "lr": 3e-3}, "train": {"max_steps": 2, "device": "cpu", "epochs": 1},
+              "output": {"dir": str(tmp_path / "runs"), "progress": False, "tensorboard": False, "plot": False}}
+    (rec / "teacher.yaml").write_text(yaml.safe_dump({**common, "model": {"name": "hf-config.models/teacher.json"},
+                                                      "output": {**common["output"], "name": "t"}}))
+    (rec / "kd.yaml").write_text(yaml.safe_dump({
+        **common, "model": {"name": "hf-config.models/student.json"}, "method": {"name": "kd"},
+        "teacher": {"name": "hf-config.models/teacher.json", "checkpoint": str(tmp_path / "runs" / "t")},
+        "output": {**common["output"], "name": "kd"}}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with contextlib.chdir(elsewhere):  # neither models/ nor train.jsonl is here: only beside the recipes
+        cfg = config.load(rec / "teacher.yaml")
+        assert cfg.model.name == f"hf-config.{rec / 'models' / 'teacher.json'}"
+        assert cfg.data.flat()["train"] == str(rec / "train.jsonl")
+        assert main(["train", str(rec / "teacher.yaml")]) == 0
+        # the same teacher file named by its absolute path on the command line: the run's teacher, not another
+        assert main(["train", str(rec / "kd.yaml"), f"teacher.name=hf-config.{rec / 'models' / 'teacher.json'}"]) == 0
+        stored = yaml.safe_load((tmp_path / "runs" / "kd" / "config.yaml").read_text())
+        assert stored["model"]["name"] == f"hf-config.{rec / 'models' / 'student.json'}"
+        assert stored["data"]["train"] == str(rec / "train.jsonl")
+    with contextlib.chdir(tmp_path / "project"):  # a command-line path is relative to the working directory
+        over = config.load(rec / "kd.yaml", ["model.name=hf-config.recipes/models/teacher.json", "data.test=nowhere"])
+        assert over.model.name == f"hf-config.{rec / 'models' / 'teacher.json'}"
+        assert over.data.flat()["test"] == "nowhere"  # exists nowhere: kept as typed (the error will name it)
+    monkeypatch.chdir(tmp_path)
+    assert evaluate_checkpoint(tmp_path / "runs" / "kd", device="cpu")["data"] == "textfile"
+    with pytest.raises(BlockKDError, match=r"invalid output\.name=\.\./escape .*expected a folder name inside "
+                                           r"output\.dir \(not absolute, no '\.\.'\)"):
+        config.load(rec / "kd.yaml", ["output.name=../escape"])
+
+
 # ------------------------------------------------------------------------------------------- GLUE, metrics
 def fake_datasets(monkeypatch, task_columns: tuple[str, str | None], n: int = 48, fail: Exception | None = None):
     """A stand-in ``datasets`` module: real fortune texts, labels 0/1 (no network)."""

@@ -8,6 +8,7 @@ model or teacher is touched, and ``docs/config.md`` is generated from these decl
 from __future__ import annotations
 
 import dataclasses
+from pathlib import PurePosixPath
 from typing import Any
 
 from ..schema import BOOL, STRING, Check, REQUIRED, choice, integer, number, option, optional
@@ -31,6 +32,15 @@ def _is_device(v: Any) -> bool:
 
 
 DEVICE = Check("'auto' or a torch device such as cpu, cuda, cuda:1", _is_device)
+
+
+def _inside(v: Any) -> bool:
+    """A run folder name stays inside output.dir: relative, no '..', not empty (sub-folders are fine)."""
+    parts = PurePosixPath(v).parts if isinstance(v, str) and not v.startswith("~") else ()
+    return bool(parts) and parts[0] != "/" and ".." not in parts
+
+
+RUN_NAME = Check("a folder name inside output.dir (not absolute, no '..')", _inside)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +102,8 @@ class TrainSection:
 @dataclasses.dataclass(frozen=True)
 class OutputSection:
     dir: str = option("runs", STRING, "parent folder of run folders")
-    name: str | None = option(None, optional(STRING), "run folder name (null: dataset-teacher-model-method[-seedN])")
+    name: str | None = option(None, optional(RUN_NAME), "run folder name inside dir (null: "
+                              "dataset-teacher-model-method[-seedN])")
     tensorboard: bool = option(True, BOOL, "TensorBoard event files")
     progress: bool = option(True, BOOL, "live progress bar")
     plot: bool = option(True, BOOL, "PNG of the curves at the end")

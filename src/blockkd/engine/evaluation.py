@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .. import data as data_lib
 from ..blocks.core import call_model
+from ..config.paths import short
 from ..errors import BlockKDError
 from ..utils import eval_mode
 from . import runtime
@@ -127,7 +128,7 @@ def evaluate_checkpoint(path: str | Path, data_overrides: list[str] | None = Non
         heads, note = _heads_of_run(saved, ckpt, data, rt)
         if heads is not None:
             result.update({k: v for k, v in evaluate(heads, data.test, rt, heads=True).items() if k.startswith("top1_")})
-    return {"checkpoint": str(ckpt.path), "epoch": ckpt.meta.get("epoch"), "model": saved["model"]["name"],
+    return {"checkpoint": str(ckpt.path), "epoch": ckpt.meta.get("epoch"), "model": short(saved["model"]["name"]),
             "method": saved["method"]["name"], "data": data_cfg["name"], "metric_names": list(data.metric_names),
             **result, **({"note": note} if note else {})}
 

@@ -22,6 +22,7 @@ from .. import data as data_lib
 from .. import models
 from .._hooks import debug_log, fault_point
 from ..config import Config, dump, flat_keys, validate
+from ..config.paths import short
 from ..errors import BlockKDError
 from ..optim import build_optimizer, build_scheduler
 from . import run_folder, runtime
@@ -347,8 +348,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg, log = self.cfg, self.log
         n_params = models.num_params(self.distiller.student)
-        teacher = f", teacher {cfg.teacher.name}" if self.distiller.teacher is not None else ""
-        log.info(f"run {self.run_dir}: method {cfg.method.name}, student {cfg.model.name} "
+        teacher = f", teacher {short(cfg.teacher.name)}" if self.distiller.teacher is not None else ""
+        log.info(f"run {self.run_dir}: method {cfg.method.name}, student {short(cfg.model.name)} "
                  f"({n_params / 1e6:.2f}M params){teacher}; {self.data.name}: {self.data.train_size} train / "
                  f"{self.data.test_size} test images, {self.steps_per_epoch} steps/epoch; {self.rt.describe()}")
         try:
@@ -418,8 +419,8 @@ class Trainer:
         total_images = sum(r["images_per_s"] * r["train_time_s"] for r in self.history)
         total_time = sum(r["train_time_s"] for r in self.history)
         summary = {
-            "run_dir": str(self.run_dir), "method": self.cfg.method.name, "model": self.cfg.model.name,
-            "teacher": self.cfg.teacher.name if self.distiller.teacher is not None else None,
+            "run_dir": str(self.run_dir), "method": self.cfg.method.name, "model": short(self.cfg.model.name),
+            "teacher": short(self.cfg.teacher.name) if self.distiller.teacher is not None else None,
             "data": self.data.name, "classes": self.classes, "epochs": self.epoch, "steps": self.step,
             "last": {"epoch": last.get("epoch"), "test_top1": last.get("test_top1"), "test_top5": last.get("test_top5"),
                      **{f"test_{k}": last.get(f"test_{k}") for k in self.data.metric_names},
