@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from ..utils import shown
+
 # (section, key): a path, unless it is a URL-like spec (torchvision://..., timm://...) or one of `keep`
 PATH_KEYS = {("model", "checkpoint"): (), ("teacher", "checkpoint"): (), ("data", "root"): (),
              ("data", "train"): (), ("data", "test"): (), ("data", "tokenizer"): ("wordpiece", "bpe")}
@@ -24,9 +26,12 @@ PATH_PREFIXES = ("hf-config.", "hf.")
 
 def resolve_path(text: str, folders: list[Path]) -> str | None:
     """``text`` as an absolute path, from the first of ``folders`` where it exists (None: nowhere)."""
-    path = Path(text).expanduser()
-    candidates = [path] if path.is_absolute() else [folder / path for folder in folders]
-    found = next((p for p in candidates if p.exists()), None)
+    try:
+        path = Path(text).expanduser()
+        candidates = [path] if path.is_absolute() else [folder / path for folder in folders]
+        found = next((p for p in candidates if p.exists()), None)
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, ~unknown_user ...: not a path of this machine
+        return None
     return os.path.abspath(found) if found is not None else None
 
 
@@ -56,19 +61,8 @@ def short(name: Any) -> Any:
     prefix = next((p for p in PATH_PREFIXES if isinstance(name, str) and name.startswith(p)), None)
     if prefix is None or not os.path.isabs(name[len(prefix):]):
         return name
-    path = Path(name[len(prefix):])
-    try:
-        return prefix + str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return prefix + path.name
-
-
-def shown(path: str | os.PathLike) -> str:
-    """``path`` for a message: relative to the working directory when below it (as the user likely typed it)."""
-    try:
-        return str(Path(path).relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
+    rel = shown(name[len(prefix):])
+    return prefix + (rel if not os.path.isabs(rel) else Path(rel).name)
 
 
 def same_path_name(a: str, b: str) -> bool:
@@ -79,8 +73,8 @@ def same_path_name(a: str, b: str) -> bool:
     pa = next((p for p in PATH_PREFIXES if a.startswith(p)), None)
     if pa is None or not b.startswith(pa) or (pa == "hf." and b.startswith("hf-config.")):
         return False
-    x, y = Path(a[len(pa):]).expanduser(), Path(b[len(pa):]).expanduser()
     try:
+        x, y = Path(a[len(pa):]).expanduser(), Path(b[len(pa):]).expanduser()
         return x.exists() and y.exists() and os.path.samefile(x, y)
-    except OSError:
+    except (OSError, ValueError, RuntimeError):
         return False

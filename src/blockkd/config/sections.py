@@ -36,7 +36,7 @@ DEVICE = Check("'auto' or a torch device such as cpu, cuda, cuda:1", _is_device)
 
 def _inside(v: Any) -> bool:
     """A run folder name stays inside output.dir: relative, no '..', not empty (sub-folders are fine)."""
-    parts = PurePosixPath(v).parts if isinstance(v, str) and not v.startswith("~") else ()
+    parts = PurePosixPath(v).parts if isinstance(v, str) and not v.startswith("~") and "\0" not in v else ()
     return bool(parts) and parts[0] != "/" and ".." not in parts
 
 

@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 
 from .. import models
-from ..config.paths import same_path_name, short, shown
+from ..config.paths import same_path_name, short
+from ..utils import shown
 from ..errors import BlockKDError
 from .checkpoint import checkpoint_dir, load_checkpoint
 
@@ -53,24 +54,24 @@ def load_model_weights(model: nn.Module, path: str | Path, *, role: str, name: s
         sd = models.torchvision_state_dict(name, str(path))
     elif str(path).startswith("timm://"):
         sd = models.timm_state_dict(name, str(path))
-    elif not (path := Path(path).expanduser()).exists():
-        raise BlockKDError(f"{role} checkpoint {shown(path)} does not exist")
+    elif not (path := Path(shown(Path(path).expanduser()))).exists():  # named as typed in messages
+        raise BlockKDError(f"{role} checkpoint {path} does not exist")
     elif path.is_dir():
         ckpt = load_checkpoint(checkpoint_dir(path), with_state=False)
         trained = ckpt.meta.get("config", {}).get("model", {}).get("name")
         if trained and not same_path_name(trained, name):
-            raise BlockKDError(f"{role} checkpoint {shown(ckpt.path)} holds a {short(trained)}, but {role}.name is "
+            raise BlockKDError(f"{role} checkpoint {ckpt.path} holds a {short(trained)}, but {role}.name is "
                                f"{short(name)}")
         sd = ckpt.student_weights()
     else:  # weights_only / safetensors: no code from the file runs
         sd = models.read_state_dict(path)
         if any(k.startswith("student.") for k in sd):  # one of our weights.safetensors files
             sd = {k[len("student."):]: v for k, v in sd.items() if k.startswith("student.")}
-    check_fits(model, sd, role=role, path=shown(path), data=data, name=name)
+    check_fits(model, sd, role=role, path=path, data=data, name=name)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]  # absent from old checkpoints
     if missing or unexpected:
-        raise BlockKDError(f"{role} checkpoint {shown(path)} does not fit {name}: missing {missing[:5]}, "
+        raise BlockKDError(f"{role} checkpoint {path} does not fit {name}: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]} (wrong {role}.name?)")
     return model
 
