@@ -28,7 +28,8 @@ def image_folder(root: Path) -> Path:
         for k in range(2):
             (root / split / f"c{k}").mkdir(parents=True)
             for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / split / f"c{k}" / f"{i}.png")
+                pixels = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / f"c{k}" / f"{i}.png")
     truncated = root / "train" / "c1" / "3.png"
     truncated.write_bytes(truncated.read_bytes()[:300])
     (root / "val" / "c0" / "1.png").write_bytes(b"these are not the pixels you are looking for")

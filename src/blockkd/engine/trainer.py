@@ -230,9 +230,9 @@ class Trainer:
         return self.wall_before + time.perf_counter() - self.started
 
     def save(self, is_best: bool) -> None:
-        meta = {"config": self.cfg.to_dict(), "classes": self.classes, "epoch": self.epoch, "step": self.step, "history": self.history,
-                "best_top1": self.best_top1, "best_epoch": self.best_epoch, "wall_time_s": self.wall_time(),
-                "skipped_steps": self.guard.skipped, "rng": runtime.rng_state()}
+        meta = {"config": self.cfg.to_dict(), "classes": self.classes, "epoch": self.epoch, "step": self.step,
+                "history": self.history, "best_top1": self.best_top1, "best_epoch": self.best_epoch,
+                "wall_time_s": self.wall_time(), "skipped_steps": self.guard.skipped, "rng": runtime.rng_state()}
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict()}
         self.folder.save(weights=self.distiller.train_state_dict(), meta=meta, state=state, is_best=is_best)
