@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .. import schema
+from . import paths
 from ..errors import BlockKDError
 from .recipe import SECTIONS, check_keys, compose, dump as _dump, origin, parse_overrides, parse_value, _show
 from .sections import ModelSection, OutputSection, TeacherSection, TrainSection, MethodSection
@@ -122,6 +123,13 @@ def validate(cfg: Mapping | Config, *, origins: Mapping[str, str] | None = None,
     where = lambda key: origin(origins, key, source)  # noqa: E731
     check_keys(cfg, where)
     raw = {s: dict(cfg.get(s) or {}) for s in SECTIONS}
+
+    def recipe_of(key: str) -> Path | None:
+        """The recipe file that set ``key``; None for an override or a mapping given in Python."""
+        src = origin(origins, key, "")
+        return Path(src) if src and not src.startswith("override ") and Path(src).is_file() else None
+
+    paths.resolve(raw, recipe_of)  # relative paths -> absolute, once (config/paths.py)
     sections: dict[str, Any] = {}
     for name, cls in PLAIN.items():
         sections[name] = schema.parse(cls, raw[name], prefix=f"{name}.", where=where)
@@ -222,7 +230,7 @@ def _check_optimizer(cfg: Config) -> None:
 def run_name(cfg: Config) -> str:
     """Default run folder name: dataset, teacher (when used), model, method and a non-zero seed."""
     teacher = cfg.teacher.name if cfg.needs_teacher else None
-    parts = [cfg.data.name, teacher, cfg.model.name, cfg.method.name]
+    parts = [cfg.data.name, paths.short(teacher), paths.short(cfg.model.name), cfg.method.name]
     seed = cfg.train.seed
     name = "-".join(p for p in parts if p) + (f"-seed{seed}" if seed else "")
     return name.replace("/", "_")  # hf.google/bert_... and hf-config.<path> name no sub-folders

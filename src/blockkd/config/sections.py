@@ -8,6 +8,7 @@ model or teacher is touched, and ``docs/config.md`` is generated from these decl
 from __future__ import annotations
 
 import dataclasses
+from pathlib import PurePosixPath
 from typing import Any
 
 from ..schema import BOOL, STRING, Check, REQUIRED, choice, integer, number, option, optional
@@ -38,6 +39,15 @@ KWARGS = Check("a mapping of keyword arguments (names to values)",
                lambda v: dict(v or {}))
 KWARGS_HELP = ("keyword arguments of a torchvision.* or timm.* model's constructor, e.g. {img_size: 32, "
                "patch_size: 4} for a timm ViT on 32-px images")
+
+
+def _inside(v: Any) -> bool:
+    """A run folder name stays inside output.dir: relative, no '..', not empty (sub-folders are fine)."""
+    parts = PurePosixPath(v).parts if isinstance(v, str) and not v.startswith("~") and "\0" not in v else ()
+    return bool(parts) and parts[0] != "/" and ".." not in parts
+
+
+RUN_NAME = Check("a folder name inside output.dir (not absolute, no '..')", _inside)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +111,8 @@ class TrainSection:
 @dataclasses.dataclass(frozen=True)
 class OutputSection:
     dir: str = option("runs", STRING, "parent folder of run folders")
-    name: str | None = option(None, optional(STRING), "run folder name (null: dataset-teacher-model-method[-seedN])")
+    name: str | None = option(None, optional(RUN_NAME), "run folder name inside dir (null: "
+                              "dataset-teacher-model-method[-seedN])")
     tensorboard: bool = option(True, BOOL, "TensorBoard event files")
     progress: bool = option(True, BOOL, "live progress bar")
     plot: bool = option(True, BOOL, "PNG of the curves at the end")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Callable, Mapping
 
 import torch
@@ -22,6 +23,7 @@ import torch
 from .. import schema
 from ..registry import Registry
 from ..schema import BOOL, STRING, integer, option, optional
+from ..utils import shown
 from . import cifar, fashion_mnist, folder, lm, synthetic, text
 from .common import DataBundle, Loader
 from .device_loader import ArrayData, DeviceLoader, build_in_memory, crop_flip, sample_crop_flip
@@ -60,6 +62,7 @@ class Dataset:
     arrays: Callable[[dict], ArrayData] | None = None  # in-memory datasets: flat cfg -> the whole uint8 arrays
 
 
+PATH_KEYS = ("root", "train", "test", "tokenizer")  # the keys of datasets that name files or folders
 ROOT = option(None, optional(STRING), "folder of the dataset files (null: its default location)")
 
 
@@ -150,5 +153,9 @@ def build(cfg: Mapping[str, Any] | DataSection, *, device: torch.device | str, r
     section = parse(cfg)
     if not 0 <= rank < world_size:
         raise BlockKDError(f"rank {rank} is outside world_size {world_size}")
-    return DATASETS.get(section.name).build(section.flat(), device=torch.device(device), rank=rank,
+    flat = section.flat()
+    for key in PATH_KEYS:  # stored absolute (config.paths); read and named as typed when below the working dir
+        if isinstance(flat.get(key), str) and os.path.isabs(flat[key]):
+            flat[key] = shown(flat[key])
+    return DATASETS.get(section.name).build(flat, device=torch.device(device), rank=rank,
                                             world_size=world_size, seed=seed)

@@ -156,7 +156,7 @@ def load_lm_tokenizer(spec: str, *, vocab_size: int, texts: Sequence[str]):
         except Exception as e:  # OSError offline / missing files, ValueError for a bad folder
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BlockKDError(f"cannot load the tokenizer data.tokenizer={spec!r} ({type(e).__name__}: {first}); "
-                               f"offline, download it on a connected machine (huggingface-cli download {spec}) and "
+                               f"offline, download it on a connected machine (hf download {spec}) and "
                                f"set data.tokenizer to that folder") from None
     if tok.eos_token_id is None:
         raise BlockKDError(f"the tokenizer {spec!r} has no end-of-text (eos) token, which separates documents")
@@ -269,7 +269,7 @@ class LMLoader:
 # ----------------------------------------------------------------------------------------- sources
 def _read_texts(path: Path, column: str) -> list[str]:
     """Documents of a .txt file (separated by blank lines) or the ``column`` of a .jsonl file."""
-    from .text import _read_rows
+    from .text_readers import _read_rows
 
     if not path.is_file():
         raise BlockKDError(f"text file not found: {path}")
@@ -283,7 +283,7 @@ def _read_texts(path: Path, column: str) -> list[str]:
 
 
 def _read_pairs(path: Path, prompt: str, response: str) -> tuple[list[str], list[str]]:
-    from .text import _read_rows
+    from .text_readers import _read_rows
 
     rows, columns = _read_rows(path)
     for key, name in (("prompt_column", prompt), ("response_column", response)):
@@ -303,7 +303,7 @@ def _split_docs(train: list, test: list | None, fraction: float) -> tuple[list, 
 
 
 def load_fortune_docs(cfg: dict) -> list[str]:
-    from .text import read_fortunes
+    from .text_readers import read_fortunes
 
     root = Path(cfg["root"]).expanduser()
     files = sorted(p.name for p in root.glob("*") if p.is_file() and "." not in p.name) if root.is_dir() else []

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 
 from .. import models
+from ..config.paths import same_path_name, short
+from ..utils import shown
 from ..errors import BlockKDError
 from .checkpoint import checkpoint_dir, load_checkpoint
 
@@ -54,13 +56,14 @@ def load_model_weights(model: nn.Module, path: str | Path, *, role: str, name: s
         sd = models.torchvision_state_dict(name, str(path))
     elif str(path).startswith("timm://"):
         sd = models.timm_state_dict(name, str(path))
-    elif not (path := Path(path).expanduser()).exists():
+    elif not (path := Path(shown(Path(path).expanduser()))).exists():  # named as typed in messages
         raise BlockKDError(f"{role} checkpoint {path} does not exist")
     elif path.is_dir():
         ckpt = load_checkpoint(checkpoint_dir(path), with_state=False)
         trained = ckpt.meta.get("config", {}).get("model", {}).get("name")
-        if trained and trained != name:
-            raise BlockKDError(f"{role} checkpoint {ckpt.path} holds a {trained}, but {role}.name is {name}")
+        if trained and not same_path_name(trained, name):
+            raise BlockKDError(f"{role} checkpoint {ckpt.path} holds a {short(trained)}, but {role}.name is "
+                               f"{short(name)}")
         sd = ckpt.student_weights()
     else:  # weights_only / safetensors: no code from the file runs
         sd = models.read_state_dict(path)

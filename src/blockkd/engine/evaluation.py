@@ -6,6 +6,7 @@ help. ``Distiller.eval_logits(x)`` returns ``{"student": logits, ...}``; a plain
 """
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from .. import data as data_lib
 from ..blocks.core import call_model
+from ..config.paths import short
 from ..errors import BlockKDError
 from ..utils import eval_mode
 from . import runtime
@@ -23,6 +25,7 @@ from .build import build_model, check_fits
 from .checkpoint import checkpoint_dir, load_checkpoint, read_meta
 from .guards import oom_advice
 from .logger import progress_bar
+from .metrics import compute_metrics
 from .runtime import Runtime
 
 
@@ -30,6 +33,14 @@ def heads_of(model: nn.Module) -> Callable[[torch.Tensor], dict[str, torch.Tenso
     """``x -> {head name: logits}``: a distiller's ``eval_logits`` where it has one, else the model itself."""
     eval_logits = getattr(model, "eval_logits", None)
     return eval_logits if callable(eval_logits) else (lambda x: {"student": call_model(model, x)})
+
+
+def metrics_of(data) -> Callable[[torch.Tensor, torch.Tensor], dict[str, float]] | None:
+    """The extra metrics evaluation reports for ``data``: its own ``metrics``, else those its
+    ``metric_names`` name (``engine.metrics``: GLUE's F1, Matthews correlation)."""
+    if data.metrics is not None:
+        return data.metrics
+    return functools.partial(compute_metrics, tuple(data.metric_names)) if data.metric_names else None
 
 
 def _gather(t: torch.Tensor) -> torch.Tensor:
@@ -121,12 +132,12 @@ def evaluate_checkpoint(path: str | Path, data_overrides: list[str] | None = Non
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
     with oom_advice("data.eval_batch_size", data_cfg["eval_batch_size"]):
-        result = evaluate(model, data.test, rt, metrics=data.metrics, progress=True)
+        result = evaluate(model, data.test, rt, metrics=metrics_of(data), progress=True)
         heads, note = _heads_of_run(saved, ckpt, data, rt)
         if heads is not None:
             result.update({k: v for k, v in evaluate(heads, data.test, rt, heads=True).items() if k.startswith("top1_")})
     note = "; ".join(n for n in (_picked(Path(path), folder, ckpt.meta), note) if n)
-    return {"checkpoint": str(ckpt.path), "epoch": ckpt.meta.get("epoch"), "model": saved["model"]["name"],
+    return {"checkpoint": str(ckpt.path), "epoch": ckpt.meta.get("epoch"), "model": short(saved["model"]["name"]),
             "method": saved["method"]["name"], "data": data_cfg["name"], "metric_names": list(data.metric_names),
             **result, **({"note": note} if note else {})}
 

@@ -22,11 +22,12 @@ from .. import data as data_lib
 from .. import models
 from .._hooks import debug_log, fault_point
 from ..config import Config, dump, flat_keys, validate
+from ..config.paths import short
 from ..errors import BlockKDError
 from ..optim import build_optimizer, build_scheduler
 from . import run_folder, runtime
 from .build import build_distiller
-from .evaluation import evaluate
+from .evaluation import evaluate, metrics_of
 from .guards import NonFiniteGuard, oom_advice
 from .logger import RunLogger, quiet_libraries
 from .plots import plot_curves
@@ -178,6 +179,11 @@ class Trainer:
             raise BlockKDError(f"optim.name={cfg.optim.name!r} runs two backward passes per step, one per gradient; "
                                f"fp16 loss scaling does not support that: use train.amp bf16 or off "
                                f"(this run: {rt.describe()})")
+        # the class names in label order, recorded in meta.json, summary.json and hf/ (index strings if unnamed)
+        # Class names for meta.json, summary.json and hf/'s id2label; a causal LM's "classes" are its vocabulary,
+        # which the saved tokenizer already holds.
+        self.classes = [] if getattr(self.data, "task", None) == "causal_lm" else \
+            [str(c) for c in self.data.classes or range(self.data.num_classes)]
         self.steps_per_epoch = len(self.data.train)
         self.epochs = tcfg.epochs
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, steps_per_epoch=self.steps_per_epoch,
@@ -253,9 +259,9 @@ class Trainer:
         return self.wall_before + time.perf_counter() - self.started
 
     def save(self, is_best: bool) -> None:
-        meta = {"config": self.cfg.to_dict(), "epoch": self.epoch, "step": self.step, "history": self.history,
-                "best_top1": self.best_top1, "best_epoch": self.best_epoch, "wall_time_s": self.wall_time(),
-                "skipped_steps": self.guard.skipped, "rng": runtime.rng_state()}
+        meta = {"config": self.cfg.to_dict(), "classes": self.classes, "epoch": self.epoch, "step": self.step,
+                "history": self.history, "best_top1": self.best_top1, "best_epoch": self.best_epoch,
+                "wall_time_s": self.wall_time(), "skipped_steps": self.guard.skipped, "rng": runtime.rng_state()}
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict()}
         self.folder.save(weights=self.distiller.train_state_dict(), meta=meta, state=state, is_best=is_best)
@@ -371,8 +377,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg, log = self.cfg, self.log
         n_params = models.num_params(self.distiller.student)
-        teacher = f", teacher {cfg.teacher.name}" if self.distiller.teacher is not None else ""
-        log.info(f"run {self.run_dir}: method {cfg.method.name}, student {cfg.model.name} "
+        teacher = f", teacher {short(cfg.teacher.name)}" if self.distiller.teacher is not None else ""
+        log.info(f"run {self.run_dir}: method {cfg.method.name}, student {short(cfg.model.name)} "
                  f"({n_params / 1e6:.2f}M params){teacher}; {self.data.name}: {self.data.train_size} train / "
                  f"{self.data.test_size} test images, {self.steps_per_epoch} steps/epoch; {self.rt.describe()}")
         try:
@@ -381,8 +387,11 @@ class Trainer:
             self.log.warning(f"interrupted in epoch {self.epoch + 1}; {self.folder.saved_note()}")
             raise
         if hasattr(self.distiller.student, "save_pretrained"):  # Hugging Face models: loadable by transformers
+            spec = self.data.input_shape
+            length = spec["input_ids"][0] if isinstance(spec, dict) and "input_ids" in spec else None
             with quiet_libraries(not self.log.shows_bars()):
-                self.folder.save_pretrained(self.distiller.student, self.data.tokenizer)
+                self.folder.save_pretrained(self.distiller.student, self.data.tokenizer, classes=self.classes,
+                                            max_length=length)
         if getattr(self.data, "task", None) == "causal_lm":  # a few continuations of test prompts: samples.md
             from .lm_eval import write_samples
 
@@ -406,7 +415,7 @@ class Trainer:
             self.sync_buffers()
             last = epoch + 1 == self.epochs or self.out_of_steps()
             with eval_oom():
-                test = evaluate(self.distiller, self.data.test, self.rt, heads=True, metrics=self.data.metrics,
+                test = evaluate(self.distiller, self.data.test, self.rt, heads=True, metrics=metrics_of(self.data),
                                 progress=self.log.progress) if (epoch + 1) % cfg.train.eval_every == 0 or last else {}
             if test and test["top1"] > self.best_top1:
                 self.best_top1, self.best_epoch = test["top1"], epoch + 1
@@ -457,9 +466,9 @@ class Trainer:
         total_images = sum(r["images_per_s"] * r["train_time_s"] for r in self.history)
         total_time = sum(r["train_time_s"] for r in self.history)
         summary = {
-            "run_dir": str(self.run_dir), "method": self.cfg.method.name, "model": self.cfg.model.name,
-            "teacher": self.cfg.teacher.name if self.distiller.teacher is not None else None,
-            "data": self.data.name, "epochs": self.epoch, "steps": self.step,
+            "run_dir": str(self.run_dir), "method": self.cfg.method.name, "model": short(self.cfg.model.name),
+            "teacher": short(self.cfg.teacher.name) if self.distiller.teacher is not None else None,
+            "data": self.data.name, "classes": self.classes, "epochs": self.epoch, "steps": self.step,
             "last": {"epoch": last.get("epoch"), "test_top1": last.get("test_top1"), "test_top5": last.get("test_top5"),
                      **{f"test_{k}": last.get(f"test_{k}") for k in self.data.metric_names},
                      **{k: v for k, v in last.items() if k.startswith("test_top1_")}},
@@ -504,12 +513,13 @@ def train(cfg: Config | dict, *, resume: bool = False, overwrite: bool = False) 
     created_group = not runtime.is_distributed()
     runtime.init_distributed(rt.device)
     created_group = created_group and runtime.is_distributed()
+    lock = None  # rank 0 owns the run folder (run_folder.RunLock) until the run ends, however it ends
     try:
         run_dir = Path(cfg.output.dir).expanduser() / cfg.output.name
         error = None
         if runtime.is_main():
             try:
-                run_folder.prepare(run_dir, resume=resume, overwrite=overwrite)
+                lock = run_folder.prepare(run_dir, resume=resume, overwrite=overwrite)
             except BlockKDError as e:
                 error = str(e)
         error = runtime.broadcast_object(error)
@@ -518,9 +528,14 @@ def train(cfg: Config | dict, *, resume: bool = False, overwrite: bool = False) 
         out = cfg.output
         with runtime.reproducibility(t.deterministic), \
                 RunLogger(run_dir, enabled=runtime.is_main(), tensorboard=out.tensorboard, progress=out.progress) as log:
+            if lock is not None and lock.stale:
+                log.warning(f"the run folder's last owner ({run_folder.describe_holder(lock.stale)}) ended without "
+                            f"releasing it (killed?); taking over")
             folder = run_folder.RunFolder(run_dir, log.warning)
             folder.write_config(dump(cfg))
             return Trainer(cfg, folder, rt, log, resume=resume).fit()
     finally:
+        if lock is not None:
+            lock.release()
         if created_group:
             torch.distributed.destroy_process_group()
