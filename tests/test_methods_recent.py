@@ -237,7 +237,7 @@ def test_sdd_refuses_models_without_a_feature_map():
 # ------------------------------------------------------------------------------- one step on three pairs
 VARIANTS = [("nkd", {}), ("wttm", {}), ("ctkd", {}), ("ctkd", {"base": "dkd", "mode": "instance"}),
             ("ctkd", {"logit_standardization": True}), ("sdd", {"divergence": "kd"}), ("sdd", {"divergence": "dkd"}),
-            ("sdd", {"divergence": "nkd"})]
+            ("sdd", {"divergence": "nkd"}), ("simkd", {})]
 
 
 def _pairs():
@@ -261,16 +261,88 @@ def test_one_training_step_on_three_pairs(method, options):
         assert torch.isfinite(loss), name
         loss.backward()
         assert all(p.grad is None for p in d.teacher.parameters()), name
-        extra = [p for n, p in d.named_parameters() if not n.startswith(("student.", "teacher."))]
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in extra), name  # CTKD's temperature
+        extra = [p for n, p in d.named_parameters() if not n.startswith(("student.", "teacher.")) and p.requires_grad]
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in extra), name  # CTKD's τ, SimKD's projector
         opt.step()
         changed = [k for k, v in d.student.state_dict().items() if v.dtype.is_floating_point
                    and not torch.equal(v, before[k])]
         assert changed, name
 
 
+# ---------------------------------------------------------------------------------------------- SimKD
+@pytest.mark.parametrize("teacher, student", [("resnet32x4", "resnet8x4"), ("wrn_40_2", "ShuffleV1")])
+def test_simkd_equals_the_paper_and_classifies_with_the_teachers_head(teacher, student):
+    s, t = cifar_pair(teacher, student)
+    d = blockkd.methods.create("simkd", s, t, feat_weight=2.0, ce_weight=0.5).train()
+    x, y = data()
+    logits, losses = d(x, y)
+    with torch.no_grad():  # the reference: the same modules, applied step by step (train-mode BN: same batch)
+        fs, _ = d._views[0].features(x)
+        ft, _ = d._views[1].features(x)
+        src, tgt = fs[-1], ft[-1]
+        if src.shape[-1] > tgt.shape[-1]:
+            src = F.adaptive_avg_pool2d(src, tgt.shape[-2:])
+        elif src.shape[-1] < tgt.shape[-1]:
+            tgt = F.adaptive_avg_pool2d(tgt, src.shape[-2:])
+        p = d.projector(src).double()
+        pred = t.fc(p.mean((2, 3)).float()) if hasattr(t, "fc") else t.linear(p.mean((2, 3)).float())
+    assert float(losses["loss_feat"]) == pytest.approx(2.0 * float(((p - tgt.double()) ** 2).mean()), rel=1e-4)
+    assert torch.allclose(logits, pred, atol=1e-4)
+    assert float(losses["loss_ce"]) == pytest.approx(0.5 * float(F.cross_entropy(pred.double(), y)), rel=1e-4)
+    # the teacher's head is a frozen copy, saved with the run; the student's own classifier is unused
+    state = d.train_state_dict()
+    assert any(k.startswith("teacher_head.") for k in state) and not any(k.startswith("teacher.") for k in state)
+    assert not any(p.requires_grad for p in d.teacher_head.parameters())
+    sum(losses.values()).backward()
+    head = t.fc if hasattr(t, "fc") else t.linear
+    own = s.fc if hasattr(s, "fc") else s.linear
+    assert head.weight.grad is None and own.weight.grad is None
+    d.eval()
+    with torch.no_grad():
+        assert torch.equal(d(x), d.deployed_model()(x))
+
+
+def test_simkd_run_reports_and_evaluates_the_deployed_classifier(tmp_path):
+    from blockkd import config, engine
+    t = blockkd.models.create("resnet14", num_classes=10)
+    torch.save(t.state_dict(), tmp_path / "teacher.pth")
+    cfg = config.validate({
+        "model": {"name": "resnet8"}, "teacher": {"name": "resnet14", "checkpoint": str(tmp_path / "teacher.pth")},
+        "method": {"name": "simkd"},
+        "data": {"name": "synthetic", "image_size": 16, "num_classes": 10, "train_size": 64, "test_size": 32,
+                 "batch_size": 32, "eval_batch_size": 32},
+        "train": {"epochs": 1, "device": "cpu", "amp": "off"},
+        "output": {"dir": str(tmp_path), "name": "run", "progress": False, "tensorboard": False, "plot": False}})
+    summary = engine.train(cfg)
+    d = blockkd.methods.create("simkd", blockkd.models.create("resnet8", num_classes=10), t, input_shape=(3, 16, 16))
+    expected = sum(p.numel() for p in [*d.projector.parameters(), *d.teacher_head.parameters()])
+    assert summary["extra_inference_params"] == expected > 0
+    ev = engine.evaluate_checkpoint(tmp_path / "run")
+    import json
+    last = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[-1])
+    assert ev["top1"] == pytest.approx(last["test_top1"])
+    assert ev["loss"] == pytest.approx(last["test_loss"], rel=1e-5)  # the deployed classifier, not the student's fc
+
+
+def test_simkd_refuses_a_teacher_head_that_does_not_pool():
+    s, t = cifar_pair(classes=10)
+
+    class MaxHead(torch.nn.Module):  # global max pooling: not the average SimKD's projection assumes
+        def __init__(self, fc):
+            super().__init__()
+            self.fc = fc
+
+        def forward(self, h):
+            return self.fc(h.amax((2, 3)))
+
+    view = blockkd.blocks.split(t)
+    teacher = blockkd.blocks.Blocks(list(view.blocks), MaxHead(t.fc))
+    with pytest.raises(BlockKDError, match="not global average pooling"):
+        blockkd.methods.create("simkd", s, teacher)
+
+
 def test_listed_with_options_and_papers():
-    for m in ("nkd", "wttm", "ctkd", "sdd"):
+    for m in ("nkd", "wttm", "ctkd", "sdd", "simkd"):
         assert m in blockkd.methods.names() and blockkd.methods.get(m).paper
         assert blockkd.methods.describe(m)
 

@@ -54,7 +54,10 @@ CTKD = {
 # NKDLoss temp 1.0, gamma 1.5; the student's own loss at weight 1 (mmcls' head loss).
 NKD = {f"imagenet/{pair}/nkd": dict(temperature=1.0, gamma=1.5, ce_weight=1.0)
        for pair in ("resnet34_resnet18", "resnet50_mobilenetv1")}
-RECIPES = {**{k: ("sdd", v) for k, v in SDD.items()}, **{k: ("ctkd", v) for k, v in CTKD.items()},
+# DefangChen/SimKD README (resnet32x4 -> resnet8x4: --distill simkd -c 0 -d 0 -b 1; train_student.py -f 2).
+SIMKD = {"cifar100/resnet32x4_resnet8x4/simkd": dict(feat_weight=1.0, factor=2, ce_weight=0.0)}
+RECIPES = {**{k: ("simkd", v) for k, v in SIMKD.items()},
+           **{k: ("sdd", v) for k, v in SDD.items()}, **{k: ("ctkd", v) for k, v in CTKD.items()},
            **{k: ("nkd", v) for k, v in NKD.items()}}
 
 
@@ -78,7 +81,7 @@ def test_sdd_recipes_build_on_their_pairs(recipe):
 
 
 def test_fashion_mnist_recipes_exist_for_every_new_method():
-    for method in ("nkd", "wttm", "ctkd", "sdd"):
+    for method in ("nkd", "wttm", "ctkd", "sdd", "simkd"):
         cfg = config.load(ROOT / f"fashion_mnist/{method}.yaml")
         assert cfg["method"]["name"] == method
         methods.parse_options(method, cfg["method"]["options"])

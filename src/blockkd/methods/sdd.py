@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ..errors import BlockKDError
 from ..schema import choice, integer, list_of, number, option
 from . import register
-from .feature import FeatureDistiller
+from .feature import FeatureDistiller, check_pooling_head
 from .kd import TEMPERATURE, WEIGHT
 from .losses import cross_entropy, dkd_per_sample, linear_warmup
 from .nkd import nkd_per_sample
@@ -88,20 +88,7 @@ class SDD(FeatureDistiller):
             if len(shapes[-1]) != 3:
                 raise BlockKDError(f"method sdd pools the last feature map into regions, but the {side}'s last "
                                    f"block outputs {shapes[-1]} (expected (C, H, W))")
-            self._check_head(side, view, shapes[-1])
-
-    @staticmethod
-    def _check_head(side, view, shape) -> None:
-        """The head must be global average pooling then a classifier: it is run on each region as a 1x1 map."""
-        f = torch.randn(2, *shape)
-        was = view.head.training
-        view.head.eval()
-        with torch.no_grad():
-            ok = torch.allclose(view.run_head(f), view.run_head(f.mean((2, 3), keepdim=True)), atol=1e-4)
-        view.head.train(was)
-        if not ok:
-            raise BlockKDError(f"method sdd runs the {side}'s head on pooled regions, but that head is not global "
-                               f"average pooling followed by a classifier")
+            check_pooling_head(view, shapes[-1], "sdd", side)
 
     def region_logits(self, view, feat: torch.Tensor) -> torch.Tensor:
         return view.run_head(region_features(feat, list(self.opts.scales)))
