@@ -86,7 +86,7 @@ class Distiller(nn.Module):
     def eval_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named logits to evaluate (accuracy of each): the student's here; Block-KD adds its stones and
         their ensemble. Runs in the current mode and grad mode (evaluate under ``eval()`` and ``no_grad``)."""
-        return {"student": call_model(self.student, x)}
+        return {"student": self.student_logits(x)}
 
     def diagnostics(self, x: torch.Tensor, y: torch.Tensor, *, epoch: float) -> dict[str, float]:
         """Method-specific numbers to log every N steps (Block-KD: each stone's gradient norm); none here."""

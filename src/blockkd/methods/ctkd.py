@@ -96,7 +96,8 @@ class CTKD(Distiller):
                 raise BlockKDError("method ctkd needs a teacher")
             with torch.no_grad():  # the number of classes: the MLP reads both sets of logits
                 was = self.student.training
-                classes = call_model(self.student.eval(), example_input(self.input_shape)).shape[1]
+                device = next(self.student.parameters()).device
+                classes = call_model(self.student.eval(), example_input(self.input_shape, device=device)).shape[1]
                 self.student.train(was)
             h = self.opts.hidden
             self.temperature_mlp = nn.Sequential(nn.Linear(2 * classes, h), nn.ReLU(), nn.Linear(h, 1))

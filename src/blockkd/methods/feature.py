@@ -48,7 +48,11 @@ def same_size(f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor, torch
 
 def check_pooling_head(view, shape: tuple[int, ...], method: str, side: str) -> None:
     """Refuse a head that is not global average pooling then a classifier: SDD and SimKD run it on other maps."""
-    f = torch.randn(2, *shape)
+    param = next(view.head.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    if device.type == "meta":  # shapes only (FLOP counting): no values to compare
+        return
+    f = torch.randn(2, *shape, device=device)
     was = view.head.training
     view.head.eval()
     with torch.no_grad():

@@ -113,9 +113,6 @@ class SimKD(FeatureDistiller):
     def student_logits(self, x):
         return self._deployed[0](x)
 
-    def eval_logits(self, x):
-        return {"student": self._deployed[0](x)}
-
     def forward_train(self, x, y, *, epoch):
         o = self.opts
         deployed = self._deployed[0]
