@@ -237,7 +237,7 @@ def test_sdd_refuses_models_without_a_feature_map():
 # ------------------------------------------------------------------------------- one step on three pairs
 VARIANTS = [("nkd", {}), ("wttm", {}), ("ctkd", {}), ("ctkd", {"base": "dkd", "mode": "instance"}),
             ("ctkd", {"logit_standardization": True}), ("sdd", {"divergence": "kd"}), ("sdd", {"divergence": "dkd"}),
-            ("sdd", {"divergence": "nkd"}), ("simkd", {})]
+            ("sdd", {"divergence": "nkd"}), ("simkd", {}), ("fcfd", {})]
 
 
 def _pairs():
@@ -261,7 +261,8 @@ def test_one_training_step_on_three_pairs(method, options):
         assert torch.isfinite(loss), name
         loss.backward()
         assert all(p.grad is None for p in d.teacher.parameters()), name
-        extra = [p for n, p in d.named_parameters() if not n.startswith(("student.", "teacher.")) and p.requires_grad]
+        extra = [p for n, p in d.named_parameters() if not n.startswith(("student.", "teacher.", "t2s."))
+                 and p.requires_grad]  # FCFD's teacher→student bridges learn when their path is sampled
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in extra), name  # CTKD's τ, SimKD's projector
         opt.step()
         changed = [k for k, v in d.student.state_dict().items() if v.dtype.is_floating_point
@@ -341,8 +342,75 @@ def test_simkd_refuses_a_teacher_head_that_does_not_pool():
         blockkd.methods.create("simkd", s, teacher)
 
 
+# ----------------------------------------------------------------------------------------------- FCFD
+def _bn_stats(module):
+    return {k: v.clone() for k, v in module.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+@pytest.mark.parametrize("paths, epoch", [([("s2t", 1), ("t2s", 2)], 3.5), ([("t2s", 1), ("s2t", 2)], 30.0)])
+def test_fcfd_equals_the_paper(paths, epoch):
+    import copy
+    s, t = cifar_pair()
+    d = blockkd.methods.create("fcfd", s, t, temperature=4.0, l2_weight=5.0, mixed_weight=0.5).train()
+    x, y = data()
+    teacher_stats, student_copy = _bn_stats(t), copy.deepcopy(s)
+    _, losses = d.forward_train(x, y, epoch=epoch, paths=paths)
+    # the running statistics: the teacher's untouched, the student's those of its own path alone
+    assert all(torch.equal(v, teacher_stats[k]) for k, v in _bn_stats(t).items())
+    student_copy.train()(x)
+    assert all(torch.allclose(v, _bn_stats(student_copy)[k]) for k, v in _bn_stats(s).items())
+    # the reference, block by block (BN on batch statistics everywhere, as in training)
+    sv, tv = blockkd.blocks.match(s, t, (3, 32, 32))
+    with torch.no_grad():
+        for m in (s, t):
+            for bn in m.modules():
+                if isinstance(bn, torch.nn.BatchNorm2d):
+                    bn.train()
+        fs, zs = sv.features(x)
+        ft, zt = tv.features(x)
+        n = len(fs)
+        space = [[d.s2t[b](fs[b])] for b in range(n)]
+        mixed = []
+        for kind, k in paths:
+            h = space[k - 1][0] if kind == "s2t" else d.t2s[k - 1](ft[k - 1])
+            view = tv if kind == "s2t" else sv
+            for b in range(k, n):
+                h = view.blocks[b](h)
+                if kind == "s2t":
+                    space[b].append(h)
+            mixed.append(view.head(h))
+        l2 = 0.0
+        for b in range(n):
+            for v in space[b]:
+                l2 += ((v.double() - ft[b].double()) ** 2).mean()
+                if b == n - 1:
+                    pv, pt = F.relu(v.double()).mean((2, 3)), F.relu(ft[b].double()).mean((2, 3))
+                    l2 += ((pv - pt) ** 2).mean()
+    ramp = min(1.0, (math.floor(epoch) + 1) / 20) if epoch < 20 else 1.0
+    zs, zt = zs.double(), zt.double()
+    assert float(losses["loss_ce"]) == pytest.approx(float(F.cross_entropy(zs, y)), rel=1e-4)
+    assert float(losses["loss_kd"]) == pytest.approx(float(ref_kl_rows(zs, zt, 4.0).mean()), rel=1e-4)
+    assert float(losses["loss_l2"]) == pytest.approx(5.0 * ramp * float(l2), rel=1e-4)
+    expected = sum(float(ref_kl_rows(z.double(), zt, 4.0).mean()) for z in mixed)
+    assert float(losses["loss_mixed"]) == pytest.approx(0.5 * expected, rel=1e-4)
+
+
+def test_fcfd_trains_the_bridges_of_its_paths_and_never_the_teacher():
+    s, t = cifar_pair()
+    d = blockkd.methods.create("fcfd", s, t).train()
+    assert d.candidates == [("t2s", 1), ("t2s", 2), ("s2t", 1), ("s2t", 2)]
+    x, y = data()
+    _, losses = d.forward_train(x, y, epoch=1.0, paths=[("t2s", 1), ("t2s", 2)])
+    sum(losses.values()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in d.t2s.parameters())
+    assert all(p.grad is not None for p in d.s2t.parameters())  # the feature L2 in the teacher's space
+    assert all(p.grad is None for p in t.parameters())
+    with pytest.raises(BlockKDError, match="extra_paths is 3"):
+        blockkd.methods.create("fcfd", *cifar_pair("wrn_40_2", "ShuffleV1"), extra_paths=3)
+
+
 def test_listed_with_options_and_papers():
-    for m in ("nkd", "wttm", "ctkd", "sdd", "simkd"):
+    for m in ("nkd", "wttm", "ctkd", "sdd", "simkd", "fcfd"):
         assert m in blockkd.methods.names() and blockkd.methods.get(m).paper
         assert blockkd.methods.describe(m)
 

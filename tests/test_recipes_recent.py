@@ -1,4 +1,4 @@
-"""The NKD, CTKD and SDD recipes carry the authors' published hyper-parameters, transcribed below with the file
+"""The NKD, CTKD, SDD, SimKD and FCFD recipes carry the authors' published hyper-parameters, transcribed below with the file
 of their repository each value comes from; each recipe builds its distiller on its pair."""
 from pathlib import Path
 
@@ -56,7 +56,20 @@ NKD = {f"imagenet/{pair}/nkd": dict(temperature=1.0, gamma=1.5, ce_weight=1.0)
        for pair in ("resnet34_resnet18", "resnet50_mobilenetv1")}
 # DefangChen/SimKD README (resnet32x4 -> resnet8x4: --distill simkd -c 0 -d 0 -b 1; train_student.py -f 2).
 SIMKD = {"cifar100/resnet32x4_resnet8x4/simkd": dict(feat_weight=1.0, factor=2, ce_weight=0.0)}
-RECIPES = {**{k: ("simkd", v) for k, v in SIMKD.items()},
+# LiuDongyang6/FCFD classification/experiments/cifar/<student>-<teacher>.yaml (T, weight_l2, the mixture's
+# kl_student weight; label 1 and KL 1 on the student everywhere), cifar/main.py (--extra_paths 2, --extra_type bi,
+# L2 warm-up 20 epochs); experiments/IN/*.yaml with IN/main.py (warm-up 5 epochs).
+FCFD_BASE = dict(ce_weight=1.0, kd_weight=1.0, mixed_weight=1.0, l2_warmup=20.0, paths="bi", extra_paths=2)
+FCFD = {f"cifar100/{pair}/fcfd": {**FCFD_BASE, "temperature": tau, "l2_weight": l2, **extra}
+        for pair, tau, l2, extra in [
+            ("resnet32x4_resnet8x4", 4.0, 5.0, {}), ("resnet32x4_ShuffleV1", 8.0, 5.0, {}),
+            ("resnet32x4_ShuffleV2", 8.0, 5.0, {}), ("wrn_40_2_ShuffleV1", 4.0, 5.0, {}),
+            ("ResNet50_MobileNetV2", 8.0, 5.0, {}), ("vgg13_MobileNetV2", 4.0, 5.0, {}),
+            ("resnet56_resnet20", 4.0, 0.02, {}), ("vgg13_vgg8", 4.0, 5.0, {}),
+            ("wrn_40_2_wrn_16_2", 4.0, 5.0, {"mixed_weight": 0.2}), ("wrn_40_2_wrn_40_1", 4.0, 5.0, {})]}
+FCFD |= {f"imagenet/{pair}/fcfd": {**FCFD_BASE, "temperature": 1.0, "l2_weight": l2, "l2_warmup": 5.0}
+         for pair, l2 in [("resnet34_resnet18", 0.02), ("resnet50_mobilenetv1", 5.0)]}
+RECIPES = {**{k: ("simkd", v) for k, v in SIMKD.items()}, **{k: ("fcfd", v) for k, v in FCFD.items()},
            **{k: ("sdd", v) for k, v in SDD.items()}, **{k: ("ctkd", v) for k, v in CTKD.items()},
            **{k: ("nkd", v) for k, v in NKD.items()}}
 
@@ -81,7 +94,7 @@ def test_sdd_recipes_build_on_their_pairs(recipe):
 
 
 def test_fashion_mnist_recipes_exist_for_every_new_method():
-    for method in ("nkd", "wttm", "ctkd", "sdd", "simkd"):
+    for method in ("nkd", "wttm", "ctkd", "sdd", "simkd", "fcfd"):
         cfg = config.load(ROOT / f"fashion_mnist/{method}.yaml")
         assert cfg["method"]["name"] == method
         methods.parse_options(method, cfg["method"]["options"])
