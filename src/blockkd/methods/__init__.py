@@ -55,14 +55,16 @@ def needs_teacher(name: str) -> bool:
 
 
 def create(name: str, student: nn.Module, teacher: nn.Module | None = None,
-           input_shape: Any = (3, 32, 32), options: Any = None, **values) -> Distiller:
+           input_shape: Any = (3, 32, 32), options: Any = None, epochs: float | None = None,
+           **values) -> Distiller:
     """Build the distiller ``name`` around ``student`` (and ``teacher``).
 
     ``input_shape`` is the input spec: an image shape (C, H, W), or for text a mapping of per-sample
     shapes such as ``blockkd.blocks.text_input(128)`` (``{"input_ids": (128,), "attention_mask": (128,)}``).
 
     Options come either validated (``options``: the method's ``Options`` instance, as the engine passes
-    them) or as keywords, checked here: ``create("kd", s, t, temperature=2)``.
+    them) or as keywords, checked here: ``create("kd", s, t, temperature=2)``. ``epochs``: the training
+    length, for terms that ramp in over a fraction of it (Block-KD's ``stone_warmup_fraction``).
     """
     cls = get(name)
     if options is None:
@@ -71,7 +73,9 @@ def create(name: str, student: nn.Module, teacher: nn.Module | None = None,
         raise BlockKDError("pass the options either as an Options instance or as keywords, not both")
     if cls.needs_teacher and teacher is None:
         raise BlockKDError(f"method {name!r} needs a teacher (set teacher.name and teacher.checkpoint)")
-    return cls(student, teacher, options, as_input_spec(input_shape))
+    distiller = cls(student, teacher, options, as_input_spec(input_shape))
+    distiller.epochs = epochs
+    return distiller
 
 
 # Registration happens on import of each method module.
