@@ -39,16 +39,17 @@ ANY = None  # a removed option whose every saved value trains as today's code do
 
 @dataclass(frozen=True)
 class BlockKDOptions:
-    """Each option's measurement: docs/blockkd.md, "Options"."""
+    """Each option's measurement: docs/blockkd.md, "Options". The defaults are the configuration chosen on
+    Fashion-MNIST's validation split and confirmed on its full 60k (issue 29) and with a 4x wider teacher."""
 
     temperature: float = option(4.0, TEMPERATURE, "T of every distillation term (T² scaling)")
-    alpha: float = option(0.35, WEIGHT, "α: weight of L_task (student + stepping-stones)")
-    beta: float = option(0.35, WEIGHT, "β: weight of L_distill (student + stepping-stones)")
+    alpha: float = option(1.0, WEIGHT, "α: weight of L_task (student + stepping-stones)")
+    beta: float = option(1.0, WEIGHT, "β: weight of L_distill (student + stepping-stones)")
     gamma: float = option(0.05, WEIGHT, "γ: weight of L_cross (agreement with the stones' ensemble)")
-    connector: str = option("conv1x1_bn", registered(CONNECTORS), "C_i: the layers mapping a student block's output "
+    connector: str = option("conv3x3_bn", registered(CONNECTORS), "C_i: the layers mapping a student block's output "
                             "into the teacher's feature space, where that is a feature map (transformer "
                             "tokens always get Linear + LayerNorm)")
-    stone_warmup_fraction: float = option(0.0, number(0, hi=1), "fraction of training over which the stones' "
+    stone_warmup_fraction: float = option(0.25, number(0, hi=1), "fraction of training over which the stones' "
                                           "terms and L_cross ramp up linearly from 0")
     num_blocks: int | None = option(None, optional(integer(1)), "n; null: one block per spatial resolution "
                                     "both networks share (transformers: the shallower side's layer count)")
