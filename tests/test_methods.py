@@ -207,6 +207,10 @@ def test_stone_warmup_ramps_the_stone_terms_only():
             assert got[k].item() == pytest.approx(scale * ref[k].item(), rel=1e-5, abs=1e-7), (epoch, k)
     long = make("blockkd", stone_warmup_fraction=0.25, epochs=80)  # the ramp scales with the schedule
     assert long.ramp(10.0) == pytest.approx(0.5) and d.ramp(1.0) == pytest.approx(0.5)
+    unknown = make("blockkd")  # no training length given: the 8 epochs the warm-up was measured on, said once
+    with pytest.warns(UserWarning, match=r"training length is unknown.*pass epochs= to blockkd\.methods\.create"):
+        assert unknown.ramp(1.0) == pytest.approx(0.5)
+    assert unknown.ramp(4.0) == 1.0
     with pytest.raises(BlockKDError, match="stone_warmup_fraction"):
         make("blockkd", stone_warmup_fraction=-1)
     with pytest.raises(BlockKDError, match="stone_warmup_fraction"):

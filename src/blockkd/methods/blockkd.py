@@ -80,7 +80,7 @@ class BlockKDOptions:
         "logit_standardization": ("it cost 2.6 points, round 4", (False,)),
         "connector_init": ("teacher_stats gained on one seed of two, rounds 5 and 6", ("default",)),
         "detach_ensemble": ("the ensemble is always a target: not detaching it gained nothing, round 1", (True,)),
-        "stone_warmup": ("replaced by stone_warmup_fraction, the same ramp as a fraction of training: "
+        "stone_warmup": ("replaced by stone_warmup_fraction, the same ramp as a fraction of training, "
                          "stone_warmup / train.epochs", lambda v, cfg: math.isclose(
                              v, cfg.method.options.stone_warmup_fraction * cfg.train.epochs, abs_tol=1e-9)),
     }
