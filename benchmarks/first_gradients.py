@@ -2,7 +2,7 @@
 
 What makes Block-KD's first phase harsh, and which default damps it: the ratio of the student's gradient norm
 under Block-KD to KD's on the first batch (at the progress the trainer passes for step 1 of 8 epochs of 8
-steps), for blockkd 0.1's defaults (alpha = beta = 0.35, conv1x1_bn, no warm-up), each of today's defaults
+steps), for blockkd 0.1's defaults (alpha = beta = 0.35, conv1x1_bn, no warm-up, no cap), each of today's defaults
 added alone, and today's defaults. The pair is tests/test_stability.py's: a resnet14 teacher whose head is
 scaled to a logit std of 20, a resnet8 student, 64 random 16x16 images, three initialisations.
 
@@ -18,8 +18,9 @@ import torch
 
 import blockkd
 
-FORMER = dict(alpha=0.35, beta=0.35, connector="conv1x1_bn", stone_warmup_fraction=0.0)
+FORMER = dict(alpha=0.35, beta=0.35, connector="conv1x1_bn", stone_warmup_fraction=0.0, stone_grad_cap=None)
 VARIANTS = {"blockkd 0.1 defaults": FORMER, "+ stone_warmup_fraction 0.25": {**FORMER, "stone_warmup_fraction": 0.25},
+            "+ stone_grad_cap 1": {**FORMER, "stone_grad_cap": 1.0},
             "+ conv3x3_bn": {**FORMER, "connector": "conv3x3_bn"}, "+ alpha = beta = 1": {**FORMER, "alpha": 1.0,
                                                                                         "beta": 1.0},
             "today's defaults": {}}

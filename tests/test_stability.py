@@ -4,8 +4,10 @@ The objective sums many KL·T² terms whose gradients reach the student through 
 blocks; a teacher with large logits (std ≳ 15) makes those gradients large. benchmarks/stability.py and
 benchmarks/weight_sweep.py measure it; this test runs the weight sweep's setting (synthetic data, a
 resnet14 teacher scaled to logit std 20, resnet8 student, SGD lr 0.05) and compares, in one process,
-the defaults with the paper's unit weights (α = β = γ = 1): the margin there is ~35 points, so the
-comparison holds on any CPU, where a fixed accuracy threshold would not.
+the defaults with the paper's unit weights (α = β = γ = 1), in one process, where a fixed accuracy threshold
+would not hold on every CPU. The margin was ~35 points with blockkd 0.1's defaults (no warm-up, no bound on the
+stones' gradients); the stone warm-up and ``stone_grad_cap``, which the unit weights get too, bring it to ~10
+(65.6 against 55.9 on the project's CPU), still far outside a seed's spread.
 """
 from __future__ import annotations
 
@@ -61,7 +63,7 @@ def test_blockkd_defaults_are_stable_with_a_confident_teacher(tmp_path):
     for summary in (defaults, unit):  # both trained to the end on finite losses
         rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
         assert len(rows) == 4 and all(math.isfinite(r["train_loss"]) for r in rows)
-    assert defaults["last"]["test_top1"] > unit["last"]["test_top1"] + 10, (defaults["last"], unit["last"])
+    assert defaults["last"]["test_top1"] > unit["last"]["test_top1"] + 5, (defaults["last"], unit["last"])
 
 
 def _confident_pair(seed: int, std: float = 20.0):

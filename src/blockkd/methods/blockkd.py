@@ -33,6 +33,7 @@ from .base import Distiller
 from .connectors import CONNECTORS, build_connectors
 from .kd import TEMPERATURE, WEIGHT
 from .losses import cross_entropy, kl_div, linear_warmup
+from .stone_grad import fork
 
 ANY = None  # a removed option whose every saved value trains as today's code does
 
@@ -60,6 +61,9 @@ class BlockKDOptions:
                                             "k: the k deepest stones on the whole batch, each other stone on its "
                                             "own random 1/m share of it (m stones)")
     batched_stones: bool = option(True, BOOL, "stones crossing the same teacher block run there as one batch")
+    stone_grad_cap: float | None = option(1.0, optional(number(0)), "each stone's gradient into the student's "
+                                          "feature at its block is scaled, per step, to at most this times the "
+                                          "gradient the rest of the objective sends there (null: unbounded)")
 
     # Options that lost their measurements (docs/blockkd.md, "Removed options"): a recipe naming one gets one
     # line. A resumed run is refused where its saved value trained differently from today's code: name ->
@@ -129,9 +133,19 @@ class BlockKD(Distiller):
         """The paper's d: T²·KL(target ‖ student), batch-averaged."""
         return kl_div(student, target, self.opts.temperature)
 
-    def student_features(self, x) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Every student block's output and the student's logits, from one forward pass."""
-        return self._views[0].features(x)
+    def student_features(self, x, scales: dict | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Every student block's output and the student's logits, from one forward pass. With
+        ``stone_grad_cap``, a stone's block gives the stone its own copy (:func:`stone_grad.fork`), and
+        ``scales`` receives the factors applied in the backward pass, by block index."""
+        view, cap = self._views[0], self.opts.stone_grad_cap
+        if cap is None:
+            return view.features(x)
+        feats, h = [], x
+        for i in range(self.num_blocks):
+            h = view.run_block(i, h, x)
+            h, mine = fork(h, cap, scales, i) if i in self.stone_ids else (h, h)
+            feats.append(mine)
+        return feats, view.run_head(h, x)
 
     def connect(self, i: int, feat: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         """Connector of stone ``i`` on the student feature ``feat``, for the batch rows ``rows`` (None: all)."""
@@ -206,23 +220,31 @@ class BlockKD(Distiller):
         ``stone{i}`` = ramp·(α·w_i·CE(Y^{N_i}) + β·w_i·d(Y^{N_i}, Y^T) + γ·d(Y^{N_i}, Y^ens)); they sum to L
         with every stone on the whole batch (the objective that the shares estimate). A parameter that a part
         does not reach gets a zero gradient. Runs in the current mode (train mode: BN batch statistics, as in
-        training); the BN running statistics of the student and the connectors are restored afterwards.
+        training); the BN running statistics of the student and the connectors are restored afterwards. With
+        ``stone_grad_cap``, each stone's part is scaled by the factor that a full backward pass applies.
         """
         o = self.opts
         params = [p for p in self.student.parameters() if p.requires_grad]
         saved = {k: b.detach().clone() for k, b in self.named_buffers() if not k.startswith("teacher.")}
         try:
             with torch.enable_grad():
-                feats, logits = self.student_features(x)
-                t_logits = self.teacher_logits(x)
-                z = self.run_stones(feats, self.stone_ids, x)
-                ens = torch.stack(z).mean(0).detach()
                 ramp = self.ramp(epoch)
-                parts = {"student": o.alpha * cross_entropy(logits, y) + o.beta * self.d(logits, t_logits)
-                         + ramp * o.gamma * self.d(logits, ens)}
-                for i, zi, w in zip(self.stone_ids, z, self.stone_weights):
-                    parts[f"stone{i + 1}"] = ramp * (o.alpha * w * cross_entropy(zi, y)
-                                                     + o.beta * w * self.d(zi, t_logits) + o.gamma * self.d(zi, ens))
+                scales: dict[int, torch.Tensor] = {}  # stone_grad_cap: the factors of a full backward pass
+                for bounded in ([True, False] if o.stone_grad_cap is not None else [False]):
+                    feats, logits = self.student_features(x, scales) if bounded else self._views[0].features(x)
+                    t_logits = self.teacher_logits(x)
+                    z = self.run_stones(feats, self.stone_ids, x)
+                    ens = torch.stack(z).mean(0).detach()
+                    parts = {"student": o.alpha * cross_entropy(logits, y) + o.beta * self.d(logits, t_logits)
+                             + ramp * o.gamma * self.d(logits, ens)}
+                    for i, zi, w in zip(self.stone_ids, z, self.stone_weights):
+                        parts[f"stone{i + 1}"] = ramp * (o.alpha * w * cross_entropy(zi, y)
+                                                         + o.beta * w * self.d(zi, t_logits) + o.gamma * self.d(zi, ens))
+                    if bounded and sum(parts.values()).requires_grad:
+                        torch.autograd.grad(sum(parts.values()), params)
+                for i in self.stone_ids:  # a stone reaches the student through its fork only: its part scales
+                    if i in scales:
+                        parts[f"stone{i + 1}"] = parts[f"stone{i + 1}"] * scales[i]
                 out = {}
                 for k, (name, part) in enumerate(parts.items()):
                     grads = [None] * len(params)
