@@ -88,7 +88,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 # The method's defaults of rounds 1-15, under every Block-KD variant but "blockkd defaults" (blockkd 0.2 changed
 # the defaults; the variants above record only what they change).
-FORMER_DEFAULTS = {"alpha": 0.35, "beta": 0.35, "gamma": 0.05, "connector": "conv1x1_bn", "stone_warmup_fraction": 0.0}
+FORMER_DEFAULTS = {"alpha": 0.35, "beta": 0.35, "gamma": 0.05, "connector": "conv1x1_bn", "stone_warmup_fraction": 0.0,
+                   "stone_grad_cap": None}
 # The baselines' one hyper-parameter each (issue 12: every method's chosen on the validation split, as
 # Block-KD's were): the weight of its distillation term, at the recipe's value (the published one) and at half
 # and twice it. Variant "<method>" is the recipe as it is; "<method> <key> x0.5" / "x2" change that one key.

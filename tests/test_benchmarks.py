@@ -306,7 +306,7 @@ def test_tuning_report(tmp_path):
             # the variants of rounds 1-15 start from the method's defaults of then (tune.FORMER_DEFAULTS), not
             # from the recipe's own options
             assert cfg["method"]["options"]["connector"] == "conv1x1_bn"
-            assert cfg["method"]["options"]["alpha"] == 0.35
+            assert cfg["method"]["options"]["alpha"] == 0.35 and cfg["method"]["options"]["stone_grad_cap"] is None
         v = variants[r["variant"]]
         assert v["last_top1"]["values"] == [r["last_top1"]]
         assert v["gain_vs_kd"] == approx(r["last_top1"] - variants["kd"]["last_top1"]["mean"])
