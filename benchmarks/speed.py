@@ -8,7 +8,7 @@ What is measured, and why this way:
 - Train step = the real distiller forward + backward + SGD step (the trainer's step minus its bookkeeping),
   on random-init models and one random batch already on the device, so only the method's cost is timed.
   Throughput is the median of ``--windows`` timed windows of ``--steps`` steps after ``--warmup`` steps;
-  methods whose cost varies per step (a Block-KD with ``stones_per_step: k`` draws its stones) report the mean over all timed steps
+  methods whose cost varies per step (a Block-KD with shares draws them each step) report the mean over all timed steps
   instead, with at least 20 of them. Each case runs in a fresh process (forked from a server that has
   only imported the modules), so peak memory (CUDA: ``max_memory_allocated``; CPU: peak RSS) belongs to
   that method alone and no allocator or autotuner state leaks from one method into the next.
@@ -64,7 +64,7 @@ GOAL_PAIR = "resnet32x4:resnet8x4"  # ... on this pair
 CPU_VARIANTS = ["fp32"]
 CUDA_VARIANTS = ["fp32", "bf16", "bf16+cl", "bf16+cl+compile"]
 VARIANT_FLAGS = {"fp32", "bf16", "fp16", "cl", "compile"}
-COMPILE_WARMUP = 20  # warm-up steps of +compile variants: graphs differ per drawn stone (stones_per_step: k)
+COMPILE_WARMUP = 20  # warm-up steps of +compile variants whose step cost varies (graphs differ per step)
 
 DEFAULTS: dict[str, Any] = {
     "pairs": PAIRS, "methods": METHODS, "batch_size": 64, "image_size": 32, "num_classes": 100,
@@ -102,8 +102,10 @@ class Case:
 
     @property
     def random_cost(self) -> bool:
-        """Does the cost of a step vary from step to step (a sampled subset of stones)?"""
-        return {**methods.defaults(self.method), **self.options}.get("stones_per_step") is not None
+        """Does the cost of a step vary from step to step? No method's does since Block-KD's stones_per_step
+        (a drawn subset of stones) was removed in blockkd 0.2; the mean-over-steps statistic stays for one that
+        would."""
+        return False
 
 
 def parse_variant(variant: str) -> dict[str, Any]:
@@ -282,17 +284,11 @@ def flops(pair: str, labels: list[str], batch_size: int, image_size: int, num_cl
         stones.append(parts[f"stone {i + 1} forward"] + parts[f"stone {i + 1} backward"])
     kd = parts["student forward"] + parts["student backward"] + parts["teacher forward"]
     w = d.stone_weights
-    # blockkd-lite's split sampling: each of its stones (num_stones: the deepest ones) runs on its share of m_i
-    # samples (FLOPs are linear in the batch), the shares its options give (split_shares; the whole batch for
-    # its whole_batch_stones); the connectors of its whole_batch_connectors shallowest stones run on the rest of
-    # the batch too.
+    # blockkd-lite: each of its stones (num_stones: the deepest ones) runs on its share of m_i samples (FLOPs are
+    # linear in the batch), or on the whole batch for its whole_batch_stones (blockkd.methods.stones).
     lite_d = build("blockkd-lite")[1]
-    shares = lite_d.stone_batch_sizes(batch_size)
+    shares = lite_d.plan.batch_sizes(batch_size)
     lite = kd + sum(m / batch_size * stones[i] for i, m in zip(lite_d.stone_ids, shares))
-    for k in range(lite_d.opts.whole_batch_connectors):
-        i, z = lite_d.stone_ids[k], []
-        connector = count_flops(lambda: z.append(d.connectors[i](feats[i]))) + count_flops(lambda: z[0].sum().backward())
-        lite += (1 - shares[k] / batch_size) * connector
     if "blockkd-lite" in labels:
         per_step["blockkd-lite"] = round(lite)
     ref = per_step.get("kd", kd)

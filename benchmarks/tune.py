@@ -1,4 +1,4 @@
-"""Block-KD's open choices on a validation split (weights, temperature, connector, ensemble gradient, sampling)
+"""Block-KD's open choices on a validation split (weights, temperature, connector, warm-up, stones)
 and each baseline's distillation weight (``DISTILL_WEIGHT``: the recipe's value, half and twice it).
 
     python benchmarks/tune.py [--variants NAME ...] [--seeds 0] [--jobs 2] [--val 10000] [--quick]
@@ -37,13 +37,16 @@ from blockkd.errors import BlockKDError  # noqa: E402
 from common import (append_runs, machine_info, machine_line, markdown_table, mean_std, reproduce_line,  # noqa: E402
                     section, text_table, write_json, write_text)
 
-# name -> (method, method.options): the baselines, then one Block-KD choice changed at a time. Block-KD
-# variants start from the method's defaults (blockkd.methods.defaults), not from the recipe's options.
+# name -> (method, method.options): the baselines, then one Block-KD choice changed at a time. The variants of
+# rounds 1-15 ran from the method's defaults of then (FORMER_DEFAULTS below, pinned so that their reproduce lines
+# hold); "blockkd defaults" is today's. Variants of options removed since (docs/blockkd.md, "Removed options")
+# are dropped: git keeps them.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "ce": ("ce", {}),
     "kd": ("kd", {}),
     "dkd": ("dkd", {}),
-    "blockkd": ("blockkd", {}),  # the defaults: alpha = beta = 0.35, gamma = 0.05, T = 4, conv1x1_bn, detached
+    "blockkd defaults": ("blockkd", {}),
+    "blockkd": ("blockkd", {}),  # the defaults of rounds 1-6: alpha = beta = 0.35, gamma = 0.05, T = 4, conv1x1_bn
     "blockkd unit weights": ("blockkd", {"alpha": 1.0, "beta": 1.0, "gamma": 1.0}),  # the paper's L with α=β=γ=1
     "blockkd kd weights": ("blockkd", {"alpha": 0.1, "beta": 0.9, "gamma": 0.05}),  # KD's CE/KL split
     "blockkd gamma 0": ("blockkd", {"gamma": 0.0}),
@@ -51,117 +54,42 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "blockkd T 2": ("blockkd", {"temperature": 2.0}),
     "blockkd conv3x3_bn": ("blockkd", {"connector": "conv3x3_bn"}),
     "blockkd conv1x1_bn_relu": ("blockkd", {"connector": "conv1x1_bn_relu"}),
-    "blockkd ensemble not detached": ("blockkd", {"detach_ensemble": False}),
     # Round 2, after round 1 found the 3x3 connector the one change that helped (docs/blockkd.md).
     "blockkd conv3x3_bn gamma 0": ("blockkd", {"connector": "conv3x3_bn", "gamma": 0.0}),
     "blockkd conv3x3_bn kd weights": ("blockkd", {"connector": "conv3x3_bn", "alpha": 0.1, "beta": 0.9, "gamma": 0.05}),
     "blockkd conv3x3_bn unit weights": ("blockkd", {"connector": "conv3x3_bn", "alpha": 1.0, "beta": 1.0, "gamma": 1.0}),
-    "blockkd conv3x3_bn stone_warmup 2": ("blockkd", {"connector": "conv3x3_bn", "stone_warmup": 2.0}),
+    # (round 5's stone_warmup 2 of the recipes' 8 epochs: stone_warmup_fraction 0.25)
+    "blockkd conv3x3_bn stone_warmup 2": ("blockkd", {"connector": "conv3x3_bn", "stone_warmup_fraction": 0.25}),
     "blockkd conv3x3_bn_relu_conv1x1_bn": ("blockkd", {"connector": "conv3x3_bn_relu_conv1x1_bn"}),
     "blockkd conv3x3_bn_relu_conv1x1_bn kd weights": ("blockkd", {"connector": "conv3x3_bn_relu_conv1x1_bn",
                                                                    "alpha": 0.1, "beta": 0.9, "gamma": 0.05}),
-    # Round 3: the lite variant, which the first accuracy benchmark found below ce with the 3x3 connector.
-    # blockkd-lite then drew one stone per step (weighted); its default is now split sampling, so these
-    # variants pin the former setting and keep the meaning of their recorded results.
-    "blockkd-lite": ("blockkd-lite", {"sampling": "weighted", "stones_per_step": 1}),
-    "blockkd-lite conv3x3_bn": ("blockkd-lite", {"sampling": "weighted", "stones_per_step": 1,
-                                                 "connector": "conv3x3_bn"}),
-    "blockkd-lite uniform": ("blockkd-lite", {"sampling": "uniform", "stones_per_step": 1}),
-    # Round 4 (not run yet): split sampling (the new blockkd-lite default), the divergences and the connector
-    # initialisation of issue 11, and the logit-standardised baselines (KD+LS as Sun et al.: T 2, KD weight 9).
-    # (equal shares: the default of blockkd-lite until round 5 chose shares by weight)
-    "blockkd-lite split": ("blockkd-lite", {"split_shares": "equal"}),
-    "blockkd-lite split conv3x3_bn": ("blockkd-lite", {"split_shares": "equal", "connector": "conv3x3_bn"}),
-    "blockkd-lite split gamma 0": ("blockkd-lite", {"split_shares": "equal", "gamma": 0.0}),
-    "blockkd conv3x3_bn dkd": ("blockkd", {"connector": "conv3x3_bn", "divergence": "dkd", "dkd_beta": 2.0}),
-    "blockkd conv3x3_bn dkd gamma 0": ("blockkd", {"connector": "conv3x3_bn", "divergence": "dkd", "dkd_beta": 2.0,
-                                                   "gamma": 0.0}),
-    "blockkd conv3x3_bn ls": ("blockkd", {"connector": "conv3x3_bn", "logit_standardization": True}),
-    "blockkd conv3x3_bn teacher_stats": ("blockkd", {"connector": "conv3x3_bn", "connector_init": "teacher_stats"}),
-    "blockkd conv3x3_bn dkd unit gamma 0": ("blockkd", {"connector": "conv3x3_bn", "divergence": "dkd", "dkd_beta": 2.0,
-                                                        "alpha": 1.0, "beta": 1.0, "gamma": 0.0}),
-    "blockkd-lite split conv3x3_bn dkd": ("blockkd-lite", {"split_shares": "equal", "connector": "conv3x3_bn",
-                                                           "divergence": "dkd", "dkd_beta": 2.0}),
-    "blockkd-lite split weights": ("blockkd-lite", {"split_shares": "weights"}),
-    "blockkd-lite split weights conv3x3_bn": ("blockkd-lite", {"split_shares": "weights", "connector": "conv3x3_bn"}),
-    # Round 6: the warm-up for the lite variant, a longer one, the warm-up with teacher-statistics connectors, and
-    # DKD's divergence (its recipe's β) in the student's own distill term only.
-    "blockkd-lite split weights conv3x3_bn stone_warmup 2": ("blockkd-lite", {"split_shares": "weights",
-                                                                              "connector": "conv3x3_bn",
-                                                                              "stone_warmup": 2.0}),
-    "blockkd conv3x3_bn stone_warmup 4": ("blockkd", {"connector": "conv3x3_bn", "stone_warmup": 4.0}),
-    "blockkd conv3x3_bn stone_warmup 2 teacher_stats": ("blockkd", {"connector": "conv3x3_bn", "stone_warmup": 2.0,
-                                                                    "connector_init": "teacher_stats"}),
-    "blockkd conv3x3_bn stone_warmup 2 student dkd": ("blockkd", {"connector": "conv3x3_bn", "stone_warmup": 2.0,
-                                                                  "student_divergence": "dkd", "dkd_beta": 2.0}),
-    # Round 7: the weights once the warm-up is in. The stones' ensemble ends above the student on the test split
-    # (README's heads line: 86.93 against 86.08), so a stronger pull towards it (γ 0.2), that with DKD's divergence
-    # in the student's own term, the student's own terms (and the stones') at a larger α = β, and DKD's CIFAR
-    # β (8) in the student's own term.
-    **{f"blockkd conv3x3_bn stone_warmup 2 {name}": ("blockkd", {"connector": "conv3x3_bn", "stone_warmup": 2.0,
-                                                                  **extra})
+    # Round 6: a longer warm-up.
+    "blockkd conv3x3_bn stone_warmup 4": ("blockkd", {"connector": "conv3x3_bn", "stone_warmup_fraction": 0.5}),
+    # Rounds 7 and 8: the weights once the warm-up is in (scaling α and β scales the student's and stones'
+    # gradients, much like a larger learning rate for them), and a stronger pull towards the ensemble (γ 0.2).
+    **{f"blockkd conv3x3_bn stone_warmup 2 {name}": ("blockkd", {"connector": "conv3x3_bn",
+                                                                  "stone_warmup_fraction": 0.25, **extra})
        for name, extra in {"gamma 0.2": {"gamma": 0.2},
-                           "gamma 0.2 student dkd": {"gamma": 0.2, "student_divergence": "dkd", "dkd_beta": 2.0},
                            "alpha beta 0.5": {"alpha": 0.5, "beta": 0.5},
-                           "student dkd beta 8": {"student_divergence": "dkd", "dkd_beta": 8.0},
-                           # after α = β = 0.5 led on seed 0: larger still (scaling α and β scales the
-                           # student's and stones' gradients, much like a larger learning rate for them)
                            "alpha beta 0.7": {"alpha": 0.7, "beta": 0.7},
                            "alpha beta 1": {"alpha": 1.0, "beta": 1.0},
-                           # Round 8, after α = β = 1 beat DKD on both seeds: larger still
                            "alpha beta 1.5": {"alpha": 1.5, "beta": 1.5}}.items()},
-    # Round 8: the lite variant with round 7's weights (it inherits blockkd.yaml's options)
-    "blockkd-lite split weights conv3x3_bn stone_warmup 2 alpha beta 1": ("blockkd-lite", {
-        "split_shares": "weights", "connector": "conv3x3_bn", "stone_warmup": 2.0, "alpha": 1.0, "beta": 1.0}),
-    # Round 9: the same with its deepest stone (the cheapest, and the one that pulls hardest on the student)
-    # on the whole batch instead of its 4/7 share
-    "blockkd-lite split weights conv3x3_bn stone_warmup 2 alpha beta 1 whole 1": ("blockkd-lite", {
-        "split_shares": "weights", "connector": "conv3x3_bn", "stone_warmup": 2.0, "alpha": 1.0, "beta": 1.0,
-        "whole_batch_stones": 1}),
-    # Round 10: shares ∝ √w_i, more samples for the shallow stones (which the lite variant trains on 18 and 37
-    # of 128 samples, against 73 for the deepest) within the 1.35x-of-kd budget (speed table's FLOP parts)
-    "blockkd-lite split sqrt_weights conv3x3_bn stone_warmup 2 alpha beta 1": ("blockkd-lite", {
-        "split_shares": "sqrt_weights", "connector": "conv3x3_bn", "stone_warmup": 2.0, "alpha": 1.0, "beta": 1.0}),
-    # Round 11: every connector on the whole batch (its BN normalising with the batch's statistics, not with
-    # a share of 18, 37 or 73 samples; the lite variant's shallowest stone was erratic at evaluation), the
-    # teacher suffixes on the shares as before (the connectors are cheap beside them; speed.py counts their
-    # extra FLOPs once blockkd-lite's defaults take the option)
-    "blockkd-lite split weights conv3x3_bn stone_warmup 2 alpha beta 1 connectors whole": ("blockkd-lite", {
-        "split_shares": "weights", "connector": "conv3x3_bn", "stone_warmup": 2.0, "alpha": 1.0, "beta": 1.0,
-        "whole_batch_connectors": 3}),
-    # Round 12: issue 11's third candidate for a cheaper variant, all stones every k-th step (the full method on
-    # one step in four: about 1.34x kd's FLOPs on resnet32x4 -> resnet8x4 from the speed table, 1 + 1.36/4),
-    # the stones' terms x4 on those steps (the expected loss is the full one) or at their plain weight
-    **{f"blockkd conv3x3_bn stone_warmup 2 alpha beta 1 stones_every 4{name}": ("blockkd", {
-        "connector": "conv3x3_bn", "stone_warmup": 2.0, "alpha": 1.0, "beta": 1.0, "stones_every": 4,
-        "stones_every_reweight": reweight}) for name, reweight in {"": True, " plain": False}.items()},
-    # Round 13: L_cross in the lite variant. No stone sees the whole batch, so each sample's "ensemble" is the
-    # one stone that saw it (issue 11 names this single-stone ensemble as a suspect): without the term (γ 0),
-    # and with a stronger pull (γ 0.15) in case the one-stone target is too weak a signal at γ 0.05
-    **{f"blockkd-lite split weights conv3x3_bn stone_warmup 2 alpha beta 1 gamma {name}": ("blockkd-lite", {
-        "split_shares": "weights", "connector": "conv3x3_bn", "stone_warmup": 2.0, "alpha": 1.0, "beta": 1.0,
-        "gamma": g}) for name, g in {"0": 0.0, "0.15": 0.15}.items()},
-    # Round 14: the lite variant's own α = β (tuned for full Block-KD in rounds 7-8, where 1.5 lost to 1): its
-    # stones' terms are noisier estimates (each stone on its share), so its best weight may differ
-    "blockkd-lite split weights conv3x3_bn stone_warmup 2 alpha beta 1.5": ("blockkd-lite", {
-        "split_shares": "weights", "connector": "conv3x3_bn", "stone_warmup": 2.0, "alpha": 1.5, "beta": 1.5}),
     # Round 15: issue 11's "only the deepest, cheapest stones" (num_stones: 2; stone 1 carries nearly the whole
-    # teacher, twice stone 2's cost, and was the lite variant's erratic stone on the test split). Lite: stone 2
-    # on half the batch, stone 3 (nearly free) on all of it, 1.24x kd's FLOPs on resnet32x4 -> resnet8x4 (speed
-    # table's FLOP parts); full Block-KD without stone 1 says what that stone adds at all
+    # teacher, twice stone 2's cost). Lite: stone 2 on half the batch, stone 3 (nearly free) on all of it, 1.24x
+    # kd's FLOPs on resnet32x4 -> resnet8x4 (speed table's FLOP parts); full Block-KD without stone 1 says what
+    # that stone adds at all
     "blockkd-lite num_stones 2 split equal whole 1 conv3x3_bn stone_warmup 2 alpha beta 1": ("blockkd-lite", {
-        "num_stones": 2, "split_shares": "equal", "whole_batch_stones": 1, "connector": "conv3x3_bn",
-        "stone_warmup": 2.0, "alpha": 1.0, "beta": 1.0}),
+        "num_stones": 2, "whole_batch_stones": 1, "connector": "conv3x3_bn", "stone_warmup_fraction": 0.25,
+        "alpha": 1.0, "beta": 1.0}),
     "blockkd num_stones 2 conv3x3_bn stone_warmup 2 alpha beta 1": ("blockkd", {
-        "num_stones": 2, "connector": "conv3x3_bn", "stone_warmup": 2.0, "alpha": 1.0, "beta": 1.0}),
+        "num_stones": 2, "connector": "conv3x3_bn", "stone_warmup_fraction": 0.25, "alpha": 1.0, "beta": 1.0}),
     "kd ls": ("kd", {"logit_standardization": True, "temperature": 2.0, "kd_weight": 9.0}),
     "dkd ls": ("dkd", {"logit_standardization": True}),
 }
-# Round 15 made the two deepest stones, the deeper on the whole batch, blockkd-lite's defaults; the lite variants
-# of rounds 3-14 pin the defaults they ran with (every stone, shares ∝ w_i) so that their reproduce lines hold.
-FORMER_LITE = {"num_stones": None, "split_shares": "weights", "whole_batch_stones": 0}
-VARIANTS.update({name: (m, {**FORMER_LITE, **opts}) for name, (m, opts) in VARIANTS.items()
-                 if m == "blockkd-lite" and "num_stones" not in opts})
+# The method's defaults of rounds 1-15, under every Block-KD variant but "blockkd defaults" (blockkd 0.2 changed
+# the defaults; the variants above record only what they change).
+FORMER_DEFAULTS = {"alpha": 0.35, "beta": 0.35, "gamma": 0.05, "connector": "conv1x1_bn", "stone_warmup_fraction": 0.0,
+                   "stone_grad_cap": None}
 # The baselines' one hyper-parameter each (issue 12: every method's chosen on the validation split, as
 # Block-KD's were): the weight of its distillation term, at the recipe's value (the published one) and at half
 # and twice it. Variant "<method>" is the recipe as it is; "<method> <key> x0.5" / "x2" change that one key.
@@ -198,8 +126,8 @@ def slug(name: str) -> str:
 def run_variant(name: str, seed: int, extra: list[str], teacher_dir: str, runs: str, folder: str) -> dict[str, Any]:
     """One training (in a worker process): the variant's recipe of ``folder`` with ``seed``; its per-run result."""
     method, options = VARIANTS[name]
-    if method.startswith("blockkd"):  # relative to the method's defaults: the recipe's connector came from this sweep
-        options = {"connector": methods.defaults(method)["connector"], **options}
+    if method.startswith("blockkd"):  # relative to the method's defaults, not to the recipe's overrides
+        options = {**methods.defaults(method), **({} if name == "blockkd defaults" else FORMER_DEFAULTS), **options}
     _, result = students.run_student(Path(folder), method, seed, extra + option_overrides(options),
                                      Path(teacher_dir), Path(runs), name=slug(name))
     return {**result, "variant": name, "options": VARIANTS[name][1]}

@@ -39,7 +39,7 @@ VARIANTS = {  # name -> (method, options)
     "α=β=0.36, γ=0": ("blockkd", dict(alpha=0.36, beta=0.36, gamma=0.0)),
     "defaults": ("blockkd", {}),
     "defaults, conv3x3_bn": ("blockkd", dict(connector="conv3x3_bn")),
-    "defaults, stone_warmup 1": ("blockkd", dict(stone_warmup=1.0)),
+    "defaults, stone_warmup 1": ("blockkd", dict(stone_warmup_fraction=0.25)),  # 1 of the 4 epochs
 }
 
 

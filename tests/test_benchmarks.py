@@ -304,8 +304,10 @@ def test_tuning_report(tmp_path):
         assert cfg["data"]["val_split"] == 300 and cfg["method"]["name"] == ("kd" if r["variant"] == "kd" else "blockkd")
         if r["variant"] != "kd":
             assert cfg["method"]["options"]["temperature"] == (2.0 if r["variant"] == "blockkd T 2" else 4.0)
-            # variants start from the method's defaults, not from the recipe's own connector
-            assert cfg["method"]["options"]["connector"] == methods.defaults("blockkd")["connector"]
+            # the variants of rounds 1-15 start from the method's defaults of then (tune.FORMER_DEFAULTS), not
+            # from the recipe's own options
+            assert cfg["method"]["options"]["connector"] == "conv1x1_bn"
+            assert cfg["method"]["options"]["alpha"] == 0.35 and cfg["method"]["options"]["stone_grad_cap"] is None
         v = variants[r["variant"]]
         assert v["last_top1"]["values"] == [r["last_top1"]]
         assert v["gain_vs_kd"] == approx(r["last_top1"] - variants["kd"]["last_top1"]["mean"])

@@ -182,8 +182,8 @@ def test_method_options_typed_by_their_defaults(tmp):
         "invalid method.options.alpha=true in override 'method.options.alpha=true' (on a.yaml): "
         "expected a number >= 0 for method 'blockkd'")
     assert error(recipe, ["method.options.gamma=[1]"]).startswith("invalid method.options.gamma=[1] in override")
-    assert error(recipe, ["method.options.detach_ensemble=1"]).endswith("expected true or false "
-                                                                         "for method 'blockkd'")
+    assert error(recipe, ["method.options.batched_stones=1"]).endswith("expected true or false "
+                                                                        "for method 'blockkd'")
     assert error(recipe, ["method.options.temprature=2"]) == (
         "unknown key 'method.options.temprature' in override 'method.options.temprature=2' (on a.yaml); "
         "did you mean 'method.options.temperature'?")

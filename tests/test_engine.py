@@ -283,6 +283,41 @@ def test_resume_names_settings_the_run_predates(teacher_run, tmp_path, caplog):
     assert [r["epoch"] for r in rows(tmp_path / "old")] == [1, 2]
 
 
+def test_resume_refuses_a_removed_option_that_trained_differently(teacher_run, tmp_path):
+    """A run saved by a blockkd that still had an option since removed (docs/blockkd.md): its former default
+    resumes as before; a value whose behaviour is gone is refused in one line naming it."""
+    run, _ = teacher_run
+    bkd = dict(method__name="blockkd", teacher__name="resnet14", teacher__checkpoint=str(run))
+    train(recipe(tmp_path, "old", **bkd, train__epochs=1))
+    for value, refused in ((1, False), (4, True)):
+        for ck in ("last", "best"):
+            set_setting(tmp_path / "old" / ck, "method.options.stones_every", value)
+        if refused:
+            with pytest.raises(BlockKDError) as e:
+                train(recipe(tmp_path, "old", **bkd, train__epochs=3), resume=True)
+            assert str(e.value) == ("this run was trained with method.options.stones_every=4, removed in blockkd 0.2 "
+                                    "(below KD, round 12: see docs/blockkd.md); resume it with the blockkd that "
+                                    "started it, or start a new run")
+        else:
+            train(recipe(tmp_path, "old", **bkd, train__epochs=2), resume=True)
+    assert [r["epoch"] for r in rows(tmp_path / "old")] == [1, 2]
+    with pytest.raises(BlockKDError, match=r"^method\.options\.stones_every was removed in blockkd 0\.2 .*; delete it"):
+        recipe(tmp_path, "new", **bkd, method__options={"stones_every": 1})
+
+
+def set_setting(checkpoint: Path, key: str, value) -> None:
+    """Rewrite ``checkpoint``'s meta.json (and its checksum) with ``key`` set to ``value``."""
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    *path, leaf = key.split(".")
+    node = meta["config"]
+    for part in path:
+        node = node[part]
+    node[leaf] = value
+    text = json.dumps(meta, indent=1).encode("utf-8")
+    (checkpoint / "meta.json").write_bytes(text)
+    (checkpoint / "meta.json.sha256").write_text(hashlib.sha256(text).hexdigest())
+
+
 def test_nonfinite_loss_stops_without_touching_checkpoints(two_epochs, tmp_path, monkeypatch, caplog):
     run = copy_run(two_epochs, tmp_path)
     before = {name: files(run / name) for name in ("last", "last.prev", "best")}

@@ -1,6 +1,7 @@
 """Distillers: interface, frozen teacher, gradients, loss formulas checked independently."""
 import copy
 import math
+import types
 
 import pytest
 import torch
@@ -20,8 +21,8 @@ def make(method, student="resnet8", teacher="resnet14", num_classes=10, shape=SH
 
 
 def lite3(**options):
-    """blockkd-lite with all three stones on shares ∝ w_i (its defaults until round 15): the split mechanics."""
-    return make("blockkd-lite", **{"num_stones": None, "split_shares": "weights", "whole_batch_stones": 0, **options})
+    """blockkd-lite with all three stones, each on its own share of the batch: the split mechanics."""
+    return make("blockkd-lite", **{"num_stones": None, "whole_batch_stones": 0, **options})
 
 
 def batch(n=8, shape=SHAPE, num_classes=10):
@@ -142,10 +143,10 @@ def test_interface_and_frozen_teacher(method):
 
 
 def test_blockkd_gradients_reach_student_and_connectors_never_teacher():
-    d = make("blockkd")
+    d = make("blockkd", epochs=8)
     d.train()
     x, y = batch()
-    _, losses = d(x, y)
+    _, losses = d(x, y, epoch=2.0)  # past the stones' warm-up (a quarter of the 8 epochs)
     sum(losses.values()).backward()
     for name, p in d.student.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -163,11 +164,8 @@ def test_blockkd_attributes():
     assert isinstance(d.connectors, torch.nn.ModuleList)
 
 
-@pytest.mark.parametrize("detach", [True, False])
-@pytest.mark.parametrize("divergence, ls", [("kl", False), ("kl", True), ("dkd", False), ("dkd", True)])
-def test_blockkd_loss_equals_paper_formula(detach, divergence, ls):
-    d = make("blockkd", temperature=3.0, alpha=0.3, beta=0.7, gamma=0.5, detach_ensemble=detach,
-             divergence=divergence, logit_standardization=ls, dkd_alpha=0.5, dkd_beta=3.0)
+def test_blockkd_loss_equals_paper_formula():
+    d = make("blockkd", temperature=3.0, alpha=0.3, beta=0.7, gamma=0.5, stone_warmup_fraction=0.0)
     d.train()
     x, y = batch()
     logits, losses = d(x, y)
@@ -175,12 +173,11 @@ def test_blockkd_loss_equals_paper_formula(detach, divergence, ls):
     with torch.no_grad():
         t = d.teacher(x)
     T, w = 3.0, d.stone_weights
-    div = reference_divergence(divergence, ls, T, alpha=0.5, beta=3.0)
+    div = reference_divergence("kl", False, T)
     ens = torch.stack(stones).mean(0)
     ce = lambda z: F.cross_entropy(z.double(), y)
     L_task = ce(logits) + sum(wi * ce(z) for wi, z in zip(w, stones))
     L_distill = div(logits, t, y) + sum(wi * div(z, t, y) for wi, z in zip(w, stones))
-    # L_cross with dkd: the target class of every term is the label y (see the module's docstring).
     L_cross = div(logits, ens, y) + sum(div(z, ens, y) for z in stones)
     expected = 0.3 * L_task + 0.7 * L_distill + 0.5 * L_cross
     total = sum(losses.values())
@@ -189,35 +186,14 @@ def test_blockkd_loss_equals_paper_formula(detach, divergence, ls):
     assert (losses["loss_distill_student"] + losses["loss_distill_stones"]).item() == pytest.approx(
         0.7 * L_distill.item(), rel=1e-4)
     assert losses["loss_cross"].item() == pytest.approx(0.5 * L_cross.item(), rel=1e-4)
-    # Detaching the ensemble changes the gradient, not the value.
     grads = torch.autograd.grad(losses["loss_cross"], list(d.connectors.parameters()))
     assert all(torch.isfinite(g).all() for g in grads)
 
 
-@pytest.mark.parametrize("divergence, student", [("kl", "dkd"), ("dkd", "kl")])
-def test_student_divergence_changes_the_students_distill_term_only(divergence, student):
-    d = make("blockkd", temperature=3.0, alpha=0.3, beta=0.7, gamma=0.5, divergence=divergence,
-             student_divergence=student, dkd_alpha=0.5, dkd_beta=3.0)
-    d.train()
-    x, y = batch()
-    logits, losses = d(x, y)
-    stones = d.stones(x)
-    with torch.no_grad():
-        t = d.teacher(x)
-    stone_d = reference_divergence(divergence, False, 3.0, alpha=0.5, beta=3.0)
-    student_d = reference_divergence(student, False, 3.0, alpha=0.5, beta=3.0)
-    ens = torch.stack(stones).mean(0)
-    assert losses["loss_distill_student"].item() == pytest.approx(0.7 * student_d(logits, t, y).item(), rel=1e-4)
-    assert losses["loss_distill_stones"].item() == pytest.approx(
-        0.7 * sum(w * stone_d(z, t, y) for w, z in zip(d.stone_weights, stones)).item(), rel=1e-4)
-    cross = stone_d(logits, ens, y) + sum(stone_d(z, ens, y) for z in stones)  # L_cross keeps ``divergence``
-    assert losses["loss_cross"].item() == pytest.approx(0.5 * cross.item(), rel=1e-4)
-    assert student_d(logits, t, y).item() != pytest.approx(stone_d(logits, t, y).item(), rel=1e-3)
-
-
 def test_stone_warmup_ramps_the_stone_terms_only():
-    d = make("blockkd", stone_warmup=2.0)
-    full = make("blockkd")
+    """stone_warmup_fraction 0.25 of 8 epochs ramps the stones' terms and L_cross in over 2 epochs."""
+    d = make("blockkd", stone_warmup_fraction=0.25, epochs=8)
+    full = make("blockkd", stone_warmup_fraction=0.0)
     full.load_state_dict(d.state_dict())
     d.train(), full.train()
     x, y = batch()
@@ -229,8 +205,16 @@ def test_stone_warmup_ramps_the_stone_terms_only():
         for k in ref:
             scale = 1.0 if k.endswith("_student") else ramp  # the student's own terms never ramp
             assert got[k].item() == pytest.approx(scale * ref[k].item(), rel=1e-5, abs=1e-7), (epoch, k)
-    with pytest.raises(BlockKDError, match="stone_warmup"):
-        make("blockkd", stone_warmup=-1)
+    long = make("blockkd", stone_warmup_fraction=0.25, epochs=80)  # the ramp scales with the schedule
+    assert long.ramp(10.0) == pytest.approx(0.5) and d.ramp(1.0) == pytest.approx(0.5)
+    unknown = make("blockkd")  # no training length given: the 8 epochs the warm-up was measured on, said once
+    with pytest.warns(UserWarning, match=r"training length is unknown.*pass epochs= to blockkd\.methods\.create"):
+        assert unknown.ramp(1.0) == pytest.approx(0.5)
+    assert unknown.ramp(4.0) == 1.0
+    with pytest.raises(BlockKDError, match="stone_warmup_fraction"):
+        make("blockkd", stone_warmup_fraction=-1)
+    with pytest.raises(BlockKDError, match="stone_warmup_fraction"):
+        make("blockkd", stone_warmup_fraction=1.5)
 
 
 @pytest.mark.parametrize("kind, convs", [("conv1x1_bn", [1]), ("conv3x3_bn", [3]), ("conv1x1_bn_relu", [1]),
@@ -279,27 +263,9 @@ def test_batched_and_separate_stones_agree():
         assert la[k].item() == pytest.approx(lb[k].item(), rel=1e-5, abs=1e-6), k
 
 
-@pytest.mark.parametrize("sampling", ["weighted", "uniform"])
-def test_lite_sampling_is_unbiased(sampling):
-    d = lite3(sampling=sampling, stones_per_step=1)
-    torch.manual_seed(0)
-    total = torch.zeros(d.num_blocks)
-    draws = 4000
-    for _ in range(draws):
-        idx, coef = d.pick_stones()
-        assert len(idx) == 1
-        for i, c in zip(idx, coef):
-            total[i] += c
-    assert torch.allclose(total / draws, torch.tensor(d.stone_weights), rtol=0.08)
-    full = make("blockkd", stones_per_step=3)
-    assert full.pick_stones() == ([0, 1, 2], full.stone_weights)
-
-
 def test_unmatchable_pair_is_a_clear_error():
     with pytest.raises(BlockKDError, match="block"):
         make("blockkd", num_blocks=9)
-    with pytest.raises(BlockKDError, match="stones_per_step"):
-        make("blockkd", stones_per_step=5)
 
 
 PAIRS = [("vgg13", "MobileNetV2"), ("resnet32x4", "ShuffleV1"), ("resnet32x4", "ShuffleV2"),
@@ -309,11 +275,11 @@ PAIRS = [("vgg13", "MobileNetV2"), ("resnet32x4", "ShuffleV1"), ("resnet32x4", "
 @pytest.mark.parametrize("teacher,student", PAIRS)
 @pytest.mark.parametrize("method", ["blockkd", "blockkd-lite"])
 def test_heterogeneous_pairs_train_one_step(teacher, student, method):
-    d = make(method, student=student, teacher=teacher, num_classes=100)
+    d = make(method, student=student, teacher=teacher, num_classes=100, epochs=8)
     d.train()
     x, y = batch(8, num_classes=100)
     opt = torch.optim.SGD(d.trainable_parameters(), lr=0.01)
-    _, losses = d(x, y)
+    _, losses = d(x, y, epoch=2.0)  # past the stones' warm-up
     loss = sum(losses.values())
     assert torch.isfinite(loss)
     loss.backward()
@@ -369,7 +335,7 @@ def test_diagnostics_are_finite_and_restore_bn_statistics():
 
 def test_diagnostics_parts_sum_to_the_loss_gradient():
     """The parts are the loss, split: their gradients add up to the gradient of the training loss."""
-    d = make("blockkd", gamma=0.3, stone_warmup=4.0).train()
+    d = make("blockkd", gamma=0.3, stone_warmup_fraction=0.5, epochs=8).train()
     x, y = batch()
     parts = d.part_gradients(x, y, epoch=1.0)
     params = [p for p in d.student.parameters() if p.requires_grad]
@@ -414,46 +380,15 @@ def test_diagnostics_of_a_silenced_stone_are_zero(silenced):
 # ----------------------------------------------------------------------------------------- split sampling
 @pytest.mark.parametrize("size", [8, 7, 3, 2])
 def test_split_shares_are_disjoint_and_cover_the_batch(size):
-    d = lite3(split_shares="equal")
-    assert (d.opts.sampling, d.opts.stones_per_step) == ("split", None)
+    d = lite3()
     for _ in range(5):
-        shares = d.split_batch(size)
+        shares = d.plan.rows(size)
         assert len(shares) == d.num_blocks
         assert torch.equal(torch.cat(shares).sort().values, torch.arange(size))
         sizes = [len(s) for s in shares]
         assert max(sizes) - min(sizes) <= 1
-    draws = {tuple(d.split_batch(8)[0].sort().values.tolist()) for _ in range(20)}
+    draws = {tuple(d.plan.rows(8)[0].sort().values.tolist()) for _ in range(20)}
     assert len(draws) > 1  # random
-
-
-@pytest.mark.parametrize("size", [128, 7, 3])
-def test_split_shares_by_weight(size):
-    """split_shares: weights gives stone i about size·w_i/Σw samples (w = 1/4, 1/2, 1 on three blocks): the
-    largest-remainder rounding, summing to the batch, still disjoint, covering and random."""
-    d = lite3()
-    w = d.stone_weights
-    assert w == [0.25, 0.5, 1.0]
-    sizes = d.share_sizes(size)
-    assert sum(sizes) == size and all(abs(s - size * wi / sum(w)) < 1 for s, wi in zip(sizes, w))
-    assert sizes == {128: [18, 37, 73], 7: [1, 2, 4], 3: [0, 1, 2]}[size]
-    for _ in range(3):
-        shares = d.split_batch(size)
-        assert [len(s) for s in shares] == sizes
-        assert torch.equal(torch.cat(shares).sort().values, torch.arange(size))
-    assert lite3(split_shares="equal").share_sizes(128) == [43, 43, 42]
-
-
-@pytest.mark.parametrize("size", [128, 64, 7, 3])
-def test_split_shares_by_root_weight(size):
-    """split_shares: sqrt_weights gives stone i about size·√w_i/Σ√w samples: between equal and weights."""
-    d = lite3(split_shares="sqrt_weights")
-    r = [wi ** 0.5 for wi in d.stone_weights]
-    sizes = d.share_sizes(size)
-    assert sum(sizes) == size and all(abs(s - size * ri / sum(r)) < 1 for s, ri in zip(sizes, r))
-    assert sizes == {128: [29, 41, 58], 64: [14, 21, 29], 7: [2, 2, 3], 3: [1, 1, 1]}[size]
-    shares = d.split_batch(size)
-    assert [len(s) for s in shares] == sizes
-    assert torch.equal(torch.cat(shares).sort().values, torch.arange(size))
 
 
 @pytest.mark.parametrize("batched", [True, False])
@@ -465,24 +400,25 @@ def test_split_stones_equal_the_full_path_per_sample(batched):
     with torch.no_grad():
         feats, _ = d.student_features(x)
         full = d.run_stones(feats, [0, 1, 2])
-        shares = d.split_batch(8)
+        shares = d.plan.rows(8)
         part = d.run_stones(feats, [0, 1, 2], rows=shares)
     for i in range(3):
         assert torch.allclose(part[i], full[i][shares[i]], atol=1e-5)
 
 
-def _with_shares(d, perm):
-    """Make ``d.split_batch`` return the shares of the permutation ``perm``."""
-    d.split_batch = lambda b, device="cpu": d.stone_rows(torch.tensor(perm))
+def _with_shares(d, plan, perm):
+    """Make ``d.plan.rows`` return the rows of the permutation ``perm``."""
+    d.plan = types.SimpleNamespace(rows=lambda b, device="cpu": plan.rows_of(torch.tensor(perm)))
 
 
 def _every_draw(d, x, y):
     """``[(perm, losses)]``: ``d.forward_train`` on the batch once per permutation of it, each as its shares."""
     import itertools
-    draws = []
+    draws, plan = [], d.plan
     for perm in itertools.permutations(range(len(y))):
-        _with_shares(d, perm)
+        _with_shares(d, plan, perm)
         draws.append((perm, d.forward_train(x, y, epoch=1.0)[1]))
+    d.plan = plan
     return draws
 
 
@@ -502,15 +438,13 @@ def _mean_over(draws, key):
     return sum(got[key].item() for _, got in draws) / len(draws)
 
 
-@pytest.mark.parametrize("divergence,shares", [("kl", "equal"), ("dkd", "equal"), ("kl", "weights")])
-def test_split_objective_is_unbiased_and_its_cross_term_exact(divergence, shares):
-    """Over every permutation of a batch of 4 (shares of 2, 1, 1; by weight 1, 1, 2), the stones' task and
-    distill terms average to the full objective's; each draw's L_cross is d(Y^S, Ŷ) with Ŷ_j the logits of the
-    stone that saw j."""
-    opts = dict(divergence=divergence, logit_standardization=True, gamma=0.5, dkd_beta=2.0)
-    split = lite3(split_shares=shares, **opts)
-    sizes = {"equal": [2, 1, 1], "weights": [1, 1, 2]}[shares]
-    assert split.share_sizes(4) == sizes
+def test_split_objective_is_unbiased_and_its_cross_term_exact():
+    """Over every permutation of a batch of 4 (shares of 2, 1, 1), the stones' task and distill terms average
+    to the full objective's; each draw's L_cross is d(Y^S, Ŷ) with Ŷ_j the logits of the stone that saw j."""
+    opts = dict(gamma=0.5, stone_warmup_fraction=0.0)
+    split = lite3(**opts)
+    sizes = [2, 1, 1]
+    assert split.plan.share_sizes(4) == sizes
     x, y, ref, stones, s_logits = _full_twin(split, opts)
     with torch.no_grad():
         draws = _every_draw(split, x, y)
@@ -519,43 +453,42 @@ def test_split_objective_is_unbiased_and_its_cross_term_exact(divergence, shares
                 assert got[k].item() == pytest.approx(ref[k].item(), rel=1e-5)
             owner = {j: i for i, share in enumerate(torch.tensor(perm).split(sizes)) for j in share.tolist()}
             hat = torch.stack([stones[owner[j]][j] for j in range(4)])
-            assert got["loss_cross"].item() == pytest.approx(0.5 * split.divergence(s_logits, hat, y).item(), rel=1e-5)
+            assert got["loss_cross"].item() == pytest.approx(0.5 * split.d(s_logits, hat).item(), rel=1e-5, abs=1e-7)
         for k in ("loss_task_stones", "loss_distill_stones"):
             assert _mean_over(draws, k) == pytest.approx(ref[k].item(), rel=1e-5)
         # E[L_cross] = Σ_i P(j in share i) · d(Y^S, Y^{N_i}) = Σ_i (b_i / 4) · d(Y^S, Y^{N_i}).
-        expected = sum(b / 4 * split.divergence(s_logits, z, y).item() for b, z in zip(sizes, stones))
+        expected = sum(b / 4 * split.d(s_logits, z).item() for b, z in zip(sizes, stones))
         assert _mean_over(draws, "loss_cross") == pytest.approx(0.5 * expected, rel=1e-5)
 
 
-@pytest.mark.parametrize("shares,k", [("weights", 1), ("equal", 2)])
-def test_whole_batch_stones_see_every_sample_and_their_cross_term(shares, k):
+@pytest.mark.parametrize("k", [1, 2])
+def test_whole_batch_stones_see_every_sample_and_their_cross_term(k):
     """whole_batch_stones: k: the k deepest stones run on the whole batch, the others on their share (the same
     share sizes); over every permutation of a batch of 4 the task and distill terms average to the full
     objective's; each draw's L_cross is d(Y^S, Ŷ) + Σ_i mean over stone i's samples of d(Y^{N_i}, Ŷ), with Ŷ_j
     the mean of the stones that saw j, computed here sample by sample."""
-    opts = dict(gamma=0.5)  # not logit_standardization: its z-scores would hide a mis-scaled Ŷ
-    split = lite3(split_shares=shares, whole_batch_stones=k, **opts)
-    sizes = {"weights": [1, 1, 2], "equal": [2, 1, 1]}[shares]
-    assert split.share_sizes(4) == sizes
-    assert split.stone_batch_sizes(4) == sizes[:3 - k] + [4] * k
-    assert split.stone_batch_sizes(128) == {1: [18, 37, 128], 2: [43, 128, 128]}[k]
-    rows = split.split_batch(4)
-    assert [len(r) for r in rows] == split.stone_batch_sizes(4)
-    assert all(torch.equal(r, torch.arange(4)) for r in rows[3 - k:])
+    opts = dict(gamma=0.5, stone_warmup_fraction=0.0)
+    split = lite3(whole_batch_stones=k, **opts)
+    sizes = [2, 1, 1]
+    assert split.plan.share_sizes(4) == sizes
+    assert split.plan.batch_sizes(4) == sizes[:3 - k] + [4] * k
+    assert split.plan.batch_sizes(128) == {1: [43, 43, 128], 2: [43, 128, 128]}[k]
+    rows = split.plan.rows(4)
+    assert [len(r) for r in rows[:3 - k]] == sizes[:3 - k] and rows[3 - k:] == [None] * k
     assert torch.equal(torch.cat(rows[:3 - k]).unique(), torch.cat(rows[:3 - k]).sort().values)  # disjoint
     x, y, ref, stones, s_logits = _full_twin(split, opts)
-    d = split.divergence
+    d = split.d
     with torch.no_grad():
         draws = _every_draw(split, x, y)
         for perm, got in draws:
             owner = {j: i for i, share in enumerate(torch.tensor(perm).split(sizes)) for j in share.tolist()}
             saw = [{owner[j], *range(3 - k, 3)} for j in range(4)]
             hat = torch.stack([sum(stones[i][j] for i in saw[j]) / len(saw[j]) for j in range(4)])
-            cross = d(s_logits, hat, y).item()
+            cross = d(s_logits, hat).item()
             for i in range(3):
                 mine = [j for j in range(4) if i in saw[j]]
                 if mine:
-                    cross += d(stones[i][mine], hat[mine], y[mine]).item()
+                    cross += d(stones[i][mine], hat[mine]).item()
             assert got["loss_cross"].item() == pytest.approx(0.5 * cross, rel=1e-4)
         for key in ("loss_task_stones", "loss_distill_stones"):
             assert _mean_over(draws, key) == pytest.approx(ref[key].item(), rel=1e-5)
@@ -566,75 +499,10 @@ def test_whole_batch_stones_see_every_sample_and_their_cross_term(shares, k):
     with torch.no_grad():
         _, got = every.forward_train(x, y, epoch=1.0)
     assert {k: v.item() for k, v in got.items()} == pytest.approx({k: v.item() for k, v in ref.items()}, rel=1e-5)
-    with pytest.raises(BlockKDError, match=r"method\.options\.whole_batch_stones.*sampling split"):
-        make("blockkd", whole_batch_stones=1)
     with pytest.raises(BlockKDError, match=r"whole_batch_stones must be between 0 and the number of stones \(3\), got 4"):
         lite3(whole_batch_stones=4)
     with pytest.raises(BlockKDError, match=r"method\.options\.whole_batch_stones.*num_blocks is 2"):
         lite3(whole_batch_stones=3, num_blocks=2)
-
-
-@pytest.mark.parametrize("k", [1, 2])
-def test_whole_batch_connectors_normalise_with_the_batch(k):
-    """whole_batch_connectors: k: the k shallowest stones' connectors run on the whole batch in train mode, so
-    their BN statistics are the batch's, and their share's logits are those of the stone run on the whole batch,
-    cut to the share; a deeper stone still normalises with its own share (its logits differ); the running
-    statistics are updated from the whole batch."""
-    d = lite3(whole_batch_connectors=k).train()
-    x, _ = batch(16)
-    feats, _ = d.student_features(x)
-    feats = [f.detach() for f in feats]
-    rows = d.split_batch(16)
-    assert [len(r) for r in rows] == [2, 5, 9]
-    bns = [[m for m in c.modules() if isinstance(m, torch.nn.BatchNorm2d)][-1] for c in d.connectors]
-    with torch.no_grad():
-        for bn in bns:
-            bn.reset_running_stats()
-        split = d.run_stones(feats, [0, 1, 2], x, rows=rows)
-        means = [bn.running_mean.clone() for bn in bns]
-        alone = [d.run_stones(feats, [i], x)[0] for i in range(3)]  # each stone on the whole batch
-        for i in range(3):
-            conv_out = d.connectors[i].proj[:-1](feats[i] if i < k else feats[i][rows[i]])  # up to the last BN
-            torch.testing.assert_close(means[i], bns[i].momentum * conv_out.mean((0, 2, 3)))
-            if i < k:
-                torch.testing.assert_close(split[i], alone[i][rows[i]], rtol=1e-4, atol=1e-5)
-            else:
-                assert not torch.allclose(split[i], alone[i][rows[i]], rtol=1e-3, atol=1e-4)
-    with pytest.raises(BlockKDError, match=r"method\.options\.whole_batch_connectors.*sampling split"):
-        make("blockkd", whole_batch_connectors=1)
-    with pytest.raises(BlockKDError, match=r"whole_batch_connectors must be between 0 and the number of stones \(3\)"):
-        lite3(whole_batch_connectors=4)
-
-
-@pytest.mark.parametrize("reweight", [True, False])
-def test_stones_every_k_runs_the_stones_on_every_kth_step_only(reweight):
-    """stones_every: 3: steps 0, 3, 6 give the full objective's stone terms (×3 with the reweighting, so that
-    their mean over steps is the full one), the steps between give zero stone terms and the same student terms;
-    the step count is saved with the checkpoint, so a resumed distiller keeps the rhythm."""
-    ref = make("blockkd", stone_warmup=0.0).train()
-    every = make("blockkd", stones_every=3, stones_every_reweight=reweight).train()
-    every.load_state_dict(ref.state_dict(), strict=False)  # same student and connectors; the counter stays 0
-    x, y = batch(8)
-    stone_terms = ("loss_task_stones", "loss_distill_stones", "loss_cross")
-    scale = 3.0 if reweight else 1.0
-    with torch.no_grad():
-        _, full = ref.forward_train(x, y, epoch=1.0)
-        for step in range(5):
-            _, got = every.forward_train(x, y, epoch=1.0)
-            for name, value in got.items():
-                want = full[name] * (scale if step % 3 == 0 else 0.0) if name in stone_terms else full[name]
-                torch.testing.assert_close(value, want, rtol=1e-5, atol=1e-6, msg=f"step {step} {name}")
-        assert int(every.train_state_dict()["stone_step"]) == 5
-        resumed = make("blockkd", stones_every=3, stones_every_reweight=reweight).train()
-        resumed.load_train_state_dict(every.train_state_dict())
-        due = [bool(resumed.forward_train(x, y, epoch=1.0)[1]["loss_distill_stones"]) for _ in range(4)]
-        assert due == [False, True, False, False]  # steps 5, 6, 7, 8
-        resumed.load_train_state_dict(every.train_state_dict())  # back to step 5, in the same process
-        due = [bool(resumed.forward_train(x, y, epoch=1.0)[1]["loss_distill_stones"]) for _ in range(2)]
-        assert due == [False, True]
-    assert "stone_step" not in ref.train_state_dict()  # the default's checkpoints keep their keys
-    with pytest.raises(BlockKDError, match=r"method\.options\.stones_every"):
-        make("blockkd", stones_every=0)
 
 
 def test_split_every_connector_gets_a_gradient_every_step():
@@ -643,7 +511,7 @@ def test_split_every_connector_gets_a_gradient_every_step():
     for step in range(3):
         x, y = batch(8)
         opt.zero_grad()
-        _, losses = d(x, y, epoch=float(step))
+        _, losses = d(x, y, epoch=2.0 + step)  # past the stones' warm-up
         sum(losses.values()).backward()
         for name, p in d.connectors.named_parameters():
             assert p.grad is not None and p.grad.abs().sum() > 0, (step, name)
@@ -653,37 +521,27 @@ def test_split_every_connector_gets_a_gradient_every_step():
     assert all(torch.isfinite(v) for v in losses.values())
 
 
-def test_split_option_combinations():
-    with pytest.raises(BlockKDError, match=r"method\.options\.stones_per_step.*split"):
-        make("blockkd", sampling="split", stones_per_step=2)
-    with pytest.raises(BlockKDError, match=r"method\.options\.stones_per_step.*split"):
-        lite3(stones_per_step=1)
-    with pytest.raises(BlockKDError, match=r"method\.options\.sampling.*stones_per_step"):
-        lite3(sampling="uniform")
-    assert lite3(sampling="uniform", stones_per_step=1).stones_per_step == 1
-    assert make("blockkd", sampling="split").opts.sampling == "split"
-
-
 # -------------------------------------------------------------------------------------------- num_stones
 def test_lite_defaults_are_the_two_deepest_stones_the_deepest_on_the_whole_batch():
     d = make("blockkd-lite")
-    assert (d.opts.sampling, d.opts.num_stones, d.opts.split_shares, d.opts.whole_batch_stones) == (
-        "split", 2, "equal", 1)
+    assert (d.opts.num_stones, d.opts.whole_batch_stones) == (2, 1)
+    assert blockkd.methods.defaults("blockkd")["whole_batch_stones"] is None  # every stone on the whole batch
     assert blockkd.methods.defaults("blockkd")["num_stones"] is None  # the full method keeps every stone
     assert d.stone_ids == [1, 2] and len(d.connectors) == 2
-    assert d.stone_batch_sizes(128) == [64, 128] and d.stone_batch_sizes(7) == [4, 7]
-    rows = d.split_batch(8)
-    assert len(rows[0]) == 4 and torch.equal(rows[1], torch.arange(8))
+    assert d.plan.batch_sizes(128) == [64, 128] and d.plan.batch_sizes(7) == [4, 7]
+    rows = d.plan.rows(8)
+    assert len(rows[0]) == 4 and rows[1] is None
     # with fewer blocks than num_stones, every stone there is
     small = make("blockkd-lite", num_blocks=1)
-    assert small.stone_ids == [0] and small.stone_batch_sizes(8) == [8]
+    assert small.stone_ids == [0] and small.plan.batch_sizes(8) == [8]
 
 
 def test_num_stones_keeps_the_deeper_stones_with_their_weights():
     """num_stones: 2 builds the two deepest of 3 stones only: their connectors, weights and logits are those of
     the full method's stones 2 and 3, and the loss is the paper's formula over them."""
-    full = make("blockkd", gamma=0.5)
-    d = make("blockkd", gamma=0.5, num_stones=2)
+    opts = dict(alpha=0.35, beta=0.35, gamma=0.5, stone_warmup_fraction=0.0)
+    full = make("blockkd", **opts)
+    d = make("blockkd", num_stones=2, **opts)
     assert d.stone_ids == [1, 2] and d.stone_weights == [0.5, 1.0] and len(d.connectors) == 2
     # the same modules under the full model's keys, shifted by one stone
     state = {k.replace("connectors.0.", "connectors.x.").replace("connectors.1.", "connectors.0.")
@@ -709,19 +567,14 @@ def test_num_stones_keeps_the_deeper_stones_with_their_weights():
     assert set(d.diagnostics(x, y, epoch=1.0)) == {"grad_norm_student", "grad_norm_stone2", "grad_norm_stone3"}
 
 
-def test_num_stones_with_split_shares_and_sampling():
-    """With num_stones the shares, the whole-batch stones and the drawn stones range over the stones that exist."""
+def test_num_stones_with_shares():
+    """With num_stones the shares and the whole-batch stones range over the stones that exist."""
     d = lite3(num_stones=2)
-    assert d.share_sizes(6) == [2, 4] and d.stone_batch_sizes(6) == [2, 4]
-    rows = d.split_batch(6)
+    assert d.plan.share_sizes(6) == [3, 3] and d.plan.batch_sizes(6) == [3, 3]
+    rows = d.plan.rows(6)
     assert len(rows) == 2 and sorted(torch.cat(rows).tolist()) == list(range(6))
     whole = lite3(num_stones=2, whole_batch_stones=1)
-    assert whole.stone_batch_sizes(6) == [2, 6]
-    drawn = lite3(num_stones=2, sampling="uniform", stones_per_step=1)
-    torch.manual_seed(0)
-    picks = [drawn.pick_stones() for _ in range(50)]
-    assert {tuple(i) for i, _ in picks} == {(1,), (2,)}
-    assert all(c == [drawn.stone_weights[i[0] - 1] * 2] for i, c in picks)
+    assert whole.plan.batch_sizes(6) == [3, 6]
     x, y = batch(6)
     _, losses = d.train()(x, y, epoch=1.0)
     sum(losses.values()).backward()
@@ -732,76 +585,15 @@ def test_num_stones_with_split_shares_and_sampling():
 
 
 def test_num_stones_split_objective_is_unbiased():
-    """Over every permutation of a batch of 4 (stones 2 and 3, shares by weight 1 and 3), the stones' terms
-    average to those of full Block-KD with the same num_stones."""
-    opts = dict(gamma=0.5, num_stones=2)
+    """Over every permutation of a batch of 4 (stones 2 and 3, shares of 2 and 2), the stones' terms average
+    to those of full Block-KD with the same num_stones."""
+    opts = dict(gamma=0.5, num_stones=2, stone_warmup_fraction=0.0)
     split = lite3(**opts)
-    assert split.share_sizes(4) == [1, 3]
+    assert split.plan.share_sizes(4) == [2, 2]
     x, y, ref, stones, s_logits = _full_twin(split, opts)
     with torch.no_grad():
         draws = _every_draw(split, x, y)
         for k in ("loss_task_stones", "loss_distill_stones"):
             assert _mean_over(draws, k) == pytest.approx(ref[k].item(), rel=1e-5)
-        expected = sum(b / 4 * split.divergence(s_logits, z, y).item() for b, z in zip([1, 3], stones))
+        expected = sum(b / 4 * split.d(s_logits, z).item() for b, z in zip([2, 2], stones))
         assert _mean_over(draws, "loss_cross") == pytest.approx(0.5 * expected, rel=1e-5)
-
-
-def test_num_stones_teacher_stats_init_matches_its_own_block():
-    d = make("blockkd", connector_init="teacher_stats", num_stones=2).train()
-    x, y = batch(16)
-    d(x, y)
-    with torch.no_grad():
-        feats, _ = d.student_features(x)
-        t_feats, _ = d._views[1].features(x)
-        for conn, i in zip(d.connectors, d.stone_ids):
-            assert torch.allclose(_moments(conn.train()(feats[i]))[0], _moments(t_feats[i])[0], atol=1e-4)
-
-
-# ------------------------------------------------------------------------------ connector initialisation
-def _moments(f):
-    dims = [0, 2, 3]
-    return f.mean(dims), f.var(dims, unbiased=False).sqrt()
-
-
-def test_teacher_stats_connector_init_matches_teacher_features():
-    d = make("blockkd", connector_init="teacher_stats").train()
-    assert not bool(d.connectors_initialised)
-    x, y = batch(16)
-    d(x, y)
-    assert bool(d.connectors_initialised)
-    with torch.no_grad():
-        feats, _ = d.student_features(x)
-        t_feats, _ = d._views[1].features(x)
-        for conn, f_s, f_t in zip(d.connectors, feats, t_feats):
-            mean_t, std_t = _moments(f_t)
-            mean_c, std_c = _moments(conn.train()(f_s))
-            assert torch.allclose(mean_c, mean_t, atol=1e-4)
-            assert torch.allclose(std_c, std_t, rtol=1e-2, atol=1e-3)
-            mean_e, std_e = _moments(conn.eval()(f_s))  # eval mode starts matched too
-            assert torch.allclose(mean_e, mean_t, atol=1e-3)
-            assert torch.allclose(std_e, std_t, rtol=5e-2, atol=1e-3)
-
-
-def test_teacher_stats_init_happens_once_and_survives_resume():
-    d = make("blockkd", connector_init="teacher_stats").train()
-    x, y = batch(8)
-    d(x, y)
-    state = d.train_state_dict()
-    assert "connectors_initialised" in state and "connectors_initialised" not in make("blockkd").train_state_dict()
-    bn_keys = [k for k in state if k.startswith("connectors.") and k.endswith((".weight", ".bias"))]
-    resumed = make("blockkd", connector_init="teacher_stats").train()
-    resumed.load_train_state_dict(state)
-    x2, y2 = batch(8)
-    resumed(x2 * 3 + 1, y2)  # another batch: no new initialisation
-    after = resumed.train_state_dict()
-    assert all(torch.equal(after[k], state[k]) for k in bn_keys)
-    fresh = make("blockkd", connector_init="teacher_stats").train()
-    last_bn = [m for m in fresh.connectors[0].modules() if isinstance(m, torch.nn.BatchNorm2d)][-1]
-    fresh(x2, y2)
-    assert not torch.equal(last_bn.weight.detach(), torch.ones_like(last_bn.weight))
-
-
-def test_teacher_stats_needs_a_connector_ending_with_bn():
-    with pytest.raises(BlockKDError, match=r"method\.options\.connector_init.*ReLU"):
-        make("blockkd", connector="conv1x1_bn_relu", connector_init="teacher_stats")
-    make("blockkd", connector="conv3x3_bn_relu_conv1x1_bn", connector_init="teacher_stats")

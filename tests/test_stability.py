@@ -4,8 +4,10 @@ The objective sums many KL·T² terms whose gradients reach the student through 
 blocks; a teacher with large logits (std ≳ 15) makes those gradients large. benchmarks/stability.py and
 benchmarks/weight_sweep.py measure it; this test runs the weight sweep's setting (synthetic data, a
 resnet14 teacher scaled to logit std 20, resnet8 student, SGD lr 0.05) and compares, in one process,
-the defaults with the paper's unit weights (α = β = γ = 1): the margin there is ~35 points, so the
-comparison holds on any CPU, where a fixed accuracy threshold would not.
+the defaults with the paper's unit weights (α = β = γ = 1), in one process, where a fixed accuracy threshold
+would not hold on every CPU. The margin was ~35 points with blockkd 0.1's defaults (no warm-up, no bound on the
+stones' gradients); the stone warm-up and ``stone_grad_cap``, which the unit weights get too, bring it to ~10
+(65.6 against 55.9 on the project's CPU), still far outside a seed's spread.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+import blockkd
 from blockkd import config, data
 from blockkd.engine import train
 from blockkd.engine.build import build_model
@@ -60,4 +63,51 @@ def test_blockkd_defaults_are_stable_with_a_confident_teacher(tmp_path):
     for summary in (defaults, unit):  # both trained to the end on finite losses
         rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
         assert len(rows) == 4 and all(math.isfinite(r["train_loss"]) for r in rows)
-    assert defaults["last"]["test_top1"] > unit["last"]["test_top1"] + 10, (defaults["last"], unit["last"])
+    assert defaults["last"]["test_top1"] > unit["last"]["test_top1"] + 5, (defaults["last"], unit["last"])
+
+
+def _confident_pair(seed: int, std: float = 20.0):
+    """resnet8 student, resnet14 teacher whose head is scaled to a mean per-sample logit std of ``std`` on the
+    batch (a stand-in for a teacher trained to high confidence), and the batch; the same for the same seed."""
+    torch.manual_seed(seed)
+    x, y = torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,))
+    student = blockkd.models.create("resnet8", num_classes=10)
+    teacher = blockkd.models.create("resnet14", num_classes=10).eval()
+    with torch.no_grad():
+        head = [m for m in teacher.modules() if isinstance(m, torch.nn.Linear)][-1]
+        scale = std / teacher(x).std(dim=1).mean().item()
+        head.weight.mul_(scale), head.bias.mul_(scale)
+    return student, teacher, x, y
+
+
+def _student_grad_norm(distiller, x, y, epoch: float) -> float:
+    _, losses = distiller(x, y, epoch=epoch)
+    grads = torch.autograd.grad(sum(losses.values()), list(distiller.student.parameters()))
+    return torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item()
+
+
+def test_blockkd_first_gradients_are_no_harsher_than_kds():
+    """Block-KD's defaults, built beside KD's in one process on the same confident pairs (three initialisations):
+    the gradient into the student on the first batch (at the progress the trainer passes for step 1 of 8 epochs
+    of 8 steps) is at most 1.5x KD's, and 16 steps at an aggressive SGD lr stay finite. Why it can be harsher:
+    the untrained connectors feed large errors back through the frozen teacher; the stones ramp in over
+    stone_warmup_fraction of training. (blockkd 0.1's defaults, no ramp: 1.34x, 3.67x, 2.77x here.)"""
+    epochs, steps = 8, 8
+    for seed in range(3):
+        norms = {}
+        for method in ("kd", "blockkd"):
+            student, teacher, x, y = _confident_pair(seed)
+            d = blockkd.methods.create(method, student, teacher, input_shape=(3, 16, 16), epochs=epochs).train()
+            norms[method] = _student_grad_norm(d, x, y, epoch=1 / steps)
+            if seed:
+                continue
+            opt = torch.optim.SGD(d.trainable_parameters(), lr=0.3, momentum=0.9)
+            for step in range(16):
+                xb, yb = torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,))
+                _, losses = d(xb, yb, epoch=(step + 1) / steps)
+                loss = sum(losses.values())
+                assert torch.isfinite(loss), (method, step, {k: v.item() for k, v in losses.items()})
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        assert norms["blockkd"] <= 1.5 * norms["kd"], (seed, norms)

@@ -166,6 +166,9 @@ def parse(cls, values: Mapping[str, Any] | None, *, prefix: str, where: Callable
     for name in values:
         if name not in known:
             key = f"{prefix}{name}"
+            if name in removed_options(cls):
+                raise BlockKDError(f"{key} was removed in blockkd {cls.removed_in} ({cls.removed[name][0]}: see "
+                                   f"docs/blockkd.md); delete it from {where(key)}")
             if not known:
                 raise BlockKDError(f"{owner or prefix.rstrip('.')} takes no options, got {key} in {where(key)}")
             hint = closest(str(name), known) or _prefixed(str(name), known)
@@ -195,6 +198,12 @@ def parse(cls, values: Mapping[str, Any] | None, *, prefix: str, where: Callable
         except OptionError as e:
             raise BlockKDError(f"invalid {prefix}{e.key} in {where(prefix + e.key)}: {e}") from None
     return instance
+
+
+def removed_options(cls) -> dict[str, tuple[str, Any]]:
+    """``{name: (why, saved values that train as today's code does)}``: the options ``cls`` once had (a recipe
+    that names one gets one line; the trainer refuses to resume a run whose saved value trained otherwise)."""
+    return getattr(cls, "removed", {})
 
 
 def _prefixed(name: str, known: Iterable[str]) -> str | None:

@@ -28,12 +28,13 @@ import yaml
 TIMING = ("images_per_s", "train_time_s", "epoch_time_s", "wall_time_s")
 
 # blockkd (the flagship method) from a random resnet14 teacher into a resnet8 on 16x16 synthetic data:
-# 4 steps per epoch, deterministic on the CPU. stones_per_step=2 draws stones from torch's RNG, so an
-# exact resume also proves the RNG state is restored; the milestone makes the scheduler state matter.
+# 4 steps per epoch, deterministic on the CPU. whole_batch_stones=1 cuts each batch into the shallow stones'
+# shares with torch's RNG, so an exact resume also proves the RNG state is restored; the milestone makes the
+# scheduler state matter.
 TINY: dict[str, Any] = {
     "model": {"name": "resnet8"},
     "teacher": {"name": "resnet14", "allow_random": True},
-    "method": {"name": "blockkd", "options": {"stones_per_step": 2}},
+    "method": {"name": "blockkd", "options": {"whole_batch_stones": 1}},
     "data": {"name": "synthetic", "image_size": 16, "num_classes": 10, "train_size": 256, "test_size": 64,
              "batch_size": 64, "eval_batch_size": 64},
     "optim": {"lr": 0.1},

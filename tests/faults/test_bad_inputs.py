@@ -65,16 +65,17 @@ CASES |= {
     "option-type": ([FM, "method.options.num_blocks=three", "data.root=nowhere"],
                     r"^error: invalid method\.options\.num_blocks=three in override .*" + ON_FM
                     + r": expected an integer >= 1 or null for method 'blockkd'$"),
-    "option-closest-choice": ([FM, "method.options.sampling=weird", "data.root=nowhere"],
-                              r"invalid method\.options\.sampling=weird .*" + ON_FM + r": expected one of weighted, "
-                              r"uniform, split for method 'blockkd'"),
+    # an option that lost its measurements and was removed: one line naming it
+    "option-removed": ([FM, "method.options.stones_every=4", "data.root=nowhere"],
+                       r"^error: method\.options\.stones_every was removed in blockkd 0\.2 \(below KD, round 12: see "
+                       r"docs/blockkd\.md\); delete it from override 'method\.options\.stones_every=4'" + ON_FM + "$"),
     "option-range": ([FM, "method.options.temperature=-1", "data.root=nowhere"],
                      r"invalid method\.options\.temperature=-1 .*" + ON_FM + r": expected a number > 0 for method 'blockkd'"),
     # known only once both networks are split: still one line naming the key and where it was set
-    "option-known-later": (["ok.yaml", "method.name=blockkd", "method.options.stones_per_step=9"],
-                           r"^error: invalid method\.options\.stones_per_step in override "
-                           r"'method\.options\.stones_per_step=9' \(on ok\.yaml\): stones_per_step must be between 1 "
-                           r"and the number of stones \(3\), got 9$"),
+    "option-known-later": (["ok.yaml", "method.name=blockkd", "method.options.whole_batch_stones=9"],
+                           r"^error: invalid method\.options\.whole_batch_stones in override "
+                           r"'method\.options\.whole_batch_stones=9' \(on ok\.yaml\): whole_batch_stones must be "
+                           r"between 0 and the number of stones \(3\), got 9$"),
 }
 DEBUG = {"debug-config": ["ok.yaml", "optim.lrr=0.1", "--debug"],
          "debug-engine": ["ok.yaml", "method.options.num_blocks=9", "--debug"]}

@@ -120,7 +120,8 @@ def build_distiller(cfg, data, device: torch.device, *, sync_bn: bool = False):
     teacher = build_model(cfg.teacher.name, data, checkpoint=cfg.teacher.checkpoint, role="teacher",
                           kwargs=cfg.teacher.kwargs) if cfg.needs_teacher else None
     try:
-        distiller = methods.create(cfg.method.name, student, teacher, data.input_shape, options=cfg.method.options)
+        distiller = methods.create(cfg.method.name, student, teacher, data.input_shape, options=cfg.method.options,
+                                   epochs=cfg.train.epochs)
     except OptionError as e:
         key = f"method.options.{e.key}"
         raise BlockKDError(f"invalid {key} in {cfg.where(key)}: {e}") from None

@@ -220,6 +220,7 @@ class Trainer:
         # Keys the run's saved config lacks were added to blockkd since; today's defaults fill them in,
         # which may not be what the run was trained with (e.g. blockkd-lite's num_stones).
         unrecorded = ", ".join(s for k, s in shown.items() if k not in saved and now[k] != {})  # {}: sets nothing
+        self.refuse_removed_options(saved, meta["config"])
         if changed:
             self.log.warning(f"resuming with changed settings: {changed}")
         if unrecorded:
@@ -260,6 +261,23 @@ class Trainer:
         if saved_epochs is not None and saved_epochs != self.epochs:
             self.log.info(f"train.epochs {saved_epochs} -> {self.epochs}: the lr schedule is now that of a "
                           f"{self.epochs}-epoch run; from step {self.step} lr {lrs[0]:.4g}")
+
+    def refuse_removed_options(self, saved: dict[str, Any], saved_cfg: dict[str, Any]) -> None:
+        """One line where the run was trained with a method option since removed, at a value whose behaviour
+        is gone (a value that trains as today's code does, e.g. the former default, resumes silently)."""
+        from .. import methods, schema
+        name = saved_cfg.get("method", {}).get("name")
+        if name not in methods.names():
+            return
+        cls = methods.get(name).Options
+        for key, (why, same) in schema.removed_options(cls).items():
+            flat = f"method.options.{key}"
+            if flat not in saved or same is None:
+                continue
+            if not (same(saved[flat], self.cfg) if callable(same) else saved[flat] in same):
+                raise BlockKDError(f"this run was trained with {flat}={json.dumps(saved[flat])}, removed in blockkd "
+                                   f"{cls.removed_in} ({why}: see docs/blockkd.md); resume it with the blockkd "
+                                   f"that started it, or start a new run")
 
     def wall_time(self) -> float:
         return self.wall_before + time.perf_counter() - self.started

@@ -65,7 +65,8 @@ def default_input(*models: nn.Module | None) -> Any:
 
 
 def create(name: str, student: nn.Module, teacher: nn.Module | None = None,
-           input_shape: Any = None, options: Any = None, **values) -> Distiller:
+           input_shape: Any = None, options: Any = None, epochs: float | None = None,
+           **values) -> Distiller:
     """Build the distiller ``name`` around ``student`` (and ``teacher``).
 
     ``input_shape`` is the input spec: an image shape (C, H, W), or for text a mapping of per-sample
@@ -73,7 +74,8 @@ def create(name: str, student: nn.Module, teacher: nn.Module | None = None,
     None: :func:`default_input` (text for Hugging Face text models, else ``(3, 32, 32)``).
 
     Options come either validated (``options``: the method's ``Options`` instance, as the engine passes
-    them) or as keywords, checked here: ``create("kd", s, t, temperature=2)``.
+    them) or as keywords, checked here: ``create("kd", s, t, temperature=2)``. ``epochs``: the training
+    length, for terms that ramp in over a fraction of it (Block-KD's ``stone_warmup_fraction``).
     """
     cls = get(name)
     if options is None:
@@ -83,7 +85,9 @@ def create(name: str, student: nn.Module, teacher: nn.Module | None = None,
     if cls.needs_teacher and teacher is None:
         raise BlockKDError(f"method {name!r} needs a teacher (set teacher.name and teacher.checkpoint)")
     spec = default_input(student, teacher) if input_shape is None else input_shape
-    return cls(student, teacher, options, as_input_spec(spec))
+    distiller = cls(student, teacher, options, as_input_spec(spec))
+    distiller.epochs = epochs
+    return distiller
 
 
 # Registration happens on import of each method module.

@@ -37,7 +37,9 @@ class Distiller(nn.Module):
     for listings), ``task_losses`` where their task terms are not named ``loss_ce``, and implement
     :meth:`forward_train`, reading their options from ``self.opts``.
     ``epoch`` is training progress in epochs as a float (2.5 = half-way through the third epoch): the
-    one mechanism for losses that depend on progress (DKD's warm-up).
+    one mechanism for losses that depend on progress (DKD's warm-up). ``epochs`` is the training length,
+    for terms that ramp in over a fraction of training (Block-KD's stones); the trainer sets it, API users
+    pass ``blockkd.methods.create(..., epochs=E)`` (None: unknown).
     """
 
     Options: ClassVar[type] = NoOptions
@@ -46,6 +48,7 @@ class Distiller(nn.Module):
     # distillation terms. Optimizers that treat the two gradients apart (DOT) read it.
     task_losses: ClassVar[tuple[str, ...]] = ("loss_ce",)
     paper: ClassVar[str] = ""
+    epochs: float | None = None
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, options: Any = None,
                  input_shape: Any = (3, 32, 32)):
