@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import torch
+
 from ..schema import BOOL, STRING, Check, REQUIRED, choice, integer, number, option, optional
 
 AMP = Check("one of auto, off, bf16, fp16", lambda v: v is False or v in ("auto", "off", "bf16", "fp16"),
@@ -21,8 +23,6 @@ def _is_device(v: Any) -> bool:
         return False
     if v == "auto":
         return True
-    import torch
-
     try:
         torch.device(v)
     except (RuntimeError, ValueError):

@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .. import models
+from .. import methods, models
 from ..errors import BlockKDError
+from ..schema import OptionError
 from .checkpoint import checkpoint_dir, load_checkpoint
 
 
@@ -89,10 +90,6 @@ def build_distiller(cfg, data, device: torch.device, *, sync_bn: bool = False):
     A method option that can only be checked against the models (``num_blocks`` larger than the
     networks' stages, say) fails here with one line naming the key and the file that set it.
     """
-    from .. import methods
-    from ..errors import BlockKDError
-    from ..schema import OptionError
-
     student = build_model(cfg.model.name, data, checkpoint=cfg.model.checkpoint, role="model")
     if sync_bn:
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)  # before the method builds views of it

@@ -81,7 +81,7 @@ import torch.nn as nn
 from ..blocks import match
 from ..errors import BlockKDError
 from ..schema import registered, BOOL, OptionError, choice, integer, number, option, optional
-from . import register
+from .registry import register
 from .base import Distiller
 from .connectors import CONNECTORS, build_connectors
 from .divergences import (DIVERGENCES, LogitDivergence, divergence_option, dkd_alpha_option, dkd_beta_option,
