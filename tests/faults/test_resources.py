@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from blockkd.engine import checkpoint, evaluation, load_checkpoint, trainer
-from faultlib import cli_here, env, rows, untimed, write_recipe
+from faultlib import cli_here, env, write_recipe
+from helpers import rows, untimed
 
 
 # ----------------------------------------------------------------------------------------- memory
