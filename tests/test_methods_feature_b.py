@@ -16,13 +16,14 @@ from blockkd.methods.crd import ContrastMemory, nce_loss
 from blockkd.methods.ofd import bn_margin, gaussian_margin, ofd_partial_l2
 from blockkd.methods.reviewkd import hcl
 from blockkd.methods.vid import vid_nll
+from helpers import step_kwargs
 
-METHODS = ["ofd", "reviewkd", "crd", "vid"]
 SMALL = {"crd": {"num_data": 64, "nce_k": 16}}  # a small bank keeps the CRD tests fast
 EXTRA = {"ofd": ["connectors."], "reviewkd": ["abfs."], "vid": ["regressors.", "log_scales."],
          "crd": ["embed_s.", "embed_t."]}
 BUFFERS = {"ofd": ["margin0"], "reviewkd": [], "vid": [],
            "crd": ["contrast.memory_s", "contrast.memory_t", "contrast.labels", "contrast.z", "contrast.step"]}
+METHODS = list(EXTRA)  # the methods with modules of their own; EXTRA and BUFFERS say which
 
 
 def create(name, num_classes=10):
@@ -35,10 +36,6 @@ def create(name, num_classes=10):
 def make(method, teacher="resnet32x4", student="resnet8x4", shape=(3, 64, 64), **options):
     opts = {**SMALL.get(method, {}), **options}
     return blockkd.methods.create(method, create(student), create(teacher), input_shape=shape, **opts)
-
-
-def step_kwargs(d, n):
-    return {"index": torch.arange(n)} if getattr(d, "needs_index", False) else {}
 
 
 # ----------------------------------------------------------------------------------- pre-ReLU features
