@@ -20,7 +20,7 @@ What is measured, and why this way:
   arithmetic), for each method's step and for the parts of a blockkd step, so the README can derive the
   cost floor of Block-KD relative to KD from counted FLOPs and compare it with the measured time ratio.
 - Data path: one pass of ``blockkd.data``'s on-device loader vs torchvision's DataLoader + transforms
-  pipeline (``blockkd.data.torchvision_reference_loader``) over the same images.
+  pipeline (``benchmarks/reference_loader.py``) over the same images.
 Outputs: a table on stdout, ``--out`` (JSON: every number plus the machine) and the README section
 (markdown) beside it (``speed.md``). Benchmarks measure; they never assert timings.
 """

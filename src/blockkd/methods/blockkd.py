@@ -574,7 +574,7 @@ class BlockKDLite(BlockKD):
                                "random share of the batch; weighted / uniform: draw stones_per_step stones "
                                "∝ w_i or uniformly")
         # The two deepest stones, the deeper on the whole batch and the other on half of it: better than all
-        # three stones on shares ∝ w_i on both validation seeds, and cheaper (README, "Rounds 7 to 15").
+        # three stones on shares ∝ w_i on both validation seeds, and cheaper (results/tuning-round7.md).
         num_stones: int | None = option(2, optional(integer(1)), "k: only the k deepest stepping-stones are built "
                                         "and trained (all n where n <= k; null: all): the shallow stones carry "
                                         "nearly the whole teacher, the costly part of a stone")
