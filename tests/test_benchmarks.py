@@ -19,6 +19,9 @@ import pytest
 from blockkd import config, methods
 from blockkd.data import fashion_mnist
 
+# The benchmarks end to end: minutes; `make test-fast` (pytest -m "not slow") skips them.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 approx = pytest.approx

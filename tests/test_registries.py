@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import blockkd.blocks  # noqa: F401  (imports the splitter modules it lists)
 from blockkd import config, data, optim, schema
 from blockkd.methods.connectors import CONNECTORS, Connector
 
@@ -64,3 +66,14 @@ def test_every_dataset_is_declared_and_documented(name):
     assert entry.help.strip()
     assert all(h.strip() for _, _, _, h in schema.describe(entry.options)), "every key needs its help text"
     assert f"- `{name}` — " in (ROOT / "docs" / "config.md").read_text(), "regenerate docs/config.md"
+
+
+def test_every_splitter_module_is_imported_by_the_package():
+    """A module of blocks/ that registers splitters must be imported in blocks/__init__.py, or its models
+    silently fall back to torch.fx."""
+    folder = ROOT / "src" / "blockkd" / "blocks"
+    registering = sorted(p.stem for p in folder.glob("*.py")
+                         if p.stem not in ("__init__", "core") and "register_splitter(" in p.read_text())
+    assert registering, "no splitter module found: the test no longer matches blocks/"
+    missing = [m for m in registering if f"blockkd.blocks.{m}" not in sys.modules]
+    assert not missing, f"import {missing} in src/blockkd/blocks/__init__.py"

@@ -13,8 +13,13 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from blockkd.engine import train
 from weight_sweep import confident_teacher, recipe  # benchmarks/weight_sweep.py: the setting this test runs
+
+# Two short trainings and a teacher's: minutes; `make test-fast` (pytest -m "not slow") skips them.
+pytestmark = pytest.mark.slow
 
 
 def test_blockkd_defaults_are_stable_with_a_confident_teacher(tmp_path):
