@@ -95,7 +95,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "blockkd conv3x3_bn stone_warmup 2 student dkd": ("blockkd", {"connector": "conv3x3_bn", "stone_warmup": 2.0,
                                                                   "student_divergence": "dkd", "dkd_beta": 2.0}),
     # Round 7: the weights once the warm-up is in. The stones' ensemble ends above the student on the test split
-    # (README's heads line: 86.93 against 86.08), so a stronger pull towards it (γ 0.2), that with DKD's divergence
+    # (results/accuracy.md's heads: 86.93 vs 86.08), so a stronger pull towards it (γ 0.2), that with DKD's divergence
     # in the student's own term, the student's own terms (and the stones') at a larger α = β, and DKD's CIFAR
     # β (8) in the student's own term.
     **{f"blockkd conv3x3_bn stone_warmup 2 {name}": ("blockkd", {"connector": "conv3x3_bn", "stone_warmup": 2.0,
@@ -384,7 +384,7 @@ def parallelism(report: dict[str, Any]) -> str:
 
 
 def render(report: dict[str, Any], out: Path) -> tuple[str, Path]:
-    """The setup sentence, and the README section written beside ``out`` (.md), from a tuning report."""
+    """The setup sentence, and the results/README.md section written beside ``out`` (.md), from a tuning report."""
     u, t = report["setup"], report["teacher"]
     epochs = [o.split("=", 1)[1] for o in u["overrides"] if o.startswith("train.epochs=")]
     schedule = f"{epochs[-1]} epochs" if epochs else "the recipes' schedule"

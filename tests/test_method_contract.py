@@ -50,7 +50,7 @@ def batch(seed: int = 1):
 def test_one_step_keeps_the_contract(method, pair):
     d = build(method, pair).train()
     cls = methods.get(method)
-    assert isinstance(cls.paper, str) and isinstance(cls.untrained_student_parameters, tuple)
+    assert isinstance(cls.paper, str) and isinstance(d.untrained_student_parameters, tuple)
     teacher = d.teacher
     teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()} if teacher is not None else {}
     params = list(d.trainable_parameters())
@@ -68,7 +68,7 @@ def test_one_step_keeps_the_contract(method, pair):
     opt.zero_grad()
     sum(losses.values()).backward()
 
-    untrained = cls.untrained_student_parameters
+    untrained = d.untrained_student_parameters
     for name, p in d.student.named_parameters():
         if name.startswith(untrained):
             assert p.grad is None, f"{name} is declared untrained but got a gradient"

@@ -49,8 +49,9 @@ class Distiller(nn.Module):
     paper: ClassVar[str] = ""
     # Prefixes of student parameter names (as in ``student.named_parameters()``) the method leaves
     # without gradient on purpose, e.g. ``("fc.",)`` for a method that classifies with the teacher's
-    # head. The method contract test (tests/test_method_contract.py) requires a finite gradient on
-    # every other student parameter after one step.
+    # head; a property may compute them from ``self.student`` (its head's names differ between models).
+    # The method contract test (tests/test_method_contract.py) requires a finite gradient on every
+    # other student parameter after one step, and none on these.
     untrained_student_parameters: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, options: Any = None,
