@@ -43,6 +43,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from blockkd import config
+from blockkd.config.paths import short
 from blockkd import data as data_lib
 from blockkd.engine import runtime
 from blockkd.engine.checkpoint import WEIGHTS, checkpoint_dir, read_meta
@@ -151,7 +152,7 @@ def setup_of(cfg: dict[str, Any], teacher: dict[str, Any], s: dict[str, Any]) ->
     title = f"GLUE {cfg['data']['task']}" if name == "glue" else TITLES.get(name, name)
     about = f" ({ABOUT[name]}, {sizes.num_classes} classes)" if name in ABOUT else ""
     return {"dataset": name, "title": title, "about": about, "samples": "texts" if sizes.tokenizer is not None else "images",
-            "student": cfg["model"]["name"], "teacher": teacher["model"],
+            "student": short(cfg["model"]["name"]), "teacher": teacher["model"],
             "split": "val" if s["val"] else "test", "val_split": s["val"], "train_subset": cfg["data"]["train_subset"],
             "train_images": sizes.train_size, "eval_images": sizes.test_size, "epochs": cfg["train"]["epochs"],
             "teacher_epochs": teacher["epochs"], "seeds": s["seeds"], "methods": s["methods"],

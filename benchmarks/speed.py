@@ -12,8 +12,9 @@ What is measured, and why this way:
   instead, with at least 20 of them. Each case runs in a fresh process (forked from a server that has
   only imported the modules), so peak memory (CUDA: ``max_memory_allocated``; CPU: peak RSS) belongs to
   that method alone and no allocator or autotuner state leaks from one method into the next.
-- Every registered method is timed (``blockkd.methods.names()``; ``--methods`` picks some); those that keep
-  per-sample state (CRD: ``needs_index``) get the batch's sample indices through ``train_step(index=...)``.
+- Every registered method for classifiers is timed (``blockkd.methods.names()`` but the ``lm-*`` ones;
+  ``--methods`` picks some); those that keep per-sample state (CRD: ``needs_index``) get the batch's sample
+  indices through ``train_step(index=...)``.
   Beside the time: each method's extra trainable parameters (outside the student) and extra buffers
   (outside the student and teacher: memory banks, connectors' BN statistics).
 - FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` on the ``meta`` device (shapes only, no
@@ -54,7 +55,8 @@ from common import (fmt, machine_info, machine_line, markdown_table, plural, sec
                     write_json, write_text)
 
 PAIRS = ["resnet32x4:resnet8x4", "wrn_40_2:wrn_16_2"]  # teacher:student
-METHODS = methods.names()  # every registered method
+# every registered method for classifiers (the language-model methods: benchmarks/lm_stones.py)
+METHODS = [m for m in methods.names() if getattr(methods.get(m), "task", None) != "causal_lm"]
 UNBATCHED = "blockkd (unbatched)"  # blockkd with batched_stones=false: is batching the faster choice here?
 LABELS = {**{m: (m, {}) for m in METHODS}, UNBATCHED: ("blockkd", {"batched_stones": False})}
 GOALS = {"blockkd": 2.35, "blockkd-lite": 1.35}  # time per step relative to kd ...

@@ -241,7 +241,8 @@ def test_unknown_key_suggests_closest(tmp):
     ("schedule: {name: step}", "unknown schedule 'step' (schedule.name in a.yaml); did you mean 'multistep'?"),
     ("schedule: {name: cosine, milestones: [3]}", "schedule.milestones (set in a.yaml) does not apply to schedule "
      "'cosine'; its keys: min_lr, name, warmup_epochs (set schedule.milestones=null to drop it)"),
-    ("output: {name: ''}", "invalid output.name='' in a.yaml: expected a non-empty string or null"),
+    ("output: {name: ''}", "invalid output.name='' in a.yaml: expected a folder name inside output.dir (not absolute, "
+                                   "no '..') or null"),
     ("optim: 0.1", "invalid optim=0.1 in a.yaml: expected a mapping of optim keys"),
     ("method: {options: [1]}", "invalid method.options=[1] in a.yaml: expected a mapping"),
 ])
@@ -305,6 +306,18 @@ def test_data_overrides_for_eval():
         config.parse_data_overrides(["eval_batch_size=-1"], saved)
 
 
+def test_eval_refuses_data_keys_of_another_dataset():
+    """``blockkd eval RUN --data root=/x`` on a text-file run: refused as train refuses it, not ignored."""
+    saved = {"name": "textfile", "train": "a.csv", "test": "b.csv", "tokenizer": "wordpiece", "batch_size": 8,
+             "root": None}  # an older run's stored key of another dataset: still dropped silently
+    with pytest.raises(BlockKDError, match=r"^data.root \(set in --data 'root=/x'\) does not apply to dataset "
+                                           r"'textfile'; its keys: .*test, .*train"):
+        config.parse_data_overrides(["root=/x"], saved)
+    assert config.parse_data_overrides(["test=c.csv"], saved)["test"] == "c.csv"
+    switched = config.parse_data_overrides(["name=cifar10", "root=/x"], saved)  # another dataset: its keys apply
+    assert switched["name"] == "cifar10" and switched["root"] == "/x" and "train" not in switched
+
+
 # ----------------------------------------------------------------------------------------- property test
 VALID = {"model": {"name": "resnet8"}, "teacher": {"name": "resnet20", "allow_random": True},
          "method": {"name": "blockkd", "options": {"beta": 2.0}},
@@ -358,3 +371,27 @@ def test_random_overrides_load_or_raise_blockkd_error(tmp_path_factory, override
         assert "\n" not in str(e)
     else:
         assert all(math.isfinite(cfg["optim"][k]) for k in ("lr", "momentum", "weight_decay"))
+
+
+def test_paths_in_names_and_run_names(tmp_path, monkeypatch):
+    """Paths inside model names: one file named two ways is one model (runs stored before paths were resolved
+    name theirs relative to where they were started); run folder names show them short; output.name stays in
+    output.dir (sub-folders allowed)."""
+    from blockkd.config import paths
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "t.json").write_text("{}")
+    (tmp_path / "models" / "u.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    absolute = f"hf-config.{tmp_path / 'models' / 't.json'}"
+    assert paths.same_path_name("hf-config.models/t.json", absolute)
+    assert paths.same_path_name("hf-config.models/../models/t.json", "hf-config.models/t.json")
+    assert not paths.same_path_name("hf-config.models/u.json", absolute)
+    assert not paths.same_path_name("hf.models/t.json", absolute) and not paths.same_path_name("resnet8", "resnet20")
+    assert paths.short(absolute) == "hf-config.models/t.json" and paths.short("hf-config./else/where/c.json") == \
+        "hf-config.c.json" and paths.short("resnet8") == "resnet8"
+    for name in ("a", "group/a", "a.b"):
+        assert config.validate({"model": {"name": "resnet8"}, "output": {"name": name}}).output.name == name
+    for name in ("../escape", "a/../../b", "/tmp/x", "~/x", "", "."):
+        with pytest.raises(BlockKDError, match="expected a folder name inside output.dir"):
+            config.validate({"model": {"name": "resnet8"}, "output": {"name": name}})

@@ -189,7 +189,8 @@ def test_config_errors_and_defaults():
     section = data.parse({"name": "cifar100"})  # only the keys that apply to the dataset
     assert set(section.flat()) == {"name", "root", "batch_size", "eval_batch_size", "augment", "train_subset",
                                    "val_split", "download", "drop_last"}
-    assert set(data.parse({"name": "imagefolder"}).flat()) - set(section.flat()) == {"image_size", "num_workers"}
+    own = {"image_size", "num_workers", "skip_unreadable"}
+    assert set(data.parse({"name": "imagefolder"}).flat()) - set(section.flat()) == own
     with pytest.raises(BlockKDError, match=r"data.train_size \(set in the data config\) does not apply to dataset "
                                            r"'cifar100'"):
         data.parse({"name": "cifar100", "train_size": 10})

@@ -131,6 +131,9 @@ def test_ce_run_writes_every_output(teacher_run):
     assert summary["best"] == {"epoch": best["epoch"], "test_top1": best["test_top1"], "test_top5": best["test_top5"]}
     assert history[-1]["train_loss"] < history[0]["train_loss"]  # it trained (no CPU-specific accuracy threshold)
     assert summary["teacher_test_top1"] is None and summary["params"] > 0 and summary["images_per_s"] > 0
+    classes = [f"class_{i}" for i in range(10)]  # the data's class names, recorded with the run
+    assert summary["classes"] == classes and load_checkpoint(run / "best").meta["classes"] == classes
+    assert (run / "run.lock").read_text() == ""  # the run's lock, released
     assert config.validate(yaml.safe_load((run / "config.yaml").read_text()))["model"]["name"] == "resnet14"
     for ck in ("last", "best"):
         ckpt = load_checkpoint(run / ck)

@@ -17,6 +17,7 @@ import transformers  # the test extra installs it (and tokenizers)
 
 from blockkd import config, data, models  # noqa: E402
 from blockkd.data import text  # noqa: E402
+from blockkd.engine import metrics  # noqa: E402
 from blockkd.engine import evaluate_checkpoint, load_checkpoint, train  # noqa: E402
 from blockkd.engine.build import build_model  # noqa: E402
 from blockkd.errors import BlockKDError  # noqa: E402
@@ -234,6 +235,88 @@ def test_csv_and_jsonl_files(tmp_path):
         data.build({**cfg, "test": None}, device="cpu")
 
 
+def test_textfile_run_records_its_labels_and_its_hf_folder_deploys(tmp_path, bert_configs):
+    """String labels are stored (meta.json, summary.json, hf/'s id2label), and hf/ works with a plain
+    transformers pipeline: a text longer than the training length is cut to it (model_max_length), not a crash."""
+    texts = text.read_fortunes(FORTUNES / "food")[:16] + text.read_fortunes(FORTUNES / "sports")[:16]
+    with (tmp_path / "train.jsonl").open("w") as f:
+        for i, t in enumerate(texts):
+            f.write(json.dumps({"text": t, "label": "food" if i < 16 else "sports"}) + "\n")
+    cfg = recipe(tmp_path, "labels", bert_configs["student"], train__max_steps=2,
+                 data={"name": "textfile", "train": str(tmp_path / "train.jsonl"), "val_split": 8,
+                       "tokenizer": "wordpiece", "vocab_size": VOCAB, "max_length": LENGTH, "batch_size": 8})
+    summary = train(cfg)
+    run = tmp_path / "labels"
+    assert summary["classes"] == ["food", "sports"]
+    assert json.loads((run / "summary.json").read_text())["classes"] == ["food", "sports"]
+    assert load_checkpoint(run / "last", with_state=False).meta["classes"] == ["food", "sports"]
+    hf_config = json.loads((run / "hf" / "config.json").read_text())
+    assert hf_config["id2label"] == {"0": "food", "1": "sports"} and hf_config["label2id"] == {"food": 0, "sports": 1}
+    classify = transformers.pipeline("text-classification", model=str(run / "hf"), device="cpu")
+    assert classify.tokenizer.model_max_length == LENGTH
+    long = "cheese wine and bread " * 40  # ~160 tokens; the model has LENGTH=32 positions
+    assert len(classify.tokenizer(long)["input_ids"]) > LENGTH
+    (result,) = classify(long, truncation=True)
+    assert result["label"] in ("food", "sports") and 0 < result["score"] <= 1
+    # the pipeline's answer is the model's on the first LENGTH tokens
+    x = classify.tokenizer(long, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = classify.model(**x).logits[0]
+    assert x["input_ids"].shape[1] == LENGTH and result["label"] == ["food", "sports"][int(logits.argmax())]
+
+
+def test_paths_resolve_against_their_recipe_and_runs_work_from_anywhere(tmp_path, bert_configs, monkeypatch):
+    """A recipe's relative paths (hf-config., data files, teacher.checkpoint) are read from the recipe's folder,
+    stored absolute, so `blockkd eval` works from any directory; one file named relatively or absolutely is one
+    teacher."""
+    import contextlib
+    import shutil
+
+    import yaml
+
+    from blockkd.cli import main
+
+    rec = tmp_path / "project" / "recipes"
+    (rec / "models").mkdir(parents=True)
+    for role in ("student", "teacher"):
+        shutil.copy(bert_configs[role].removeprefix("hf-config."), rec / "models" / f"{role}.json")
+    texts = text.read_fortunes(FORTUNES / "food")[:12] + text.read_fortunes(FORTUNES / "sports")[:12]
+    with (rec / "train.jsonl").open("w") as f:
+        for i, t in enumerate(texts):
+            f.write(json.dumps({"text": t, "label": "food" if i < 12 else "sports"}) + "\n")
+    common = {"data": {"name": "textfile", "train": "train.jsonl", "val_split": 8, "tokenizer": "wordpiece",
+                       "vocab_size": VOCAB, "max_length": LENGTH, "batch_size": 8},
+              "optim": {"name": "adamw", "lr": 3e-3}, "train": {"max_steps": 2, "device": "cpu", "epochs": 1},
+              "output": {"dir": str(tmp_path / "runs"), "progress": False, "tensorboard": False, "plot": False}}
+    (rec / "teacher.yaml").write_text(yaml.safe_dump({**common, "model": {"name": "hf-config.models/teacher.json"},
+                                                      "output": {**common["output"], "name": "t"}}))
+    (rec / "kd.yaml").write_text(yaml.safe_dump({
+        **common, "model": {"name": "hf-config.models/student.json"}, "method": {"name": "kd"},
+        "teacher": {"name": "hf-config.models/teacher.json", "checkpoint": str(tmp_path / "runs" / "t")},
+        "output": {**common["output"], "name": "kd"}}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with contextlib.chdir(elsewhere):  # neither models/ nor train.jsonl is here: only beside the recipes
+        cfg = config.load(rec / "teacher.yaml")
+        assert cfg.model.name == f"hf-config.{rec / 'models' / 'teacher.json'}"
+        assert cfg.data.flat()["train"] == str(rec / "train.jsonl")
+        assert main(["train", str(rec / "teacher.yaml")]) == 0
+        # the same teacher file named by its absolute path on the command line: the run's teacher, not another
+        assert main(["train", str(rec / "kd.yaml"), f"teacher.name=hf-config.{rec / 'models' / 'teacher.json'}"]) == 0
+        stored = yaml.safe_load((tmp_path / "runs" / "kd" / "config.yaml").read_text())
+        assert stored["model"]["name"] == f"hf-config.{rec / 'models' / 'student.json'}"
+        assert stored["data"]["train"] == str(rec / "train.jsonl")
+    with contextlib.chdir(tmp_path / "project"):  # a command-line path is relative to the working directory
+        over = config.load(rec / "kd.yaml", ["model.name=hf-config.recipes/models/teacher.json", "data.test=nowhere"])
+        assert over.model.name == f"hf-config.{rec / 'models' / 'teacher.json'}"
+        assert over.data.flat()["test"] == "nowhere"  # exists nowhere: kept as typed (the error will name it)
+    monkeypatch.chdir(tmp_path)
+    assert evaluate_checkpoint(tmp_path / "runs" / "kd", device="cpu")["data"] == "textfile"
+    with pytest.raises(BlockKDError, match=r"invalid output\.name=\.\./escape .*expected a folder name inside "
+                                           r"output\.dir \(not absolute, no '\.\.'\)"):
+        config.load(rec / "kd.yaml", ["output.name=../escape"])
+
+
 # ------------------------------------------------------------------------------------------- GLUE, metrics
 def fake_datasets(monkeypatch, task_columns: tuple[str, str | None], n: int = 48, fail: Exception | None = None):
     """A stand-in ``datasets`` module: real fortune texts, labels 0/1 (no network)."""
@@ -282,11 +365,11 @@ def test_glue_task_metrics_in_the_metrics_rows(monkeypatch, tmp_path, bert_confi
 def test_metric_functions():
     y = torch.tensor([1, 1, 1, 0, 0, 0, 1, 0])
     p = torch.tensor([1, 1, 0, 0, 0, 1, 1, 0])
-    assert text.f1_score(p, y) == pytest.approx(100 * 2 * 3 / (2 * 3 + 1 + 1))
+    assert metrics.f1_score(p, y) == pytest.approx(100 * 2 * 3 / (2 * 3 + 1 + 1))
     # tp=3 tn=3 fp=1 fn=1: (9 - 1) / sqrt(4 * 4 * 4 * 4)
-    assert text.matthews(p, y) == pytest.approx(100 * 8 / 16)
-    assert text.matthews(torch.zeros(4, dtype=torch.long), y[:4]) == 0.0  # constant predictions: undefined -> 0
-    assert text.matthews(y, y) == pytest.approx(100.0)
+    assert metrics.matthews(p, y) == pytest.approx(100 * 8 / 16)
+    assert metrics.matthews(torch.zeros(4, dtype=torch.long), y[:4]) == 0.0  # constant predictions: undefined -> 0
+    assert metrics.matthews(y, y) == pytest.approx(100.0)
 
 
 # ------------------------------------------------------------------------------------------- one-line errors

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import sys
-import time
 from typing import Any, Callable
 
 FAULT_ENV = "BLOCKKD_FAULT"
@@ -21,7 +20,8 @@ def fault_point(point: str, **where: Any) -> None:
 
     ``BLOCKKD_FAULT=[pause@]POINT[:key=value,...]``: when the run reaches ``POINT`` with every ``key``
     equal to ``value``, the process SIGKILLs itself (default), or with ``pause@`` prints
-    ``fault point POINT reached`` to stderr and sleeps (up to 10 minutes) so a test can signal it there.
+    ``fault point POINT reached`` to stderr and sleeps (up to 10 minutes, or until a SIGUSR1 lets it go on)
+    so a test can signal it there or act while it waits.
     Points: ``step`` (step=global step index, before it runs), ``checkpoint_write`` (after each file
     written into the temporary folder: a kill there leaves a half-written checkpoint), ``checkpoint_rename``
     (old folder moved aside, new one not yet in place), ``checkpoint_renamed`` (new folder in place,
@@ -35,9 +35,13 @@ def fault_point(point: str, **where: Any) -> None:
     want = dict(c.split("=", 1) for c in conditions.split(",") if c)
     if name != point or any(str(where.get(k)) != v for k, v in want.items()):
         return
-    if action == "pause":
+    if action == "pause":  # SIGUSR1 ends the pause early (the run goes on); SIGINT still interrupts it
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
         print(f"fault point {point} reached", file=sys.stderr, flush=True)
-        time.sleep(600)
+        try:
+            signal.sigtimedwait([signal.SIGUSR1], 600)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGUSR1])
     else:
         os.kill(os.getpid(), signal.SIGKILL)
 

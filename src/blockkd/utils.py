@@ -68,3 +68,13 @@ def data_home() -> Path:
     if os.environ.get("BLOCKKD_DATA"):
         return Path(os.environ["BLOCKKD_DATA"]).expanduser()
     return cache_home()
+
+
+def shown(path: str | os.PathLike) -> str:
+    """``path`` relative to the working directory when below it, else as given: how files are named in
+    messages, and read during a run (the same file: the working directory does not change), so that a path
+    a recipe stores absolute (``blockkd.config.paths``) still appears as the user typed it."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except (ValueError, OSError):
+        return str(path)

@@ -16,8 +16,10 @@ import io
 import json
 import os
 import queue
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -188,3 +190,14 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     assert "Traceback" not in proc.stderr, proc.stderr
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     return lines[0]
+
+
+def wait_for_line(proc: subprocess.Popen, text: str, timeout: float) -> str:
+    """stderr of ``proc`` up to the first line containing ``text``."""
+    seen, deadline = "", time.monotonic() + timeout
+    while text not in seen:
+        assert proc.poll() is None, f"the run ended ({proc.returncode}) before {text!r}:\n{seen}"
+        assert time.monotonic() < deadline, f"no {text!r} within {timeout}s:\n{seen}"
+        if select.select([proc.stderr], [], [], 1.0)[0]:
+            seen += proc.stderr.readline()
+    return seen

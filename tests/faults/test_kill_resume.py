@@ -64,6 +64,9 @@ def test_killed_run_resumes_exactly(outcomes, name):
     assert state_ok, "the kill did not leave the state this scenario is about"
     assert resumed.returncode == 0, resumed.stderr
     run = root / name / "runs" / "r"
+    # the killed run's lock record is stale (the kernel dropped its flock): reported, taken over, released
+    assert "ended without releasing it (killed?); taking over" in (run / "train.log").read_text()
+    assert (run / "run.lock").read_text() == ""
     assert untimed(rows(run)) == untimed(rows(ref))
     assert [r["epoch"] for r in rows(run)] == [1, 2, 3]
     summary, ref_summary = (json.loads((r / "summary.json").read_text()) for r in (run, ref))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import torch
 from PIL import Image
 
 from blockkd.engine import checkpoint, evaluation, load_checkpoint, trainer
-from faultlib import cli_here, env, write_recipe
+from faultlib import cli_here, env, wait_for_line, write_recipe
 from helpers import rows, untimed
 
 
@@ -111,17 +110,6 @@ def _session(sid: int) -> dict[int, str]:
     return found
 
 
-def _wait_for_line(proc: subprocess.Popen, text: str, timeout: float) -> str:
-    """stderr of ``proc`` up to the first line containing ``text``."""
-    seen, deadline = "", time.monotonic() + timeout
-    while text not in seen:
-        assert proc.poll() is None, f"the run ended ({proc.returncode}) before {text!r}:\n{seen}"
-        assert time.monotonic() < deadline, f"no {text!r} within {timeout}s:\n{seen}"
-        if select.select([proc.stderr], [], [], 1.0)[0]:
-            seen += proc.stderr.readline()
-    return seen
-
-
 def test_ctrl_c_mid_epoch_with_dataloader_workers(tmp_path, commands):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while epoch 2 runs on an image
     folder with 2 DataLoader workers: exit 130 with a message, no process of the run left behind,
@@ -135,7 +123,7 @@ def test_ctrl_c_mid_epoch_with_dataloader_workers(tmp_path, commands):
                             env=env(BLOCKKD_FAULT="pause@step:step=8"),  # epoch 2 (6 steps per epoch), step 3
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        _wait_for_line(proc, "fault point step reached", timeout=180)
+        wait_for_line(proc, "fault point step reached", timeout=180)
         running = _session(proc.pid)
         assert len(running) >= 3, running  # the run and its two workers
         os.killpg(proc.pid, signal.SIGINT)

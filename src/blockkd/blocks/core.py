@@ -31,7 +31,6 @@ import torch.nn as nn
 
 from ..errors import BlockKDError
 from ..inputs import batch_size_of, call_model, describe_spec, example_input, is_image_shape
-from ..inputs import text_input  # noqa: F401  (data/text.py's old import path; drop once it imports blockkd.inputs)
 from ..utils import eval_mode
 from .fx import fx_split
 from .preact import capture, find_point

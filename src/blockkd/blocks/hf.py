@@ -156,8 +156,9 @@ for _module, _classes in (("bert", ["BertForSequenceClassification"]),
 @register_splitter("transformers.*")
 def split_unsupported(model: nn.Module) -> Blocks:
     name = type(model).__name__
-    raise BlockKDError(f"no splitter for Hugging Face model {name}: supported are {', '.join(SUPPORTED)}; "
-                       f"{HOW_TO_REGISTER.format(cls=name)}")
+    raise BlockKDError(f"no splitter for Hugging Face model {name}: supported are {', '.join(SUPPORTED)}, and the "
+                       f"causal LMs (GPT-2, Llama, Qwen2/3, Mistral *ForCausalLM) on language-model data (data.name "
+                       f"lm_*); {HOW_TO_REGISTER.format(cls=name)}")
 
 
 __all__ = ["Embed", "Layers", "FirstToken", "split_encoder_classifier"]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .. import data, methods, models, optim, schema
+from . import paths
 from ..errors import BlockKDError
 from ..registry import UnknownNameError, unknown
 from .keys import PLAIN, declared_keys, named
@@ -98,6 +99,13 @@ def validate(cfg: Mapping | Config, *, origins: Mapping[str, str] | None = None,
     where = lambda key: origin(origins, key, source)  # noqa: E731
     check_keys(cfg, where)
     raw = {s: dict(cfg.get(s) or {}) for s in SECTIONS}
+
+    def recipe_of(key: str) -> Path | None:
+        """The recipe file that set ``key``; None for an override or a mapping given in Python."""
+        src = origin(origins, key, "")
+        return Path(src) if src and not src.startswith("override ") and Path(src).is_file() else None
+
+    paths.resolve(raw, recipe_of)  # relative paths -> absolute, once (config/paths.py)
     sections: dict[str, Any] = {}
     for name, cls in PLAIN.items():
         sections[name] = schema.parse(cls, raw[name], prefix=f"{name}.", where=where)
@@ -149,6 +157,15 @@ def _check_models(sections: dict, where) -> None:
             message = str(err).replace("unknown model", f"unknown {kind}", 1)
             raise UnknownNameError(message.replace(repr(value), f"{value!r} ({key}.name in {where(key + '.name')})", 1)
                                    ) from None
+        kwargs = sections[key].kwargs
+        if kwargs and models.external.family(value) not in ("torchvision", "timm"):
+            raise BlockKDError(f"{key}.kwargs (in {where(key + '.kwargs')}) are a torchvision.* or timm.* model's "
+                               f"constructor arguments; {key}.name is {value}: remove them or register a model "
+                               f"(blockkd.models.register) that takes them")
+        reserved = [k for k in kwargs if k in models.external.RESERVED_KWARGS]
+        if reserved:
+            raise BlockKDError(f"{key}.kwargs.{reserved[0]} (in {where(key + '.kwargs')}) is set by blockkd from the "
+                               f"data and the checkpoint keys; remove it")
 
 
 def _check_teacher(cfg: Config) -> None:
@@ -180,7 +197,7 @@ def _check_optimizer(cfg: Config) -> None:
 def run_name(cfg: Config) -> str:
     """Default run folder name: dataset, teacher (when used), model, method and a non-zero seed."""
     teacher = cfg.teacher.name if cfg.needs_teacher else None
-    parts = [cfg.data.name, teacher, cfg.model.name, cfg.method.name]
+    parts = [cfg.data.name, paths.short(teacher), paths.short(cfg.model.name), cfg.method.name]
     seed = cfg.train.seed
     name = "-".join(p for p in parts if p) + (f"-seed{seed}" if seed else "")
     return name.replace("/", "_")  # hf.google/bert_... and hf-config.<path> name no sub-folders
@@ -222,7 +239,10 @@ def parse_data_overrides(items: Iterable[str] | Mapping[str, Any], base: Mapping
     for key, (value, item) in data_overrides(items).items():
         values[key] = value
         sources[f"data.{key}"] = f"--data {item!r}"
-    return data.parse(values, where=lambda k: sources.get(k, "the run's config"), drop_foreign=True).flat()
+    # The run's own keys of another dataset (an older version stored them all) are dropped; a --data key
+    # that does not apply to the run's dataset is refused, as train refuses it.
+    return data.parse(values, where=lambda k: sources.get(k, "the run's config"),
+                      drop_foreign=lambda k: k not in sources).flat()
 
 
 def flat_keys(cfg: Mapping, prefix: str = "") -> dict[str, Any]:

@@ -8,6 +8,7 @@ model or teacher is touched, and ``docs/config.md`` is generated from these decl
 from __future__ import annotations
 
 import dataclasses
+from pathlib import PurePosixPath
 from typing import Any
 
 import torch
@@ -33,11 +34,28 @@ def _is_device(v: Any) -> bool:
 DEVICE = Check("'auto' or a torch device such as cpu, cuda, cuda:1", _is_device)
 
 
+KWARGS = Check("a mapping of keyword arguments (names to values)",
+               lambda v: v is None or (isinstance(v, dict) and all(isinstance(k, str) and k for k in v)),
+               lambda v: dict(v or {}))
+KWARGS_HELP = ("keyword arguments of a torchvision.* or timm.* model's constructor, e.g. {img_size: 32, "
+               "patch_size: 4} for a timm ViT on 32-px images")
+
+
+def _inside(v: Any) -> bool:
+    """A run folder name stays inside output.dir: relative, no '..', not empty (sub-folders are fine)."""
+    parts = PurePosixPath(v).parts if isinstance(v, str) and not v.startswith("~") and "\0" not in v else ()
+    return bool(parts) and parts[0] != "/" and ".." not in parts
+
+
+RUN_NAME = Check("a folder name inside output.dir (not absolute, no '..')", _inside)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     name: str = option(REQUIRED, STRING, "the student (for ce: the model trained): a blockkd.models name, "
                        "torchvision.<name>, timm.<name>, hf.<hub id or folder> or hf-config.<config.json>")
     checkpoint: str | None = option(None, optional(STRING), "initial weights for the student")
+    kwargs: dict = option({}, KWARGS, KWARGS_HELP)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +64,7 @@ class TeacherSection:
     checkpoint: str | None = option(None, optional(STRING), "our run folder, .safetensors, a RepDistiller/"
                                     "mdistiller or torchvision .pth, torchvision://IMAGENET1K_V1 or timm://DEFAULT")
     allow_random: bool = option(False, BOOL, "tests only: distill from an untrained teacher")
+    kwargs: dict = option({}, KWARGS, "the teacher's constructor arguments, as model.kwargs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +111,8 @@ class TrainSection:
 @dataclasses.dataclass(frozen=True)
 class OutputSection:
     dir: str = option("runs", STRING, "parent folder of run folders")
-    name: str | None = option(None, optional(STRING), "run folder name (null: dataset-teacher-model-method[-seedN])")
+    name: str | None = option(None, optional(RUN_NAME), "run folder name inside dir (null: "
+                              "dataset-teacher-model-method[-seedN])")
     tensorboard: bool = option(True, BOOL, "TensorBoard event files")
     progress: bool = option(True, BOOL, "live progress bar")
     plot: bool = option(True, BOOL, "PNG of the curves at the end")

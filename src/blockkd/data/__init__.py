@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Callable, Mapping
 
 import torch
@@ -23,7 +24,8 @@ from .. import schema
 from ..errors import BlockKDError
 from ..registry import Registry
 from ..schema import BOOL, STRING, integer, option, optional
-from . import cifar, fashion_mnist, folder, synthetic, text
+from ..utils import shown
+from . import cifar, fashion_mnist, folder, lm, synthetic, text
 from .common import DataBundle, Loader
 from .device_loader import ArrayData, DeviceLoader, build_in_memory, crop_flip, sample_crop_flip
 
@@ -61,6 +63,7 @@ class Dataset:
     arrays: Callable[[dict], ArrayData] | None = None  # in-memory datasets: flat cfg -> the whole uint8 arrays
 
 
+PATH_KEYS = ("root", "train", "test", "tokenizer")  # the keys of datasets that name files or folders
 ROOT = option(None, optional(STRING), "folder of the dataset files (null: its default location)")
 
 
@@ -96,6 +99,14 @@ DATASETS.register("glue", Dataset(text.GlueOptions, text.build_glue,
                                   "a GLUE task through the datasets library (validation split as test)"))
 DATASETS.register("fortunes", Dataset(text.FortunesOptions, text.build_fortunes,
                                       "offline topic classification: Debian's fortune files, one class per file"))
+DATASETS.register("lm_text", Dataset(lm.LMTextOptions, lm.build, "causal LM: plain text (.txt/.jsonl) packed into "
+                                                                 "fixed-length sequences"))
+DATASETS.register("lm_jsonl", Dataset(lm.LMJsonlOptions, lm.build, "causal LM: JSONL prompt/response pairs, the loss "
+                                                                   "on the response"))
+DATASETS.register("lm_hf", Dataset(lm.LMHubOptions, lm.build, "causal LM: a datasets library dataset by name "
+                                                              "(text, or prompt/response columns)"))
+DATASETS.register("lm_fortunes", Dataset(lm.LMFortunesOptions, lm.build, "causal LM, offline: Debian's fortune "
+                                                                         "files packed into sequences"))
 
 
 def register(name: str, options: type = RootOptions, help: str = ""):
@@ -139,5 +150,9 @@ def build(cfg: Mapping[str, Any] | DataSection, *, device: torch.device | str, r
     section = parse(cfg)
     if not 0 <= rank < world_size:
         raise BlockKDError(f"rank {rank} is outside world_size {world_size}")
-    return DATASETS.get(section.name).build(section.flat(), device=torch.device(device), rank=rank,
+    flat = section.flat()
+    for key in PATH_KEYS:  # stored absolute (config.paths); read and named as typed when below the working dir
+        if isinstance(flat.get(key), str) and os.path.isabs(flat[key]):
+            flat[key] = shown(flat[key])
+    return DATASETS.get(section.name).build(flat, device=torch.device(device), rank=rank,
                                             world_size=world_size, seed=seed)

@@ -54,6 +54,7 @@ class DataBundle:
     metrics: Callable[[torch.Tensor, torch.Tensor], dict[str, float]] | None = None
     check_model: Callable[..., None] | None = None
     tokenizer: Any = None
+    task: str = "classification"  # or "causal_lm": next-token data (blockkd.data.lm), labels (B, L)
 
     @property
     def in_channels(self) -> int | None:

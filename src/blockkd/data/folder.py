@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler, Subset
+from torch.utils.data import (DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler,
+                              Subset, default_collate)
 
 from ..errors import BlockKDError
 from ..utils import data_home
-from ..schema import STRING, integer, option, optional
+from ..schema import BOOL, STRING, integer, option, optional
 from .common import (AUGMENT, SHUFFLE, DataBundle, Normalize, check_not_empty, eval_shard, generator,
                      mix_seed, per_rank_batch, per_rank_eval_batch, split_indices)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet
+LOG = logging.getLogger("blockkd.engine.data")  # under the run's logger: warnings reach train.log and the console
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +33,20 @@ class FolderOptions:
     root: str | None = option(None, optional(STRING), "folder holding train/ and val/ (null: $BLOCKKD_DATA/imagenet)")
     image_size: int = option(224, integer(8), "side of the training crop and of the evaluation center crop")
     num_workers: int = option(4, integer(0), "DataLoader worker processes per rank")
+    skip_unreadable: bool = option(False, BOOL, "skip image files that cannot be read (truncated, corrupt) with a "
+                                   "warning each, instead of stopping the run")
+
+
+class UnreadableImage(BlockKDError):
+    """An image file PIL cannot decode; it names the file (``path``) and how to get past it."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"cannot read image {path} ({reason}): remove or replace it, or set "
+                         f"data.skip_unreadable=true to skip unreadable images")
+        self.path, self.reason = str(path), reason
+
+    def __reduce__(self):  # pickled back from a DataLoader worker
+        return type(self), (self.path, self.reason)
 
 
 def read_rgb(path: str) -> torch.Tensor:
@@ -37,8 +54,12 @@ def read_rgb(path: str) -> torch.Tensor:
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor
 
-    with Image.open(path) as image:
-        return pil_to_tensor(image.convert("RGB"))
+    try:
+        with Image.open(path) as image:
+            return pil_to_tensor(image.convert("RGB"))
+    except Exception as e:  # PIL reports damage in many types: OSError, SyntaxError, zlib.error, struct.error ...
+        reason = f"{type(e).__name__}: {e}".replace(f" {str(path)!r}", "")  # the path is named once, up front
+        raise UnreadableImage(path, " ".join(reason.split())) from None
 
 
 def transforms(image_size: int, train: bool):
@@ -89,6 +110,31 @@ class SeededSamples(Dataset):
             return (*self.dataset[i], i)
 
 
+class Guarded(Dataset):
+    """``dataset[key]``, or the :class:`UnreadableImage` it raised, returned as the sample: raised in a
+    DataLoader worker, it would reach the main process as a dump of the worker's traceback; returned, the
+    main process raises it as itself (one line naming the file) or skips the sample (``skip_unreadable``)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        try:
+            return self.dataset[key]
+        except UnreadableImage as e:
+            return e
+
+
+def collate(samples: list) -> tuple[list | None, list[UnreadableImage]]:
+    """``(the readable samples collated, or None if none is; the UnreadableImage of the others)``."""
+    bad = [s for s in samples if isinstance(s, UnreadableImage)]
+    good = [s for s in samples if not isinstance(s, UnreadableImage)]
+    return (default_collate(good) if good else None), bad
+
+
 class DeviceBatches:
     """A DataLoader of uint8 (or already normalised) CPU batches, delivered normalised on ``device``.
 
@@ -98,9 +144,11 @@ class DeviceBatches:
     """
 
     def __init__(self, loader: DataLoader, device: torch.device, normalize: Normalize | None, seed: int = 0, *,
-                 flip: bool = False, rank: int = 0):
+                 flip: bool = False, rank: int = 0, skip_unreadable: bool = False, skipped: set | None = None):
         self.loader, self.device, self.normalize, self.seed = loader, device, normalize, seed
         self.flip, self.rank, self.with_index = flip, rank, False
+        # the files skipped so far, each once (``skipped``: a set shared with the other loaders of the data)
+        self.skip_unreadable, self.skipped = skip_unreadable, set() if skipped is None else skipped
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -120,7 +168,11 @@ class DeviceBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = generator(self.seed, self.epoch, self.rank, AUGMENT, device=self.device) if self.flip else None
-        for x, y, *index in self.loader:  # training batches carry each sample's index (SeededSamples)
+        for batch in self.loader:
+            batch = self.readable(*batch)  # (readable samples collated, unreadable ones): see Guarded
+            if batch is None:
+                continue
+            x, y, *index = batch  # training batches carry each sample's index (SeededSamples)
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             if gen is not None:
@@ -128,10 +180,24 @@ class DeviceBatches:
             x = self.normalize(x) if self.normalize else x
             yield (x, y, index[0].to(self.device, non_blocking=True)) if self.with_index and index else (x, y)
 
+    def readable(self, batch: list | None, bad: list[UnreadableImage]) -> list | None:
+        """The batch of the readable samples; an unreadable one stops the run (one line naming the file)
+        unless ``skip_unreadable``, then a warning names it once with the count so far."""
+        for e in bad:
+            if not self.skip_unreadable:
+                raise e
+            if e.path not in self.skipped:
+                self.skipped.add(e.path)
+                LOG.warning(f"skipping unreadable image {e.path} ({e.reason}); {len(self.skipped)} skipped so far")
+        if batch is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            raise BlockKDError(f"every image of a batch is unreadable (e.g. {bad[0].path}); under DDP the ranks "
+                               f"must run the same batches: remove the unreadable files")
+        return batch
+
 
 def make_loader(dataset: Dataset, *, batch_size: int, train: bool, num_workers: int, device: torch.device,
                 drop_last: bool, seed: int, rank: int, world_size: int, normalize: Normalize | None,
-                flip: bool = False) -> DeviceBatches:
+                flip: bool = False, skip_unreadable: bool = False, skipped: set | None = None) -> DeviceBatches:
     """A DataLoader over ``dataset`` delivering on ``device``; training order and augmentation follow
     (seed, epoch) exactly (see ``EpochSampler``)."""
     if train and world_size > 1:
@@ -145,10 +211,11 @@ def make_loader(dataset: Dataset, *, batch_size: int, train: bool, num_workers: 
         dataset, sampler = SeededSamples(dataset, seed), EpochSampler(inner)
     else:
         sampler = inner
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", drop_last=train and drop_last,
+    loader = DataLoader(Guarded(dataset), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        pin_memory=device.type == "cuda", drop_last=train and drop_last, collate_fn=collate,
                         persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
-    return DeviceBatches(loader, device, normalize, seed, flip=flip, rank=rank)
+    return DeviceBatches(loader, device, normalize, seed, flip=flip, rank=rank, skip_unreadable=skip_unreadable,
+                         skipped=skipped)
 
 
 def _image_folder(path: Path, image_size: int, train: bool):
@@ -184,7 +251,8 @@ def build(cfg: dict, *, device: torch.device, rank: int, world_size: int, seed: 
     test_set = Subset(test_set, eval_shard(test_size, rank, world_size).tolist())
     norm = Normalize(MEAN, STD, device)
     common = dict(num_workers=int(cfg["num_workers"]), device=device, seed=seed, rank=rank,
-                  world_size=world_size, normalize=norm, drop_last=cfg["drop_last"])
+                  world_size=world_size, normalize=norm, drop_last=cfg["drop_last"],
+                  skip_unreadable=cfg["skip_unreadable"], skipped=set())
     train = make_loader(train_set, batch_size=per_rank_batch(cfg["batch_size"], world_size), train=True,
                         flip=cfg["augment"], **common)
     check_not_empty(train, "the image-folder training set", len(train_set), cfg["batch_size"])

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 
 from .. import methods, models
+from ..config.paths import same_path_name, short
+from ..utils import shown
 from ..errors import BlockKDError
 from ..schema import OptionError
 from .checkpoint import checkpoint_dir, load_checkpoint
@@ -34,6 +36,8 @@ def check_fits(model: nn.Module, sd: dict[str, torch.Tensor], *, role: str, path
     own = model.state_dict()
     classes, channels = _signature(own, sd)
     want_classes, want_channels = data.num_classes, data.in_channels
+    if getattr(data, "task", None) == "causal_lm":  # the LM head's rows are the model's vocabulary, checked below
+        classes, want_classes = None, None
     if (classes is not None and classes != want_classes) or (channels is not None and channels != want_channels):
         raise BlockKDError(
             f"{role} checkpoint {path} is for {classes} classes and {channels} input channels, but the data "
@@ -53,13 +57,14 @@ def load_model_weights(model: nn.Module, path: str | Path, *, role: str, name: s
         sd = models.torchvision_state_dict(name, str(path))
     elif str(path).startswith("timm://"):
         sd = models.timm_state_dict(name, str(path))
-    elif not (path := Path(path).expanduser()).exists():
+    elif not (path := Path(shown(Path(path).expanduser()))).exists():  # named as typed in messages
         raise BlockKDError(f"{role} checkpoint {path} does not exist")
     elif path.is_dir():
         ckpt = load_checkpoint(checkpoint_dir(path), with_state=False)
         trained = ckpt.meta.get("config", {}).get("model", {}).get("name")
-        if trained and trained != name:
-            raise BlockKDError(f"{role} checkpoint {ckpt.path} holds a {trained}, but {role}.name is {name}")
+        if trained and not same_path_name(trained, name):
+            raise BlockKDError(f"{role} checkpoint {ckpt.path} holds a {short(trained)}, but {role}.name is "
+                               f"{short(name)}")
         sd = ckpt.student_weights()
     else:  # weights_only / safetensors: no code from the file runs
         sd = models.read_state_dict(path)
@@ -74,9 +79,19 @@ def load_model_weights(model: nn.Module, path: str | Path, *, role: str, name: s
     return model
 
 
-def build_model(name: str, data, *, checkpoint: str | None = None, role: str = "model") -> nn.Module:
-    """``models.create`` for the data's classes and channels (None: text), then ``checkpoint``, if any."""
-    model = models.create(name, num_classes=data.num_classes, in_channels=data.in_channels)
+def build_model(name: str, data, *, checkpoint: str | None = None, role: str = "model",
+                kwargs: dict | None = None) -> nn.Module:
+    """``models.create`` for the data's classes and channels (None: text) and the recipe's constructor
+    arguments (``model.kwargs``), then ``checkpoint``, if any; a causal LM for next-token data."""
+    if getattr(data, "task", None) == "causal_lm":
+        from ..models.external import create_causal_lm
+
+        if kwargs:
+            raise BlockKDError(f"{role}.kwargs applies to torchvision and timm models; {name} is a causal LM built "
+                               f"from its own configuration")
+        model = create_causal_lm(name)
+    else:
+        model = models.create(name, num_classes=data.num_classes, in_channels=data.in_channels, **(kwargs or {}))
     if getattr(data, "check_model", None) is not None:  # e.g. text: the tokenizer must fit the embeddings
         data.check_model(model, role=role, name=name)
     if checkpoint:
@@ -90,11 +105,17 @@ def build_distiller(cfg, data, device: torch.device, *, sync_bn: bool = False):
     A method option that can only be checked against the models (``num_blocks`` larger than the
     networks' stages, say) fails here with one line naming the key and the file that set it.
     """
-    student = build_model(cfg.model.name, data, checkpoint=cfg.model.checkpoint, role="model")
+    lm_data, lm_method = getattr(data, "task", None) == "causal_lm", getattr(methods.get(cfg.method.name), "task", None)
+    if lm_data != (lm_method == "causal_lm"):
+        lm = ", ".join(m for m in methods.names() if getattr(methods.get(m), "task", None) == "causal_lm")
+        raise BlockKDError(f"method {cfg.method.name} does not fit data {data.name}: language-model data (data.name "
+                           f"lm_*) needs one of {lm}, and those methods need language-model data")
+    student = build_model(cfg.model.name, data, checkpoint=cfg.model.checkpoint, role="model",
+                          kwargs=cfg.model.kwargs)
     if sync_bn:
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)  # before the method builds views of it
-    teacher = build_model(cfg.teacher.name, data, checkpoint=cfg.teacher.checkpoint, role="teacher") \
-        if cfg.needs_teacher else None
+    teacher = build_model(cfg.teacher.name, data, checkpoint=cfg.teacher.checkpoint, role="teacher",
+                          kwargs=cfg.teacher.kwargs) if cfg.needs_teacher else None
     try:
         distiller = methods.create(cfg.method.name, student, teacher, data.input_shape, options=cfg.method.options)
     except OptionError as e:

@@ -22,13 +22,14 @@ from .. import data as data_lib
 from .. import models
 from .._hooks import debug_log, fault_point
 from ..config import Config, dump, flat_keys, validate
+from ..config.paths import short
 from ..errors import BlockKDError
 from ..optim import build_optimizer, build_scheduler
 from . import run_folder, runtime
 from .build import build_distiller
-from .evaluation import evaluate
+from .evaluation import evaluate, metrics_of
 from .guards import NonFiniteGuard, oom_advice
-from .logger import RunLogger
+from .logger import RunLogger, quiet_libraries
 from .plots import plot_curves
 from .runtime import Runtime
 
@@ -75,6 +76,16 @@ def train_step(model: nn.Module, x: Any, y: torch.Tensor, *, epoch: float, optim
     scaler.step(optimizer)
     scaler.update()
     return logits, losses, True
+
+
+def correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The batch's correct predictions, counted in samples: a classifier's (argmax of ``(B, C)`` logits vs ``(B,)``
+    labels); a language-model method returns its predicted tokens ``(B, L)`` instead of logits (methods/lm.py),
+    and each sample counts its share of correct tokens among those labelled (label != -100)."""
+    if logits.shape != y.shape:
+        return (logits.argmax(1) == y).sum()
+    counted = (y != -100).sum(1).clamp_min(1)
+    return ((logits == y).sum(1) / counted).sum()
 
 
 def grads_finite(params: list[nn.Parameter]) -> torch.Tensor:
@@ -168,6 +179,11 @@ class Trainer:
             raise BlockKDError(f"optim.name={cfg.optim.name!r} runs two backward passes per step, one per gradient; "
                                f"fp16 loss scaling does not support that: use train.amp bf16 or off "
                                f"(this run: {rt.describe()})")
+        # the class names in label order, recorded in meta.json, summary.json and hf/ (index strings if unnamed)
+        # Class names for meta.json, summary.json and hf/'s id2label; a causal LM's "classes" are its vocabulary,
+        # which the saved tokenizer already holds.
+        self.classes = [] if getattr(self.data, "task", None) == "causal_lm" else \
+            [str(c) for c in self.data.classes or range(self.data.num_classes)]
         self.steps_per_epoch = len(self.data.train)
         self.epochs = tcfg.epochs
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, steps_per_epoch=self.steps_per_epoch,
@@ -182,7 +198,8 @@ class Trainer:
         self.loss_names: list[str] | None = None
         if resume:
             self.restore()
-        log.open_tensorboard(purge_step=self.step if resume else None)
+        # The checkpoint's last step (logged as step self.step) is kept; the resumed run logs from the next one.
+        log.open_tensorboard(purge_step=self.step + 1 if resume else None)
 
     # -- state ---------------------------------------------------------------------------------------
     def restore(self) -> None:
@@ -196,7 +213,7 @@ class Trainer:
         changed = ", ".join(s for k, s in shown.items() if k in saved and saved[k] != now[k])
         # Keys the run's saved config lacks were added to blockkd since; today's defaults fill them in,
         # which may not be what the run was trained with (e.g. blockkd-lite's num_stones).
-        unrecorded = ", ".join(s for k, s in shown.items() if k not in saved)
+        unrecorded = ", ".join(s for k, s in shown.items() if k not in saved and now[k] != {})  # {}: sets nothing
         if changed:
             self.log.warning(f"resuming with changed settings: {changed}")
         if unrecorded:
@@ -211,6 +228,7 @@ class Trainer:
                                f"trained with as key=value overrides") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.apply_schedule(meta["config"]["train"].get("epochs"))
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         runtime.set_rng_state(meta["rng"])
@@ -223,13 +241,27 @@ class Trainer:
         self.log.metrics(self.history)  # a kill after the checkpoint but before the metrics files left them behind
         self.folder.repair_best(self.best_epoch, ckpt.path)
 
+    def apply_schedule(self, saved_epochs: int | None) -> None:
+        """The lr of the resumed step from today's schedule. The rule: the lr of every step is the recipe's
+        schedule at that step, for the recipe's train.epochs; resumed with more (or fewer) epochs, the run
+        goes on from where a run planned with the new train.epochs would be at this step (the saved optimizer
+        holds the old schedule's lr, e.g. 0 at the end of a finished cosine decay)."""
+        sched = self.scheduler
+        lrs = [base * f(sched.last_epoch) for base, f in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        sched._last_lr = lrs  # what get_last_lr() reports
+        if saved_epochs is not None and saved_epochs != self.epochs:
+            self.log.info(f"train.epochs {saved_epochs} -> {self.epochs}: the lr schedule is now that of a "
+                          f"{self.epochs}-epoch run; from step {self.step} lr {lrs[0]:.4g}")
+
     def wall_time(self) -> float:
         return self.wall_before + time.perf_counter() - self.started
 
     def save(self, is_best: bool) -> None:
-        meta = {"config": self.cfg.to_dict(), "epoch": self.epoch, "step": self.step, "history": self.history,
-                "best_top1": self.best_top1, "best_epoch": self.best_epoch, "wall_time_s": self.wall_time(),
-                "skipped_steps": self.guard.skipped, "rng": runtime.rng_state()}
+        meta = {"config": self.cfg.to_dict(), "classes": self.classes, "epoch": self.epoch, "step": self.step,
+                "history": self.history, "best_top1": self.best_top1, "best_epoch": self.best_epoch,
+                "wall_time_s": self.wall_time(), "skipped_steps": self.guard.skipped, "rng": runtime.rng_state()}
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict()}
         self.folder.save(weights=self.distiller.train_state_dict(), meta=meta, state=state, is_best=is_best)
@@ -253,7 +285,7 @@ class Trainer:
                                         proceed_grads=lambda finite: self.guard.grads_ok(finite, epoch, i, self.log))
         if not stepped:
             return None
-        return torch.cat([terms[0] * y.shape[0], (logits.argmax(1) == y).sum().float()[None]])
+        return torch.cat([terms[0] * y.shape[0], correct(logits, y).float()[None]])
 
     def diagnostics(self, x: torch.Tensor, y: torch.Tensor, epoch: float, sums: dict[str, list[float]]) -> None:
         """The method's own training diagnostics (e.g. Block-KD's per-stone gradient norms): to TensorBoard
@@ -332,7 +364,7 @@ class Trainer:
         teacher = self.distiller.teacher
         if teacher is None:
             return
-        res = evaluate(teacher, self.data.test, self.rt)
+        res = evaluate(teacher, self.data.test, self.rt, progress=self.log.progress)
         self.teacher_top1 = res["top1"]
         name = self.cfg.teacher.name
         self.log.info(f"teacher {name}: test top-1 {res['top1']:.1f}% (top-5 {res['top5']:.1f}%)")
@@ -345,8 +377,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg, log = self.cfg, self.log
         n_params = models.num_params(self.distiller.student)
-        teacher = f", teacher {cfg.teacher.name}" if self.distiller.teacher is not None else ""
-        log.info(f"run {self.run_dir}: method {cfg.method.name}, student {cfg.model.name} "
+        teacher = f", teacher {short(cfg.teacher.name)}" if self.distiller.teacher is not None else ""
+        log.info(f"run {self.run_dir}: method {cfg.method.name}, student {short(cfg.model.name)} "
                  f"({n_params / 1e6:.2f}M params){teacher}; {self.data.name}: {self.data.train_size} train / "
                  f"{self.data.test_size} test images, {self.steps_per_epoch} steps/epoch; {self.rt.describe()}")
         try:
@@ -355,7 +387,16 @@ class Trainer:
             self.log.warning(f"interrupted in epoch {self.epoch + 1}; {self.folder.saved_note()}")
             raise
         if hasattr(self.distiller.student, "save_pretrained"):  # Hugging Face models: loadable by transformers
-            self.folder.save_pretrained(self.distiller.student, self.data.tokenizer)
+            spec = self.data.input_shape
+            length = spec["input_ids"][0] if isinstance(spec, dict) and "input_ids" in spec else None
+            with quiet_libraries(not self.log.shows_bars()):
+                self.folder.save_pretrained(self.distiller.student, self.data.tokenizer, classes=self.classes,
+                                            max_length=length)
+        if getattr(self.data, "task", None) == "causal_lm":  # a few continuations of test prompts: samples.md
+            from .lm_eval import write_samples
+
+            write_samples(self.distiller.student, self.data.tokenizer, self.data.test, self.run_dir / "samples.md",
+                          seed=self.cfg.train.seed)
         return self.finish(n_params)
 
     def epochs_loop(self) -> None:
@@ -364,6 +405,7 @@ class Trainer:
         eval_oom = functools.partial(oom_advice, "data.eval_batch_size", cfg.data.eval_batch_size)
         with eval_oom():
             self.evaluate_teacher()
+        epoch_times: list[float] = []  # this process's epochs: the run's ETA
         while self.epoch < self.epochs and not self.out_of_steps():
             epoch = self.epoch
             epoch_start = time.perf_counter()
@@ -373,8 +415,8 @@ class Trainer:
             self.sync_buffers()
             last = epoch + 1 == self.epochs or self.out_of_steps()
             with eval_oom():
-                test = evaluate(self.distiller, self.data.test, self.rt, heads=True, metrics=self.data.metrics) \
-                    if (epoch + 1) % cfg.train.eval_every == 0 or last else {}
+                test = evaluate(self.distiller, self.data.test, self.rt, heads=True, metrics=metrics_of(self.data),
+                                progress=self.log.progress) if (epoch + 1) % cfg.train.eval_every == 0 or last else {}
             if test and test["top1"] > self.best_top1:
                 self.best_top1, self.best_epoch = test["top1"], epoch + 1
             row: dict[str, Any] = {
@@ -388,12 +430,13 @@ class Trainer:
                 "train_time_s": trained.pop("train_time_s"), "epoch_time_s": time.perf_counter() - epoch_start,
                 "skipped_steps": self.guard.skipped}
             self.history.append(row)
+            epoch_times.append(row["epoch_time_s"])
             self.epoch = epoch + 1
             with runtime.defer_sigint():  # Ctrl-C waits until last/, best/ and the metrics files agree
                 self.save(is_best=self.best_epoch == epoch + 1)
                 log.metrics(self.history)
             log.scalars("epoch", {k: v for k, v in row.items() if k not in ("epoch", "step")}, self.epoch)
-            log.info(_epoch_line(row, self.epochs))
+            log.info(_epoch_line(row, self.epochs) + self.eta(epoch_times))
 
     def sync_buffers(self) -> None:
         """Rank 0's trained buffers (BN running statistics) on every rank, before evaluating and saving
@@ -402,6 +445,16 @@ class Trainer:
         runtime.broadcast_tensors([b for n, b in self.distiller.named_buffers() if n in trained])
         debug_log(runtime.rank(), lambda: {"epoch": self.epoch + 1, "step": self.step,
                                            "weights_sha256": runtime.state_digest(self.distiller.train_state_dict())})
+
+    def eta(self, epoch_times: list[float]) -> str:
+        """``, run ETA 1:02:03`` (the mean epoch time so far times the epochs left), or nothing at the end."""
+        left = self.epochs - self.epoch
+        if self.max_steps is not None:
+            left = min(left, -(-(self.max_steps - self.step) // self.steps_per_epoch))
+        if left <= 0 or not epoch_times:
+            return ""
+        seconds = round(left * sum(epoch_times) / len(epoch_times))
+        return f", run ETA {seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d} ({left} epochs left)"
 
     def out_of_steps(self) -> bool:
         return self.max_steps is not None and self.step >= self.max_steps
@@ -413,9 +466,9 @@ class Trainer:
         total_images = sum(r["images_per_s"] * r["train_time_s"] for r in self.history)
         total_time = sum(r["train_time_s"] for r in self.history)
         summary = {
-            "run_dir": str(self.run_dir), "method": self.cfg.method.name, "model": self.cfg.model.name,
-            "teacher": self.cfg.teacher.name if self.distiller.teacher is not None else None,
-            "data": self.data.name, "epochs": self.epoch, "steps": self.step,
+            "run_dir": str(self.run_dir), "method": self.cfg.method.name, "model": short(self.cfg.model.name),
+            "teacher": short(self.cfg.teacher.name) if self.distiller.teacher is not None else None,
+            "data": self.data.name, "classes": self.classes, "epochs": self.epoch, "steps": self.step,
             "last": {"epoch": last.get("epoch"), "test_top1": last.get("test_top1"), "test_top5": last.get("test_top5"),
                      **{f"test_{k}": last.get(f"test_{k}") for k in self.data.metric_names},
                      **{k: v for k, v in last.items() if k.startswith("test_top1_")}},
@@ -452,18 +505,21 @@ def _epoch_line(row: dict, epochs: int) -> str:
 def train(cfg: Config | dict, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Train the run described by the recipe ``cfg`` (a :class:`Config`, or a nested mapping validated
     here); returns the summary (also in summary.json)."""
+    if resume and overwrite:  # deleting the checkpoint, then finding nothing to resume, helps no one
+        raise BlockKDError("--resume continues a run from its checkpoint and --overwrite deletes it: pass one of them")
     cfg = validate(cfg)
     t = cfg.train
     rt = runtime.resolve(t.device, t.amp, t.channels_last)
     created_group = not runtime.is_distributed()
     runtime.init_distributed(rt.device)
     created_group = created_group and runtime.is_distributed()
+    lock = None  # rank 0 owns the run folder (run_folder.RunLock) until the run ends, however it ends
     try:
         run_dir = Path(cfg.output.dir).expanduser() / cfg.output.name
         error = None
         if runtime.is_main():
             try:
-                run_folder.prepare(run_dir, resume=resume, overwrite=overwrite)
+                lock = run_folder.prepare(run_dir, resume=resume, overwrite=overwrite)
             except BlockKDError as e:
                 error = str(e)
         error = runtime.broadcast_object(error)
@@ -472,9 +528,14 @@ def train(cfg: Config | dict, *, resume: bool = False, overwrite: bool = False) 
         out = cfg.output
         with runtime.reproducibility(t.deterministic), \
                 RunLogger(run_dir, enabled=runtime.is_main(), tensorboard=out.tensorboard, progress=out.progress) as log:
+            if lock is not None and lock.stale:
+                log.warning(f"the run folder's last owner ({run_folder.describe_holder(lock.stale)}) ended without "
+                            f"releasing it (killed?); taking over")
             folder = run_folder.RunFolder(run_dir, log.warning)
             folder.write_config(dump(cfg))
             return Trainer(cfg, folder, rt, log, resume=resume).fit()
     finally:
+        if lock is not None:
+            lock.release()
         if created_group:
             torch.distributed.destroy_process_group()

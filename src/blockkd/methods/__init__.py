@@ -15,7 +15,8 @@ import importlib
 import pkgutil
 
 from .base import Distiller
-from .registry import METHODS, create, defaults, describe, get, names, needs_teacher, parse_options, register
+from .registry import (METHODS, create, default_input, defaults, describe, get, names, needs_teacher, parse_options,
+                       register)
 
 # Modules that hold what several methods share and register no method.
 HELPERS = ("base", "connectors", "divergences", "feature", "losses", "registry")
@@ -29,5 +30,5 @@ def method_modules() -> list[str]:
 for _module in method_modules():
     importlib.import_module(f"{__name__}.{_module}")
 
-__all__ = ["Distiller", "METHODS", "HELPERS", "create", "defaults", "describe", "get", "method_modules", "names",
+__all__ = ["Distiller", "METHODS", "HELPERS", "create", "default_input", "defaults", "describe", "get", "method_modules", "names",
            "needs_teacher", "parse_options", "register"]
