@@ -24,6 +24,18 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def fresh_data_home(tmp_path_factory):
+    """$BLOCKKD_DATA (where trained tokenizers are cached) a fresh folder for one test module."""
+    old = os.environ.get("BLOCKKD_DATA")
+    os.environ["BLOCKKD_DATA"] = str(tmp_path_factory.mktemp("data"))
+    yield
+    if old is None:
+        os.environ.pop("BLOCKKD_DATA", None)
+    else:
+        os.environ["BLOCKKD_DATA"] = old
+
+
 @pytest.fixture
 def baseline_sweeps():
     """The baselines' weight sweeps recorded in results/tuning-baselines.json, as benchmarks/tune.py reads them

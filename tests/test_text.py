@@ -4,7 +4,6 @@ stand-in `datasets` module (no network); dynamic padding, length buckets, task m
 from __future__ import annotations
 
 import json
-import os
 import sys
 import types
 from pathlib import Path
@@ -33,16 +32,7 @@ DATA = {"name": "fortunes", "categories": CATEGORIES, "max_per_class": 60, "max_
 EPOCHS = 12  # the teacher's: ~2 s; tiny BERTs trained from scratch need ~100 steps to leave chance level
 
 
-@pytest.fixture(scope="module", autouse=True)
-def data_home(tmp_path_factory):
-    """Trained tokenizers are cached under $BLOCKKD_DATA: a fresh folder for this module."""
-    old = os.environ.get("BLOCKKD_DATA")
-    os.environ["BLOCKKD_DATA"] = str(tmp_path_factory.mktemp("data"))
-    yield
-    if old is None:
-        os.environ.pop("BLOCKKD_DATA", None)
-    else:
-        os.environ["BLOCKKD_DATA"] = old
+pytestmark = pytest.mark.usefixtures("fresh_data_home")  # tokenizers trained here are cached in a fresh folder
 
 
 @pytest.fixture(scope="module")
