@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from .. import methods, models
 from ..config.paths import same_path_name, short
+from ..models.external import create_causal_lm
 from ..utils import shown
 from ..errors import BlockKDError
 from ..schema import OptionError
@@ -84,8 +85,6 @@ def build_model(name: str, data, *, checkpoint: str | None = None, role: str = "
     """``models.create`` for the data's classes and channels (None: text) and the recipe's constructor
     arguments (``model.kwargs``), then ``checkpoint``, if any; a causal LM for next-token data."""
     if getattr(data, "task", None) == "causal_lm":
-        from ..models.external import create_causal_lm
-
         if kwargs:
             raise BlockKDError(f"{role}.kwargs applies to torchvision and timm models; {name} is a causal LM built "
                                f"from its own configuration")

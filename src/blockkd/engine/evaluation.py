@@ -25,6 +25,7 @@ from . import runtime
 from .build import build_distiller, build_model, check_fits
 from .checkpoint import checkpoint_dir, load_checkpoint, read_meta
 from .guards import oom_advice
+from .lm_eval import evaluate_lm
 from .logger import progress_bar
 from .metrics import compute_metrics
 from .runtime import Runtime
@@ -68,8 +69,6 @@ def evaluate(model: nn.Module, loader, rt: Runtime | None = None, *, heads: bool
         param = next(model.parameters(), None)
         rt = Runtime(param.device if param is not None else torch.device("cpu"), None, False)
     if getattr(loader, "causal_lm", False):  # next-token data: perplexity and token accuracy
-        from .lm_eval import evaluate_lm
-
         return evaluate_lm(model, loader, rt, heads=heads)
     forward = heads_of(model) if heads else (lambda x: {"student": call_model(model, x)})
     sums: dict[str, torch.Tensor] = {}
