@@ -167,7 +167,10 @@ VARIANTS.update({name: (m, {**FORMER_LITE, **opts}) for name, (m, opts) in VARIA
 # and twice it. Variant "<method>" is the recipe as it is; "<method> <key> x0.5" / "x2" change that one key.
 DISTILL_WEIGHT = {"dist": "beta", "fitnet": "feat_weight", "at": "feat_weight", "sp": "feat_weight",
                   "rkd": "feat_weight", "pkt": "feat_weight", "nst": "feat_weight", "kdsvd": "feat_weight",
-                  "vid": "weight", "crd": "weight", "ofd": "feat_weight", "reviewkd": "weight"}
+                  "vid": "weight", "crd": "weight", "ofd": "feat_weight", "reviewkd": "weight",
+                  # issue 32's recent methods: each one's main distillation weight
+                  "nkd": "gamma", "wttm": "beta", "ctkd": "kd_weight", "sdd": "weight", "simkd": "feat_weight",
+                  "fcfd": "l2_weight"}
 
 
 def weight_variants() -> dict[str, tuple[str, dict[str, Any]]]:

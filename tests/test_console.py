@@ -144,7 +144,7 @@ def test_evaluation_bar(monkeypatch):
 
 def test_tokenizer_training_prints_nothing(capfd):
     pytest.importorskip("tokenizers")
-    from blockkd.data.text import _train_tokenizer
+    from blockkd.data.tokenizer import _train_tokenizer
 
     for kind in ("wordpiece", "bpe"):
         _train_tokenizer(kind, 100, ["hello world, said the tokenizer"] * 50)

@@ -382,7 +382,7 @@ def test_one_line_errors(monkeypatch, bert_configs):
         data.build({**glue, "task": "rte"}, device="cpu")
     one_line(e)
     fake_datasets(monkeypatch, ("sentence1", "sentence2"), fail=ConnectionError("no network\nmore"))
-    with pytest.raises(BlockKDError, match="cannot load GLUE rte .*huggingface-cli download") as e:
+    with pytest.raises(BlockKDError, match="cannot load GLUE rte .*hf download") as e:
         data.build({**glue, "task": "rte"}, device="cpu")
     one_line(e)
     with pytest.raises(BlockKDError, match="did you mean 'sports'") as e:

@@ -122,10 +122,12 @@ def evaluate_checkpoint(path: str | Path, data_overrides: list[str] | None = Non
     train = saved["train"]
     rt = runtime.resolve(device or train["device"], train["amp"], train["channels_last"])
     data = data_lib.build(data_cfg, device=rt.device, seed=train["seed"])
-    model = build_model(saved["model"]["name"], data, kwargs=saved["model"].get("kwargs"))
-    weights = ckpt.student_weights()
-    check_fits(model, weights, role="evaluated", path=ckpt.path, data=data)
-    model.load_state_dict(weights)
+    model = _deployed_of_run(saved, ckpt, data, rt)
+    if model is None:
+        model = build_model(saved["model"]["name"], data, kwargs=saved["model"].get("kwargs"))
+        weights = ckpt.student_weights()
+        check_fits(model, weights, role="evaluated", path=ckpt.path, data=data)
+        model.load_state_dict(weights)
     model.to(rt.device)
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -158,6 +160,21 @@ def _picked(path: Path, folder: Path, meta: dict) -> str | None:
     why = (f"the earliest of the epochs tied at the best test top-1 ({', '.join(map(str, tied))})" if len(tied) > 1
            else "the best test top-1")
     return f"evaluated {folder} (epoch {epoch}, {why}); {path / 'last'} holds the final student (epoch {final})"
+
+
+def _deployed_of_run(saved: dict, ckpt, data, rt: Runtime):
+    """The deployed classifier of a run whose method deploys more than the student (SimKD: projector and the
+    teacher's head, both saved in the checkpoint), rebuilt with its distiller; None for the other methods."""
+    from .. import config, methods
+    from .build import build_distiller
+
+    name = saved["method"]["name"]
+    if name not in methods.names() or methods.get(name).deployed_model is methods.Distiller.deployed_model:
+        return None
+    cfg = config.validate({**saved, "model": {**saved["model"], "checkpoint": None}})
+    distiller = build_distiller(cfg, data, rt.device)
+    distiller.load_train_state_dict(ckpt.weights)
+    return distiller.eval().deployed_model()
 
 
 def _heads_of_run(saved: dict, ckpt, data, rt: Runtime):

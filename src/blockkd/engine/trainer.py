@@ -145,6 +145,12 @@ def ddp_of(model: nn.Module) -> nn.parallel.DistributedDataParallel:
     return next(m for m in layers(model) if isinstance(m, nn.parallel.DistributedDataParallel))
 
 
+def extra_inference_params(distiller) -> int:
+    """Parameters the deployed model uses beyond the student's own (SimKD: its projector and the teacher's head)."""
+    own = {id(p) for p in distiller.student.parameters()}
+    return sum(p.numel() for p in distiller.deployed_model().parameters() if id(p) not in own)
+
+
 def task_losses_of(model: nn.Module) -> tuple[str, ...]:
     """The distiller's ``task_losses`` through its wrappers (CE's name for a model that declares none)."""
     return next((tuple(m.task_losses) for m in layers(model) if hasattr(m, "task_losses")), ("loss_ce",))
@@ -474,6 +480,7 @@ class Trainer:
             "best": {"epoch": best.get("epoch"), "test_top1": best.get("test_top1"), "test_top5": best.get("test_top5"),
                      **{f"test_{k}": best.get(f"test_{k}") for k in self.data.metric_names}},
             "teacher_test_top1": self.teacher_top1, "wall_time_s": self.wall_time(), "params": n_params,
+            "extra_inference_params": extra_inference_params(self.distiller),
             "trainable_params": sum(p.numel() for p in self.params),
             "images_per_s": total_images / total_time if total_time else None,
             "skipped_steps": self.guard.skipped, "device": str(self.rt.device), "runtime": self.rt.describe(),

@@ -85,10 +85,15 @@ class Distiller(nn.Module):
     def forward_train(self, x: torch.Tensor, y: torch.Tensor, *, epoch: float):
         raise NotImplementedError
 
+    def deployed_model(self) -> nn.Module:
+        """The model that classifies after training (what a run's evaluation rebuilds): the student here;
+        SimKD's is the student's blocks + its projector + the teacher's head."""
+        return self.student
+
     def eval_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named logits to evaluate (accuracy of each): the student's here; Block-KD adds its stones and
         their ensemble. Runs in the current mode and grad mode (evaluate under ``eval()`` and ``no_grad``)."""
-        return {"student": call_model(self.student, x)}
+        return {"student": self.student_logits(x)}
 
     def diagnostics(self, x: torch.Tensor, y: torch.Tensor, *, epoch: float) -> dict[str, float]:
         """Method-specific numbers to log every N steps (Block-KD: each stone's gradient norm); none here."""

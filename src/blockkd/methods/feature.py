@@ -46,6 +46,23 @@ def same_size(f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor, torch
     return f_s, f_t
 
 
+def check_pooling_head(view, shape: tuple[int, ...], method: str, side: str) -> None:
+    """Refuse a head that is not global average pooling then a classifier: SDD and SimKD run it on other maps."""
+    param = next(view.head.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    if device.type == "meta":  # shapes only (FLOP counting): no values to compare
+        return
+    f = torch.randn(2, *shape, device=device)
+    was = view.head.training
+    view.head.eval()
+    with torch.no_grad():
+        ok = torch.allclose(view.run_head(f), view.run_head(f.mean((2, 3), keepdim=True)), atol=1e-4)
+    view.head.train(was)
+    if not ok:
+        raise BlockKDError(f"method {method} runs the {side}'s head on other feature maps, but that head is not "
+                           f"global average pooling followed by a classifier")
+
+
 class FeatureDistiller(Distiller):
     """A distiller reading student and teacher features from block views.
 

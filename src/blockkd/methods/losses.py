@@ -22,13 +22,21 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def dkd_parts(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
               temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decoupled KD (Zhao et al., CVPR 2022): (TCKD, NCKD), each KL · T², batch-averaged.
+    """Decoupled KD (Zhao et al., CVPR 2022): (TCKD, NCKD), each KL · T², batch-averaged."""
+    tckd, nckd = dkd_per_sample(student_logits, teacher_logits, target, float(temperature))
+    return tckd.mean(), nckd.mean()
+
+
+def dkd_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
+                   temperature: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(TCKD, NCKD) of each sample, each KL · T² (shape (B,)); ``temperature`` a number or a tensor that
+    broadcasts to (B, 1) (CTKD's learned temperatures, which must keep their gradient).
 
     TCKD compares the binary (target vs. all others) distributions; NCKD compares the distributions
     over the non-target classes only. Done in log space with the target class masked to -inf,
     which is the exact form of mdistiller's ``- 1000 * gt_mask`` trick.
     """
-    t = float(temperature)
+    t = temperature
     s = student_logits.float() / t
     te = teacher_logits.float() / t
     gt = F.one_hot(target, s.shape[1]).bool()
@@ -39,13 +47,15 @@ def dkd_parts(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target
         log_p_other = log_p.masked_fill(gt, float("-inf")).logsumexp(1)
         return torch.stack([log_p_gt, log_p_other], dim=1)
 
-    tckd = F.kl_div(binary_log_probs(s), binary_log_probs(te), reduction="batchmean", log_target=True)
+    log_bs, log_bt = binary_log_probs(s), binary_log_probs(te)
+    tckd = (log_bt.exp() * (log_bt - log_bs)).sum(1)
     neg = torch.finfo(s.dtype).min
     log_q_s = F.log_softmax(s.masked_fill(gt, neg), dim=1)
     q_t = F.softmax(te.masked_fill(gt, neg), dim=1)
     # 0 · log 0 terms (the masked target class) must contribute exactly 0.
-    nckd = (q_t * (torch.log(q_t.clamp_min(1e-30)) - log_q_s)).masked_fill(gt, 0.0).sum(1).mean()
-    return tckd * (t * t), nckd * (t * t)
+    nckd = (q_t * (torch.log(q_t.clamp_min(1e-30)) - log_q_s)).masked_fill(gt, 0.0).sum(1)
+    t2 = (t * t).reshape(-1) if torch.is_tensor(t) else t * t
+    return tckd * t2, nckd * t2
 
 
 def linear_warmup(epoch: float, epochs: float) -> float:
