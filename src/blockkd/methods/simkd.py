@@ -102,6 +102,12 @@ class SimKD(FeatureDistiller):
         # A plain attribute: the modules are registered already (student, projector, teacher_head).
         self._deployed = (SimKDClassifier(self._views[0], self.projector, self.teacher_head, pool_to),)
 
+    @property
+    def untrained_student_parameters(self) -> tuple[str, ...]:
+        """The student's own head, unused: SimKD classifies with the teacher's (see the base class)."""
+        head = {id(p) for p in self._views[0].head.parameters()}
+        return tuple(n for n, p in self.student.named_parameters() if id(p) in head)
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.teacher_head.eval()  # frozen, like the teacher it comes from
