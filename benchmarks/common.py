@@ -87,6 +87,13 @@ def write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, text)
 
 
+def write_lines(path: str | Path, lines: Sequence[str]) -> int:
+    """Write a benchmark's markdown ``lines`` to ``path``, say where, and return the exit status (0)."""
+    written = write_text(path, "\n".join(lines) + "\n")
+    print(f"wrote {written}")
+    return 0
+
+
 def mean_std(values: Sequence[float]) -> dict[str, Any]:
     """Mean, sample standard deviation (0 for one value) and the values themselves."""
     values = [float(v) for v in values]

@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_leaves
 from blockkd.methods.lm import chunked, token_divergence
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_text  # noqa: E402
+from common import write_lines  # noqa: E402
 
 
 class LiveTensors(TorchDispatchMode):
@@ -102,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             chunks = [loss_peak(v, s, a.width, k, a.device) for k in a.chunk]
             lines.append(f"| {v} | {s} | {naive / mib:.0f} | " + " | ".join(f"{c / mib:.0f}" for c in chunks) + " |")
             print(lines[-1], flush=True)
-    path = write_text(a.out, "\n".join(lines) + "\n")
-    print(f"wrote {path}")
-    return 0
+    return write_lines(a.out, lines)
 
 
 if __name__ == "__main__":
