@@ -1,11 +1,12 @@
-# One-command set-up for a fresh machine: `make demo` runs the demo, `make test` runs the tests.
-# Both create .venv at the project root and install blockkd into it (PyTorch from the package registry).
+# One-command set-up for a fresh machine: `make demo` runs the demo, `make test` runs the tests
+# (`make test-fast` all but the slow ones: the everyday loop, see CONTRIBUTING.md).
+# Each creates .venv at the project root and install blockkd into it (PyTorch from the package registry).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo test lint bench-speed bench-accuracy bench-tune data venv
+.PHONY: demo test test-fast lint bench-speed bench-accuracy bench-tune data venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,9 @@ demo: venv data
 
 test: venv data
 	$(VENV)/bin/python -m pytest tests
+
+test-fast: venv data
+	$(VENV)/bin/python -m pytest tests -m "not slow"
 
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -25,7 +25,7 @@ test split.
 Subset and schedule are the recipes' own (``DIR/base.yaml``) unless ``--train-subset``
 (0: all the training images) or ``--epochs`` (students only) say otherwise. Outputs: a table on stdout, ``--out`` (JSON), and
 beside it ``<name>.png`` (bars with error bars, mean test-accuracy curves) and ``<name>.md``
-(README section).
+(a section of results/README.md).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Why here: both benchmarks must describe the machine the same way (numbers without their machine are
 meaningless), write their JSON the same way (atomically, so an interrupted run never leaves half a
-file) and render the same table both as aligned text (stdout) and as markdown (the README section).
+file) and render the same table both as aligned text (stdout) and as markdown (a section of results/README.md).
 """
 from __future__ import annotations
 
@@ -87,6 +87,13 @@ def write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, text)
 
 
+def write_lines(path: str | Path, lines: Sequence[str]) -> int:
+    """Write a benchmark's markdown ``lines`` to ``path``, say where, and return the exit status (0)."""
+    written = write_text(path, "\n".join(lines) + "\n")
+    print(f"wrote {written}")
+    return 0
+
+
 def mean_std(values: Sequence[float]) -> dict[str, Any]:
     """Mean, sample standard deviation (0 for one value) and the values themselves."""
     values = [float(v) for v in values]
@@ -140,7 +147,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def section(title: str, paragraphs: Sequence[str]) -> str:
-    """A README section: a level-3 heading then paragraphs (tables included) separated by blank lines."""
+    """A section of results/README.md: a level-3 heading then paragraphs (tables included) separated by blank lines."""
     return "\n\n".join([f"### {title}", *[p.strip() for p in paragraphs if p and p.strip()]]) + "\n"
 
 

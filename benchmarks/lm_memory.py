@@ -31,6 +31,9 @@ from torch.utils._pytree import tree_leaves
 
 from blockkd.methods.lm import chunked, token_divergence
 
+sys.path.insert(0, str(Path(__file__).parent))
+from common import write_lines  # noqa: E402
+
 
 class LiveTensors(TorchDispatchMode):
     """Counts the bytes of the tensors that operators return while they are alive; ``peak`` is the maximum."""
@@ -99,11 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             chunks = [loss_peak(v, s, a.width, k, a.device) for k in a.chunk]
             lines.append(f"| {v} | {s} | {naive / mib:.0f} | " + " | ".join(f"{c / mib:.0f}" for c in chunks) + " |")
             print(lines[-1], flush=True)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}")
-    return 0
+    return write_lines(a.out, lines)
 
 
 if __name__ == "__main__":

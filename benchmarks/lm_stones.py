@@ -24,6 +24,7 @@ import torch.fx.experimental._config as fx_config
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import write_lines  # noqa: E402
 from lm_memory import LiveTensors  # noqa: E402
 
 from blockkd import methods  # noqa: E402
@@ -86,11 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         base = base or tf
         lines.append(f"| {label} | {tf:.1f} | {tf / base:.2f} | {gib:.1f} |")
         print(lines[-1], flush=True)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}")
-    return 0
+    return write_lines(a.out, lines)
 
 
 if __name__ == "__main__":

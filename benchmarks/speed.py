@@ -18,11 +18,11 @@ What is measured, and why this way:
   Beside the time: each method's extra trainable parameters (outside the student) and extra buffers
   (outside the student and teacher: memory banks, connectors' BN statistics).
 - FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` on the ``meta`` device (shapes only, no
-  arithmetic), for each method's step and for the parts of a blockkd step, so the README can derive the
+  arithmetic), for each method's step and for the parts of a blockkd step, so results/README.md can derive the
   cost floor of Block-KD relative to KD from counted FLOPs and compare it with the measured time ratio.
 - Data path: one pass of ``blockkd.data``'s on-device loader vs torchvision's DataLoader + transforms
-  pipeline (``blockkd.data.torchvision_reference_loader``) over the same images.
-Outputs: a table on stdout, ``--out`` (JSON: every number plus the machine) and the README section
+  pipeline (``benchmarks/reference_loader.py``) over the same images.
+Outputs: a table on stdout, ``--out`` (JSON: every number plus the machine) and its section of results/README.md
 (markdown) beside it (``speed.md``). Benchmarks measure; they never assert timings.
 """
 from __future__ import annotations

@@ -315,7 +315,7 @@ def parallelism(report: dict[str, Any]) -> str:
 
 
 def render(report: dict[str, Any], out: Path) -> tuple[str, Path]:
-    """The setup sentence, and the README section written beside ``out`` (.md), from a tuning report."""
+    """The setup sentence, and the results/README.md section written beside ``out`` (.md), from a tuning report."""
     u, t = report["setup"], report["teacher"]
     epochs = [o.split("=", 1)[1] for o in u["overrides"] if o.startswith("train.epochs=")]
     schedule = f"{epochs[-1]} epochs" if epochs else "the recipes' schedule"
@@ -329,7 +329,8 @@ def render(report: dict[str, Any], out: Path) -> tuple[str, Path]:
     swept = {t["variant"] for w in sweeps.values() for t in w["tried"].values()}
     rest = {n: v for n, v in summary.items() if n not in swept}
     what = "Block-KD" if rest else "the baselines' distillation weights"
-    title = f"Tuning {what} (validation split" + wide + (f", {epochs[-1]} epochs)" if epochs else ")")
+    # The file's name ends the title: several tuning rounds share the rest of it.
+    title = f"Tuning {what} (validation split" + wide + (f", {epochs[-1]} epochs" if epochs else "") + f"; {out.stem})"
     chosen = ("Each baseline's distillation weight at its recipe's value (the published one), half and twice it; "
               "the chosen one (bold: the best mean last-epoch val top-1 of the three, the recipe's on a tie) is "
               "the value its recipe takes.") if sweeps else ""

@@ -43,9 +43,11 @@ VARIANTS = {  # name -> (method, options)
 }
 
 
-def recipe(out: Path, name: str, method: str, **extra) -> dict:
+def recipe(out: Path, name: str, method_name: str, **extra) -> dict:
+    """The sweep's setting (synthetic data, resnet8, SGD lr 0.05, 4 epochs); ``extra``: sections to merge in
+    (tests/test_stability.py runs the same)."""
     cfg = {
-        "model": {"name": "resnet8"}, "method": {"name": method},
+        "model": {"name": "resnet8"}, "method": {"name": method_name},
         "data": {"name": "synthetic", "image_size": 16, "num_classes": 10, "train_size": 512, "test_size": 256,
                  "batch_size": 64, "eval_batch_size": 256},
         "optim": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},

@@ -19,6 +19,9 @@ import pytest
 from blockkd import config, methods
 from blockkd.data import fashion_mnist
 
+# The benchmarks end to end: minutes; `make test-fast` (pytest -m "not slow") skips them.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 approx = pytest.approx
@@ -403,31 +406,55 @@ def test_tuning_on_the_wide_teacher(tmp_path):
     assert (cfg["model"]["name"], cfg["teacher"]["name"]) == ("resnet8", "resnet8x4")
     assert cfg["method"]["options"]["connector"] == "conv3x3_bn" and cfg["data"]["val_split"] == 300
     md = (tmp_path / "out" / "wide.md").read_text()
-    assert md.startswith("### Tuning Block-KD (validation split, configs/fashion_mnist_wide, 1 epochs)")
+    assert md.startswith("### Tuning Block-KD (validation split, configs/fashion_mnist_wide, 1 epochs; ")
     assert "configs/fashion_mnist_wide recipes" in md and "teacher resnet8x4 at" in md
 
 
 # ----------------------------------------------------------------------------------------- README
 def test_readme_results_are_the_committed_benchmark_output(tmp_path):
-    """The README's results sections are exactly results/*.md, and --check notices any difference."""
+    """README.md's headline table and results/README.md's sections are exactly results/*.md, and --check notices
+    any difference in either."""
     def readme(*args: str) -> int:
         return subprocess.run([sys.executable, str(BENCH / "readme.py"), *args], capture_output=True,
                               timeout=120).returncode
 
-    assert readme("--check") == 0, "README.md is out of date: run python benchmarks/readme.py"
-    text = (ROOT / "README.md").read_text()
-    names = re.findall(r"<!-- BEGIN ([\w./-]+\.md) -->", text)
-    assert {"results/speed.md", "results/accuracy.md"} <= set(names)
+    assert readme("--check") == 0, "README.md or results/README.md is out of date: run python benchmarks/readme.py"
+    marks = re.compile(r"<!-- BEGIN ([\w./-]+\.md)((?:: headline)?) -->")
+    top = marks.findall((ROOT / "README.md").read_text())
+    assert top == [("results/accuracy.md", ": headline")]  # one headline table, the leaderboard
+    text = (ROOT / "results" / "README.md").read_text()
+    names = [name for name, view in marks.findall(text)]
+    assert {"results/speed.md", "results/accuracy.md", "results/tuning-round7.md"} <= set(names)
+    assert names == sorted(set(names), key=names.index)  # each section once
+    # Every benchmark section (a level-3 title) has its place; a results file with a title of its own is a page,
+    # linked from results/README.md.
+    sections = sorted(p.name for p in (ROOT / "results").glob("*.md") if p.read_text().startswith("### "))
+    pages = sorted(p.name for p in (ROOT / "results").glob("*.md") if p.read_text().startswith("# ")
+                   and p.name != "README.md")
+    assert sorted(n.split("/", 1)[1] for n in names) == sections
+    assert all(f"]({page})" in text for page in pages), pages
+    titles = [line for line in text.splitlines() if line.startswith("#")]
+    assert len(titles) == len(set(titles)), "results/README.md has two sections of the same title"
+
     (tmp_path / "results").mkdir()
     for name in names:
         (tmp_path / name).write_text((ROOT / name).read_text())
-    (tmp_path / "README.md").write_text(text)
+    (tmp_path / "README.md").write_text(text)  # the document's marks are relative to its folder
     first = tmp_path / names[0]
     first.write_text(first.read_text() + "\nedited\n")
     assert readme("--check", "--readme", str(tmp_path / "README.md")) == 1
     assert readme("--readme", str(tmp_path / "README.md")) == 0
     assert "\nedited\n<!-- END" in (tmp_path / "README.md").read_text()
     assert readme("--check", "--readme", str(tmp_path / "README.md")) == 0
+
+    # The headline follows the leaderboard's table: a changed number there changes it.
+    (tmp_path / "README.md").write_text((ROOT / "README.md").read_text())
+    table = (tmp_path / "results" / "accuracy.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| 1 |"))
+    (tmp_path / "results" / "accuracy.md").write_text(table.replace(row, row.replace("| 1 |", "| 99 |")))
+    assert readme("--check", "--readme", str(tmp_path / "README.md")) == 1
+    assert readme("--readme", str(tmp_path / "README.md")) == 0
+    assert "| 99 |" in (tmp_path / "README.md").read_text()
 
 
 def test_recipes_carry_the_weights_chosen_on_the_validation_split(baseline_sweeps):

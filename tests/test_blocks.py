@@ -14,6 +14,7 @@ from blockkd import models
 from blockkd.blocks import Blocks, children_splitter, match, register_splitter, split
 from blockkd.blocks.fx import fx_split
 from blockkd.errors import BlockKDError
+from helpers import assert_shares
 
 CIFAR, FMNIST, TV = (3, 32, 32), (1, 28, 28), (3, 64, 64)
 
@@ -22,11 +23,6 @@ def assert_exact(view: nn.Module, model: nn.Module, shape, tol: float = 1e-5) ->
     x = torch.randn(2, *shape)
     with torch.no_grad():
         assert (view(x) - model(x)).abs().max().item() <= tol
-
-
-def assert_shares(view: nn.Module, model: nn.Module) -> None:
-    """Every parameter of the view is one of the model's (no copies), and all of them are used."""
-    assert {id(p) for p in view.parameters()} == {id(p) for p in model.parameters()}
 
 
 def resolutions(view: Blocks, shape) -> list[tuple[int, ...]]:

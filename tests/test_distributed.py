@@ -29,6 +29,9 @@ from blockkd import config, engine
 from blockkd.engine.checkpoint import load_checkpoint
 from blockkd.engine.runtime import state_digest
 
+# torchrun runs of several processes: minutes; `make test-fast` (pytest -m "not slow") skips them.
+pytestmark = pytest.mark.slow
+
 DATA = ("{name: synthetic, num_classes: 10, train_size: 64, test_size: 32, batch_size: 16, eval_batch_size: 32, "
         "augment: false}")
 COMMON = f"""

@@ -8,14 +8,8 @@ import torch.nn.functional as F
 import blockkd
 from blockkd.errors import BlockKDError
 from blockkd.methods.divergences import DIVERGENCES, LogitDivergence, standardize
+from helpers import SHAPE, make
 
-SHAPE = (3, 32, 32)
-
-
-def make(method, student="resnet8", teacher="resnet14", **options):
-    s = blockkd.models.create(student, num_classes=10)
-    t = blockkd.models.create(teacher, num_classes=10)
-    return blockkd.methods.create(method, s, t, input_shape=SHAPE, **options)
 
 
 # ------------------------------------------------------------------------ references, one sample at a time

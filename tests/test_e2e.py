@@ -18,6 +18,9 @@ from safetensors.torch import load_file
 
 import blockkd
 
+# End-to-end runs and the demo: minutes; `make test-fast` (pytest -m "not slow") skips them.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 SYNTH = ["data.name=synthetic", "data.image_size=16", "data.train_size=512", "data.test_size=256",
          "data.batch_size=64", "data.eval_batch_size=256", "data.train_subset=null", "train.device=cpu", "output.tensorboard=true"]

@@ -20,8 +20,8 @@ from blockkd.engine import evaluate_checkpoint, load_checkpoint, runtime, save_c
 from blockkd.optim import build_scheduler, lr_factor
 from blockkd.optim.schedules import DecayOptions, MultistepOptions, NoOptions
 from blockkd.errors import BlockKDError
+from helpers import rows, untimed, with_changes
 
-TIMING = ("images_per_s", "train_time_s", "epoch_time_s")
 CREATE = methods.create  # the real factory, wrapped afresh by each patch_forward
 
 
@@ -36,21 +36,7 @@ def recipe(out: Path, name: str, **dotted) -> dict:
         "train": {"epochs": 2, "device": "cpu", "deterministic": True, "amp": "off"},
         "output": {"dir": str(out), "name": name, "progress": False, "tensorboard": False, "plot": False},
     }
-    for key, value in dotted.items():
-        *path, leaf = key.split("__")
-        node = cfg
-        for part in path:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return config.validate(cfg)
-
-
-def rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def untimed(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in history]
+    return config.validate(with_changes(cfg, **dotted))
 
 
 def files(folder: Path) -> dict[str, bytes]:

@@ -10,14 +10,8 @@ import torch.nn.functional as F
 import blockkd
 from blockkd.errors import BlockKDError
 from blockkd.methods.losses import dkd_parts, kl_div
+from helpers import SHAPE, make
 
-SHAPE = (3, 32, 32)
-
-
-def make(method, student="resnet8", teacher="resnet14", num_classes=10, shape=SHAPE, **options):
-    s = blockkd.models.create(student, num_classes=num_classes, in_channels=shape[0])
-    t = blockkd.models.create(teacher, num_classes=num_classes, in_channels=shape[0])
-    return blockkd.methods.create(method, s, t, input_shape=shape, **options)
 
 
 def lite3(**options):

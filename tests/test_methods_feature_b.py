@@ -16,29 +16,23 @@ from blockkd.methods.crd import ContrastMemory, nce_loss
 from blockkd.methods.ofd import bn_margin, gaussian_margin, ofd_partial_l2
 from blockkd.methods.reviewkd import hcl
 from blockkd.methods.vid import vid_nll
+import helpers
+from helpers import step_kwargs
 
-METHODS = ["ofd", "reviewkd", "crd", "vid"]
 SMALL = {"crd": {"num_data": 64, "nce_k": 16}}  # a small bank keeps the CRD tests fast
 EXTRA = {"ofd": ["connectors."], "reviewkd": ["abfs."], "vid": ["regressors.", "log_scales."],
          "crd": ["embed_s.", "embed_t."]}
 BUFFERS = {"ofd": ["margin0"], "reviewkd": [], "vid": [],
            "crd": ["contrast.memory_s", "contrast.memory_t", "contrast.labels", "contrast.z", "contrast.step"]}
+METHODS = list(EXTRA)  # the methods with modules of their own; EXTRA and BUFFERS say which
 
 
 def create(name, num_classes=10):
-    if name.startswith("torchvision."):
-        import torchvision
-        return getattr(torchvision.models, name.split(".", 1)[1])(num_classes=num_classes)
-    return blockkd.models.create(name, num_classes=num_classes)
+    return blockkd.models.create(name, num_classes=num_classes)  # torchvision.<name> included
 
 
 def make(method, teacher="resnet32x4", student="resnet8x4", shape=(3, 64, 64), **options):
-    opts = {**SMALL.get(method, {}), **options}
-    return blockkd.methods.create(method, create(student), create(teacher), input_shape=shape, **opts)
-
-
-def step_kwargs(d, n):
-    return {"index": torch.arange(n)} if getattr(d, "needs_index", False) else {}
+    return helpers.make(method, student, teacher, shape=shape, **{**SMALL.get(method, {}), **options})
 
 
 # ----------------------------------------------------------------------------------- pre-ReLU features

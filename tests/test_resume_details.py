@@ -2,7 +2,6 @@
 contradict each other are refused."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from blockkd.engine import train
 from blockkd.errors import BlockKDError
 from blockkd.optim import lr_factor
 from blockkd.optim.schedules import DecayOptions
+from helpers import rows
 
 LR = 0.1
 
@@ -26,10 +26,6 @@ def recipe(out: Path, epochs: int, **output) -> config.Config:
         "optim": {"lr": LR}, "schedule": {"name": "cosine"},
         "train": {"epochs": epochs, "device": "cpu", "amp": "off", "deterministic": True},
         "output": {"dir": str(out), "name": "r", "progress": False, "tensorboard": True, "plot": False, **output}})
-
-
-def rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_resume_with_more_epochs_keeps_tensorboard_steps_and_follows_the_new_schedule(tmp_path, caplog):

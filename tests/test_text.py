@@ -4,7 +4,6 @@ stand-in `datasets` module (no network); dynamic padding, length buckets, task m
 from __future__ import annotations
 
 import json
-import os
 import sys
 import types
 from pathlib import Path
@@ -21,28 +20,19 @@ from blockkd.engine import metrics  # noqa: E402
 from blockkd.engine import evaluate_checkpoint, load_checkpoint, train  # noqa: E402
 from blockkd.engine.build import build_model  # noqa: E402
 from blockkd.errors import BlockKDError  # noqa: E402
+from helpers import rows, untimed, with_changes  # noqa: E402
 
 FORTUNES = Path(text.FORTUNES_ROOT)
 assert (FORTUNES / "computers").is_file(), "Debian's fortune files are missing: `make data` (apt-get install fortunes)"
 
 CATEGORIES = ["computers", "food", "sports"]
 VOCAB, LENGTH = 400, 32
-TIMING = ("images_per_s", "train_time_s", "epoch_time_s")
 DATA = {"name": "fortunes", "categories": CATEGORIES, "max_per_class": 60, "max_length": LENGTH,
         "vocab_size": VOCAB, "batch_size": 8, "eval_batch_size": 64}
 EPOCHS = 12  # the teacher's: ~2 s; tiny BERTs trained from scratch need ~100 steps to leave chance level
 
 
-@pytest.fixture(scope="module", autouse=True)
-def data_home(tmp_path_factory):
-    """Trained tokenizers are cached under $BLOCKKD_DATA: a fresh folder for this module."""
-    old = os.environ.get("BLOCKKD_DATA")
-    os.environ["BLOCKKD_DATA"] = str(tmp_path_factory.mktemp("data"))
-    yield
-    if old is None:
-        os.environ.pop("BLOCKKD_DATA", None)
-    else:
-        os.environ["BLOCKKD_DATA"] = old
+pytestmark = pytest.mark.usefixtures("fresh_data_home")  # tokenizers trained here are cached in a fresh folder
 
 
 @pytest.fixture(scope="module")
@@ -69,21 +59,7 @@ def recipe(out: Path, name: str, model: str, **dotted) -> config.Config:
         "train": {"epochs": EPOCHS, "device": "cpu", "deterministic": True, "amp": "off"},
         "output": {"dir": str(out), "name": name, "progress": False, "tensorboard": False, "plot": False},
     }
-    for key, value in dotted.items():
-        *path, leaf = key.split("__")
-        node = cfg
-        for part in path:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return config.validate(cfg)
-
-
-def rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def untimed(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in history]
+    return config.validate(with_changes(cfg, **dotted))
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from blockkd.blocks import Blocks, Chain, example_input, match, split, text_inpu
 from blockkd.blocks.core import run_module
 from blockkd.blocks.hf import Layers
 from blockkd.errors import BlockKDError
+from helpers import assert_shares
 from blockkd.methods.connectors import (Connector, MapToTokens, TokenConnector, TokensToMap, build_connector,
                                         resample_tokens)
 
@@ -25,11 +26,6 @@ LENGTH, VOCAB, LABELS = 12, 100, 3
 def layers(block: nn.Module, kind: type) -> int:
     """How many modules of ``kind`` (one per transformer layer) a block runs."""
     return sum(isinstance(m, kind) for m in block.modules())
-
-
-def assert_shares(view: nn.Module, model: nn.Module) -> None:
-    """Every parameter of the view is one of the model's (no copies), and all of them are used."""
-    assert {id(p) for p in view.parameters()} == {id(p) for p in model.parameters()}
 
 
 # --- the extra-inputs contract (no transformers needed) ---------------------------------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config
+from .engine import train
 from .errors import BlockKDError
 from .utils import atomic_write, cache_home
 
@@ -52,16 +53,13 @@ def train_or_reuse_teacher(folder: Path, extra: list[str]) -> tuple[Path, dict]:
     if summary_file.is_file():
         print(f"teacher: reusing {run}")
         return run, json.loads(summary_file.read_text())
-    from .engine import train
-
     print(f"teacher: training {cfg.model.name} (cached in {run})")
     return run, train(cfg, overwrite=True)
 
 
 def run(args) -> int:
     """Run the demo; returns the exit status."""
-    from .engine import train
-    from .engine.plots import plot_comparison
+    from .engine.plots import plot_comparison  # matplotlib is slow to import; only the demo's plot needs it
 
     folder, extra = recipes_dir(), _overrides(args)
     out = Path(args.out or "runs/demo")

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Mapping
 import yaml
 
 from .errors import BlockKDError
-from .registry import closest
+from .registry import closest, unknown
 
 __all__ = ["Check", "OptionError", "option", "parse", "to_dict", "describe", "fields", "number", "integer",
            "choice", "optional", "BOOL", "STRING", "ANY", "format_value", "REQUIRED"]
@@ -245,8 +245,6 @@ def parse_named(cls, registry, values: Mapping[str, Any] | None, *, prefix: str,
     if not isinstance(name, str) or not name:
         raise BlockKDError(f"invalid {name_key}={format_value(name)} in {where(name_key)}: expected a {kind} name")
     if name not in registry:
-        from .registry import unknown
-
         err = unknown(kind, name, registry.names())
         raise type(err)(str(err).replace(repr(name), f"{name!r} ({name_key} in {where(name_key)})", 1)) from None
     own = registry.get(name).options

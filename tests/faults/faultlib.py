@@ -25,7 +25,8 @@ from typing import Any, Iterable
 
 import yaml
 
-TIMING = ("images_per_s", "train_time_s", "epoch_time_s", "wall_time_s")
+from helpers import with_changes
+
 
 # blockkd (the flagship method) from a random resnet14 teacher into a resnet8 on 16x16 synthetic data:
 # 4 steps per epoch, deterministic on the CPU. whole_batch_stones=1 cuts each batch into the shallow stones'
@@ -46,14 +47,7 @@ TINY: dict[str, Any] = {
 
 def recipe(**dotted: Any) -> dict:
     """A copy of TINY with ``section__key=value`` changes (``method__options__gamma=2``)."""
-    cfg = copy.deepcopy(TINY)
-    for key, value in dotted.items():
-        *path, leaf = key.split("__")
-        node = cfg
-        for part in path:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return cfg
+    return with_changes(copy.deepcopy(TINY), **dotted)
 
 
 def write_recipe(path: Path, **dotted: Any) -> Path:
@@ -188,17 +182,6 @@ def snapshot(run: Path, names: Iterable[str] = ("last", "last.prev", "best")) ->
     """Every byte of the given checkpoint folders (absent folders map to {})."""
     return {n: {p.name: p.read_bytes() for p in sorted((run / n).iterdir())} if (run / n).is_dir() else {}
             for n in names}
-
-
-def rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def untimed(obj: Any) -> Any:
-    """Metrics or a summary without wall-clock/throughput fields (and without the run folder's path)."""
-    if isinstance(obj, list):
-        return [untimed(r) for r in obj]
-    return {k: v for k, v in obj.items() if k not in TIMING and k != "run_dir"}
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:

@@ -13,7 +13,8 @@ import torch
 from blockkd.engine import checkpoint, load_checkpoint, save_checkpoint
 from blockkd.engine.checkpoint import copy_checkpoint
 from blockkd.errors import BlockKDError
-from faultlib import cli_here, one_error_line, rows, snapshot, untimed, write_recipe
+from faultlib import cli_here, one_error_line, snapshot, write_recipe
+from helpers import rows, untimed
 
 
 def _weights(seed: int) -> dict[str, torch.Tensor]:

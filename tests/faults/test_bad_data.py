@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from faultlib import one_error_line, rows, write_recipe
+from faultlib import one_error_line, write_recipe
+from helpers import rows
 from PIL import Image
 
 from blockkd import data

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from faultlib import cli_here, rows, untimed, write_recipe
+from faultlib import cli_here, write_recipe
+from helpers import rows, untimed
 
 
 def _epoch(folder: Path) -> int | None:

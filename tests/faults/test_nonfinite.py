@@ -12,7 +12,8 @@ import torch
 from blockkd import config, methods
 from blockkd.engine import load_checkpoint, train
 from blockkd.errors import BlockKDError
-from faultlib import recipe, rows, snapshot
+from faultlib import recipe, snapshot
+from helpers import rows
 
 TERMS = ["loss_task_student", "loss_task_stones", "loss_distill_student", "loss_distill_stones", "loss_cross"]
 

@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from blockkd.engine import checkpoint, evaluation, load_checkpoint, trainer
-from faultlib import cli_here, env, rows, untimed, wait_for_line, write_recipe
+from faultlib import cli_here, env, wait_for_line, write_recipe
+from helpers import rows, untimed
 
 
 # ----------------------------------------------------------------------------------------- memory

@@ -12,7 +12,8 @@ import textwrap
 
 import pytest
 import yaml
-from faultlib import env, rows, wait_for_line, write_recipe
+from faultlib import env, wait_for_line, write_recipe
+from helpers import rows
 
 from blockkd.engine import run_folder
 from blockkd.engine.checkpoint import load_checkpoint

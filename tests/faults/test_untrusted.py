@@ -20,7 +20,8 @@ import yaml
 from blockkd import config, models
 from blockkd.engine import evaluate_checkpoint, train
 from blockkd.errors import BlockKDError
-from faultlib import cli_here, one_error_line, recipe, rows, write_recipe
+from faultlib import cli_here, one_error_line, recipe, write_recipe
+from helpers import rows
 
 
 class Payload:

@@ -2,9 +2,10 @@
 
 Registered splitters (looked up along the model's class MRO) cover the CIFAR zoo, torchvision's
 ResNets and MobileNetV2, timm's CNNs (through their ``feature_info``), timm's Vision Transformers
-(:mod:`.vit`), Hugging Face encoder classifiers (:mod:`.hf`) and causal LMs (:mod:`.hf_lm`); any other model that torch.fx can
-trace is cut where its resolution changes. Model inputs may be tensors or mappings of tensors (text);
-see :mod:`.core` for how blocks receive extra inputs such as the attention mask.
+(:mod:`.vit`), Hugging Face encoder classifiers (:mod:`.hf`) and causal LMs (:mod:`.hf_lm`); any other
+model that torch.fx can trace is cut where its resolution changes. Model inputs may be tensors or mappings of
+tensors (text); see :mod:`blockkd.inputs` for model inputs and :mod:`.core` for how blocks receive extra
+inputs such as the attention mask.
 For your own architecture::
 
     @blockkd.blocks.register_splitter(MyNet)
@@ -15,9 +16,10 @@ or, when its forward runs its children in order, ``register_splitter(MyNet)(chil
 
 ``Blocks.features(x, preact=True)`` gives each block's output before its final ``nn.ReLU`` (see ``preact``).
 """
-from . import hf, hf_lm, timm_cnn, torchvision_cnn, vit, zoo  # noqa: F401  (registers the built-in splitters; imports no library)
-from .core import (Blocks, Chain, as_input_spec, balanced_ends, call_model, children_splitter, example_input,
-                   find_splitter, named_sequence, register_splitter, split, text_input)
+from . import hf, hf_lm, timm_cnn, torchvision_cnn, vit, zoo  # noqa: F401  (registers the built-in splitters)
+from ..inputs import as_input_spec, call_model, example_input, text_input  # re-exported: the public API names them here
+from .core import (Blocks, Chain, balanced_ends, children_splitter, find_splitter, named_sequence, register_splitter,
+                   split)
 from .match import common_resolutions, match
 
 __all__ = ["Blocks", "Chain", "split", "match", "register_splitter", "children_splitter", "find_splitter",

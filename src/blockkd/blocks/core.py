@@ -4,12 +4,9 @@ Why a view and not a copy: Block-KD runs the student's first blocks, a connector
 last blocks. The blocks must be the models' own modules so that training the view trains the model and
 checkpoints of the model stay the only state.
 
-Model inputs and extra per-batch inputs (the contract every block, splitter and method follows):
+Model inputs and input specs are described in :mod:`blockkd.inputs`. Extra per-batch inputs (the contract
+every block, splitter and method follows):
 
-* A model input ``x`` is a tensor (images: ``(B, C, H, W)``) or a mapping of per-sample tensors, batch
-  first (text: ``{"input_ids": (B, L), "attention_mask": (B, L), ...}``, what a tokenizer returns).
-  :func:`call_model` runs a whole model on either (``model(x)`` / ``model(**x)``, then ``.logits`` if
-  the output has them), so methods never special-case Hugging Face models.
 * The first block receives ``x`` itself and returns a tensor (the hidden state / feature map); every
   later block, and the head, receive the previous block's tensor. Block outputs are always plain
   tensors, so connectors, ``torch.cat`` and losses treat them alike.
@@ -21,11 +18,6 @@ Model inputs and extra per-batch inputs (the contract every block, splitter and 
 * Extra inputs are per sample: when a block runs on a batch that stacks ``m`` copies of the input's
   samples (Block-KD's batched stepping-stones), each extra input is repeated ``m`` times along dim 0.
 * Groups of blocks (``regroup``) are :class:`Chain` s, which pass each member the extras it names.
-
-An input *spec* says what a dummy input looks like, for :meth:`Blocks.probe` and :func:`match`: a shape
-``(C, H, W)`` (zeros), a mapping of per-sample shapes such as ``{"input_ids": (16,), "attention_mask":
-(16,)}`` (:func:`text_input`; integer tensors: ones for ``*mask`` keys, zeros otherwise), or an example
-input itself (a tensor or a mapping of tensors, batch included). See :func:`example_input`.
 """
 from __future__ import annotations
 
@@ -38,7 +30,10 @@ import torch
 import torch.nn as nn
 
 from ..errors import BlockKDError
+from ..inputs import batch_size_of, call_model, describe_spec, example_input, is_image_shape
 from ..utils import eval_mode
+from .fx import fx_split
+from .preact import capture, find_point
 
 Splitter = Callable[[nn.Module], "tuple[list[nn.Module], nn.Module] | Blocks"]
 
@@ -48,20 +43,6 @@ _SPLITTERS: dict[type | str, Splitter] = {}
 HOW_TO_REGISTER = ("register a splitter for it: @blockkd.blocks.register_splitter({cls}) on "
                    "fn(model) -> ([stage1, stage2, ...], head), whose stages run in order then the head "
                    "equal model(x)")
-
-
-def call_model(model: nn.Module, x: Any) -> torch.Tensor:
-    """``model``'s logits for the model input ``x``: ``model(**x)`` for a mapping, else ``model(x)``;
-    an output with ``.logits`` (a Hugging Face ``ModelOutput``) gives those."""
-    out = model(**x) if isinstance(x, Mapping) else model(x)
-    return getattr(out, "logits", out)
-
-
-def batch_size_of(x: Any) -> int:
-    """The number of samples in a model input (tensor or mapping of tensors)."""
-    if isinstance(x, Mapping):
-        return next(iter(x.values())).shape[0]
-    return x.shape[0]
 
 
 def _per_sample(value: Any, batch: int, name: str) -> Any:
@@ -94,61 +75,6 @@ class Chain(nn.Sequential):
         for m in self:
             h = run_module(m, h, extras)
         return h
-
-
-def text_input(length: int = 16, *, token_type_ids: bool = False) -> dict[str, tuple[int, ...]]:
-    """The input spec of a text classifier on sequences of ``length`` tokens (ids and attention mask)."""
-    spec = {"input_ids": (length,), "attention_mask": (length,)}
-    if token_type_ids:
-        spec["token_type_ids"] = (length,)
-    return spec
-
-
-def as_input_spec(spec: Any) -> Any:
-    """``spec`` normalised: a shape becomes a tuple of ints, a mapping of shapes a dict of tuples;
-    example inputs (tensors, mappings of tensors) are kept as they are."""
-    if isinstance(spec, torch.Tensor):
-        return spec
-    if isinstance(spec, Mapping):
-        if all(isinstance(v, torch.Tensor) for v in spec.values()):
-            return spec
-        return {str(k): tuple(int(d) for d in v) for k, v in spec.items()}
-    return tuple(int(d) for d in spec)
-
-
-def describe_spec(spec: Any) -> str:
-    spec = as_input_spec(spec)
-    if isinstance(spec, torch.Tensor):
-        return f"of shape {tuple(spec.shape)}"
-    if isinstance(spec, Mapping):
-        return "{" + ", ".join(f"{k}: {tuple(getattr(v, 'shape', v))}" for k, v in spec.items()) + "}"
-    return f"of shape {spec}"
-
-
-def example_input(spec: Any, batch_size: int = 2, *, device: Any = None, dtype: torch.dtype | None = None) -> Any:
-    """A dummy model input for the input spec ``spec`` (see the module docstring), on ``device``.
-
-    Image shapes give zeros in ``dtype``; mappings of shapes give integer tensors (token ids and masks):
-    ones for keys ending in ``mask``, zeros otherwise. Example inputs are moved to ``device`` (and their
-    floating-point tensors cast to ``dtype``).
-    """
-    def move(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device, dtype if dtype is not None and t.is_floating_point() else None)
-
-    spec = as_input_spec(spec)
-    if isinstance(spec, torch.Tensor):
-        return move(spec)
-    if isinstance(spec, Mapping):
-        if all(isinstance(v, torch.Tensor) for v in spec.values()):
-            return {k: move(v) for k, v in spec.items()}
-        return {k: (torch.ones if k.endswith("mask") else torch.zeros)(batch_size, *shape, dtype=torch.long,
-                                                                        device=device)
-                for k, shape in spec.items()}
-    return torch.zeros(batch_size, *spec, device=device, dtype=dtype)
-
-
-def is_image_shape(spec: Any) -> bool:
-    return isinstance(spec, Sequence) and not isinstance(spec, str) and all(isinstance(d, int) for d in spec)
 
 
 class Blocks(nn.Module):
@@ -204,8 +130,6 @@ class Blocks(nn.Module):
         cached = self.__dict__.get("_preact_points")
         if cached is not None:
             return cached
-        from .preact import find_point
-
         tensor = next(iter(self.parameters()), None)
         if tensor is None:
             tensor = next(iter(self.buffers()), torch.empty(0))
@@ -223,8 +147,6 @@ class Blocks(nn.Module):
     def preact_features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Every block's output before its final ReLU (the output itself where it has none) and the logits,
         from one forward pass; ``block output == relu(pre-ReLU)`` exactly where a block ends with a ReLU."""
-        from .preact import capture
-
         points = self.preact_points(tuple(x.shape[1:]))
         feats = []
         with capture(points) as (slots, start):
@@ -308,8 +230,6 @@ def natural(model: nn.Module, input_shape: Any = None) -> Blocks:
         return model
     splitter = find_splitter(model)
     if splitter is None:
-        from .fx import fx_split
-
         shape = tuple(input_shape) if input_shape is not None and is_image_shape(input_shape) else None
         try:
             stages, head = fx_split(model, shape or _default_input_shape(model))

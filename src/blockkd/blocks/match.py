@@ -22,7 +22,8 @@ from collections.abc import Sequence
 import torch.nn as nn
 
 from ..errors import BlockKDError
-from .core import Blocks, as_input_spec, balanced_ends, split
+from ..inputs import as_input_spec
+from .core import Blocks, balanced_ends, split
 
 Resolution = tuple[int, ...]
 
@@ -84,7 +85,7 @@ def match(student: nn.Module, teacher: nn.Module, input_shape, n: int | None = N
     extra stages go to the earlier blocks); a larger one, up to the smaller natural stage count, pairs the
     stages by position instead (the connectors then resample).
 
-    ``input_shape`` is an input spec (:func:`blockkd.blocks.core.example_input`): an image shape, or a
+    ``input_shape`` is an input spec (:func:`blockkd.inputs.example_input`): an image shape, or a
     mapping of shapes for text. When either side's features are tokens, blocks are paired by depth (see
     the module docstring).
     """

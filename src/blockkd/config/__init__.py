@@ -15,39 +15,17 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .. import schema
+from .. import data, methods, models, optim, schema
 from . import paths
 from ..errors import BlockKDError
-from .recipe import SECTIONS, check_keys, compose, dump as _dump, origin, parse_overrides, parse_value, _show
-from .sections import ModelSection, OutputSection, TeacherSection, TrainSection, MethodSection
+from ..registry import UnknownNameError, unknown
+from .keys import PLAIN, declared_keys, named
+from .recipe import (SECTIONS, check_keys, compose, dump as _dump, origin, parse_overrides, parse_value, _show,
+                     _unknown_key)
+from .sections import MethodSection, ModelSection, OutputSection, TeacherSection, TrainSection
 
 __all__ = ["Config", "load", "validate", "dump", "run_name", "parse_overrides", "parse_value", "parse_data_overrides",
            "check", "fingerprint", "flat_keys", "reference", "SECTIONS"]
-
-PLAIN = {"model": ModelSection, "teacher": TeacherSection, "train": TrainSection, "output": OutputSection}
-
-
-def _named(section: str):
-    """(common dataclass, registry, kind) of the sections whose ``name`` picks an entry with own keys."""
-    from .. import data, optim
-    from .sections import OptimSection, ScheduleSection
-
-    return {"data": (data.DataSection, data.DATASETS, "dataset"),
-            "optim": (OptimSection, optim.OPTIMIZERS, "optimizer"),
-            "schedule": (ScheduleSection, optim.SCHEDULES, "schedule")}[section]
-
-
-def _declared_keys(section: str) -> list[str]:
-    if section in PLAIN:
-        return [f.name for f in schema.fields(PLAIN[section])]
-    if section == "method":
-        return ["name", "options"]
-    cls, registry, _ = _named(section)
-    keys = [f.name for f in schema.fields(cls)]
-    for name in registry.names():
-        keys += [f.name for f in schema.fields(registry.get(name).options) if f.name not in keys]
-    return keys
-
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -96,8 +74,6 @@ class Config:
 
     @property
     def needs_teacher(self) -> bool:
-        from .. import methods
-
         return methods.needs_teacher(self.method.name)
 
 
@@ -144,7 +120,7 @@ def validate(cfg: Mapping | Config, *, origins: Mapping[str, str] | None = None,
         return a in order and b in order and order.index(a) < order.index(b)
 
     for name in ("data", "optim", "schedule"):
-        cls, registry, kind = _named(name)
+        cls, registry, kind = named(name)
         sections[name] = schema.parse_named(cls, registry, raw[name], prefix=f"{name}.", where=where, kind=kind,
                                             drop_foreign=set_before_name)
     sections["method"] = _method(raw["method"], where)
@@ -158,12 +134,8 @@ def validate(cfg: Mapping | Config, *, origins: Mapping[str, str] | None = None,
 
 
 def _method(raw: dict, where) -> MethodSection:
-    from .. import methods
-
     base = schema.parse(MethodSection, {k: v for k, v in raw.items() if k == "name"}, prefix="method.", where=where)
     if base.name not in methods.names():
-        from ..registry import unknown
-
         err = unknown("method", base.name, methods.names())
         raise type(err)(str(err).replace(repr(base.name), f"{base.name!r} (method.name in {where('method.name')})", 1))
     options = raw.get("options")
@@ -175,9 +147,6 @@ def _method(raw: dict, where) -> MethodSection:
 
 def _check_models(sections: dict, where) -> None:
     """Model and teacher names must be creatable (closest-name errors naming the key and its source)."""
-    from .. import models
-    from ..registry import UnknownNameError
-
     for key, kind in (("model", "model"), ("teacher", "teacher model")):
         value = sections[key].name
         if value is None:
@@ -214,8 +183,6 @@ def _check_teacher(cfg: Config) -> None:
 def _check_optimizer(cfg: Config) -> None:
     """An optimizer that takes the task and distillation gradients apart (DOT) refuses fp16 loss scaling
     and gradient clipping (see ``blockkd.engine.trainer.backward_split``)."""
-    from .. import optim
-
     if not optim.OPTIMIZERS.get(cfg.optim.name).needs_loss_split:
         return
     for key, bad, fix in (("train.amp", cfg.train.amp == "fp16", "bf16 or off"),
@@ -250,9 +217,7 @@ def check(key: str, value: Any, where: str = "the command line") -> Any:
 def data_overrides(items: Iterable[str]) -> dict[str, tuple[Any, str]]:
     """``["batch_size=256", "root=/data"]`` (``blockkd eval --data``) -> ``{key: (value, item)}``; syntax and
     key names checked (closest key) before any run is read."""
-    from .recipe import _unknown_key
-
-    known = [f"data.{k}" for k in _declared_keys("data")]
+    known = [f"data.{k}" for k in declared_keys("data")]
     out = {}
     for item in items:
         key, sep, text = item.partition("=")
@@ -267,8 +232,6 @@ def data_overrides(items: Iterable[str]) -> dict[str, tuple[Any, str]]:
 def parse_data_overrides(items: Iterable[str] | Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, Any]:
     """``base`` (a run's flat data section) with the overrides applied and checked (``blockkd eval --data``):
     ``["batch_size=256", "root=/data"]``, or a mapping of keys to values."""
-    from .. import data
-
     if isinstance(items, Mapping):
         items = [f"{k}={schema.format_value(v)}" for k, v in items.items()]
     values = dict(base)
@@ -305,9 +268,6 @@ def fingerprint(cfg: Config | Mapping, ignore: Iterable[str] = ("output",)) -> s
 
 def reference() -> str:
     """The markdown tables of every key, generated from the declarations (``docs/config.md``)."""
-    from .. import methods
-    from ..schema import describe
-
     def table(rows) -> list[str]:
         out = ["| key | default | expected | meaning |", "|---|---|---|---|"]
         return out + [f"| `{k}` | {d} | {e} | {h} |".replace("\n", " ") for k, d, e, h in rows]
@@ -316,20 +276,20 @@ def reference() -> str:
     for section in SECTIONS:
         lines += [f"### `{section}`", ""]
         if section in PLAIN:
-            lines += table(describe(PLAIN[section], f"{section}."))
+            lines += table(schema.describe(PLAIN[section], f"{section}."))
         elif section == "method":
-            lines += table(describe(MethodSection, "method."))
+            lines += table(schema.describe(MethodSection, "method."))
             lines += ["", "`method.options` are the chosen method's own (`blockkd methods`):", ""]
             for name in methods.names():
-                rows = describe(methods.get(name).Options, "")
+                rows = schema.describe(methods.get(name).Options, "")
                 lines += [f"- `{name}`: " + ("; ".join(f"`{k}` ({d}): {h}" for k, d, _, h in rows) or "no options")]
         else:
-            cls, registry, kind = _named(section)
-            lines += table(describe(cls, f"{section}."))
+            cls, registry, kind = named(section)
+            lines += table(schema.describe(cls, f"{section}."))
             lines += ["", f"Keys of each {kind} (`{section}.name`), beside the ones above:", ""]
             for name in registry.names():
                 entry = registry.get(name)
-                rows = describe(entry.options, "")
+                rows = schema.describe(entry.options, "")
                 own = "; ".join(f"`{k}` ({d}): {h}" for k, d, _, h in rows) if section != "optim" else \
                     ", ".join(f"`{k}` ({d})" for k, d, _, _ in rows)
                 lines += [f"- `{name}` — {entry.help}" + (f": {own}" if own else "")]

@@ -16,15 +16,14 @@ import yaml
 from ..errors import BlockKDError
 from ..registry import closest
 from ..schema import format_value
+from .keys import declared_keys
 
 SECTIONS = ("model", "teacher", "method", "data", "optim", "schedule", "train", "output")
 
 
 def section_keys(section: str) -> list[str]:
     """Every key a ``section`` may hold for some choice of its ``name`` (checked for the actual one later)."""
-    from . import _declared_keys
-
-    return _declared_keys(section)
+    return declared_keys(section)
 
 
 def all_keys() -> list[str]:

@@ -11,6 +11,8 @@ import dataclasses
 from pathlib import PurePosixPath
 from typing import Any
 
+import torch
+
 from ..schema import BOOL, STRING, Check, REQUIRED, choice, integer, number, option, optional
 
 AMP = Check("one of auto, off, bf16, fp16", lambda v: v is False or v in ("auto", "off", "bf16", "fp16"),
@@ -22,8 +24,6 @@ def _is_device(v: Any) -> bool:
         return False
     if v == "auto":
         return True
-    import torch
-
     try:
         torch.device(v)
     except (RuntimeError, ValueError):

@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from .. import schema
+from ..errors import BlockKDError
 from ..registry import Registry
 from ..schema import BOOL, STRING, integer, option, optional
 from ..utils import shown
@@ -136,8 +137,6 @@ def parse(values: Mapping[str, Any] | DataSection, where: Callable[[str], str] =
 
 def arrays(cfg: Mapping[str, Any] | DataSection) -> ArrayData:
     """The whole uint8 arrays of an in-memory dataset (before ``train_subset``/``val_split``)."""
-    from ..errors import BlockKDError
-
     section = parse(cfg)
     load = DATASETS.get(section.name).arrays
     if load is None:
@@ -148,8 +147,6 @@ def arrays(cfg: Mapping[str, Any] | DataSection) -> ArrayData:
 def build(cfg: Mapping[str, Any] | DataSection, *, device: torch.device | str, rank: int = 0, world_size: int = 1,
           seed: int = 0) -> DataBundle:
     """Train and test loaders for the data section ``cfg`` on ``device``, for rank ``rank``."""
-    from ..errors import BlockKDError
-
     section = parse(cfg)
     if not 0 <= rank < world_size:
         raise BlockKDError(f"rank {rank} is outside world_size {world_size}")

@@ -29,10 +29,13 @@ import numpy as np
 import torch
 
 from ..errors import BlockKDError
+from ..inputs import text_input
 from ..schema import REQUIRED, STRING, Check, integer, number, option, optional
 from ..utils import data_home
 from .common import (SHUFFLE, DataBundle, check_not_empty, eval_shard, generator, per_rank_batch,
                      per_rank_eval_batch, split_indices)
+from .text import check_model
+from .text_readers import _read_rows, read_fortunes
 
 IGNORE = -100
 EOT = "<|endoftext|>"
@@ -269,8 +272,6 @@ class LMLoader:
 # ----------------------------------------------------------------------------------------- sources
 def _read_texts(path: Path, column: str) -> list[str]:
     """Documents of a .txt file (separated by blank lines) or the ``column`` of a .jsonl file."""
-    from .text_readers import _read_rows
-
     if not path.is_file():
         raise BlockKDError(f"text file not found: {path}")
     if path.suffix.lower() in (".jsonl", ".json"):
@@ -283,8 +284,6 @@ def _read_texts(path: Path, column: str) -> list[str]:
 
 
 def _read_pairs(path: Path, prompt: str, response: str) -> tuple[list[str], list[str]]:
-    from .text_readers import _read_rows
-
     rows, columns = _read_rows(path)
     for key, name in (("prompt_column", prompt), ("response_column", response)):
         if name not in columns:
@@ -303,8 +302,6 @@ def _split_docs(train: list, test: list | None, fraction: float) -> tuple[list, 
 
 
 def load_fortune_docs(cfg: dict) -> list[str]:
-    from .text_readers import read_fortunes
-
     root = Path(cfg["root"]).expanduser()
     files = sorted(p.name for p in root.glob("*") if p.is_file() and "." not in p.name) if root.is_dir() else []
     if not files:
@@ -393,8 +390,6 @@ def render(value: Any, tokenizer, *, prompt: bool) -> str:
 
 def check_lm_model(model: torch.nn.Module, *, role: str, name: str, data: str, vocab: int, length: int) -> None:
     """Refuse a model the data cannot feed: a tokenizer larger than its embeddings, sequences past its positions."""
-    from .text import check_model
-
     if not hasattr(model, "generate"):
         raise BlockKDError(f"{role}.name={name} is not a causal language model, which {data} (next-token data) needs")
     check_model(model, role=role, name=name, data=data, vocab=vocab, length=length, types=False)
@@ -418,8 +413,6 @@ def build(cfg: dict, *, device: torch.device, rank: int, world_size: int, seed: 
     check_not_empty(train_loader, f"the {cfg['name']} training set", len(seq_train), cfg["batch_size"])
     test_loader = LMLoader(seq_test, batch_size=per_rank_eval_batch(cfg["eval_batch_size"], world_size), train=False,
                            **common)
-    from ..blocks.core import text_input
-
     return DataBundle(
         train=train_loader, test=test_loader, num_classes=len(tok), input_shape=text_input(length), name=cfg["name"],
         train_size=len(seq_train), test_size=len(seq_test), metric_names=("perplexity",), tokenizer=tok,

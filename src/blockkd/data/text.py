@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ..blocks.core import text_input
+from ..inputs import text_input
 from ..errors import BlockKDError
 from ..schema import OptionError, REQUIRED, STRING, Check, integer, number, option, optional
 from .common import DataBundle, check_not_empty, per_rank_batch, per_rank_eval_batch, split_indices

@@ -11,10 +11,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .. import models
+from .. import methods, models
 from ..config.paths import same_path_name, short
+from ..models.external import create_causal_lm
 from ..utils import shown
 from ..errors import BlockKDError
+from ..schema import OptionError
 from .checkpoint import checkpoint_dir, load_checkpoint
 
 
@@ -83,8 +85,6 @@ def build_model(name: str, data, *, checkpoint: str | None = None, role: str = "
     """``models.create`` for the data's classes and channels (None: text) and the recipe's constructor
     arguments (``model.kwargs``), then ``checkpoint``, if any; a causal LM for next-token data."""
     if getattr(data, "task", None) == "causal_lm":
-        from ..models.external import create_causal_lm
-
         if kwargs:
             raise BlockKDError(f"{role}.kwargs applies to torchvision and timm models; {name} is a causal LM built "
                                f"from its own configuration")
@@ -104,10 +104,6 @@ def build_distiller(cfg, data, device: torch.device, *, sync_bn: bool = False):
     A method option that can only be checked against the models (``num_blocks`` larger than the
     networks' stages, say) fails here with one line naming the key and the file that set it.
     """
-    from .. import methods
-    from ..errors import BlockKDError
-    from ..schema import OptionError
-
     lm_data, lm_method = getattr(data, "task", None) == "causal_lm", getattr(methods.get(cfg.method.name), "task", None)
     if lm_data != (lm_method == "causal_lm"):
         lm = ", ".join(m for m in methods.names() if getattr(methods.get(m), "task", None) == "causal_lm")

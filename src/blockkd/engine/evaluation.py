@@ -15,15 +15,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import config, methods
 from .. import data as data_lib
-from ..blocks.core import call_model
 from ..config.paths import short
+from ..inputs import call_model
 from ..errors import BlockKDError
 from ..utils import eval_mode
 from . import runtime
-from .build import build_model, check_fits
+from .build import build_distiller, build_model, check_fits
 from .checkpoint import checkpoint_dir, load_checkpoint, read_meta
 from .guards import oom_advice
+from .lm_eval import evaluate_lm
 from .logger import progress_bar
 from .metrics import compute_metrics
 from .runtime import Runtime
@@ -67,8 +69,6 @@ def evaluate(model: nn.Module, loader, rt: Runtime | None = None, *, heads: bool
         param = next(model.parameters(), None)
         rt = Runtime(param.device if param is not None else torch.device("cpu"), None, False)
     if getattr(loader, "causal_lm", False):  # next-token data: perplexity and token accuracy
-        from .lm_eval import evaluate_lm
-
         return evaluate_lm(model, loader, rt, heads=heads)
     forward = heads_of(model) if heads else (lambda x: {"student": call_model(model, x)})
     sums: dict[str, torch.Tensor] = {}
@@ -115,8 +115,6 @@ def evaluate_checkpoint(path: str | Path, data_overrides: list[str] | None = Non
     For a method with heads of its own (Block-KD: each stepping-stone and their ensemble) the distiller is
     rebuilt too, from the run's teacher checkpoint and the saved connectors, and every head is reported
     (``top1_stone1`` ...); where the teacher's checkpoint is gone, the student alone, with a ``note``."""
-    from .. import config
-
     folder = checkpoint_dir(path)
     saved = read_meta(folder)["config"]
     data_cfg = config.parse_data_overrides(data_overrides or [], saved["data"])  # bad --data before any tensor
@@ -182,9 +180,6 @@ def _deployed_of_run(saved: dict, ckpt, data, rt: Runtime):
 def _heads_of_run(saved: dict, ckpt, data, rt: Runtime):
     """(the run's distiller with its trained extra modules, None) when its method reports heads beyond the
     student; (None, why not) when it cannot be rebuilt; (None, None) for the other methods."""
-    from .. import config, methods
-    from .build import build_distiller
-
     name = saved["method"]["name"]
     if name not in methods.names() or methods.get(name).eval_logits is methods.Distiller.eval_logits:
         return None, None

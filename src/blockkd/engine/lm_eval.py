@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..blocks.core import call_model
+from ..inputs import call_model
 from ..errors import BlockKDError
 from ..utils import eval_mode
 from . import runtime

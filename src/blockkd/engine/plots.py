@@ -5,6 +5,7 @@ backend, safe in headless jobs and in processes that use pyplot for something el
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -53,8 +54,6 @@ def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
 
 def plot_comparison(runs: dict[str, str | Path], path: str | Path, key: str = "test_top1") -> Path:
     """Test top-1 per epoch of several runs (``name -> metrics.jsonl``) on one axis."""
-    import json
-
     fig = Figure(figsize=(6.5, 4), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()

@@ -29,6 +29,7 @@ from . import run_folder, runtime
 from .build import build_distiller
 from .evaluation import evaluate, metrics_of
 from .guards import NonFiniteGuard, oom_advice
+from .lm_eval import write_samples
 from .logger import RunLogger, quiet_libraries
 from .plots import plot_curves
 from .runtime import Runtime
@@ -417,8 +418,6 @@ class Trainer:
                 self.folder.save_pretrained(self.distiller.student, self.data.tokenizer, classes=self.classes,
                                             max_length=length)
         if getattr(self.data, "task", None) == "causal_lm":  # a few continuations of test prompts: samples.md
-            from .lm_eval import write_samples
-
             write_samples(self.distiller.student, self.data.tokenizer, self.data.test, self.run_dir / "samples.md",
                           seed=self.cfg.train.seed)
         return self.finish(n_params)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..schema import number, option
-from . import register
+from .registry import register
 from .feature import FeatureDistiller, same_size
 from .kd import WEIGHT
 from .losses import cross_entropy

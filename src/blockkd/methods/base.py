@@ -4,7 +4,7 @@ Why one base class: the trainer, the checkpoints and the CLI treat every method 
 ``distiller(x, y, epoch=e)`` gives ``(student_logits, losses)`` in training and the student's logits
 otherwise; only ``trainable_parameters()`` are optimised; only ``train_state_dict()`` is saved.
 ``x`` is a model input: a tensor, or a mapping of tensors for text (``input_ids``, ``attention_mask``,
-...); models are always run through :func:`blockkd.blocks.core.call_model`, which takes either.
+...); models are always run through :func:`blockkd.inputs.call_model`, which takes either.
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from typing import Any, ClassVar, Iterator
 import torch
 import torch.nn as nn
 
-from ..blocks.core import as_input_spec, call_model
+from ..errors import BlockKDError
+from ..inputs import as_input_spec, call_model
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -49,6 +50,12 @@ class Distiller(nn.Module):
     task_losses: ClassVar[tuple[str, ...]] = ("loss_ce",)
     paper: ClassVar[str] = ""
     epochs: float | None = None
+    # Prefixes of student parameter names (as in ``student.named_parameters()``) the method leaves
+    # without gradient on purpose, e.g. ``("fc.",)`` for a method that classifies with the teacher's
+    # head; a property may compute them from ``self.student`` (its head's names differ between models).
+    # The method contract test (tests/test_method_contract.py) requires a finite gradient on every
+    # other student parameter after one step, and none on these.
+    untrained_student_parameters: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, options: Any = None,
                  input_shape: Any = (3, 32, 32)):
@@ -57,7 +64,7 @@ class Distiller(nn.Module):
         self.student = student
         self.teacher = freeze(teacher) if teacher is not None else None
         # An input spec: an image shape (C, H, W), or for text a mapping of per-sample shapes
-        # ({"input_ids": (L,), "attention_mask": (L,)}); see blockkd.blocks.core.example_input.
+        # ({"input_ids": (L,), "attention_mask": (L,)}); see blockkd.inputs.example_input.
         self.input_shape = as_input_spec(input_shape)
 
     def extra_repr(self) -> str:
@@ -119,7 +126,6 @@ class Distiller(nn.Module):
         reshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
                     if k in state and state[k].shape != v.shape]
         if missing or unexpected or reshaped:
-            from ..errors import BlockKDError
             raise BlockKDError(f"checkpoint does not fit this distiller: missing {missing[:5]}, unexpected "
                                f"{unexpected[:5]}, other shapes {reshaped[:3]}")
         self.load_state_dict(state, strict=False)

@@ -28,7 +28,8 @@ import torch.nn as nn
 from ..blocks import match
 from ..errors import BlockKDError
 from ..schema import registered, BOOL, OptionError, integer, number, option, optional
-from . import register, stones
+from . import stones
+from .registry import register
 from .base import Distiller
 from .connectors import CONNECTORS, build_connectors
 from .kd import TEMPERATURE, WEIGHT

@@ -1,7 +1,7 @@
 """Cross-entropy only: the student trained alone (also how teachers are trained)."""
 from __future__ import annotations
 
-from . import register
+from .registry import register
 from .base import Distiller
 from .losses import cross_entropy
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from ..blocks import split
 from ..errors import BlockKDError
 from ..schema import OptionError, choice, integer, number, option
-from . import register
+from .registry import register
 from .base import Distiller
 from .kd import WEIGHT
 from .losses import cross_entropy

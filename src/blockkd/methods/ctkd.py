@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ..blocks.core import call_model, example_input
 from ..errors import BlockKDError
 from ..schema import choice, integer, number, option
-from . import register
+from .registry import register
 from .base import Distiller
 from .divergences import logit_standardization_option, standardize
 from .kd import WEIGHT

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..schema import option
-from . import register
+from .registry import register
 from .base import Distiller
 from .kd import TEMPERATURE, WEIGHT
 from .losses import cross_entropy

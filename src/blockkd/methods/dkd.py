@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..schema import number, option
-from . import register
+from .registry import register
 from .base import Distiller
 from .kd import TEMPERATURE, WEIGHT
 from .divergences import LogitDivergence, logit_standardization_option

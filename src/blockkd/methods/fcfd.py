@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from ..errors import BlockKDError
 from ..schema import choice, integer, number, option
-from . import register
+from .registry import register
 from .feature import FeatureDistiller
 from .kd import TEMPERATURE, WEIGHT
 from .losses import cross_entropy, kl_div

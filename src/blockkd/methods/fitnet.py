@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..schema import registered, OptionError, integer, option, optional
-from . import register
+from .registry import register
 from .connectors import CONNECTORS, Connector
 from .feature import FeatureDistiller
 from .kd import WEIGHT

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..errors import BlockKDError
 from ..schema import integer, option
-from . import register
+from .registry import register
 from .feature import FeatureDistiller, same_size
 from .kd import WEIGHT
 from .losses import cross_entropy

@@ -46,7 +46,7 @@ from ..blocks import split
 from ..blocks.core import Blocks
 from ..errors import BlockKDError
 from ..schema import STRING, choice, integer, number, option, optional
-from . import register
+from .registry import register
 from .base import Distiller
 
 IGNORE = -100

@@ -37,7 +37,7 @@ from ..blocks import match
 from ..blocks.core import Blocks
 from ..errors import BlockKDError
 from ..schema import STRING, OptionError, choice, integer, number, option, optional
-from . import register
+from .registry import register
 from .connectors import build_connectors
 from .lm import (CHUNK, LOSSES, CausalLM, _sum_and_cat, chunked, counted, load_token_mapping, predictions, rows,
                  token_divergence, vocab_of)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..schema import option
-from . import register
+from .registry import register
 from .base import Distiller
 from .kd import TEMPERATURE, WEIGHT
 from .losses import cross_entropy

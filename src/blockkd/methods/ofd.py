@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..schema import choice, option
-from . import register
+from .registry import register
 from .feature import FeatureDistiller
 from .connectors import Connector
 from .kd import WEIGHT

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..schema import option
-from . import register
+from .registry import register
 from .feature import FeatureDistiller, embedding
 from .kd import WEIGHT
 from .losses import cross_entropy

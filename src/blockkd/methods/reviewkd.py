@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..schema import BOOL, integer, number, option
-from . import register
+from .registry import register
 from .feature import FeatureDistiller
 from .kd import WEIGHT
 from .losses import cross_entropy, linear_warmup

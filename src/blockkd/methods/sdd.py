@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..errors import BlockKDError
 from ..schema import choice, integer, list_of, number, option
-from . import register
+from .registry import register
 from .feature import FeatureDistiller, check_pooling_head
 from .kd import TEMPERATURE, WEIGHT
 from .losses import cross_entropy, dkd_per_sample, linear_warmup

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..errors import BlockKDError
 from ..schema import integer, option
-from . import register
+from .registry import register
 from .base import freeze
 from .feature import FeatureDistiller, check_pooling_head
 from .kd import WEIGHT
@@ -101,6 +101,12 @@ class SimKD(FeatureDistiller):
         self.target_size = tuple(s_shape[1:]) if s_shape[1] < t_shape[1] else None
         # A plain attribute: the modules are registered already (student, projector, teacher_head).
         self._deployed = (SimKDClassifier(self._views[0], self.projector, self.teacher_head, pool_to),)
+
+    @property
+    def untrained_student_parameters(self) -> tuple[str, ...]:
+        """The student's own head, unused: SimKD classifies with the teacher's (see the base class)."""
+        head = {id(p) for p in self._views[0].head.parameters()}
+        return tuple(n for n, p in self.student.named_parameters() if id(p) in head)
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..schema import option
-from . import register
+from .registry import register
 from .feature import FeatureDistiller
 from .kd import WEIGHT
 from .losses import cross_entropy

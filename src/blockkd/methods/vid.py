@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..blocks import match
 from ..schema import OptionError, number, option
-from . import register
+from .registry import register
 from .base import Distiller
 from .kd import WEIGHT
 from .losses import cross_entropy

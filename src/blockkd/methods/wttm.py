@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..schema import number, option
-from . import register
+from .registry import register
 from .base import Distiller
 from .kd import WEIGHT
 from .losses import cross_entropy

@@ -54,7 +54,7 @@ def check_name(name: str) -> None:
     if external.family(name):
         external.check(name)
     elif name not in _MODELS:
-        import torchvision.models as tvm
+        import torchvision.models as tvm  # slow to import; only a mistyped name needs it
 
         if name in tvm.list_models(module=tvm):  # ImageNet users type the bare torchvision name
             raise UnknownNameError(f"unknown model {name!r}; did you mean 'torchvision.{name}'?")
@@ -130,7 +130,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise BlockKDError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
-        import safetensors.torch
+        import safetensors.torch  # imported where weights are loaded: model listings need none
 
         try:
             obj: object = safetensors.torch.load_file(str(path), device="cpu")

@@ -116,8 +116,6 @@ def transformers_module():
 
 def _config_path(base: str):
     """The configuration file of ``hf-config.<base>`` (a config.json, or a folder holding one)."""
-    from pathlib import Path
-
     path = Path(base).expanduser()
     if path.is_dir():
         path = path / "config.json"
