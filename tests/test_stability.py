@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+import torch
+
 import blockkd
-from blockkd import config, data
 from blockkd.engine import train
 from weight_sweep import confident_teacher, recipe  # benchmarks/weight_sweep.py: the setting this test runs
 

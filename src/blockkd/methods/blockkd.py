@@ -28,13 +28,13 @@ import torch.nn as nn
 from ..blocks import match
 from ..errors import BlockKDError
 from ..schema import registered, BOOL, OptionError, integer, number, option, optional
-from . import stones
 from .registry import register
 from .base import Distiller
 from .connectors import CONNECTORS, build_connectors
 from .kd import TEMPERATURE, WEIGHT
 from .losses import cross_entropy, kl_div, linear_warmup
 from .stone_grad import fork
+from .stones import StonePlan, ensemble as stones_ensemble, run as run_stones
 
 ANY = None  # a removed option whose every saved value trains as today's code does
 
@@ -119,7 +119,7 @@ class BlockKD(Distiller):
         # (that would duplicate every key in the state_dict).
         self._views = (s_view, t_view)
         self.num_blocks = len(s_view.blocks)
-        self.plan = stones.StonePlan.build(self.num_blocks, o.num_stones, o.whole_batch_stones)
+        self.plan = StonePlan.build(self.num_blocks, o.num_stones, o.whole_batch_stones)
         self.stone_ids, self.stone_weights = list(self.plan.ids), list(self.plan.weights)
         if (o.whole_batch_stones or 0) > len(self.stone_ids):
             raise OptionError("whole_batch_stones", f"whole_batch_stones must be between 0 and the number of "
@@ -153,8 +153,8 @@ class BlockKD(Distiller):
         return self.connectors[i - self.stone_ids[0]](feat if rows is None else feat[rows])
 
     def run_stones(self, feats, which: list[int], inputs=None, rows=None) -> list[torch.Tensor]:
-        """Logits of the stepping-stones ``which`` (0-based) on ``rows`` of the batch (:func:`stones.run`)."""
-        return stones.run(self._views[1], self.connect, feats, which, inputs, rows, self.opts.batched_stones)
+        """Logits of the stepping-stones ``which`` (0-based) on ``rows`` of the batch (:func:`blockkd.methods.stones.run`)."""
+        return run_stones(self._views[1], self.connect, feats, which, inputs, rows, self.opts.batched_stones)
 
     def stones(self, x) -> list[torch.Tensor]:
         """``[Y^{N_i}, …]``: the logits of every stepping-stone for input ``x``."""
@@ -193,7 +193,7 @@ class BlockKD(Distiller):
         on = lambda t, r: t if r is None else t[r]  # noqa: E731
         task = sum(wk * cross_entropy(zk, on(y, r)) for wk, zk, r in zip(w, z, rows))
         distill = sum(wk * self.d(zk, on(t_logits, r)) for wk, zk, r in zip(w, z, rows))
-        ens = stones.ensemble(z, rows, logits.shape[0])
+        ens = stones_ensemble(z, rows, logits.shape[0])
         # each stone's term over the samples it saw: 0 where it alone saw them (its logits are their ensemble)
         cross = self.d(logits, ens) + sum(self.d(zk, on(ens, r)) for zk, r in zip(z, rows))
         return task, distill, cross
