@@ -404,6 +404,71 @@ def test_tuning_on_the_wide_teacher(tmp_path):
     assert "configs/fashion_mnist_wide recipes" in md and "teacher resnet8x4 at" in md
 
 
+# ----------------------------------------------------------------------------------------- sensitivity
+def test_sensitivity_points_follow_the_method_defaults(monkeypatch):
+    """Each knob's values are relative to the defaults the method has when the sweep runs, every other knob
+    pinned at its default: the sweep stays around the defaults whatever they become."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import sensitivity
+
+    d = {**methods.defaults("blockkd"), "alpha": 1.0, "beta": 0.5, "gamma": 0.1, "temperature": 2.0,
+         "connector": "conv3x3_bn"}
+    warm = sensitivity.warmup_key(d)
+    assert warm in d and "warmup" in warm
+    g = sensitivity.grid("blockkd", {**d, warm: 3.0}, epochs=8)
+    assert [o for _, o in g["alpha_beta"]] == [{"alpha": 0.5, "beta": 0.25}, {"alpha": 2.0, "beta": 1.0}]
+    assert [o["gamma"] for _, o in g["gamma"]] == [0.0, 0.4] and [o["temperature"] for _, o in g["temperature"]] == [1, 4]
+    assert {o["connector"] for _, o in g["connector"]} == set(sensitivity.CONNECTORS.names()) - {"conv3x3_bn"}
+    assert [o[warm] for _, o in g["warmup"]] == [0.0, 6.0]
+    g0 = sensitivity.grid("blockkd", {**d, "gamma": 0.0, warm: 0.0}, epochs=8)  # from 0: fixed steps up
+    assert [o["gamma"] for _, o in g0["gamma"]] == [0.05, 0.2] and [o[warm] for _, o in g0["warmup"]] == [2, 4]
+    points = sensitivity.points_of(["gamma", "connector"], "blockkd", d, 8, None)
+    pinned = {k: d[k] for k in ("alpha", "beta", "gamma", "temperature", "connector", warm)}
+    assert points[0] == ("defaults", None, "default", pinned)
+    for _, knob, _, options in points[1:]:  # one knob off its default at a time
+        assert [k for k in pinned if options[k] != pinned[k]] == [knob]
+
+
+def test_sensitivity_report(tmp_path):
+    """--quick: the defaults and one point per knob asked for, trained on the held-out split with exactly the
+    options of the report (read back from the run folders); the table, the plot and --render agree."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, str(BENCH / "sensitivity.py"), "--quick", "--knobs", "gamma", "connector",
+                           "--jobs", "2", "--out", "out/sens.json"], cwd=tmp_path, env=env, text=True,
+                          capture_output=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "sens.json").read_text())
+    d = methods.defaults("blockkd")
+    assert report["setup"]["defaults"] == {k: d[k] for k in report["setup"]["defaults"]}
+    assert report["setup"]["val_split"] == 300 and report["setup"]["seeds"] == [0]
+    assert len(report["runs"]) == 3 and {r["knob"] for r in report["runs"]} == {None, "gamma", "connector"}
+    by_point = {r["point"]: r for r in report["runs"]}
+    for r in report["runs"]:
+        cfg = config.load(tmp_path / r["run_dir"] / "config.yaml")
+        assert cfg["data"]["val_split"] == 300 and cfg["method"]["name"] == "blockkd"
+        ran = {k: cfg["method"]["options"][k] for k in report["setup"]["defaults"]}
+        assert ran == r["options"]
+        changed = [k for k in ran if ran[k] != report["setup"]["defaults"][k]]
+        assert changed == ([] if r["point"] == "defaults" else [r["knob"]])
+    assert list(report["knobs"]) == ["gamma", "connector"]
+    default = by_point["defaults"]["last_top1"]
+    for points in report["knobs"].values():
+        assert len(points) == 2 and sum(p["default"] for p in points) == 1
+        for p in points:
+            mine = [r for r in report["runs"] if r["options"] == p["options"]]
+            assert p["last_top1"]["values"] == [r["last_top1"] for r in mine]
+            assert p["vs_default"] == approx(p["last_top1"]["mean"] - default)
+    assert [p["value"] for p in report["knobs"]["gamma"]] == sorted([0.0, d["gamma"]] if d["gamma"] else [0.0, 0.05])
+    md = (tmp_path / "out" / "sens.md").read_text()
+    assert md.startswith("### Sensitivity of blockkd (validation split)") and "sens.png" in md
+    assert f"| connector | **{d['connector']} (default)** | 1 |" in md
+    assert (tmp_path / "out" / "sens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "out" / "sens.md").unlink()
+    subprocess.run([sys.executable, str(BENCH / "sensitivity.py"), "--render", "--out", str(tmp_path / "out" / "sens.json")],
+                   check=True, capture_output=True, timeout=120)
+    assert (tmp_path / "out" / "sens.md").read_text() == md
+
+
 # ----------------------------------------------------------------------------------------- README
 def test_readme_results_are_the_committed_benchmark_output(tmp_path):
     """The README's results sections are exactly results/*.md, and --check notices any difference."""
