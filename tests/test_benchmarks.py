@@ -278,7 +278,7 @@ def test_accuracy_on_another_recipe_folder(tmp_path):
     assert report["methods"]["blockkd"]["gain_vs_ce"] == approx(r["blockkd"]["last_top1"] - r["ce"]["last_top1"])
     md = (tmp_path / "out" / "text.md").read_text()
     assert md.startswith("### Accuracy (fortunes") and "recipes `configs/fortunes/<method>.yaml` with 128 training texts" in md
-    assert f"| {student} | blockkd | 1 |" in md and "text.png" in md and "AdamW lr 0.001" in md
+    assert f"| {student} | blockkd | 1 |" in md and "text.png" in md and "AdamW lr 0.003" in md
     assert (tmp_path / "out" / "text.png").read_bytes()[:4] == b"\x89PNG"
 
     proc = subprocess.run(base + ["--methods", "blockkd-lite"], cwd=ROOT, env=env, text=True, capture_output=True,
