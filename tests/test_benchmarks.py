@@ -404,6 +404,43 @@ def test_tuning_on_the_wide_teacher(tmp_path):
     assert "configs/fashion_mnist_wide recipes" in md and "teacher resnet8x4 at" in md
 
 
+# ----------------------------------------------------------------------------------------- held-out settings
+@pytest.mark.parametrize("folder", ["fashion_mnist_full", "fashion_mnist_vit"])
+def test_held_out_settings_run_what_users_get(folder, monkeypatch):
+    """The settings nothing was chosen on (issue 29): Block-KD at the method's defaults (no option set by its
+    recipe), every baseline with its configs/fashion_mnist options but the warm-ups scaled to the schedule, and
+    one pair, data and schedule for every entry."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import students
+
+    here = ROOT / "configs" / folder
+    entries = students.entries_in(here)
+    assert {"ce", "kd", "dkd", "dist", "blockkd"} <= set(entries) and set(entries) <= {*students.ORDER}
+    cfgs = {m: config.load(here / f"{m}.yaml") for m in entries}
+    teacher = config.load(here / "teacher.yaml")
+    assert cfgs["blockkd"]["method"]["options"] == methods.defaults("blockkd")
+    shared = {(c["model"]["name"], c["teacher"]["name"], c["data"]["train_subset"], c["train"]["epochs"],
+               c["optim"]["name"], c["schedule"]["name"]) for m, c in cfgs.items() if m != "ce"}
+    assert len(shared) == 1 and (cfgs["ce"]["model"]["name"],) == next(iter(shared))[:1]
+    (student, teacher_name, subset, epochs, _, _), = shared
+    assert teacher_name == teacher["model"]["name"] == "resnet20"
+    main = {m: config.load(ROOT / "configs" / "fashion_mnist" / f"{m}.yaml") for m in entries}
+    for m in entries:
+        scaled = {"warmup"} if "warmup" in cfgs[m]["method"]["options"] and m != "blockkd" else set()
+        ours, theirs = cfgs[m]["method"]["options"], main[m]["method"]["options"]
+        if m != "blockkd":
+            assert {k: v for k, v in ours.items() if k not in scaled} == {k: v for k, v in theirs.items()
+                                                                           if k not in scaled}, m
+        for k in scaled:  # the same share of training as in the main setting
+            assert ours[k] / epochs == approx(theirs[k] / main[m]["train"]["epochs"]), m
+    if folder == "fashion_mnist_full":
+        assert subset is None and epochs != main["ce"]["train"]["epochs"] and student == "resnet8"
+    else:
+        assert student == "vit_tiny_p4" and "reviewkd" not in entries
+        assert config.fingerprint(teacher, ignore=("output",)) == config.fingerprint(
+            config.load(ROOT / "configs" / "fashion_mnist" / "teacher.yaml"), ignore=("output",))  # the same cached teacher
+
+
 # ----------------------------------------------------------------------------------------- sensitivity
 def test_sensitivity_points_follow_the_method_defaults(monkeypatch):
     """Each knob's values are relative to the defaults the method has when the sweep runs, every other knob
