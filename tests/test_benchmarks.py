@@ -282,7 +282,7 @@ def test_accuracy_on_another_recipe_folder(tmp_path):
     assert report["methods"]["blockkd"]["gain_vs_ce"] == approx(r["blockkd"]["last_top1"] - r["ce"]["last_top1"])
     md = (tmp_path / "out" / "text.md").read_text()
     assert md.startswith("### Accuracy (fortunes") and "recipes `configs/fortunes/<method>.yaml` with 128 training texts" in md
-    assert f"| {student} | blockkd | 1 |" in md and "text.png" in md and "AdamW lr 0.001" in md
+    assert f"| {student} | blockkd | 1 |" in md and "text.png" in md and "AdamW lr 0.003" in md
     assert (tmp_path / "out" / "text.png").read_bytes()[:4] == b"\x89PNG"
 
     proc = subprocess.run(base + ["--methods", "blockkd-lite"], cwd=ROOT, env=env, text=True, capture_output=True,
@@ -408,6 +408,108 @@ def test_tuning_on_the_wide_teacher(tmp_path):
     md = (tmp_path / "out" / "wide.md").read_text()
     assert md.startswith("### Tuning Block-KD (validation split, configs/fashion_mnist_wide, 1 epochs; ")
     assert "configs/fashion_mnist_wide recipes" in md and "teacher resnet8x4 at" in md
+
+
+# ----------------------------------------------------------------------------------------- held-out settings
+@pytest.mark.parametrize("folder", ["fashion_mnist_full", "fashion_mnist_vit"])
+def test_held_out_settings_run_what_users_get(folder, monkeypatch):
+    """The settings nothing was chosen on (issue 29): Block-KD at the method's defaults (no option set by its
+    recipe), every baseline with its configs/fashion_mnist options but the warm-ups scaled to the schedule, and
+    one pair, data and schedule for every entry."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import students
+
+    here = ROOT / "configs" / folder
+    entries = students.entries_in(here)
+    assert {"ce", "kd", "dkd", "dist", "blockkd"} <= set(entries) and set(entries) <= {*students.ORDER}
+    cfgs = {m: config.load(here / f"{m}.yaml") for m in entries}
+    teacher = config.load(here / "teacher.yaml")
+    assert cfgs["blockkd"]["method"]["options"] == methods.defaults("blockkd")
+    shared = {(c["model"]["name"], c["teacher"]["name"], c["data"]["train_subset"], c["train"]["epochs"],
+               c["optim"]["name"], c["schedule"]["name"]) for m, c in cfgs.items() if m != "ce"}
+    assert len(shared) == 1 and (cfgs["ce"]["model"]["name"],) == next(iter(shared))[:1]
+    (student, teacher_name, subset, epochs, _, _), = shared
+    assert teacher_name == teacher["model"]["name"] == "resnet20"
+    main = {m: config.load(ROOT / "configs" / "fashion_mnist" / f"{m}.yaml") for m in entries}
+    for m in entries:
+        scaled = {"warmup"} if "warmup" in cfgs[m]["method"]["options"] and m != "blockkd" else set()
+        ours, theirs = cfgs[m]["method"]["options"], main[m]["method"]["options"]
+        if m != "blockkd":
+            assert {k: v for k, v in ours.items() if k not in scaled} == {k: v for k, v in theirs.items()
+                                                                           if k not in scaled}, m
+        for k in scaled:  # the same share of training as in the main setting
+            assert ours[k] / epochs == approx(theirs[k] / main[m]["train"]["epochs"]), m
+    if folder == "fashion_mnist_full":
+        assert subset is None and epochs != main["ce"]["train"]["epochs"] and student == "resnet8"
+    else:
+        assert student == "vit_tiny_p4" and "reviewkd" not in entries
+        assert config.fingerprint(teacher, ignore=("output",)) == config.fingerprint(
+            config.load(ROOT / "configs" / "fashion_mnist" / "teacher.yaml"), ignore=("output",))  # the same cached teacher
+
+
+# ----------------------------------------------------------------------------------------- sensitivity
+def test_sensitivity_points_follow_the_method_defaults(monkeypatch):
+    """Each knob's values are relative to the defaults the method has when the sweep runs, every other knob
+    pinned at its default: the sweep stays around the defaults whatever they become."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import sensitivity
+
+    d = {**methods.defaults("blockkd"), "alpha": 1.0, "beta": 0.5, "gamma": 0.1, "temperature": 2.0,
+         "connector": "conv3x3_bn"}
+    warm = sensitivity.warmup_key(d)
+    assert warm in d and "warmup" in warm
+    g = sensitivity.grid("blockkd", {**d, warm: 3.0}, epochs=8)
+    assert [o for _, o in g["alpha_beta"]] == [{"alpha": 0.5, "beta": 0.25}, {"alpha": 2.0, "beta": 1.0}]
+    assert [o["gamma"] for _, o in g["gamma"]] == [0.0, 0.4] and [o["temperature"] for _, o in g["temperature"]] == [1, 4]
+    assert {o["connector"] for _, o in g["connector"]} == set(sensitivity.CONNECTORS.names()) - {"conv3x3_bn"}
+    assert [o[warm] for _, o in g["warmup"]] == [0.0, 6.0]
+    g0 = sensitivity.grid("blockkd", {**d, "gamma": 0.0, warm: 0.0}, epochs=8)  # from 0: fixed steps up
+    assert [o["gamma"] for _, o in g0["gamma"]] == [0.05, 0.2] and [o[warm] for _, o in g0["warmup"]] == [2, 4]
+    points = sensitivity.points_of(["gamma", "connector"], "blockkd", d, 8, None)
+    pinned = {k: d[k] for k in ("alpha", "beta", "gamma", "temperature", "connector", warm)}
+    assert points[0] == ("defaults", None, "default", pinned)
+    for _, knob, _, options in points[1:]:  # one knob off its default at a time
+        assert [k for k in pinned if options[k] != pinned[k]] == [knob]
+
+
+def test_sensitivity_report(tmp_path):
+    """--quick: the defaults and one point per knob asked for, trained on the held-out split with exactly the
+    options of the report (read back from the run folders); the table, the plot and --render agree."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, str(BENCH / "sensitivity.py"), "--quick", "--knobs", "gamma", "connector",
+                           "--jobs", "2", "--out", "out/sens.json"], cwd=tmp_path, env=env, text=True,
+                          capture_output=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "sens.json").read_text())
+    d = methods.defaults("blockkd")
+    assert report["setup"]["defaults"] == {k: d[k] for k in report["setup"]["defaults"]}
+    assert report["setup"]["val_split"] == 300 and report["setup"]["seeds"] == [0]
+    assert len(report["runs"]) == 3 and {r["knob"] for r in report["runs"]} == {None, "gamma", "connector"}
+    by_point = {r["point"]: r for r in report["runs"]}
+    for r in report["runs"]:
+        cfg = config.load(tmp_path / r["run_dir"] / "config.yaml")
+        assert cfg["data"]["val_split"] == 300 and cfg["method"]["name"] == "blockkd"
+        ran = {k: cfg["method"]["options"][k] for k in report["setup"]["defaults"]}
+        assert ran == r["options"]
+        changed = [k for k in ran if ran[k] != report["setup"]["defaults"][k]]
+        assert changed == ([] if r["point"] == "defaults" else [r["knob"]])
+    assert list(report["knobs"]) == ["gamma", "connector"]
+    default = by_point["defaults"]["last_top1"]
+    for points in report["knobs"].values():
+        assert len(points) == 2 and sum(p["default"] for p in points) == 1
+        for p in points:
+            mine = [r for r in report["runs"] if r["options"] == p["options"]]
+            assert p["last_top1"]["values"] == [r["last_top1"] for r in mine]
+            assert p["vs_default"] == approx(p["last_top1"]["mean"] - default)
+    assert [p["value"] for p in report["knobs"]["gamma"]] == sorted([0.0, d["gamma"]] if d["gamma"] else [0.0, 0.05])
+    md = (tmp_path / "out" / "sens.md").read_text()
+    assert md.startswith("### Sensitivity of blockkd (validation split)") and "sens.png" in md
+    assert f"| connector | **{d['connector']} (default)** | 1 |" in md
+    assert (tmp_path / "out" / "sens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "out" / "sens.md").unlink()
+    subprocess.run([sys.executable, str(BENCH / "sensitivity.py"), "--render", "--out", str(tmp_path / "out" / "sens.json")],
+                   check=True, capture_output=True, timeout=120)
+    assert (tmp_path / "out" / "sens.md").read_text() == md
 
 
 # ----------------------------------------------------------------------------------------- README

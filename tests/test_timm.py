@@ -68,3 +68,22 @@ def test_timm_is_imported_only_for_timm_models():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "timm." in blockkd.models.prefixes() and not any(n.startswith("timm.") for n in blockkd.models.names())
+
+
+def test_zoo_vit_for_small_images_splits_exactly_and_distils_from_a_cnn():
+    """vit_tiny_p4 (the CNN -> ViT pairs at Fashion-MNIST / CIFAR scale): 28 and 32 px inputs, a ViT split into
+    its 6 transformer blocks, and Block-KD from a zoo CNN through connectors mapping its tokens to feature maps."""
+    student = models.create("vit_tiny_p4", num_classes=10, in_channels=1).eval()
+    assert "vit_tiny_p4" in models.names() and 0.15e6 < models.num_params(student) < 0.3e6
+    view = split(student)
+    assert len(view) == 6 and view.probe((1, 28, 28))[0] == (50, 64)  # 7x7 patches of 4 px + the class token
+    with torch.no_grad():
+        for size in (28, 32):
+            x = torch.randn(2, 1, size, size)
+            assert torch.allclose(view(x), student(x), atol=1e-5) and student(x).shape == (2, 10)
+    teacher = models.create("resnet20", num_classes=10, in_channels=1)
+    distiller = methods.create("blockkd", student, teacher, input_shape=(1, 28, 28)).train()
+    logits, losses = distiller(torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 3]))
+    sum(losses.values()).backward()
+    assert logits.shape == (4, 10) and all(torch.isfinite(v) for v in losses.values())
+    assert student.patch_embed.proj.weight.grad.abs().sum() > 0 and all(p.grad is None for p in teacher.parameters())

@@ -3,7 +3,8 @@
 Why the names and keys of RepDistiller/mdistiller: every KD paper on CIFAR-100 starts from their public
 teachers, so ``load_weights(create("resnet32x4"), "ckpt_epoch_240.pth")`` must work with no key mapping.
 Every zoo model ends with a global ``nn.AdaptiveAvgPool2d(1)``, so 28x28 and 32x32 inputs both work, and
-its forward is a plain sequence of its child modules (in registration order), which the block splitter uses.
+its forward is a plain sequence of its child modules (in registration order), which the block splitter uses;
+``vit_tiny_p4`` (``vit``) is timm's VisionTransformer at 28/32 px instead, split by timm's ViT splitter.
 ``torchvision.<name>``, ``timm.<name>``, ``hf.<id>`` and ``hf-config.<config>`` (see ``external``) are resolved
 by prefix, not registered.
 """
@@ -19,7 +20,7 @@ import torch.nn as nn
 
 from ..errors import BlockKDError
 from ..registry import Registry, UnknownNameError
-from . import external, mobilenetv1, mobilenetv2, resnet_cifar, resnetv2, shufflenetv1, shufflenetv2, vgg, wrn
+from . import external, mobilenetv1, mobilenetv2, resnet_cifar, resnetv2, shufflenetv1, shufflenetv2, vgg, vit, wrn
 
 __all__ = ["names", "create", "check_name", "register", "load_weights", "num_params", "read_state_dict",
            "torchvision_state_dict", "timm_state_dict", "prefixes"]
@@ -105,6 +106,8 @@ def _register_zoo() -> None:
     _MODELS.register("ShuffleV1", shufflenetv1.ShuffleNetV1)
     _MODELS.register("ShuffleV2", shufflenetv2.ShuffleNetV2)
     _MODELS.register("MobileNetV1", mobilenetv1.MobileNetV1)  # mdistiller's ImageNet student
+    for name in vit.CONFIGS:  # a timm ViT for 28/32 px (the CNN -> ViT pairs)
+        _MODELS.register(name, partial(vit.create, name))
 
 
 _register_zoo()
