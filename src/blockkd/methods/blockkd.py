@@ -88,6 +88,7 @@ from .divergences import (DIVERGENCES, LogitDivergence, divergence_option, dkd_a
                           logit_standardization_option)
 from .kd import TEMPERATURE, WEIGHT
 from .losses import cross_entropy, linear_warmup
+from .stone_grad import fork
 
 SAMPLINGS = ("weighted", "uniform", "split")
 SPLIT_SHARES = ("equal", "weights", "sqrt_weights")
@@ -143,6 +144,11 @@ class BlockKDOptions:
                                     "w_i = 1/2^(n-i) (null: all n, the paper's method); the shallow stones carry "
                                     "nearly the whole teacher, so they are the costly ones")
     batched_stones: bool = option(True, BOOL, "stones crossing the same teacher block run there as one batch")
+    # Measured (docs/blockkd.md, "Across architecture families"): unbounded, the deepest stone of a ResNet ->
+    # MobileNetV2 pair pulled up to 8x harder than the student's own terms and the tuned recipe collapsed.
+    stone_grad_cap: float | None = option(1.0, optional(number(0)), "each stone's gradient into the student's "
+                                          "feature at its block is scaled, per step, to at most this times the "
+                                          "gradient the rest of the objective sends there (null: unbounded)")
     stone_warmup: float = option(0.0, number(0), "epochs over which the stones' terms and L_cross ramp up "
                                  "linearly from 0")
     stones_every: int = option(1, integer(1), "run the stones (all of them, on the whole batch or their shares) "
@@ -232,9 +238,19 @@ class BlockKD(Distiller):
         self._step: int | None = None
 
     # -- pieces ------------------------------------------------------------------------------------
-    def student_features(self, x) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Every student block's output and the student's logits, from one forward pass."""
-        return self._views[0].features(x)
+    def student_features(self, x, scales: dict | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Every student block's output and the student's logits, from one forward pass. With
+        ``stone_grad_cap``, a stone's block gives the stone its own copy (:func:`stone_grad.fork`), and
+        ``scales`` receives the factors applied in the backward pass, by block index."""
+        view, cap = self._views[0], self.opts.stone_grad_cap
+        if cap is None:
+            return view.features(x)
+        feats, h = [], x
+        for i in range(self.num_blocks):
+            h = view.run_block(i, h, x)
+            h, mine = fork(h, cap, scales, i) if i in self.stone_ids else (h, h)
+            feats.append(mine)
+        return feats, view.run_head(h, x)
 
     def run_stones(self, feats: list[torch.Tensor], which: list[int], inputs=None,
                    rows: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
@@ -447,21 +463,29 @@ class BlockKD(Distiller):
         sampled variants estimate). With ``detach_ensemble: false`` the gradient that d(·, Y^ens) sends
         through the ensemble belongs to the part of the term's first argument. A parameter that a part does
         not reach gets a zero gradient. Runs in the current mode (train mode: BN batch statistics, as in
-        training); the BN running statistics of the student and the connectors are restored afterwards.
+        training); the BN running statistics of the student and the connectors are restored afterwards. With
+        ``stone_grad_cap``, each stone's part is scaled by the factor that a full backward pass applies.
         """
         o = self.opts
         params = [p for p in self.student.parameters() if p.requires_grad]
         saved = {k: b.detach().clone() for k, b in self.named_buffers() if not k.startswith("teacher.")}
         try:
             with torch.enable_grad():
-                feats, logits = self.student_features(x)
-                t_logits = self.teacher_logits(x)
-                stone_logits = self.run_stones(feats, self.stone_ids, x)
-                (ce_s, dist_s, cross_s), stones = self._stone_terms(logits, stone_logits, t_logits, y)
                 ramp = linear_warmup(epoch, o.stone_warmup)
-                parts = {"student": o.alpha * ce_s + o.beta * dist_s + ramp * o.gamma * cross_s}
-                for i, (ce, dist, cross), w in zip(self.stone_ids, stones, self.stone_weights):
-                    parts[f"stone{i + 1}"] = ramp * (o.alpha * w * ce + o.beta * w * dist + o.gamma * cross)
+                scales: dict[int, torch.Tensor] = {}  # stone_grad_cap: the factors of a full backward pass
+                for bounded in ([True, False] if o.stone_grad_cap is not None else [False]):
+                    feats, logits = self.student_features(x, scales) if bounded else self._views[0].features(x)
+                    t_logits = self.teacher_logits(x)
+                    stone_logits = self.run_stones(feats, self.stone_ids, x)
+                    (ce_s, dist_s, cross_s), stones = self._stone_terms(logits, stone_logits, t_logits, y)
+                    parts = {"student": o.alpha * ce_s + o.beta * dist_s + ramp * o.gamma * cross_s}
+                    for i, (ce, dist, cross), w in zip(self.stone_ids, stones, self.stone_weights):
+                        parts[f"stone{i + 1}"] = ramp * (o.alpha * w * ce + o.beta * w * dist + o.gamma * cross)
+                    if bounded and sum(parts.values()).requires_grad:
+                        torch.autograd.grad(sum(parts.values()), params)
+                for i in self.stone_ids:  # a stone reaches the student through its fork only: its part scales
+                    if i in scales:
+                        parts[f"stone{i + 1}"] = parts[f"stone{i + 1}"] * scales[i]
                 out = {}
                 names = list(parts)
                 for k, name in enumerate(names):
