@@ -88,7 +88,7 @@ def create(name: str, student: nn.Module, teacher: nn.Module | None = None,
 
 # Registration happens on import of each method module.
 from . import ce, kd, dkd, blockkd, fitnet, at, sp, rkd, pkt, nst, kdsvd, dist, ofd, reviewkd, crd, vid, lm, lm_blockkd  # noqa: E402,F401
-from . import nkd, wttm, ctkd, sdd, simkd, fcfd  # noqa: E402,F401
+from . import nkd, wttm, ctkd, sdd, simkd, fcfd, mlkd  # noqa: E402,F401
 
 __all__ = ["Distiller", "create", "defaults", "describe", "get", "names", "needs_teacher", "parse_options",
            "register"]

@@ -38,6 +38,9 @@ class Distiller(nn.Module):
     :meth:`forward_train`, reading their options from ``self.opts``.
     ``epoch`` is training progress in epochs as a float (2.5 = half-way through the third epoch): the
     one mechanism for losses that depend on progress (DKD's warm-up).
+    ``needs_strong_view``: the method compares a second, strongly augmented view of each training sample
+    (MLKD); the trainer asks the training loader for it (:mod:`blockkd.data.strong`) and passes it as
+    ``forward_train(x, y, epoch=..., x_strong=...)``; a method that does not ask gets one view, at no cost.
     """
 
     Options: ClassVar[type] = NoOptions
@@ -46,6 +49,7 @@ class Distiller(nn.Module):
     # distillation terms. Optimizers that treat the two gradients apart (DOT) read it.
     task_losses: ClassVar[tuple[str, ...]] = ("loss_ce",)
     paper: ClassVar[str] = ""
+    needs_strong_view: ClassVar[bool] = False
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, options: Any = None,
                  input_shape: Any = (3, 32, 32)):
@@ -66,9 +70,12 @@ class Distiller(nn.Module):
             self.teacher.eval()  # the teacher stays in eval mode whatever the distiller's mode
         return self
 
-    def forward(self, x: Any, y: torch.Tensor | None = None, *, epoch: float = 0.0):
+    def forward(self, x: Any, y: torch.Tensor | None = None, *, epoch: float = 0.0,
+                x_strong: torch.Tensor | None = None):
         if not self.training or y is None:
             return self.student_logits(x)
+        if x_strong is not None:
+            return self.forward_train(x, y, epoch=epoch, x_strong=x_strong)
         return self.forward_train(x, y, epoch=epoch)
 
     def student_logits(self, x: Any) -> torch.Tensor:
