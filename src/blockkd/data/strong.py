@@ -38,7 +38,7 @@ def _blend(degenerate: torch.Tensor, x: torch.Tensor, m: torch.Tensor) -> torch.
 def auto_contrast(x, m):
     lo, hi = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
     scale = torch.where(hi > lo, 255.0 / (hi - lo).clamp_min(1e-6), torch.ones_like(hi))
-    return torch.where(hi > lo, (x - lo) * scale, x)
+    return torch.where(hi > lo, ((x - lo) * scale).clamp(0, 255), x)
 
 
 def brightness(x, m):
