@@ -156,6 +156,8 @@ def test_rand_augment_operations_keep_shape_and_range_and_change_images():
     assert torch.equal(strong.rand_augment(x, torch.Generator().manual_seed(5)),
                        strong.rand_augment(x, torch.Generator().manual_seed(5)))  # all draws from the generator
     assert not torch.equal(a, x.float()) and b.shape == x.shape
+    gray = torch.randint(0, 256, (4, 1, 12, 12), dtype=torch.uint8)  # Fashion-MNIST: one channel
+    assert strong.rand_augment(gray, torch.Generator().manual_seed(1)).shape == gray.shape
 
 
 def _synthetic():
