@@ -110,7 +110,8 @@ def _matrix(m: torch.Tensor, *rows) -> torch.Tensor:
 
 def rotate(x, m):
     h, w = x.shape[2:]
-    cos, sin = torch.cos(m * math.pi / 180), torch.sin(m * math.pi / 180)
+    angle = -m * math.pi / 180  # PIL's Image.rotate(v): v degrees counter-clockwise
+    cos, sin = torch.cos(angle), torch.sin(angle)
     cx, cy = w / 2, h / 2
     return _affine(x, _matrix(m, (cos, sin, cx - cos * cx - sin * cy), (-sin, cos, cy + sin * cx - cos * cy)))
 
