@@ -234,3 +234,36 @@ def test_trainer_passes_the_second_view_to_the_methods_that_ask(tmp_path, monkey
     train(_recipe(tmp_path, "kd"))
     assert plain == [{}, {}]  # a method that does not ask gets one view
 
+
+
+def test_rand_augment_operations_follow_pil():
+    """Each operation against PIL's own (the authors' augmentation runs in PIL): the colour operations within one
+    grey level, histogram and bit operations and translations exact, rotations and shears but at exact ties of
+    nearest-neighbour sampling."""
+    from PIL import Image, ImageEnhance, ImageOps
+
+    img = (np.cumsum(np.random.default_rng(0).integers(0, 256, (32, 32, 3)), 1) // 32).astype(np.uint8)
+    pil = Image.fromarray(img)
+    x = torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float()
+
+    def diff(expected, op, v):
+        got = op(x, torch.tensor([float(v)])).round()
+        return (torch.from_numpy(np.array(expected)).permute(2, 0, 1)[None].float() - got).abs()
+
+    affine = lambda *m: pil.transform(pil.size, Image.AFFINE, m)  # noqa: E731
+    within_one = [(ImageOps.autocontrast(pil), strong.auto_contrast, 0),
+                  (ImageEnhance.Brightness(pil).enhance(0.6), strong.brightness, 0.6),
+                  (ImageEnhance.Color(pil).enhance(0.3), strong.color, 0.3),
+                  (ImageEnhance.Contrast(pil).enhance(0.3), strong.contrast, 0.3),
+                  (ImageEnhance.Sharpness(pil).enhance(0.2), strong.sharpness, 0.2)]
+    exact = [(ImageOps.equalize(pil), strong.equalize, 0), (ImageOps.posterize(pil, 5), strong.posterize, 5.7),
+             (ImageOps.solarize(pil, 100), strong.solarize, 100), (affine(1, 0, -8, 0, 1, 0), strong.translate_x, -0.25),
+             (affine(1, 0, 0, 0, 1, 6.4), strong.translate_y, 0.2)]
+    nearly = [(pil.rotate(20), strong.rotate, 20), (affine(1, 0.2, 0, 0, 1, 0), strong.shear_x, 0.2),
+              (affine(1, 0, 0, -0.1, 1, 0), strong.shear_y, -0.1)]
+    for expected, op, v in within_one:
+        assert diff(expected, op, v).max() <= 1, op.__name__
+    for expected, op, v in exact:
+        assert diff(expected, op, v).max() == 0, op.__name__
+    for expected, op, v in nearly:
+        assert (diff(expected, op, v) > 1).float().mean() < 0.1, op.__name__
