@@ -267,3 +267,20 @@ def test_rand_augment_operations_follow_pil():
         assert diff(expected, op, v).max() == 0, op.__name__
     for expected, op, v in nearly:
         assert (diff(expected, op, v) > 1).float().mean() < 0.1, op.__name__
+
+
+def test_data_without_a_second_view_is_refused_in_one_line(tmp_path, monkeypatch):
+    import transformers
+    monkeypatch.setenv("BLOCKKD_DATA", str(tmp_path / "data"))
+    bert = transformers.BertConfig(vocab_size=400, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                   intermediate_size=32, max_position_embeddings=32)
+    bert.to_json_file(str(tmp_path / "bert.json"))
+    name = f"hf-config.{tmp_path / 'bert.json'}"
+    cfg = config.validate({
+        "model": {"name": name}, "teacher": {"name": name, "allow_random": True}, "method": {"name": "mlkd"},
+        "data": {"name": "fortunes", "categories": ["computers", "food"], "max_per_class": 20, "max_length": 32,
+                 "vocab_size": 400, "batch_size": 8},
+        "train": {"epochs": 1, "device": "cpu", "amp": "off"},
+        "output": {"dir": str(tmp_path), "name": "text", "progress": False, "tensorboard": False, "plot": False}})
+    with pytest.raises(BlockKDError, match="needs a strongly augmented second view.*data.name='fortunes'"):
+        train(cfg)
