@@ -7,8 +7,9 @@ MLKD's data code (``mdistiller/dataset/cifar100.py`` ``RandAugment(2, 10)``): ea
 drawn uniformly with replacement from 14, each at a magnitude drawn uniformly in its range (the nominal
 magnitude 10 is unused there too), then a Cutout of a random square up to half the image side filled with
 grey. The operations follow PIL's definitions (enhance = blend with a degenerate image, affine maps with
-zero fill and nearest sampling); they are vectorised over the images that drew each operation, so the
-pixels are close to, not identical with, PIL's.
+zero fill and nearest sampling), vectorised over the images that drew each operation; the tests compare them
+with PIL's: colour operations within one grey level, histogram, bit and translation operations exact,
+rotations and shears apart from exact ties of the nearest-neighbour sampling.
 """
 from __future__ import annotations
 
