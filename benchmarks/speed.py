@@ -14,7 +14,8 @@ What is measured, and why this way:
   that method alone and no allocator or autotuner state leaks from one method into the next.
 - Every registered method for classifiers is timed (``blockkd.methods.names()`` but the ``lm-*`` ones;
   ``--methods`` picks some); those that keep per-sample state (CRD: ``needs_index``) get the batch's sample
-  indices through ``train_step(index=...)``.
+  indices through ``train_step(index=...)``, those that compare a second view (MLKD: ``needs_strong_view``) a
+  second random batch through ``train_step(x_strong=...)``.
   Beside the time: each method's extra trainable parameters (outside the student) and extra buffers
   (outside the student and teacher: memory banks, connectors' BN statistics).
 - FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` on the ``meta`` device (shapes only, no
@@ -139,9 +140,13 @@ def build_step(case: Case, device: str | torch.device | None = None
     y = torch.randint(0, case.num_classes, (case.batch_size,), device=rt.device)
     # Methods with per-sample state (CRD's memory banks) get the batch's dataset indices, as from the loader.
     index = torch.arange(case.batch_size, device=rt.device) if getattr(distiller, "needs_index", False) else None
+    # Methods that compare a strongly augmented second view (MLKD) get one (its on-device augmentation, a data
+    # cost, is not timed here).
+    x_strong = (rt.prepare(torch.randn(case.batch_size, *shape, device=rt.device))
+                if getattr(distiller, "needs_strong_view", False) else None)
 
     def step() -> None:  # the trainer's own step
-        train_step(model, x, y, epoch=1.0, optimizer=optimizer, scaler=scaler, rt=rt, index=index)
+        train_step(model, x, y, epoch=1.0, optimizer=optimizer, scaler=scaler, rt=rt, index=index, x_strong=x_strong)
 
     return step, distiller, rt
 

@@ -98,7 +98,7 @@ DISTILL_WEIGHT = {"dist": "beta", "fitnet": "feat_weight", "at": "feat_weight", 
                   "vid": "weight", "crd": "weight", "ofd": "feat_weight", "reviewkd": "weight",
                   # issue 32's recent methods: each one's main distillation weight
                   "nkd": "gamma", "wttm": "beta", "ctkd": "kd_weight", "sdd": "weight", "simkd": "feat_weight",
-                  "fcfd": "l2_weight"}
+                  "fcfd": "l2_weight", "mlkd": "kd_weight"}
 
 
 def weight_variants() -> dict[str, tuple[str, dict[str, Any]]]:

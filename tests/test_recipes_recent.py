@@ -1,4 +1,4 @@
-"""The NKD, CTKD, SDD, SimKD and FCFD recipes carry the authors' published hyper-parameters, transcribed below with the file
+"""The NKD, CTKD, SDD, SimKD, FCFD and MLKD recipes carry the authors' published hyper-parameters, transcribed below with the file
 of their repository each value comes from; each recipe builds its distiller on its pair."""
 from pathlib import Path
 
@@ -69,7 +69,26 @@ FCFD = {f"cifar100/{pair}/fcfd": {**FCFD_BASE, "temperature": tau, "l2_weight": 
             ("wrn_40_2_wrn_16_2", 4.0, 5.0, {"mixed_weight": 0.2}), ("wrn_40_2_wrn_40_1", 4.0, 5.0, {})]}
 FCFD |= {f"imagenet/{pair}/fcfd": {**FCFD_BASE, "temperature": 1.0, "l2_weight": l2, "l2_warmup": 5.0}
          for pair, l2 in [("resnet34_resnet18", 0.02), ("resnet50_mobilenetv1", 5.0)]}
-RECIPES = {**{k: ("simkd", v) for k, v in SIMKD.items()}, **{k: ("fcfd", v) for k, v in FCFD.items()},
+# Jin-Ying/Multi-Level-Logit-Distillation: configs/cifar100/ours/<pair>.yaml (TRAINER ours, no KD section: the
+# mdistiller/engine/cfg.py defaults KD.TEMPERATURE 4, CE_WEIGHT 0.1, KD_WEIGHT 0.9; SOLVER.LR 0.025, or 0.01 for
+# MobileNet/ShuffleNet students), configs/imagenet/{r34_r18,r50_mv2}/kd_ours.yaml (T 1, CE 0.5, KD 0.5, lr 0.1 /
+# 0.2); KD_ours.py: the temperatures KD.TEMPERATURE, 3, 5, 2, 6, the strong view's instance term at the first
+# three. MLKD+LS: sunshangquan/logit-standardization-KD README (--base-temp 2 --kd-weight 9) and
+# configs/cifar100/mlkd/resnet32x4_resnet8x4.yaml (lr 0.025, 480 epochs).
+MLKD_CIFAR = dict(temperatures=[4.0, 3.0, 5.0, 2.0, 6.0], strong_view_temperatures=3, ce_weight=0.1, kd_weight=0.9,
+                  logit_standardization=False)
+MLKD_IMAGENET = {**MLKD_CIFAR, "temperatures": [1.0, 3.0, 5.0, 2.0, 6.0], "ce_weight": 0.5, "kd_weight": 0.5}
+MLKD_LR = {**{f"cifar100/{p}/mlkd": 0.025 for p in ("resnet32x4_resnet8x4", "resnet110_resnet32", "resnet56_resnet20",
+                                                    "vgg13_vgg8", "wrn_40_2_wrn_16_2", "wrn_40_2_wrn_40_1")},
+           **{f"cifar100/{p}/mlkd": 0.01 for p in ("ResNet50_MobileNetV2", "resnet32x4_ShuffleV1", "resnet32x4_ShuffleV2",
+                                                   "vgg13_MobileNetV2", "wrn_40_2_ShuffleV1")},
+           "cifar100/resnet32x4_resnet8x4/mlkd_ls": 0.025, "imagenet/resnet34_resnet18/mlkd": 0.1,
+           "imagenet/resnet50_mobilenet_v2/mlkd": 0.2, "imagenet/resnet50_mobilenetv1/mlkd": 0.2}
+MLKD = {k: (MLKD_IMAGENET if k.startswith("imagenet") else MLKD_CIFAR) for k in MLKD_LR}
+MLKD["cifar100/resnet32x4_resnet8x4/mlkd_ls"] = {**MLKD_CIFAR, "temperatures": [2.0, 3.0, 5.0, 2.0, 6.0],
+                                                 "kd_weight": 9.0, "logit_standardization": True}
+RECIPES = {**{k: ("simkd", v) for k, v in SIMKD.items()}, **{k: ("mlkd", v) for k, v in MLKD.items()},
+           **{k: ("fcfd", v) for k, v in FCFD.items()},
            **{k: ("sdd", v) for k, v in SDD.items()}, **{k: ("ctkd", v) for k, v in CTKD.items()},
            **{k: ("nkd", v) for k, v in NKD.items()}}
 
@@ -93,8 +112,16 @@ def test_sdd_recipes_build_on_their_pairs(recipe):
     assert torch.isfinite(sum(losses.values()))
 
 
+@pytest.mark.parametrize("recipe", sorted(MLKD_LR))
+def test_mlkd_recipes_use_the_authors_schedule(recipe):
+    cfg = config.load(ROOT / f"{recipe}.yaml")
+    assert cfg["optim"]["lr"] == MLKD_LR[recipe]
+    base = (64, 480 if recipe.endswith("_ls") else 240) if recipe.startswith("cifar100") else (512, 100)
+    assert (cfg["data"]["batch_size"], cfg["train"]["epochs"]) == base
+
+
 def test_fashion_mnist_recipes_exist_for_every_new_method():
-    for method in ("nkd", "wttm", "ctkd", "sdd", "simkd", "fcfd"):
+    for method in ("nkd", "wttm", "ctkd", "sdd", "simkd", "fcfd", "mlkd"):
         cfg = config.load(ROOT / f"fashion_mnist/{method}.yaml")
         assert cfg["method"]["name"] == method
         methods.parse_options(method, cfg["method"]["options"])

@@ -16,7 +16,7 @@ import torch
 from ..errors import BlockKDError
 
 # Independent random streams derived from one user seed (see ``mix_seed``).
-SHUFFLE, AUGMENT, SPLIT, SYNTHETIC = range(4)
+SHUFFLE, AUGMENT, SPLIT, SYNTHETIC, STRONG = range(5)
 
 
 class Loader(Protocol):

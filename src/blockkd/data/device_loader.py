@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from .._hooks import debug_log
-from .common import (AUGMENT, SHUFFLE, DataBundle, Normalize, check_not_empty, eval_shard, generator,
+from .common import (AUGMENT, SHUFFLE, STRONG, DataBundle, Normalize, check_not_empty, eval_shard, generator,
                      per_rank_batch, per_rank_eval_batch, split_indices)
+from .strong import rand_augment
 
 
 @dataclasses.dataclass
@@ -69,7 +70,10 @@ class DeviceLoader:
     device seeded from (seed, epoch, rank), so any epoch can be replayed exactly (resume).
     Evaluation (``shuffle=False``): rank r reads the r-th contiguous 1/world_size of the data in order,
     nothing dropped, so per-rank sums reduce to exact metrics. ``with_index``: batches are
-    ``(x, y, index)``, each sample's index in the split (methods with a memory bank, CRD).
+    ``(x, y, index)``, each sample's index in the split (methods with a memory bank, CRD). ``strong_view``
+    (training): each batch ends with a second view of the same samples, its own crop/flip then RandAugment +
+    Cutout (:mod:`blockkd.data.strong`), drawn from (seed, epoch, rank) on a stream of its own, so the first
+    view is the same with or without it (methods that declare ``needs_strong_view``: MLKD).
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, normalize: Normalize,
@@ -80,7 +84,7 @@ class DeviceLoader:
         self.shuffle, self.drop_last = shuffle, drop_last
         self.augment, self.padding, self.flip = augment and (padding > 0 or flip), padding, flip
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch, self.with_index = 0, False
+        self.epoch, self.with_index, self.strong_view = 0, False, False
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -122,13 +126,20 @@ class DeviceLoader:
         if self.augment:  # the whole epoch's draws at once: three kernels instead of three per batch
             gen = generator(self.seed, self.epoch, self.rank, AUGMENT, device=self.x.device)
             params = zip(*(p.split(sizes) for p in sample_crop_flip(len(idx), self.padding, self.flip, gen)))
+        strong = self.strong_view and self.shuffle
+        if strong:  # the second view's crop/flip and RandAugment on a stream of their own
+            sgen = generator(self.seed, self.epoch, self.rank, STRONG, device=self.x.device)
+            sparams = zip(*(p.split(sizes) for p in sample_crop_flip(len(idx), self.padding, self.flip, sgen)))
         for i in idx.split(sizes):
             if self.shuffle:
                 debug_log(self.rank, lambda: {"epoch": self.epoch, "indices": i.tolist()})
             x = self.x[i]
+            batch: tuple = (self.y[i], i) if self.with_index else (self.y[i],)
+            if strong:
+                batch += (self.normalize(rand_augment(crop_flip(x, self.padding, *next(sparams)), sgen)),)
             if params is not None:
                 x = crop_flip(x, self.padding, *next(params))
-            yield (self.normalize(x), self.y[i], i) if self.with_index else (self.normalize(x), self.y[i])
+            yield (self.normalize(x), *batch)
 
 
 def apply_splits(data: ArrayData, cfg: dict) -> tuple[torch.Tensor, ...]:

@@ -21,8 +21,9 @@ from torch.utils.data import (DataLoader, Dataset, DistributedSampler, RandomSam
 from ..errors import BlockKDError
 from ..utils import data_home
 from ..schema import BOOL, STRING, integer, option, optional
-from .common import (AUGMENT, SHUFFLE, DataBundle, Normalize, check_not_empty, eval_shard, generator,
+from .common import (AUGMENT, SHUFFLE, STRONG, DataBundle, Normalize, check_not_empty, eval_shard, generator,
                      mix_seed, per_rank_batch, per_rank_eval_batch, split_indices)
+from .strong import rand_augment
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet
 LOG = logging.getLogger("blockkd.engine.data")  # under the run's logger: warnings reach train.log and the console
@@ -140,13 +141,15 @@ class DeviceBatches:
 
     ``flip``: random horizontal flips on the device, drawn from (seed, epoch, rank) so an epoch replays
     exactly on resume. ``with_index`` (training loaders): batches are ``(x, y, index)``, each sample's
-    index in the training split (methods with a memory bank, CRD).
+    index in the training split (methods with a memory bank, CRD). ``strong_view`` (training loaders): each
+    batch ends with a second view of the same images, flipped apart then RandAugment + Cutout on the device
+    (:mod:`blockkd.data.strong`; it shares the first view's random-resized crop), from a stream of its own.
     """
 
     def __init__(self, loader: DataLoader, device: torch.device, normalize: Normalize | None, seed: int = 0, *,
                  flip: bool = False, rank: int = 0, skip_unreadable: bool = False, skipped: set | None = None):
         self.loader, self.device, self.normalize, self.seed = loader, device, normalize, seed
-        self.flip, self.rank, self.with_index = flip, rank, False
+        self.flip, self.rank, self.with_index, self.strong_view = flip, rank, False, False
         # the files skipped so far, each once (``skipped``: a set shared with the other loaders of the data)
         self.skip_unreadable, self.skipped = skip_unreadable, set() if skipped is None else skipped
         self.set_epoch(0)
@@ -168,6 +171,7 @@ class DeviceBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = generator(self.seed, self.epoch, self.rank, AUGMENT, device=self.device) if self.flip else None
+        sgen = generator(self.seed, self.epoch, self.rank, STRONG, device=self.device) if self.strong_view else None
         for batch in self.loader:
             batch = self.readable(*batch)  # (readable samples collated, unreadable ones): see Guarded
             if batch is None:
@@ -175,10 +179,13 @@ class DeviceBatches:
             x, y, *index = batch  # training batches carry each sample's index (SeededSamples)
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
+            rest: tuple = (index[0].to(self.device, non_blocking=True),) if self.with_index and index else ()
+            if sgen is not None:
+                rest += (self.normalize(rand_augment(random_flip(x, sgen), sgen)),)
             if gen is not None:
                 x = random_flip(x, gen)
             x = self.normalize(x) if self.normalize else x
-            yield (x, y, index[0].to(self.device, non_blocking=True)) if self.with_index and index else (x, y)
+            yield (x, y, *rest)
 
     def readable(self, batch: list | None, bad: list[UnreadableImage]) -> list | None:
         """The batch of the readable samples; an unreadable one stops the run (one line naming the file)

@@ -38,6 +38,7 @@ from .runtime import Runtime
 def train_step(model: nn.Module, x: Any, y: torch.Tensor, *, epoch: float, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, rt: Runtime, grad_clip: float | None = None,
                params: list[nn.Parameter] | None = None, index: torch.Tensor | None = None,
+               x_strong: torch.Tensor | None = None,
                proceed: Callable[[dict[str, torch.Tensor]], bool] | None = None,
                proceed_grads: Callable[[torch.Tensor], bool] | None = None):
     """One optimizer step: forward under autocast, the sum of the method's losses, (scaled) backward,
@@ -47,6 +48,8 @@ def train_step(model: nn.Module, x: Any, y: torch.Tensor, *, epoch: float, optim
     a finite loss can still backpropagate NaN (a singular value decomposition of a rank-deficient map, a
     square root at 0), and the scaler's own inf check covers only fp16. ``index``: each sample's index in the
     training split, for the methods that keep per-sample state (``needs_index``: CRD's memory bank).
+    ``x_strong``: a second, strongly augmented view of the batch, for the methods that declare
+    ``needs_strong_view`` (MLKD).
     An optimizer with ``needs_loss_split`` (DOT) gets the task and the distillation gradients apart
     (:func:`backward_split`)."""
     split = getattr(optimizer, "needs_loss_split", False)
@@ -55,6 +58,8 @@ def train_step(model: nn.Module, x: Any, y: torch.Tensor, *, epoch: float, optim
     with ddp_of(model).no_sync() if split and runtime.is_distributed() else contextlib.nullcontext():
         with rt.autocast():
             extra = {} if index is None else {"index": index}
+            if x_strong is not None:
+                extra["x_strong"] = rt.prepare(x_strong)
             logits, losses = model(rt.prepare(x), y, epoch=epoch, **extra)
         optimizer.zero_grad(set_to_none=True)
         if proceed is not None and not proceed(losses):
@@ -174,6 +179,13 @@ class Trainer:
             self.distiller.to(memory_format=torch.channels_last)
         # Methods with per-sample state (CRD's memory bank) get each sample's index with its batch.
         self.data.train.with_index = bool(getattr(self.distiller, "needs_index", False))
+        # Methods that compare a second, strongly augmented view (MLKD) get it with each batch, as its last item.
+        self.strong_view = bool(getattr(self.distiller, "needs_strong_view", False))
+        if self.strong_view and not hasattr(self.data.train, "strong_view"):
+            raise BlockKDError(f"method {cfg.method.name!r} needs a strongly augmented second view of each image; "
+                               f"data.name={cfg.data.name!r} does not make one (image datasets and imagefolder do)")
+        if self.strong_view:
+            self.data.train.strong_view = True
         self.model: nn.Module = self.distiller  # what the training step calls: maybe DDP- and compile-wrapped
         if runtime.is_distributed():
             self.model = runtime.wrap_ddp(self.model, rt.device)
@@ -292,8 +304,8 @@ class Trainer:
         self.folder.save(weights=self.distiller.train_state_dict(), meta=meta, state=state, is_best=is_best)
 
     # -- loop ----------------------------------------------------------------------------------------
-    def step_once(self, x: Any, y: torch.Tensor, epoch: int, i: int, index: torch.Tensor | None = None
-                  ) -> torch.Tensor | None:
+    def step_once(self, x: Any, y: torch.Tensor, epoch: int, i: int, index: torch.Tensor | None = None,
+                  x_strong: torch.Tensor | None = None) -> torch.Tensor | None:
         """One optimizer step on batch ``i`` of ``epoch``; returns ``[each loss term * n, correct]`` on the
         device (no host sync), or None when the step was skipped for a non-finite loss."""
         terms: list[torch.Tensor] = []
@@ -306,7 +318,8 @@ class Trainer:
 
         logits, _, stepped = train_step(self.model, x, y, epoch=epoch + (i + 1) / self.steps_per_epoch,
                                         optimizer=self.optimizer, scaler=self.scaler, rt=self.rt,
-                                        grad_clip=self.grad_clip, params=self.params, index=index, proceed=proceed,
+                                        grad_clip=self.grad_clip, params=self.params, index=index, x_strong=x_strong,
+                                        proceed=proceed,
                                         proceed_grads=lambda finite: self.guard.grads_ok(finite, epoch, i, self.log))
         if not stepped:
             return None
@@ -343,12 +356,13 @@ class Trainer:
         diag: dict[str, list[float]] = {}
         start = time.perf_counter()
         with self.log.bar(steps, f"epoch {epoch + 1}/{self.epochs}") as bar:
-            for i, (x, y, *index) in enumerate(self.data.train):
+            for i, (x, y, *extra) in enumerate(self.data.train):
                 if self.out_of_steps():
                     break
                 fault_point("step", step=self.step)
                 try:
-                    stats = self.step_once(x, y, epoch, i, *index)
+                    x_strong = extra.pop() if self.strong_view else None  # the second view comes last
+                    stats = self.step_once(x, y, epoch, i, *extra, x_strong=x_strong)
                 except (RuntimeError, ValueError) as e:  # e.g. an SVD of weights that an earlier NaN step corrupted
                     self.guard.raise_recorded(self.loss_names or [], epoch, cause=e)
                     raise

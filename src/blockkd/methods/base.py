@@ -41,6 +41,9 @@ class Distiller(nn.Module):
     one mechanism for losses that depend on progress (DKD's warm-up). ``epochs`` is the training length,
     for terms that ramp in over a fraction of training (Block-KD's stones); the trainer sets it, API users
     pass ``blockkd.methods.create(..., epochs=E)`` (None: unknown).
+    ``needs_strong_view``: the method compares a second, strongly augmented view of each training sample
+    (MLKD); the trainer asks the training loader for it (:mod:`blockkd.data.strong`) and passes it as
+    ``forward_train(x, y, epoch=..., x_strong=...)``; a method that does not ask gets one view, at no cost.
     """
 
     Options: ClassVar[type] = NoOptions
@@ -56,6 +59,7 @@ class Distiller(nn.Module):
     # The method contract test (tests/test_method_contract.py) requires a finite gradient on every
     # other student parameter after one step, and none on these.
     untrained_student_parameters: ClassVar[tuple[str, ...]] = ()
+    needs_strong_view: ClassVar[bool] = False
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, options: Any = None,
                  input_shape: Any = (3, 32, 32)):
@@ -76,9 +80,12 @@ class Distiller(nn.Module):
             self.teacher.eval()  # the teacher stays in eval mode whatever the distiller's mode
         return self
 
-    def forward(self, x: Any, y: torch.Tensor | None = None, *, epoch: float = 0.0):
+    def forward(self, x: Any, y: torch.Tensor | None = None, *, epoch: float = 0.0,
+                x_strong: torch.Tensor | None = None):
         if not self.training or y is None:
             return self.student_logits(x)
+        if x_strong is not None:
+            return self.forward_train(x, y, epoch=epoch, x_strong=x_strong)
         return self.forward_train(x, y, epoch=epoch)
 
     def student_logits(self, x: Any) -> torch.Tensor:
