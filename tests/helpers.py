@@ -28,10 +28,14 @@ def make(method: str, student: str = "resnet8", teacher: str = "resnet14", num_c
     return blockkd.methods.create(method, s, t, input_shape=shape, **options)
 
 
-def step_kwargs(d: nn.Module, n: int) -> dict[str, Any]:
-    """The extra keywords of a training step on ``n`` samples: their indices, for methods with per-sample
-    state (``needs_index``: CRD's memory bank), as the trainer passes them."""
-    return {"index": torch.arange(n)} if getattr(d, "needs_index", False) else {}
+def step_kwargs(d: nn.Module, n: int, x: torch.Tensor | None = None) -> dict[str, Any]:
+    """The extra keywords of a training step on ``n`` samples, as the trainer passes them: their indices, for
+    methods with per-sample state (``needs_index``: CRD's memory bank), and a second view of the batch ``x``
+    for methods that ask for one (``needs_strong_view``: MLKD; here the flipped images stand in for it)."""
+    kwargs: dict[str, Any] = {"index": torch.arange(n)} if getattr(d, "needs_index", False) else {}
+    if getattr(d, "needs_strong_view", False) and x is not None:
+        kwargs["x_strong"] = x.flip(-1)
+    return kwargs
 
 
 def with_changes(cfg: dict, **dotted: Any) -> dict:

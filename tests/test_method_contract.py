@@ -65,7 +65,7 @@ def test_one_step_keeps_the_contract(method, pair):
     assert all(id(p) in ids for n, p in d.named_parameters() if not n.startswith("teacher.") and p.requires_grad)
 
     x, y = batch()
-    logits, losses = d(x, y, epoch=0.5, **step_kwargs(d, N))
+    logits, losses = d(x, y, epoch=0.5, **step_kwargs(d, N, x))
     assert logits.shape == (N, 10)
     assert losses and all(k.startswith("loss_") and v.dim() == 0 and torch.isfinite(v) for k, v in losses.items())
     assert set(cls.task_losses) <= set(losses), "task_losses must name losses the method returns (DOT reads them)"
