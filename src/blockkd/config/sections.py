@@ -46,6 +46,8 @@ class TeacherSection:
     checkpoint: str | None = option(None, optional(STRING), "our run folder, .safetensors, a RepDistiller/"
                                     "mdistiller or torchvision .pth, torchvision://IMAGENET1K_V1 or timm://DEFAULT")
     allow_random: bool = option(False, BOOL, "tests only: distill from an untrained teacher")
+    cache: str | None = option(None, optional(STRING), "language models: a folder of the teacher's top-k logits "
+                               "(blockkd cache-logits RECIPE) read instead of running the teacher (lm-kd)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -270,11 +270,47 @@ class LMKD(CausalLM):
     needs_teacher = True
     paper = "Agarwal et al. (GKD) 2024; Ko et al. (DistiLLM) 2024; Gu et al. (MiniLLM) 2024"
 
+    reads_cache = True  # teacher.cache: the teacher's stored top-k log-probabilities stand for its logits
+
     def __init__(self, student, teacher, options=None, input_shape=None):
         super().__init__(student, teacher, options, input_shape)
-        device = next(student.parameters()).device
-        self._mapping = load_token_mapping(self.opts.token_mapping, vocab_of(self._s_view), vocab_of(self._t_view),
-                                           device)
+        self._cache = None
+        self._mapping = None
+        if teacher is not None:
+            self._mapping = load_token_mapping(self.opts.token_mapping, vocab_of(self._s_view),
+                                               vocab_of(self._t_view), next(student.parameters()).device)
+
+    @classmethod
+    def from_cache(cls, student, cache, input_shape, options=None, **values) -> "LMKD":
+        """The method distilling from ``cache`` (teacher.cache) with no teacher model: options as an Options
+        instance or as keywords, as for :func:`blockkd.methods.create`."""
+        from . import parse_options
+
+        distiller = cls(student, None, options if options is not None else parse_options("lm-kd", values),
+                        input_shape)
+        distiller.use_cache(cache)
+        return distiller
+
+    @property
+    def needs_index(self) -> bool:  # the cache is read by training sequence index
+        return self._cache is not None
+
+    def use_cache(self, cache) -> None:
+        """Distil from ``cache`` (:class:`blockkd.data.lm_cache.LogitCache`) instead of a live teacher: the
+        divergence is taken between the teacher's and the student's distributions both renormalised over the
+        teacher's top-k tokens of each position (exact as k -> V; the mass outside them is not compared)."""
+        if self.opts.token_mapping is not None:
+            raise BlockKDError("method.options.token_mapping does not apply to a teacher.cache (its ids are the "
+                               "teacher's); remove one of them")
+        if cache.vocab != vocab_of(self._s_view):
+            raise BlockKDError(f"teacher.cache {cache.folder} holds a teacher of {cache.vocab} tokens, the student "
+                               f"has {vocab_of(self._s_view)}: the token losses need one vocabulary")
+        self._cache = cache
+
+    def forward(self, x, y=None, *, epoch: float = 0.0, index: torch.Tensor | None = None):
+        if not self.training or y is None:
+            return self.student_logits(x)
+        return self.forward_train(x, y, epoch=epoch, index=index)
 
     def divergence(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Per-token divergence of this method's options (on the mapped ids where a mapping is set)."""
@@ -283,7 +319,9 @@ class LMKD(CausalLM):
         o = self.opts
         return token_divergence(o.loss, s, t, temperature=o.temperature, beta=o.jsd_beta, skew=o.skew)
 
-    def forward_train(self, x, y, *, epoch):
+    def forward_train(self, x, y, *, epoch, index=None):
+        if self._cache is not None:
+            return self._forward_cached(x, y, index)
         o = self.opts
         idx = counted(y)
         s_head, t_head = self._s_view.head, self._t_view.head
@@ -298,6 +336,29 @@ class LMKD(CausalLM):
 
         hs = rows(hidden(self._s_view, x), idx)
         ce, div, pred = _sum_and_cat(part, len(idx), o.chunk, hs, ht, y.reshape(-1)[idx])
+        n = max(len(idx), 1)
+        return predictions(y, idx, pred), {"loss_ce": o.ce_weight * ce / n, "loss_kd": o.kd_weight * div / n}
+
+    def _forward_cached(self, x, y, index):
+        """forward_train with the teacher's cached top-k log-probabilities of the batch's sequences ``index``."""
+        if index is None:
+            raise BlockKDError("lm-kd with a teacher.cache needs each batch's sequence indices (forward_train(x, y, "
+                               "epoch=..., index=...))")
+        o = self.opts
+        idx = counted(y)
+        lp, ids = self._cache.topk(index, y.device)
+        lp, ids = rows(lp, idx), rows(ids, idx)
+        s_head = self._s_view.head
+
+        def part(hs, lp, ids, tgt):
+            s = s_head(hs)
+            # the student's logits at the teacher's top-k ids; both softmaxes then renormalise over those k
+            d = token_divergence(o.loss, s.gather(-1, ids), lp, temperature=o.temperature, beta=o.jsd_beta,
+                                 skew=o.skew)
+            return F.cross_entropy(s.float(), tgt, reduction="sum"), d.sum(), s.argmax(-1)
+
+        hs = rows(hidden(self._s_view, x), idx)
+        ce, div, pred = _sum_and_cat(part, len(idx), o.chunk, hs, lp, ids, y.reshape(-1)[idx])
         n = max(len(idx), 1)
         return predictions(y, idx, pred), {"loss_ce": o.ce_weight * ce / n, "loss_kd": o.kd_weight * div / n}
 
