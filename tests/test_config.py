@@ -301,6 +301,18 @@ def test_data_overrides_for_eval():
         config.parse_data_overrides(["eval_batch_size=-1"], saved)
 
 
+def test_eval_refuses_data_keys_of_another_dataset():
+    """``blockkd eval RUN --data root=/x`` on a text-file run: refused as train refuses it, not ignored."""
+    saved = {"name": "textfile", "train": "a.csv", "test": "b.csv", "tokenizer": "wordpiece", "batch_size": 8,
+             "root": None}  # an older run's stored key of another dataset: still dropped silently
+    with pytest.raises(BlockKDError, match=r"^data.root \(set in --data 'root=/x'\) does not apply to dataset "
+                                           r"'textfile'; its keys: .*test, .*train"):
+        config.parse_data_overrides(["root=/x"], saved)
+    assert config.parse_data_overrides(["test=c.csv"], saved)["test"] == "c.csv"
+    switched = config.parse_data_overrides(["name=cifar10", "root=/x"], saved)  # another dataset: its keys apply
+    assert switched["name"] == "cifar10" and switched["root"] == "/x" and "train" not in switched
+
+
 # ----------------------------------------------------------------------------------------- property test
 VALID = {"model": {"name": "resnet8"}, "teacher": {"name": "resnet20", "allow_random": True},
          "method": {"name": "blockkd", "options": {"beta": 2.0}},

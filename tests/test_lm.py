@@ -149,6 +149,18 @@ def test_chunked_loss_equals_unchunked_in_value_and_gradient():
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, grads_full))
 
 
+def test_causal_lm_names_fail_in_one_line(tmp_path):
+    from blockkd.models.external import create_causal_lm
+
+    with pytest.raises(BlockKDError, match="^cannot load the Hugging Face model hf./nowhere/x: the folder .* does not"):
+        create_causal_lm("hf./nowhere/x")
+    with pytest.raises(BlockKDError, match="is not a Hugging Face model: language-model data needs"):
+        create_causal_lm("resnet8")
+    path = tmp_path / "config.json"
+    gpt2().config.to_json_file(str(path))
+    assert type(create_causal_lm(f"hf-config.{path}")).__name__ == "GPT2LMHeadModel"
+
+
 # ----------------------------------------------------------------------------------------- methods
 def test_lm_kd_losses_count_only_labelled_tokens_and_chunk_exactly():
     torch.manual_seed(0)

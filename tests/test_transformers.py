@@ -346,3 +346,16 @@ def test_logit_methods_run_hf_models_on_dict_batches():
     d.train()
     logits, losses = d(tokens(), torch.randint(0, LABELS, (4,)), epoch=0.0)
     assert logits.shape == (4, LABELS) and all(torch.isfinite(v) for v in losses.values())
+
+
+def test_create_infers_text_input_from_hf_models():
+    """methods.create("blockkd", bert_student, bert_teacher) without input_shape: the models take token ids."""
+    from blockkd import methods
+
+    student, teacher = bert(layers=2, hidden=16), bert(layers=4)
+    assert methods.default_input(student, teacher) == text_input(16)
+    assert methods.default_input(blockkd.models.create("resnet8"), None) == (3, 32, 32)
+    distiller = methods.create("blockkd", student, teacher)
+    x, y = tokens(), torch.randint(0, LABELS, (4,))
+    logits, losses = distiller(x, y)
+    assert logits.shape == (4, LABELS) and all(torch.isfinite(v) for v in losses.values())

@@ -7,6 +7,7 @@ available (and tested) from Python. Its one job of its own is to turn a user mis
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Sequence
 
@@ -14,6 +15,7 @@ from .errors import BlockKDError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a command whose reader went away
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -97,6 +99,8 @@ def _models(args: argparse.Namespace) -> int:
 def _methods(args: argparse.Namespace) -> int:
     from . import methods
 
+    if args.name is not None:
+        return _method_help(args.name)
     rows = []
     for name in methods.names():
         cls = methods.get(name)
@@ -104,7 +108,25 @@ def _methods(args: argparse.Namespace) -> int:
         teacher = "needs a teacher" if cls.needs_teacher else "no teacher"
         rows += [(name, doc[0] if doc else ""), ("", f"{teacher}; {cls.paper}" if cls.paper else teacher)]
         rows += [("", f"  {key} = {default}: {help_}") for key, default, _, help_ in methods.describe(name)]
-    _table(rows, ("method", "description and options (method.options.<key>)"))
+    _table(rows, ("method", "description and options (method.options.<key>); blockkd methods NAME: one in full"))
+    return 0
+
+
+def _method_help(name: str) -> int:
+    """``blockkd methods NAME``: the method's whole docstring, its paper and every option (expected values too)."""
+    import inspect
+
+    from . import methods
+
+    cls = methods.get(name)  # an unknown name: one line with the closest method
+    print(f"{name}: {inspect.cleandoc(cls.__doc__ or '').strip()}")
+    print(f"teacher: {'needed (teacher.name, teacher.checkpoint)' if cls.needs_teacher else 'none'}")
+    if cls.paper:
+        print(f"paper: {cls.paper}")
+    rows = methods.describe(name)
+    print("options (method.options.<key>):" if rows else "options: none")
+    for key, default, expected, help_ in rows:
+        print(f"  {key} = {default}  ({expected}): {help_}")
     return 0
 
 
@@ -125,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Recipes and their keys: docs/config.md. Example: blockkd train "
                "configs/cifar100/resnet32x4_resnet8x4/blockkd.yaml optim.lr=0.1")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser.add_argument("--version", action="version", version=f"blockkd {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", parents=[common], help="train from a YAML recipe",
@@ -158,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", parents=[common], help="list the model zoo")
     p.set_defaults(func=_models)
-    p = sub.add_parser("methods", parents=[common], help="list the distillation methods and their options")
+    p = sub.add_parser("methods", parents=[common], help="list the distillation methods and their options",
+                       description="List the methods, or with NAME one method's description, paper and options.")
+    p.add_argument("name", nargs="?", default=None, metavar="NAME", help="one method, e.g. blockkd")
     p.set_defaults(func=_methods)
 
     p = sub.add_parser("demo", parents=[common], help="the Fashion-MNIST demo (teacher, KD, DKD, Block-KD)")
@@ -181,10 +206,22 @@ def _split_extras(parser: argparse.ArgumentParser, args: argparse.Namespace, ext
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command in ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
-    args, extras = parser.parse_known_args(argv)
+    try:
+        args, extras = parser.parse_known_args(argv)
+    except SystemExit:  # --help, --version, a usage error: `blockkd --help | head -1` must end quietly too
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _silence_stdout()
+        raise
     _split_extras(parser, args, extras)
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the try, rather than at exit
+        return status
+    except BrokenPipeError:  # `blockkd methods | head`: the reader has all it wanted; leave quietly
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except BlockKDError as e:
         if args.debug:
             raise
@@ -194,6 +231,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         resume = "; run the same command with --resume to continue from the last checkpoint"
         print("interrupted" + (resume if args.command == "train" else ""), file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush does not raise about the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (a test's capture): nothing to flush later
+        pass
 
 
 def _one_line(e: Any) -> str:

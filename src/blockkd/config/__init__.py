@@ -180,6 +180,15 @@ def _check_models(sections: dict, where) -> None:
             message = str(err).replace("unknown model", f"unknown {kind}", 1)
             raise UnknownNameError(message.replace(repr(value), f"{value!r} ({key}.name in {where(key + '.name')})", 1)
                                    ) from None
+        kwargs = sections[key].kwargs
+        if kwargs and models.external.family(value) not in ("torchvision", "timm"):
+            raise BlockKDError(f"{key}.kwargs (in {where(key + '.kwargs')}) are a torchvision.* or timm.* model's "
+                               f"constructor arguments; {key}.name is {value}: remove them or register a model "
+                               f"(blockkd.models.register) that takes them")
+        reserved = [k for k in kwargs if k in models.external.RESERVED_KWARGS]
+        if reserved:
+            raise BlockKDError(f"{key}.kwargs.{reserved[0]} (in {where(key + '.kwargs')}) is set by blockkd from the "
+                               f"data and the checkpoint keys; remove it")
 
 
 def _check_teacher(cfg: Config) -> None:
@@ -261,7 +270,10 @@ def parse_data_overrides(items: Iterable[str] | Mapping[str, Any], base: Mapping
     for key, (value, item) in data_overrides(items).items():
         values[key] = value
         sources[f"data.{key}"] = f"--data {item!r}"
-    return data.parse(values, where=lambda k: sources.get(k, "the run's config"), drop_foreign=True).flat()
+    # The run's own keys of another dataset (an older version stored them all) are dropped; a --data key
+    # that does not apply to the run's dataset is refused, as train refuses it.
+    return data.parse(values, where=lambda k: sources.get(k, "the run's config"),
+                      drop_foreign=lambda k: k not in sources).flat()
 
 
 def flat_keys(cfg: Mapping, prefix: str = "") -> dict[str, Any]:

@@ -33,11 +33,19 @@ def _is_device(v: Any) -> bool:
 DEVICE = Check("'auto' or a torch device such as cpu, cuda, cuda:1", _is_device)
 
 
+KWARGS = Check("a mapping of keyword arguments (names to values)",
+               lambda v: v is None or (isinstance(v, dict) and all(isinstance(k, str) and k for k in v)),
+               lambda v: dict(v or {}))
+KWARGS_HELP = ("keyword arguments of a torchvision.* or timm.* model's constructor, e.g. {img_size: 32, "
+               "patch_size: 4} for a timm ViT on 32-px images")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     name: str = option(REQUIRED, STRING, "the student (for ce: the model trained): a blockkd.models name, "
                        "torchvision.<name>, timm.<name>, hf.<hub id or folder> or hf-config.<config.json>")
     checkpoint: str | None = option(None, optional(STRING), "initial weights for the student")
+    kwargs: dict = option({}, KWARGS, KWARGS_HELP)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +56,7 @@ class TeacherSection:
     allow_random: bool = option(False, BOOL, "tests only: distill from an untrained teacher")
     cache: str | None = option(None, optional(STRING), "language models: a folder of the teacher's top-k logits "
                                "(blockkd cache-logits RECIPE) read instead of running the teacher (lm-kd)")
+    kwargs: dict = option({}, KWARGS, "the teacher's constructor arguments, as model.kwargs")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -75,14 +75,19 @@ def load_model_weights(model: nn.Module, path: str | Path, *, role: str, name: s
     return model
 
 
-def build_model(name: str, data, *, checkpoint: str | None = None, role: str = "model") -> nn.Module:
-    """``models.create`` for the data's classes and channels (None: text), then ``checkpoint``, if any."""
+def build_model(name: str, data, *, checkpoint: str | None = None, role: str = "model",
+                kwargs: dict | None = None) -> nn.Module:
+    """``models.create`` for the data's classes and channels (None: text) and the recipe's constructor
+    arguments (``model.kwargs``), then ``checkpoint``, if any; a causal LM for next-token data."""
     if getattr(data, "task", None) == "causal_lm":
         from ..models.external import create_causal_lm
 
+        if kwargs:
+            raise BlockKDError(f"{role}.kwargs applies to torchvision and timm models; {name} is a causal LM built "
+                               f"from its own configuration")
         model = create_causal_lm(name)
     else:
-        model = models.create(name, num_classes=data.num_classes, in_channels=data.in_channels)
+        model = models.create(name, num_classes=data.num_classes, in_channels=data.in_channels, **(kwargs or {}))
     if getattr(data, "check_model", None) is not None:  # e.g. text: the tokenizer must fit the embeddings
         data.check_model(model, role=role, name=name)
     if checkpoint:
@@ -105,14 +110,15 @@ def build_distiller(cfg, data, device: torch.device, *, sync_bn: bool = False):
         lm = ", ".join(m for m in methods.names() if getattr(methods.get(m), "task", None) == "causal_lm")
         raise BlockKDError(f"method {cfg.method.name} does not fit data {data.name}: language-model data (data.name "
                            f"lm_*) needs one of {lm}, and those methods need language-model data")
-    student = build_model(cfg.model.name, data, checkpoint=cfg.model.checkpoint, role="model")
+    student = build_model(cfg.model.name, data, checkpoint=cfg.model.checkpoint, role="model",
+                          kwargs=cfg.model.kwargs)
     if sync_bn:
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)  # before the method builds views of it
     cache = None
     if cfg.teacher.cache is not None and cfg.needs_teacher:
         cache = open_teacher_cache(cfg, data)
-    teacher = build_model(cfg.teacher.name, data, checkpoint=cfg.teacher.checkpoint, role="teacher") \
-        if cfg.needs_teacher and cache is None else None
+    teacher = build_model(cfg.teacher.name, data, checkpoint=cfg.teacher.checkpoint, role="teacher",
+                          kwargs=cfg.teacher.kwargs) if cfg.needs_teacher and cache is None else None
     try:
         if cache is not None:
             distiller = methods.get(cfg.method.name).from_cache(student, cache, data.input_shape,

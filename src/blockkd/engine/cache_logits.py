@@ -32,7 +32,8 @@ def cache_logits(cfg, *, out: str | None = None, k: int = 32, shard_size: int = 
     if getattr(data, "task", None) != "causal_lm":
         raise BlockKDError(f"cache-logits caches a language model's token distributions; data.name={data.name} is "
                            f"not language-model data (lm_*)")
-    teacher = build_model(cfg.teacher.name, data, checkpoint=cfg.teacher.checkpoint, role="teacher").to(device)
+    teacher = build_model(cfg.teacher.name, data, checkpoint=cfg.teacher.checkpoint, role="teacher",
+                          kwargs=cfg.teacher.kwargs).to(device)
     describe = {"teacher": cfg.teacher.name, "checkpoint": cfg.teacher.checkpoint, "data_name": cfg.data.name}
     return build_cache(folder, teacher_view=lm_view(teacher, "teacher"), seqs=data.train.data,
                        tokenizer=data.tokenizer, k=k, shard_size=shard_size,

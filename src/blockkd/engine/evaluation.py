@@ -22,6 +22,7 @@ from . import runtime
 from .build import build_model, check_fits
 from .checkpoint import checkpoint_dir, load_checkpoint, read_meta
 from .guards import oom_advice
+from .logger import progress_bar
 from .runtime import Runtime
 
 
@@ -42,12 +43,14 @@ def _gather(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, rt: Runtime | None = None, *, heads: bool = False,
-             metrics: Callable[[torch.Tensor, torch.Tensor], dict[str, float]] | None = None) -> dict[str, float]:
+             metrics: Callable[[torch.Tensor, torch.Tensor], dict[str, float]] | None = None,
+             progress: bool = False) -> dict[str, float]:
     """Top-1/top-5 (%), mean cross-entropy and images/s of ``model`` on ``loader`` (summed over ranks).
 
     ``heads=True``: ``model`` is a distiller and each further head of ``eval_logits`` adds ``top1_<head>``.
     ``metrics``: the data's extra metrics (``DataBundle.metrics``), computed from the student's predictions
     and the labels of the whole test split (gathered from every rank only when asked for).
+    ``progress``: a bar over the batches, on a terminal (a large test set takes minutes).
     """
     if rt is None:
         param = next(model.parameters(), None)
@@ -62,8 +65,9 @@ def evaluate(model: nn.Module, loader, rt: Runtime | None = None, *, heads: bool
     labels: list[torch.Tensor] = []
     n = 0
     start = time.perf_counter()
-    with eval_mode(model):
-        for x, y in loader:
+    with eval_mode(model), progress_bar(loader, enabled=progress and runtime.is_main(), desc="eval",
+                                        unit="batch") as batches:
+        for x, y in batches:
             with rt.autocast():
                 outputs = forward(rt.prepare(x))
             for name, logits in outputs.items():
@@ -109,7 +113,7 @@ def evaluate_checkpoint(path: str | Path, data_overrides: list[str] | None = Non
     train = saved["train"]
     rt = runtime.resolve(device or train["device"], train["amp"], train["channels_last"])
     data = data_lib.build(data_cfg, device=rt.device, seed=train["seed"])
-    model = build_model(saved["model"]["name"], data)
+    model = build_model(saved["model"]["name"], data, kwargs=saved["model"].get("kwargs"))
     weights = ckpt.student_weights()
     check_fits(model, weights, role="evaluated", path=ckpt.path, data=data)
     model.load_state_dict(weights)
@@ -117,13 +121,34 @@ def evaluate_checkpoint(path: str | Path, data_overrides: list[str] | None = Non
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
     with oom_advice("data.eval_batch_size", data_cfg["eval_batch_size"]):
-        result = evaluate(model, data.test, rt, metrics=data.metrics)
+        result = evaluate(model, data.test, rt, metrics=data.metrics, progress=True)
         heads, note = _heads_of_run(saved, ckpt, data, rt)
         if heads is not None:
             result.update({k: v for k, v in evaluate(heads, data.test, rt, heads=True).items() if k.startswith("top1_")})
+    note = "; ".join(n for n in (_picked(Path(path), folder, ckpt.meta), note) if n)
     return {"checkpoint": str(ckpt.path), "epoch": ckpt.meta.get("epoch"), "model": saved["model"]["name"],
             "method": saved["method"]["name"], "data": data_cfg["name"], "metric_names": list(data.metric_names),
             **result, **({"note": note} if note else {})}
+
+
+def _picked(path: Path, folder: Path, meta: dict) -> str | None:
+    """For a run folder whose best/ is not its last epoch: which epoch was picked and why (the earliest of
+    tied best epochs), and that ``last/`` holds the final student."""
+    if folder != path / "best":
+        return None
+    try:
+        last = read_meta(path / "last")
+    except BlockKDError:
+        return None
+    epoch, final = meta.get("epoch"), last.get("epoch")
+    if epoch == final:
+        return None
+    rows = last.get("history") or []
+    top = next((r.get("test_top1") for r in rows if r.get("epoch") == epoch), None)
+    tied = [r["epoch"] for r in rows if top is not None and r.get("test_top1") == top]
+    why = (f"the earliest of the epochs tied at the best test top-1 ({', '.join(map(str, tied))})" if len(tied) > 1
+           else "the best test top-1")
+    return f"evaluated {folder} (epoch {epoch}, {why}); {path / 'last'} holds the final student (epoch {final})"
 
 
 def _heads_of_run(saved: dict, ckpt, data, rt: Runtime):

@@ -1,7 +1,9 @@
 """What a run reports: log lines, the progress bar, metrics.csv/jsonl, TensorBoard scalars, summary.json.
 
 Why one object: every output is rank-0-only and lives in the run folder; the trainer calls
-``RunLogger`` methods and never decides itself whether or where to write.
+``RunLogger`` methods and never decides itself whether or where to write. Progress bars are drawn only
+on a terminal: redirected to a file they would fill it with ``\r`` updates, and the per-epoch lines (with
+the whole run's ETA) already say how far the run is.
 """
 from __future__ import annotations
 
@@ -33,6 +35,39 @@ class _Format(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         msg = record.getMessage()
         return f"warning: {msg}" if record.levelno >= logging.WARNING else msg
+
+
+def on_terminal(stream: Any = None) -> bool:
+    """Whether ``stream`` (default: the current ``sys.stderr``) is a terminal, where a live bar is readable."""
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except ValueError:  # a closed stream
+        return False
+
+
+def progress_bar(iterable: Iterable | None = None, *, enabled: bool = True, **kwargs: Any) -> tqdm:
+    """A tqdm bar on stderr, drawn only when ``enabled`` and stderr is a terminal (else a silent pass-through)."""
+    return tqdm(iterable, disable=not (enabled and on_terminal()), leave=False, dynamic_ncols=True,
+                file=sys.stderr, **kwargs)
+
+
+@contextlib.contextmanager
+def quiet_libraries(quiet: bool = True):
+    """transformers' (and the hub's) own tqdm bars off while inside, e.g. save_pretrained's "Writing model
+    shards": with output.progress false, or off a terminal, a run prints only its own lines."""
+    tl = None
+    if quiet and "transformers" in sys.modules:  # a run that saves a Hugging Face model imported it already
+        from transformers.utils import logging as tl
+    was = tl is not None and tl.is_progress_bar_enabled()
+    if was:
+        tl.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            tl.enable_progress_bar()
 
 
 def _has_handlers(logger: logging.Logger) -> bool:
@@ -85,9 +120,12 @@ class RunLogger(contextlib.AbstractContextManager):
             LOG.warning(msg)
 
     # -- progress ------------------------------------------------------------------------------------
-    def bar(self, total: int, desc: str) -> tqdm:
-        return tqdm(total=total, desc=desc, disable=not self.progress, leave=False, dynamic_ncols=True,
-                    unit="step", file=sys.stderr)
+    def bar(self, total: int, desc: str, unit: str = "step") -> tqdm:
+        """A live bar (only with output.progress on and stderr a terminal)."""
+        return progress_bar(total=total, desc=desc, enabled=self.progress, unit=unit)
+
+    def shows_bars(self) -> bool:
+        return self.progress and on_terminal()
 
     # -- scalars -------------------------------------------------------------------------------------
     def scalars(self, prefix: str, values: dict[str, Any], step: int) -> None:

@@ -28,7 +28,7 @@ from . import run_folder, runtime
 from .build import build_distiller
 from .evaluation import evaluate
 from .guards import NonFiniteGuard, oom_advice
-from .logger import RunLogger
+from .logger import RunLogger, quiet_libraries
 from .plots import plot_curves
 from .runtime import Runtime
 
@@ -192,7 +192,8 @@ class Trainer:
         self.loss_names: list[str] | None = None
         if resume:
             self.restore()
-        log.open_tensorboard(purge_step=self.step if resume else None)
+        # The checkpoint's last step (logged as step self.step) is kept; the resumed run logs from the next one.
+        log.open_tensorboard(purge_step=self.step + 1 if resume else None)
 
     # -- state ---------------------------------------------------------------------------------------
     def restore(self) -> None:
@@ -206,7 +207,7 @@ class Trainer:
         changed = ", ".join(s for k, s in shown.items() if k in saved and saved[k] != now[k])
         # Keys the run's saved config lacks were added to blockkd since; today's defaults fill them in,
         # which may not be what the run was trained with (e.g. blockkd-lite's num_stones).
-        unrecorded = ", ".join(s for k, s in shown.items() if k not in saved)
+        unrecorded = ", ".join(s for k, s in shown.items() if k not in saved and now[k] != {})  # {}: sets nothing
         if changed:
             self.log.warning(f"resuming with changed settings: {changed}")
         if unrecorded:
@@ -221,6 +222,7 @@ class Trainer:
                                f"trained with as key=value overrides") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.apply_schedule(meta["config"]["train"].get("epochs"))
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         runtime.set_rng_state(meta["rng"])
@@ -232,6 +234,20 @@ class Trainer:
         self.log.info(f"resuming {self.run_dir} from {ckpt.path.name}/ after epoch {self.epoch} (step {self.step})")
         self.log.metrics(self.history)  # a kill after the checkpoint but before the metrics files left them behind
         self.folder.repair_best(self.best_epoch, ckpt.path)
+
+    def apply_schedule(self, saved_epochs: int | None) -> None:
+        """The lr of the resumed step from today's schedule. The rule: the lr of every step is the recipe's
+        schedule at that step, for the recipe's train.epochs; resumed with more (or fewer) epochs, the run
+        goes on from where a run planned with the new train.epochs would be at this step (the saved optimizer
+        holds the old schedule's lr, e.g. 0 at the end of a finished cosine decay)."""
+        sched = self.scheduler
+        lrs = [base * f(sched.last_epoch) for base, f in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        sched._last_lr = lrs  # what get_last_lr() reports
+        if saved_epochs is not None and saved_epochs != self.epochs:
+            self.log.info(f"train.epochs {saved_epochs} -> {self.epochs}: the lr schedule is now that of a "
+                          f"{self.epochs}-epoch run; from step {self.step} lr {lrs[0]:.4g}")
 
     def wall_time(self) -> float:
         return self.wall_before + time.perf_counter() - self.started
@@ -342,7 +358,7 @@ class Trainer:
         teacher = self.distiller.teacher
         if teacher is None:
             return
-        res = evaluate(teacher, self.data.test, self.rt)
+        res = evaluate(teacher, self.data.test, self.rt, progress=self.log.progress)
         self.teacher_top1 = res["top1"]
         name = self.cfg.teacher.name
         self.log.info(f"teacher {name}: test top-1 {res['top1']:.1f}% (top-5 {res['top5']:.1f}%)")
@@ -365,7 +381,8 @@ class Trainer:
             self.log.warning(f"interrupted in epoch {self.epoch + 1}; {self.folder.saved_note()}")
             raise
         if hasattr(self.distiller.student, "save_pretrained"):  # Hugging Face models: loadable by transformers
-            self.folder.save_pretrained(self.distiller.student, self.data.tokenizer)
+            with quiet_libraries(not self.log.shows_bars()):
+                self.folder.save_pretrained(self.distiller.student, self.data.tokenizer)
         if getattr(self.data, "task", None) == "causal_lm":  # a few continuations of test prompts: samples.md
             from .lm_eval import write_samples
 
@@ -379,6 +396,7 @@ class Trainer:
         eval_oom = functools.partial(oom_advice, "data.eval_batch_size", cfg.data.eval_batch_size)
         with eval_oom():
             self.evaluate_teacher()
+        epoch_times: list[float] = []  # this process's epochs: the run's ETA
         while self.epoch < self.epochs and not self.out_of_steps():
             epoch = self.epoch
             epoch_start = time.perf_counter()
@@ -388,8 +406,8 @@ class Trainer:
             self.sync_buffers()
             last = epoch + 1 == self.epochs or self.out_of_steps()
             with eval_oom():
-                test = evaluate(self.distiller, self.data.test, self.rt, heads=True, metrics=self.data.metrics) \
-                    if (epoch + 1) % cfg.train.eval_every == 0 or last else {}
+                test = evaluate(self.distiller, self.data.test, self.rt, heads=True, metrics=self.data.metrics,
+                                progress=self.log.progress) if (epoch + 1) % cfg.train.eval_every == 0 or last else {}
             if test and test["top1"] > self.best_top1:
                 self.best_top1, self.best_epoch = test["top1"], epoch + 1
             row: dict[str, Any] = {
@@ -403,12 +421,13 @@ class Trainer:
                 "train_time_s": trained.pop("train_time_s"), "epoch_time_s": time.perf_counter() - epoch_start,
                 "skipped_steps": self.guard.skipped}
             self.history.append(row)
+            epoch_times.append(row["epoch_time_s"])
             self.epoch = epoch + 1
             with runtime.defer_sigint():  # Ctrl-C waits until last/, best/ and the metrics files agree
                 self.save(is_best=self.best_epoch == epoch + 1)
                 log.metrics(self.history)
             log.scalars("epoch", {k: v for k, v in row.items() if k not in ("epoch", "step")}, self.epoch)
-            log.info(_epoch_line(row, self.epochs))
+            log.info(_epoch_line(row, self.epochs) + self.eta(epoch_times))
 
     def sync_buffers(self) -> None:
         """Rank 0's trained buffers (BN running statistics) on every rank, before evaluating and saving
@@ -417,6 +436,16 @@ class Trainer:
         runtime.broadcast_tensors([b for n, b in self.distiller.named_buffers() if n in trained])
         debug_log(runtime.rank(), lambda: {"epoch": self.epoch + 1, "step": self.step,
                                            "weights_sha256": runtime.state_digest(self.distiller.train_state_dict())})
+
+    def eta(self, epoch_times: list[float]) -> str:
+        """``, run ETA 1:02:03`` (the mean epoch time so far times the epochs left), or nothing at the end."""
+        left = self.epochs - self.epoch
+        if self.max_steps is not None:
+            left = min(left, -(-(self.max_steps - self.step) // self.steps_per_epoch))
+        if left <= 0 or not epoch_times:
+            return ""
+        seconds = round(left * sum(epoch_times) / len(epoch_times))
+        return f", run ETA {seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d} ({left} epochs left)"
 
     def out_of_steps(self) -> bool:
         return self.max_steps is not None and self.step >= self.max_steps
@@ -467,6 +496,8 @@ def _epoch_line(row: dict, epochs: int) -> str:
 def train(cfg: Config | dict, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Train the run described by the recipe ``cfg`` (a :class:`Config`, or a nested mapping validated
     here); returns the summary (also in summary.json)."""
+    if resume and overwrite:  # deleting the checkpoint, then finding nothing to resume, helps no one
+        raise BlockKDError("--resume continues a run from its checkpoint and --overwrite deletes it: pass one of them")
     cfg = validate(cfg)
     t = cfg.train
     rt = runtime.resolve(t.device, t.amp, t.channels_last)

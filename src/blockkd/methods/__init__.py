@@ -1,6 +1,6 @@
 """Distillation methods: one module per method, one common interface (:class:`Distiller`).
 
-``create(name, student, teacher=None, input_shape=(3, 32, 32), **options)`` builds a distiller;
+``create(name, student, teacher=None, input_shape=None, **options)`` builds a distiller;
 each method declares its options once, as a dataclass (``get(name).Options``, see
 :mod:`blockkd.schema`): ``parse_options`` validates a recipe's options against it before any work
 starts, ``describe(name)`` lists them for the CLI and the docs.
@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping
 import torch.nn as nn
 
 from .. import schema
-from ..blocks.core import as_input_spec
+from ..blocks.core import as_input_spec, text_input
 from ..errors import BlockKDError
 from ..registry import Registry
 from .base import Distiller
@@ -54,12 +54,23 @@ def needs_teacher(name: str) -> bool:
     return get(name).needs_teacher
 
 
+def default_input(*models: nn.Module | None) -> Any:
+    """The input spec ``create`` assumes without one: token ids and a mask for Hugging Face text models (they
+    say so with ``main_input_name``), 16 tokens or the shortest ``max_position_embeddings``; else 32-px RGB."""
+    text = [m for m in models if getattr(m, "main_input_name", None) == "input_ids"]
+    if not text:
+        return (3, 32, 32)
+    limits = [getattr(getattr(m, "config", None), "max_position_embeddings", None) for m in text]
+    return text_input(min([16, *(n for n in limits if isinstance(n, int) and n > 0)]))
+
+
 def create(name: str, student: nn.Module, teacher: nn.Module | None = None,
-           input_shape: Any = (3, 32, 32), options: Any = None, **values) -> Distiller:
+           input_shape: Any = None, options: Any = None, **values) -> Distiller:
     """Build the distiller ``name`` around ``student`` (and ``teacher``).
 
     ``input_shape`` is the input spec: an image shape (C, H, W), or for text a mapping of per-sample
-    shapes such as ``blockkd.blocks.text_input(128)`` (``{"input_ids": (128,), "attention_mask": (128,)}``).
+    shapes such as ``blockkd.blocks.text_input(128)`` (``{"input_ids": (128,), "attention_mask": (128,)}``);
+    None: :func:`default_input` (text for Hugging Face text models, else ``(3, 32, 32)``).
 
     Options come either validated (``options``: the method's ``Options`` instance, as the engine passes
     them) or as keywords, checked here: ``create("kd", s, t, temperature=2)``.
@@ -71,7 +82,8 @@ def create(name: str, student: nn.Module, teacher: nn.Module | None = None,
         raise BlockKDError("pass the options either as an Options instance or as keywords, not both")
     if cls.needs_teacher and teacher is None:
         raise BlockKDError(f"method {name!r} needs a teacher (set teacher.name and teacher.checkpoint)")
-    return cls(student, teacher, options, as_input_spec(input_shape))
+    spec = default_input(student, teacher) if input_shape is None else input_shape
+    return cls(student, teacher, options, as_input_spec(spec))
 
 
 # Registration happens on import of each method module.

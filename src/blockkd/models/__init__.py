@@ -61,10 +61,11 @@ def check_name(name: str) -> None:
         _MODELS.get(name)  # the registry's closest-name error
 
 
-def create(name: str, num_classes: int = 100, in_channels: int | None = 3) -> nn.Module:
+def create(name: str, num_classes: int = 100, in_channels: int | None = 3, **kwargs) -> nn.Module:
     """A freshly initialised model; unknown names raise with the closest valid name.
 
-    ``torchvision.<name>`` / ``timm.<name>``: that library's model; ``hf.<id or folder>`` (pretrained) /
+    ``torchvision.<name>`` / ``timm.<name>``: that library's model, ``kwargs`` passed to its constructor
+    (``model.kwargs``: ``img_size=32, patch_size=4`` for a timm ViT); ``hf.<id or folder>`` (pretrained) /
     ``hf-config.<config.json>``: a Hugging Face text classifier (see ``external.create``).
     ``in_channels=None``: the data is text (``DataBundle.in_channels``); only text models take it.
     """
@@ -79,7 +80,10 @@ def create(name: str, num_classes: int = 100, in_channels: int | None = 3) -> nn
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise BlockKDError(f"{what} must be a positive integer, got {value!r}")
-    return factory(num_classes=num_classes, in_channels=in_channels)
+    if kwargs and fam not in ("torchvision", "timm"):
+        raise BlockKDError(f"model {name!r} takes no constructor arguments ({', '.join(kwargs)}): only torchvision.* "
+                           f"and timm.* models do")
+    return factory(num_classes=num_classes, in_channels=in_channels, **kwargs)
 
 
 def num_params(model: nn.Module) -> int:

@@ -10,13 +10,24 @@ pretrained timm weights ``timm://DEFAULT`` (timm's default tag of the architectu
 
 Hugging Face text classifiers (``AutoModelForSequenceClassification``, ``num_labels`` = the data's classes):
 ``hf.<hub id or local folder>`` loads the pretrained weights with ``from_pretrained`` (offline: a local folder,
-e.g. one written by ``save_pretrained`` or ``huggingface-cli download``); ``hf-config.<config.json or folder>``
+e.g. one written by ``save_pretrained`` or ``hf download``); ``hf-config.<config.json or folder>``
 builds a randomly initialised model from a configuration alone (tests, small models trained from scratch).
 They take text, not images: ``in_channels`` is ignored.
+
+Offline (``HF_HUB_OFFLINE=1``, or no TCP connection to the hub within two seconds: :func:`hub_offline`) the hub
+is not asked at all: only the local cache is read, and a missing model is one line at once, not after the
+hub client's 30-50 s of retries.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
+import os
+import socket
+import threading
+from pathlib import Path
+from urllib.parse import urlsplit
+from urllib.request import getproxies
 
 import torch
 import torch.nn as nn
@@ -29,6 +40,55 @@ TEXT_FAMILIES = ("hf", "hf-config")
 NLP_INSTALL = "pip install 'blockkd[nlp]'"
 WEIGHTS_SCHEME = "torchvision://"
 TIMM_SCHEME = "timm://"
+
+
+RESERVED_KWARGS = ("num_classes", "in_chans", "in_channels", "pretrained", "weights")  # blockkd sets these
+HUB_PROBE_TIMEOUT = 2.0  # seconds: a reachable hub answers a TCP connect far sooner
+
+
+def hub_offline(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
+    """Whether the Hugging Face hub is out of reach: ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` set, or no TCP
+    connection to its host (``HF_ENDPOINT``; through ``https_proxy`` when one is set) within ``timeout`` s.
+    The probe runs in a thread so that a hanging name lookup is bounded too."""
+    if any(os.environ.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE") for k in
+           ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    url = urlsplit(getproxies().get("https") or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname, url.port or (80 if url.scheme == "http" else 443)
+    reached: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            reached.append(True)
+        except (OSError, UnicodeError):
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return not reached
+
+
+def hf_download_advice(repo: str, folder: str) -> str:
+    """What to run on a connected machine (the hub client's ``hf`` command) and what to name afterwards."""
+    return f"on a machine with internet access run `hf download {repo} --local-dir {folder}` and copy {folder} here"
+
+
+@contextlib.contextmanager
+def _hub_offline_mode(offline: bool):
+    """The hub client in offline mode while inside (cache only, no retries), when ``offline``."""
+    if not offline:
+        yield
+        return
+    from huggingface_hub import constants
+
+    old = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = old
 
 
 def family(name: str) -> str | None:
@@ -114,52 +174,98 @@ def _create_hf(fam: str, base: str, num_classes: int) -> nn.Module:
         except (OSError, ValueError, KeyError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BlockKDError(f"cannot build hf-config.{base} from {path}: {first}") from None
+    folder = Path(base).expanduser()
+    if folder.is_dir():  # a local folder: nothing to ask the hub
+        return _from_pretrained(t, base, str(folder), num_classes, offline=False)
+    if base.startswith((".", "/", "~")) or base.count("/") > 1 or "\\" in base:  # a path, not a hub id
+        raise BlockKDError(f"cannot load the Hugging Face model hf.{base}: the folder {folder.absolute()} does not exist")
+    return _from_pretrained(t, base, base, num_classes, offline=hub_offline())
+
+
+def _from_pretrained(t, base: str, source: str, num_classes: int, *, offline: bool) -> nn.Module:
+    """``from_pretrained(source)``; offline, from the local cache only (no hub retries)."""
     try:
-        return t.AutoModelForSequenceClassification.from_pretrained(base, num_labels=num_classes)
+        with _hub_offline_mode(offline):
+            return t.AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_classes,
+                                                                       local_files_only=offline)
     except (OSError, ValueError, EnvironmentError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BlockKDError(f"cannot load the Hugging Face model {base!r} ({first}); offline, download it on a "
-                           f"connected machine (huggingface-cli download {base} --local-dir models/{base.split('/')[-1]})"
-                           f" and name the folder: hf.models/{base.split('/')[-1]}") from None
+        leaf = base.rstrip("/").split("/")[-1]
+        if source != base or Path(base).expanduser().exists():
+            raise BlockKDError(f"cannot load the Hugging Face model hf.{base} ({first})") from None
+        if offline:
+            raise BlockKDError(f"cannot load the Hugging Face model hf.{base}: no folder {Path(base).absolute()} "
+                               f"exists and the hub is out of reach (offline), with no copy in its cache; "
+                               f"{hf_download_advice(base, 'models/' + leaf)}, then name the folder: "
+                               f"hf.models/{leaf}") from None
+        raise BlockKDError(f"cannot load the Hugging Face model {base!r} ({first}); if it is a folder, "
+                           f"{Path(base).absolute()} does not exist; offline, "
+                           f"{hf_download_advice(base, 'models/' + leaf)} and name the folder: hf.models/{leaf}"
+                           ) from None
 
 
 def create_causal_lm(name: str) -> nn.Module:
-    """``hf.<hub id or folder>`` (pretrained, ``AutoModelForCausalLM.from_pretrained``) or ``hf-config.<config>``
-    (randomly initialised) as a causal language model, for next-token data (``blockkd.data.lm``)."""
+    """``hf.<hub id or folder>`` (pretrained, ``AutoModelForCausalLM.from_pretrained``; offline, the hub's cache
+    only, as for the classifiers) or ``hf-config.<config>`` (randomly initialised) as a causal language model,
+    for next-token data (``blockkd.data.lm``)."""
     fam = family(name)
     if fam not in TEXT_FAMILIES:
         raise BlockKDError(f"{name!r} is not a Hugging Face model: language-model data needs hf.<id or folder> or "
                            f"hf-config.<config.json> (a *ForCausalLM)")
     t = transformers_module()
     base = name.partition(".")[2]
-    try:
-        if fam == "hf-config":
-            path = _config_path(base)
+    if fam == "hf-config":
+        path = _config_path(base)
+        try:
             return t.AutoModelForCausalLM.from_config(t.AutoConfig.from_pretrained(str(path)))
-        return t.AutoModelForCausalLM.from_pretrained(base)
-    except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BlockKDError(f"cannot build hf-config.{base} from {path} as a causal LM: {first}") from None
+    folder = Path(base).expanduser()
+    if not folder.is_dir() and (base.startswith((".", "/", "~")) or base.count("/") > 1 or "\\" in base):
+        raise BlockKDError(f"cannot load the Hugging Face model hf.{base}: the folder {folder.absolute()} does not exist")
+    offline = not folder.is_dir() and hub_offline()
+    try:
+        with _hub_offline_mode(offline):
+            return t.AutoModelForCausalLM.from_pretrained(str(folder) if folder.is_dir() else base,
+                                                          local_files_only=offline)
+    except (OSError, ValueError, EnvironmentError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BlockKDError(f"cannot build the causal LM {name} ({first}); offline, download it on a connected "
-                           f"machine (huggingface-cli download {base}) and name the folder: hf.<folder>") from None
+        leaf = base.rstrip("/").split("/")[-1]
+        advice = "" if folder.is_dir() else (f"; offline, {hf_download_advice(base, 'models/' + leaf)} and name the "
+                                             f"folder: hf.models/{leaf}")
+        raise BlockKDError(f"cannot load the causal LM hf.{base} ({first}){advice}") from None
 
 
-def create(name: str, num_classes: int, in_channels: int | None) -> nn.Module:
+def create(name: str, num_classes: int, in_channels: int | None, **kwargs) -> nn.Module:
     """A torchvision or timm model (randomly initialised), or a Hugging Face text classifier.
 
-    torchvision: ``get_model(name, weights=None, num_classes=...)``; for ``in_channels != 3`` the first
+    torchvision: ``get_model(name, weights=None, num_classes=..., **kwargs)``; for ``in_channels != 3`` the first
     conv is replaced by a freshly initialised one (pretrained RGB weights then no longer fit it).
-    timm: ``create_model(name, pretrained=False, num_classes=..., in_chans=...)``.
+    timm: ``create_model(name, pretrained=False, num_classes=..., in_chans=..., **kwargs)``. A keyword the
+    constructor refuses is one line naming it (``model.kwargs``).
     """
     check(name)
     fam, base = name.split(".", 1)
     if fam in TEXT_FAMILIES:
         return _create_hf(fam, base, num_classes)
-    if fam == "torchvision":
-        import torchvision.models as tvm
+    for reserved in RESERVED_KWARGS:
+        if reserved in kwargs:
+            raise BlockKDError(f"model.kwargs.{reserved} is set by blockkd from the data and the checkpoint keys; "
+                               f"remove it")
+    try:
+        if fam == "torchvision":
+            import torchvision.models as tvm
 
-        model = tvm.get_model(base, weights=None, num_classes=num_classes)
-        return model if in_channels == 3 else _replace_first_conv(model, in_channels)
-    return _timm().create_model(base, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+            model = tvm.get_model(base, weights=None, num_classes=num_classes, **kwargs)
+            return model if in_channels == 3 else _replace_first_conv(model, in_channels)
+        return _timm().create_model(base, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
+    except Exception as e:  # TypeError, AssertionError, RuntimeError ...: with kwargs, most likely theirs
+        if not kwargs:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BlockKDError(f"cannot build {name} with the constructor arguments {kwargs} ({type(e).__name__}: "
+                           f"{first})") from None
 
 
 def torchvision_state_dict(name: str, spec: str) -> dict[str, torch.Tensor]:
@@ -209,13 +315,17 @@ def timm_state_dict(name: str, spec: str) -> dict[str, torch.Tensor]:
         tags = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{base}.*")]
         raise BlockKDError(f"{name} has no pretrained weights {tag!r}; choose from DEFAULT"
                            + "".join(f", {t}" for t in tags))
+    hub = pretrained.hf_hub_id
+    offline = hub_offline() if hub else False
     try:
-        return timm.create_model(arch, pretrained=True).state_dict()
+        with _hub_offline_mode(offline):
+            return timm.create_model(arch, pretrained=True).state_dict()
     except Exception as e:  # no connection, no cache, a broken download ...
-        hub = pretrained.hf_hub_id
-        where = (f"download https://huggingface.co/{hub}/resolve/main/model.safetensors" if hub
+        where = (f"run `hf download {hub} model.safetensors --local-dir checkpoints/imagenet/{base}` or download "
+                 f"https://huggingface.co/{hub}/resolve/main/model.safetensors" if hub
                  else f"download {pretrained.url}" if pretrained.url else "get its weights")
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = "the hub is out of reach (offline) and its cache has no copy" if offline else \
+            (str(e).strip().splitlines()[0] if str(e).strip() else "")
         raise BlockKDError(f"cannot load the timm weights {arch} ({type(e).__name__}: {first}); on a machine "
                            f"with internet access {where} and pass its path instead of {spec}, "
-                           f"e.g. teacher.checkpoint=checkpoints/imagenet/{base}.safetensors") from None
+                           f"e.g. teacher.checkpoint=checkpoints/imagenet/{base}/model.safetensors") from None

@@ -4,6 +4,8 @@ Why per step and a LambdaLR: warm-up must ramp within an epoch, and a LambdaLR o
 keeps the whole schedule state in one integer (``last_epoch``), so a resumed run continues exactly.
 Milestones are given in epochs (mdistiller's recipes) and fall on epoch boundaries. Every schedule
 starts with an optional linear warm-up (``schedule.warmup_epochs``); each declares its own keys.
+A resumed run with another ``train.epochs`` takes the new schedule from the resumed step on (see
+``Trainer.apply_schedule`` and docs/running.md).
 """
 from __future__ import annotations
 
