@@ -126,6 +126,8 @@ def test_cache_holds_the_teachers_top_k_and_a_full_cache_gives_the_live_losses(s
         torch.testing.assert_close(b["loss_kd"], a["loss_kd"], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(b["loss_ce"], a["loss_ce"])
     # k = 8: an approximation, not the live value
+    with pytest.raises(BlockKDError, match=r"^method.options.on_policy > 0 needs the live teacher"):
+        LMKD.from_cache(student, c, SPEC, on_policy=0.5)
     top8 = LMKD.from_cache(student, c, SPEC).train()
     live = methods.create("lm-kd", student, teacher, SPEC).train()
     assert not torch.allclose(top8(x, y, index=index)[1]["loss_kd"], live(x, y)[1]["loss_kd"])
