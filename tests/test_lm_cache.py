@@ -4,6 +4,7 @@ tokenizer, an unfinished cache and Block-KD."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -150,3 +151,20 @@ def test_training_from_the_cache_and_refusals(setup, cache):
         train(recipe("bkd", method__name="lm-blockkd"))
     with pytest.raises(BlockKDError, match=r"^teacher.cache=.* holds no logit cache"):
         train(recipe("none", teacher__cache=str(folder / "nowhere")))
+
+
+def test_the_cached_fortunes_recipe_through_the_cli(setup, tmp_path, capsys):
+    """configs/lm_fortunes/forward_kl-cached.yaml: cache-logits, then one training step from the cache."""
+    folder, names, _ = setup
+    recipe = str(Path(__file__).resolve().parents[1] / "configs/lm_fortunes/forward_kl-cached.yaml")
+    over = [f"model.name={names['student']}", f"teacher.name={names['teacher']}",
+            f"teacher.checkpoint={folder / 'teacher'}", f"teacher.cache={tmp_path / 'k32'}",
+            "data.categories=[pets, paradoxum]", f"data.vocab_size={VOCAB}", f"data.seq_len={LENGTH}",
+            "data.batch_size=4", "data.eval_batch_size=16", "data.train_subset=20", "train.max_steps=1",
+            "train.device=cpu", f"output.dir={tmp_path}", "output.progress=false", "output.tensorboard=false",
+            "output.plot=false"]
+    assert main(["cache-logits", recipe, *over, "--top-k", "32"]) == 0
+    assert "top-32 of 300 tokens, 20 sequences of 32 in 1 shard(s)" in capsys.readouterr().out
+    assert main(["train", recipe, *over]) == 0
+    summary = json.loads((tmp_path / "lm-fortunes-forward_kl-cached" / "summary.json").read_text())
+    assert summary["steps"] == 1 and summary["teacher"] is None  # no teacher model was built
