@@ -72,12 +72,12 @@ def _read_shard(path: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 @dataclass
 class LogitCache:
-    """A finished cache, verified against the data it trains on: ``topk(index)`` gives the stored top-k."""
+    """A finished cache, verified against the data it trains on: ``topk(index)`` gives the stored top-k. The
+    shards stay memory-mapped (safetensors): a batch reads its own rows, whatever the cache's size."""
 
     folder: Path
     manifest: dict
-    logprobs: torch.Tensor  # (N, L, k) float32
-    ids: torch.Tensor  # (N, L, k) int64
+    shards: list  # safe_open handles, one per shard
 
     @property
     def k(self) -> int:
@@ -89,8 +89,12 @@ class LogitCache:
 
     def topk(self, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probabilities, token ids) ``(B, L, k)`` of the training sequences ``index``."""
-        i = index.cpu()
-        return self.logprobs[i].to(device, non_blocking=True), self.ids[i].to(device, non_blocking=True)
+        size, lps, ids = int(self.manifest["shard_size"]), [], []
+        for i in index.tolist():
+            f, row = self.shards[i // size], i % size
+            lps.append(f.get_slice("logprobs")[row:row + 1])
+            ids.append(f.get_slice("ids")[row:row + 1])
+        return torch.cat(lps).to(device), torch.cat(ids).to(device=device, dtype=torch.long)
 
 
 def open_cache(folder: str | Path, *, tokenizer, seqs, key: str = "teacher.cache") -> LogitCache:
@@ -111,14 +115,12 @@ def open_cache(folder: str | Path, *, tokenizer, seqs, key: str = "teacher.cache
                            f"sequences of {manifest.get('seq_len')} tokens, data {manifest.get('data_name')}); this "
                            f"run's data differs (data.*, train_subset, val_split, seq_len): rebuild it with "
                            f"blockkd cache-logits RECIPE")
-    parts = []
-    for i in range(manifest["shards"]):
-        part = _read_shard(_shard_path(folder, i))
-        if part is None:
+    for i in range(manifest["shards"]):  # every shard verified once (read, hashed, dropped), then memory-mapped
+        if _read_shard(_shard_path(folder, i)) is None:
             raise BlockKDError(f"{key}={folder} is unfinished or damaged (shard {i} of {manifest['shards']} missing "
                                f"or failing its checksum); run blockkd cache-logits RECIPE again to complete it")
-        parts.append(part)
-    return LogitCache(folder, manifest, torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).long())
+    return LogitCache(folder, manifest, [safe_open(str(_shard_path(folder, i)), framework="pt")
+                                         for i in range(manifest["shards"])])
 
 
 @torch.no_grad()
