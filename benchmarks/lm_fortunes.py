@@ -12,8 +12,9 @@ seed, ``--epochs``), trained by ``blockkd.engine.train``: the numbers are what t
 every method gets the same ``train.seed``, hence the same initialisation and data order. Run it from the
 repository root (the recipes name their model configs by relative paths). ``gkd`` is on-policy (λ = 0.5);
 ``forward_kl-cached`` reads the teacher's top-32 log-probabilities, cached once per benchmark
-(``blockkd cache-logits``) into ``RUNS/cache-forward_kl-cached``. Peak memory is CUDA's (not measured on the CPU). ``--quick``: two fortune files,
-sequences of 32 tokens, one epoch of at most 3 steps: a smoke run of the whole pipeline (tests), no result.
+(``blockkd cache-logits``) into ``RUNS/cache-forward_kl-cached``. Peak memory is CUDA's (not measured on the
+CPU). ``--quick``: two fortune files, sequences of 32 tokens, one epoch of at most 3 steps: a smoke run of the
+whole pipeline (tests), no result.
 """
 from __future__ import annotations
 

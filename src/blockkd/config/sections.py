@@ -94,6 +94,8 @@ class TrainSection:
     nonfinite: str = option("stop", choice("stop", "skip"), "a NaN/Inf loss or gradient: stop the run, or skip the step")
     eval_every: int = option(1, integer(1), "epochs between evaluations (the last epoch is always evaluated)")
     sync_bn: bool = option(False, BOOL, "SyncBatchNorm under DDP (CUDA)")
+    fsdp: bool = option(False, BOOL, "under torchrun: shard the student and the teacher with FSDP2 instead of DDP "
+                        "(causal LMs, the lm-* methods; docs/lm.md)")
     max_steps: int | None = option(None, optional(integer(1)), "stop after this many optimizer steps")
     diagnostics_every: int | None = option(None, optional(integer(0)), "steps between the method's diagnostics "
                                            "(Block-KD: the gradient norm each stone sends into the student), in "

@@ -36,7 +36,7 @@ class RunFolder:
         if is_best:
             copy_checkpoint(last, self.path / "best")
 
-    def save_pretrained(self, model, tokenizer=None) -> None:
+    def save_pretrained(self, model, tokenizer=None, state_dict=None) -> None:
         """``hf/``: ``model.save_pretrained`` (and the tokenizer's) for ``from_pretrained``; rank 0 only.
         Written to ``hf.tmp/`` then renamed, so ``hf/`` is never half-written."""
         if not runtime.is_main():
@@ -44,7 +44,7 @@ class RunFolder:
         final, tmp, old = self.path / "hf", self.path / "hf.tmp", self.path / "hf.old"
         for stale in (tmp, old):
             shutil.rmtree(stale, ignore_errors=True)
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
         if final.exists():

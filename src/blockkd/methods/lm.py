@@ -386,7 +386,8 @@ class LMKD(CausalLM):
             out = model.generate(input_ids=prompts, attention_mask=p_mask, do_sample=True,
                                  temperature=o.gen_temperature, top_k=0, top_p=1.0,
                                  max_new_tokens=min(o.max_new_tokens, length + 1 - min(plen)),
-                                 eos_token_id=stop or None, pad_token_id=pad, use_cache=True)
+                                 eos_token_id=stop or None, pad_token_id=pad, use_cache=True,
+                                 synced_gpus=torch.distributed.is_initialized())  # ranks step together (FSDP)
         finally:
             model.train(was_training)
         gen = out[:, p_max:].tolist()
