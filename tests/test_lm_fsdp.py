@@ -1,8 +1,8 @@
 """FSDP2 (``train.fsdp``) under ``torchrun --nproc_per_node=2`` on CPU (gloo): lm-kd and lm-blockkd train like a
 single process on the global batch (losses and weights to 1e-4 relative: float rounding of the sharded
-reductions; a wrong average or shard would be far larger); a sharded run stopped after its first epoch and
-resumed ends bit-identical to the uninterrupted sharded run; its ``hf/`` export is a plain ``save_pretrained``
-folder holding the checkpoint's weights."""
+reductions; a wrong average or shard would be far larger); a sharded run killed (SIGKILL, mid-epoch) and resumed
+ends bit-identical to the uninterrupted sharded run; its ``hf/`` export is a plain ``save_pretrained`` folder
+holding the checkpoint's weights; on-policy generation steps the ranks together."""
 from __future__ import annotations
 
 import json
@@ -52,12 +52,15 @@ def recipe(folder: Path, method: str, epochs: int) -> Path:
     return path
 
 
-def torchrun(path: Path, *args: str) -> None:
+def torchrun(path: Path, *args: str, fault: str | None = None) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": SRC}
+    env.pop("BLOCKKD_FAULT", None)
+    if fault:  # the fault suite's hook: every rank SIGKILLs itself at that point
+        env["BLOCKKD_FAULT"] = fault
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "blockkd",
            "train", str(path), "train.fsdp=true", *args]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert (out.returncode != 0) == bool(fault), out.stdout[-3000:] + out.stderr[-3000:]
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
@@ -83,7 +86,8 @@ def test_lm_kd_sharded_matches_one_process_resumes_exactly_and_exports(folder, m
     path = recipe(folder, "lm-kd", 2)
     engine.train(config.load(path, ["output.name=single"]))
     torchrun(path, "output.name=fsdp")
-    torchrun(path, "output.name=resumed", "train.max_steps=4")  # 4 steps: the first epoch
+    torchrun(path, "output.name=resumed", fault="step:step=6")  # killed mid-epoch 2 (4 steps per epoch)
+    assert json.loads((folder / "runs" / "resumed" / "last" / "meta.json").read_text())["epoch"] == 1
     torchrun(path, "output.name=resumed", "--resume")
     runs = folder / "runs"
     assert_close_runs(runs / "fsdp", runs / "single")
@@ -103,3 +107,14 @@ def test_lm_blockkd_sharded_matches_one_process(folder, monkeypatch):
     engine.train(config.load(path, ["output.name=bkd-single"]))
     torchrun(path, "output.name=bkd-fsdp")
     assert_close_runs(folder / "runs" / "bkd-fsdp", folder / "runs" / "bkd-single")
+
+
+def test_on_policy_generation_under_fsdp_keeps_the_ranks_in_step(folder, monkeypatch):
+    """Each rank continues other prompts, so their generations end at different lengths: without synced
+    generation a rank would wait forever for the other's gathers (the run would time out)."""
+    monkeypatch.setenv("BLOCKKD_DATA", str(folder / "data"))
+    path = recipe(folder, "lm-kd", 1)
+    torchrun(path, "output.name=gkd", "method.options.on_policy=0.5", "method.options.max_new_tokens=12",
+             "method.options.gen_temperature=2.0")
+    summary = json.loads((folder / "runs" / "gkd" / "summary.json").read_text())
+    assert summary["steps"] == 4 and rows(folder / "runs" / "gkd")[-1]["train_loss_kd"] > 0
