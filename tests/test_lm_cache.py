@@ -14,6 +14,7 @@ import pytest
 import torch
 import transformers
 import yaml
+from safetensors.torch import load_file
 
 from blockkd import data, methods
 from blockkd.cli import main
@@ -112,8 +113,10 @@ def test_cache_holds_the_teachers_top_k_and_a_full_cache_gives_the_live_losses(s
     with torch.no_grad():
         ref = torch.log_softmax(teacher(input_ids=seqs.input_ids[17:19]).logits, -1).topk(8, -1)
     lp, ids = c.topk(torch.tensor([17, 18]), torch.device("cpu"))  # across shards 2 and 3
-    assert lp.shape == (2, LENGTH, 8) and torch.equal(ids, ref.indices)
+    assert lp.shape == (2, LENGTH, 8)
     torch.testing.assert_close(lp, ref.values, atol=1e-5, rtol=1e-5)
+    near = (lp.unsqueeze(-1) - lp.unsqueeze(-2)).abs().lt(1e-5).sum(-1) > 1  # near-ties: topk orders them freely
+    assert ((ids == ref.indices) | near | (lp - lp[..., -1:]).abs().lt(1e-5)).all()
 
     # k = the whole vocabulary: the renormalised top-k is the teacher's distribution, every loss as live
     assert main(["cache-logits", str(folder / "r.yaml"), "--top-k", str(VOCAB), "--out", str(tmp_path)]) == 0
@@ -177,10 +180,17 @@ def test_a_damaged_shard_is_refused_then_rewritten(setup, cache, tmp_path, capsy
     args = ["cache-logits", str(folder / "r.yaml"), "--top-k", "4", "--shard-size", "8", "--out", str(out)]
     assert main(args) == 0
     shard = out / "shard-00001.safetensors"
-    good = shard.read_bytes()
+    good, before = shard.read_bytes(), load_file(shard)
     shard.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # one bit of one float
     with pytest.raises(BlockKDError, match=r"unfinished or damaged \(shard 1 of 3 missing or failing its checksum"):
         train(recipe("damaged", teacher__cache=str(out)))
     capsys.readouterr()
     assert main(args) == 0
-    assert "2 shard(s) already in" in capsys.readouterr().out and shard.read_bytes() == good
+    assert "2 shard(s) already in" in capsys.readouterr().out
+    after = load_file(shard)  # the same values again (the header's key order may differ)
+    lp = before["logprobs"]
+    assert torch.equal(lp, after["logprobs"])
+    # ids agree except among tied log-probabilities (topk orders equal values arbitrarily)
+    tied = (lp.unsqueeze(-1) == lp.unsqueeze(-2)).sum(-1) > 1
+    tied |= lp == lp[..., -1:]  # a tie at the k-th value may be with a token left out
+    assert ((before["ids"] == after["ids"]) | tied).all()
