@@ -25,7 +25,8 @@ def fault_point(point: str, **where: Any) -> None:
     Points: ``step`` (step=global step index, before it runs), ``checkpoint_write`` (after each file
     written into the temporary folder: a kill there leaves a half-written checkpoint), ``checkpoint_rename``
     (old folder moved aside, new one not yet in place), ``checkpoint_renamed`` (new folder in place,
-    nothing after it done); the checkpoint points have ``folder`` (last, best) and ``epoch``.
+    nothing after it done); the checkpoint points have ``folder`` (last, best) and ``epoch``; ``cache_shard``
+    (``blockkd cache-logits``: shard ``shard`` written to its temporary file, not yet renamed into place).
     """
     spec = os.environ.get(FAULT_ENV)
     if not spec:

@@ -1,4 +1,4 @@
-"""Command line: ``blockkd train|eval|models|methods|demo``.
+"""Command line: ``blockkd train|eval|cache-logits|models|methods|demo``.
 
 Why so thin: the CLI only parses arguments and calls the library, so everything it does is also
 available (and tested) from Python. Its one job of its own is to turn a user mistake
@@ -33,6 +33,17 @@ def _train(args: argparse.Namespace) -> int:
             value = " ".join(f"{k}={_short(v)}" for k, v in value.items() if not isinstance(v, (dict, list)))
         if not isinstance(value, list):
             print(f"{key}: {_short(value)}")
+    return 0
+
+
+def _cache_logits(args: argparse.Namespace) -> int:
+    from . import config
+    from .engine.cache_logits import cache_logits
+
+    cfg = config.load(args.config, args.overrides)
+    m = cache_logits(cfg, out=args.out, k=args.top_k, shard_size=args.shard_size, batch_size=args.batch_size)
+    print(f"cache: {args.out or cfg.teacher.cache}  top-{m['k']} of {m['vocab']} tokens, {m['sequences']} sequences "
+          f"of {m['seq_len']} in {m['shards']} shard(s)")
     return 0
 
 
@@ -157,6 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
     p.set_defaults(func=_eval)
 
+    p = sub.add_parser("cache-logits", parents=[common], help="store a language-model teacher's top-k logits",
+                       description="Run the recipe's teacher once over its training sequences and store the top-k "
+                       "log-probabilities per position (teacher.cache, or --out); run again to finish a killed run.")
+    p.add_argument("config", help="recipe file (YAML)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. teacher.cache=cache/fortunes-k32")
+    p.add_argument("--out", default=None, metavar="DIR", help="cache folder (default: the recipe's teacher.cache)")
+    p.add_argument("--top-k", type=int, default=32, help="log-probabilities kept per position (default 32)")
+    p.add_argument("--shard-size", type=int, default=256, help="sequences per shard file (default 256)")
+    p.add_argument("--batch-size", type=int, default=None, help="teacher batch (default: data.eval_batch_size)")
+    p.set_defaults(func=_cache_logits)
+
     p = sub.add_parser("models", parents=[common], help="list the model zoo")
     p.set_defaults(func=_models)
     p = sub.add_parser("methods", parents=[common], help="list the distillation methods and their options",
@@ -175,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _split_extras(parser: argparse.ArgumentParser, args: argparse.Namespace, extras: list[str]) -> None:
     """``blockkd train CFG --resume optim.lr=0.1``: argparse leaves ``optim.lr=0.1`` over; it is an override."""
-    if extras and args.command == "train" and not any(e.startswith("-") for e in extras):
+    if extras and args.command in ("train", "cache-logits") and not any(e.startswith("-") for e in extras):
         args.overrides += extras
     elif extras:
         parser.error(f"unrecognized arguments: {' '.join(extras)}")

@@ -172,6 +172,8 @@ def _check_teacher(cfg: Config) -> None:
     name, teacher = cfg.method.name, cfg.teacher
     if not cfg.needs_teacher:
         return
+    if teacher.cache is not None:  # the cached logits stand for the teacher (checked against the data in build)
+        return
     if teacher.name is None:
         raise BlockKDError(f"method {name!r} needs a teacher: set teacher.name in {cfg.source} or on the command line")
     if teacher.checkpoint is None and not teacher.allow_random and not teacher.name.startswith("hf."):

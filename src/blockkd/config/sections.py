@@ -64,6 +64,8 @@ class TeacherSection:
     checkpoint: str | None = option(None, optional(STRING), "our run folder, .safetensors, a RepDistiller/"
                                     "mdistiller or torchvision .pth, torchvision://IMAGENET1K_V1 or timm://DEFAULT")
     allow_random: bool = option(False, BOOL, "tests only: distill from an untrained teacher")
+    cache: str | None = option(None, optional(STRING), "language models: a folder of the teacher's top-k logits "
+                               "(blockkd cache-logits RECIPE) read instead of running the teacher (lm-kd)")
     kwargs: dict = option({}, KWARGS, "the teacher's constructor arguments, as model.kwargs")
 
 
@@ -102,6 +104,8 @@ class TrainSection:
     nonfinite: str = option("stop", choice("stop", "skip"), "a NaN/Inf loss or gradient: stop the run, or skip the step")
     eval_every: int = option(1, integer(1), "epochs between evaluations (the last epoch is always evaluated)")
     sync_bn: bool = option(False, BOOL, "SyncBatchNorm under DDP (CUDA)")
+    fsdp: bool = option(False, BOOL, "under torchrun: shard the student and the teacher with FSDP2 instead of DDP "
+                        "(causal LMs, the lm-* methods; docs/lm.md)")
     max_steps: int | None = option(None, optional(integer(1)), "stop after this many optimizer steps")
     diagnostics_every: int | None = option(None, optional(integer(0)), "steps between the method's diagnostics "
                                            "(Block-KD: the gradient norm each stone sends into the student), in "

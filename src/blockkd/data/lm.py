@@ -248,7 +248,11 @@ class LMLoader:
     def plan(self) -> list[torch.Tensor]:
         if not self.train:
             idx = eval_shard(len(self.data), self.rank, self.world_size)
-            return list(idx.split(self.batch_size))
+            if self.world_size == 1:
+                return list(idx.split(self.batch_size))
+            # as many batches on every rank (a sharded model gathers its layers collectively, batch by batch)
+            per_rank = -(-len(self.data) // self.world_size)
+            return list(idx.tensor_split(-(-per_rank // self.batch_size)))
         step = self.batch_size * self.world_size
         order = torch.randperm(len(self.data), generator=generator(self.seed, self.epoch, SHUFFLE))
         full, rest = divmod(len(order), step)

@@ -113,11 +113,19 @@ def build_distiller(cfg, data, device: torch.device, *, sync_bn: bool = False):
                           kwargs=cfg.model.kwargs)
     if sync_bn:
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)  # before the method builds views of it
+    cache = None
+    if cfg.teacher.cache is not None and cfg.needs_teacher:
+        cache = open_teacher_cache(cfg, data)
     teacher = build_model(cfg.teacher.name, data, checkpoint=cfg.teacher.checkpoint, role="teacher",
-                          kwargs=cfg.teacher.kwargs) if cfg.needs_teacher else None
+                          kwargs=cfg.teacher.kwargs) if cfg.needs_teacher and cache is None else None
     try:
-        distiller = methods.create(cfg.method.name, student, teacher, data.input_shape, options=cfg.method.options,
-                                   epochs=cfg.train.epochs)
+        if cache is not None:
+            distiller = methods.get(cfg.method.name).from_cache(student, cache, data.input_shape,
+                                                                 options=cfg.method.options)
+            distiller.epochs = cfg.train.epochs
+        else:
+            distiller = methods.create(cfg.method.name, student, teacher, data.input_shape,
+                                       options=cfg.method.options, epochs=cfg.train.epochs)
     except OptionError as e:
         key = f"method.options.{e.key}"
         raise BlockKDError(f"invalid {key} in {cfg.where(key)}: {e}") from None
@@ -126,3 +134,21 @@ def build_distiller(cfg, data, device: torch.device, *, sync_bn: bool = False):
             if name not in ("student", "teacher"):
                 nn.SyncBatchNorm.convert_sync_batchnorm(child)
     return distiller.to(device)
+
+
+def open_teacher_cache(cfg, data):
+    """``teacher.cache``: the cached top-k teacher logits, for a method that can read them, verified against the
+    run's training sequences and tokenizer (:mod:`blockkd.data.lm_cache`)."""
+    from .. import methods
+    from ..data.lm_cache import open_cache
+    from ..errors import BlockKDError
+
+    where = cfg.where("teacher.cache")
+    if not getattr(methods.get(cfg.method.name), "reads_cache", False):
+        live = "its stepping-stones run the teacher's own layers" if "blockkd" in cfg.method.name else \
+            "it reads more of the teacher than its output distribution"
+        raise BlockKDError(f"method {cfg.method.name} needs the live teacher ({live}); remove teacher.cache (in "
+                           f"{where}) or use lm-kd")
+    if getattr(data.train, "data", None) is None or getattr(data, "tokenizer", None) is None:
+        raise BlockKDError(f"teacher.cache (in {where}) needs language-model data (data.name lm_*)")
+    return open_cache(cfg.teacher.cache, tokenizer=data.tokenizer, seqs=data.train.data)

@@ -71,8 +71,8 @@ def write_samples(model: nn.Module, tokenizer, loader, path: Path, *, count: int
                   new_tokens: int = 48, seed: int = 0) -> list[str]:
     """``count`` continuations (sampled, temperature 0.8, top-k 50, from ``seed``) of the first ``prompt_tokens``
     tokens of the first test sequences, written to ``path`` (markdown) by rank 0; returns them."""
-    if not hasattr(model, "generate") or tokenizer is None or not runtime.is_main():
-        return []
+    if not hasattr(model, "generate") or tokenizer is None:
+        return []  # every rank generates (a sharded student gathers its layers collectively); rank 0 writes
     x, _ = next(iter(loader))
     ids = x["input_ids"][:count, :prompt_tokens]
     device = next(model.parameters()).device
@@ -82,6 +82,8 @@ def write_samples(model: nn.Module, tokenizer, loader, path: Path, *, count: int
                              max_new_tokens=new_tokens, do_sample=True, temperature=0.8, top_k=50, use_cache=True,
                              pad_token_id=tokenizer.pad_token_id)
     texts = []
+    if not runtime.is_main():
+        return texts
     for prompt, full in zip(ids, out):
         texts.append(f"**{tokenizer.decode(prompt, skip_special_tokens=True)}**"
                      f"{tokenizer.decode(full[len(prompt):], skip_special_tokens=True)}")

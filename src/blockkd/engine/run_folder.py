@@ -138,7 +138,7 @@ class RunFolder:
             copy_checkpoint(last, self.path / "best")
 
     def save_pretrained(self, model, tokenizer=None, *, classes: list[str] | None = None,
-                        max_length: int | None = None) -> None:
+                        max_length: int | None = None, state_dict=None) -> None:
         """``hf/``: ``model.save_pretrained`` (and the tokenizer's) for ``from_pretrained``; rank 0 only.
         Deployable as saved: the config names the classes (``id2label``/``label2id``) and the tokenizer's
         ``model_max_length`` is the length the model was trained on, so ``pipeline(..., truncation=True)``
@@ -152,7 +152,7 @@ class RunFolder:
         if classes and config is not None:
             config.id2label = dict(enumerate(classes))
             config.label2id = {name: i for i, name in enumerate(classes)}
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             if max_length is not None:
                 tokenizer.model_max_length = max_length

@@ -25,7 +25,7 @@ from ..config import Config, dump, flat_keys, validate
 from ..config.paths import short
 from ..errors import BlockKDError
 from ..optim import build_optimizer, build_scheduler
-from . import run_folder, runtime
+from . import fsdp, run_folder, runtime
 from .build import build_distiller
 from .evaluation import evaluate, metrics_of
 from .guards import NonFiniteGuard, oom_advice
@@ -100,7 +100,11 @@ def grads_finite(params: list[nn.Parameter]) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.ones((), dtype=torch.bool)
-    return torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(grads)]).sum())
+    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP: this rank's shards
+    finite = torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(local)]).sum())
+    if len(local) and hasattr(grads[0], "to_local") and runtime.is_distributed():  # every rank decides alike
+        finite = runtime.all_reduce_sum((~finite).float()) == 0
+    return finite
 
 
 def backward_split(model: nn.Module, losses: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
@@ -188,7 +192,11 @@ class Trainer:
             self.data.train.strong_view = True
         self.model: nn.Module = self.distiller  # what the training step calls: maybe DDP- and compile-wrapped
         if runtime.is_distributed():
-            self.model = runtime.wrap_ddp(self.model, rt.device)
+            if tcfg.fsdp:  # sharded in place: the distiller itself is the root FSDP unit
+                fsdp.shard(self.distiller, rt.amp_dtype)
+            else:
+                self.model = runtime.wrap_ddp(self.model, rt.device)
+        self.fsdp = bool(tcfg.fsdp and runtime.is_distributed())
         if tcfg.compile:
             self.model = torch.compile(self.model)
 
@@ -240,13 +248,17 @@ class Trainer:
             self.log.warning(f"resuming a run whose saved config predates these settings (today's defaults "
                              f"apply): {unrecorded}")
         try:
-            self.distiller.load_train_state_dict(ckpt.weights)
+            self.distiller.load_train_state_dict(fsdp.shard_like(self.distiller, ckpt.weights) if self.fsdp
+                                                 else ckpt.weights)
         except BlockKDError as e:
             if not unrecorded:
                 raise
             raise BlockKDError(f"{e}; the run's saved config predates {unrecorded}: pass the values it was "
                                f"trained with as key=value overrides") from None
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp:
+            fsdp.load_optimizer_state(self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.apply_schedule(meta["config"]["train"].get("epochs"))
         if state.get("scaler"):
@@ -297,11 +309,16 @@ class Trainer:
 
     def save(self, is_best: bool) -> None:
         meta = {"config": self.cfg.to_dict(), "classes": self.classes, "epoch": self.epoch, "step": self.step,
-                "history": self.history, "best_top1": self.best_top1, "best_epoch": self.best_epoch,
-                "wall_time_s": self.wall_time(), "skipped_steps": self.guard.skipped, "rng": runtime.rng_state()}
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict()}
-        self.folder.save(weights=self.distiller.train_state_dict(), meta=meta, state=state, is_best=is_best)
+                "history": self.history, "best_top1": self.best_top1, "best_epoch": self.best_epoch, "wall_time_s": self.wall_time(),
+                "skipped_steps": self.guard.skipped, "rng": runtime.rng_state()}
+        optimizer = fsdp.optimizer_state(self.optimizer) if self.fsdp else self.optimizer.state_dict()
+        state = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+        self.folder.save(weights=self.train_state(), meta=meta, state=state, is_best=is_best)
+
+    def train_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds: the distiller's trained tensors, full (gathered on every rank) under FSDP."""
+        state = self.distiller.train_state_dict()
+        return fsdp.full_state(self.distiller, state) if self.fsdp else state
 
     # -- loop ----------------------------------------------------------------------------------------
     def step_once(self, x: Any, y: torch.Tensor, epoch: int, i: int, index: torch.Tensor | None = None,
@@ -430,7 +447,8 @@ class Trainer:
             length = spec["input_ids"][0] if isinstance(spec, dict) and "input_ids" in spec else None
             with quiet_libraries(not self.log.shows_bars()):
                 self.folder.save_pretrained(self.distiller.student, self.data.tokenizer, classes=self.classes,
-                                            max_length=length)
+                                            max_length=length,
+                                            state_dict=fsdp.full_state(self.distiller.student) if self.fsdp else None)
         if getattr(self.data, "task", None) == "causal_lm":  # a few continuations of test prompts: samples.md
             write_samples(self.distiller.student, self.data.tokenizer, self.data.test, self.run_dir / "samples.md",
                           seed=self.cfg.train.seed)
@@ -481,7 +499,7 @@ class Trainer:
         trained = self.distiller.train_state_dict()
         runtime.broadcast_tensors([b for n, b in self.distiller.named_buffers() if n in trained])
         debug_log(runtime.rank(), lambda: {"epoch": self.epoch + 1, "step": self.step,
-                                           "weights_sha256": runtime.state_digest(self.distiller.train_state_dict())})
+                                           "weights_sha256": runtime.state_digest(self.train_state())})
 
     def eta(self, epoch_times: list[float]) -> str:
         """``, run ETA 1:02:03`` (the mean epoch time so far times the epochs left), or nothing at the end."""

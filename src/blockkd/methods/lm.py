@@ -45,7 +45,7 @@ from torch.utils.checkpoint import checkpoint
 from ..blocks import split
 from ..blocks.core import Blocks
 from ..errors import BlockKDError
-from ..schema import STRING, choice, integer, number, option, optional
+from ..schema import STRING, choice, integer, list_of, number, option, optional
 from .registry import register
 from .base import Distiller
 
@@ -260,6 +260,15 @@ class LMKDOptions:
     token_mapping: str | None = option(None, optional(STRING), "vocabularies of other sizes: shared (the ids below "
                                        "the smaller size) or a JSON file of [student_id, teacher_id] pairs")
     chunk: int = CHUNK
+    on_policy: float = option(0.0, number(0, hi=1), "GKD's λ: the share of each batch's sequences replaced by the "
+                              "student's own continuations of their prompts, scored by the teacher (no CE on them)")
+    gen_temperature: float = option(1.0, number(0, strict=True), "on_policy: the student's sampling temperature")
+    max_new_tokens: int = option(64, integer(1), "on_policy: tokens generated per sequence at most (and at most "
+                                 "what fits in the sequence length)")
+    stop_tokens: list | None = option(None, optional(list_of(integer(0))), "on_policy: token ids that end a "
+                                      "generation (null: the student's eos_token_id)")
+    prompt_tokens: int = option(16, integer(1), "on_policy: the shortest prompt kept; packed text, which has no "
+                                "prompt, keeps its first prompt_tokens tokens and the student continues them")
 
 
 @register("lm-kd")
@@ -270,11 +279,50 @@ class LMKD(CausalLM):
     needs_teacher = True
     paper = "Agarwal et al. (GKD) 2024; Ko et al. (DistiLLM) 2024; Gu et al. (MiniLLM) 2024"
 
+    reads_cache = True  # teacher.cache: the teacher's stored top-k log-probabilities stand for its logits
+
     def __init__(self, student, teacher, options=None, input_shape=None):
         super().__init__(student, teacher, options, input_shape)
-        device = next(student.parameters()).device
-        self._mapping = load_token_mapping(self.opts.token_mapping, vocab_of(self._s_view), vocab_of(self._t_view),
-                                           device)
+        self._cache = None
+        self._mapping = None
+        if teacher is not None:
+            self._mapping = load_token_mapping(self.opts.token_mapping, vocab_of(self._s_view),
+                                               vocab_of(self._t_view), next(student.parameters()).device)
+
+    @classmethod
+    def from_cache(cls, student, cache, input_shape, options=None, **values) -> "LMKD":
+        """The method distilling from ``cache`` (teacher.cache) with no teacher model: options as an Options
+        instance or as keywords, as for :func:`blockkd.methods.create`."""
+        from . import parse_options
+
+        distiller = cls(student, None, options if options is not None else parse_options("lm-kd", values),
+                        input_shape)
+        distiller.use_cache(cache)
+        return distiller
+
+    @property
+    def needs_index(self) -> bool:  # the cache is read by training sequence index
+        return self._cache is not None
+
+    def use_cache(self, cache) -> None:
+        """Distil from ``cache`` (:class:`blockkd.data.lm_cache.LogitCache`) instead of a live teacher: the
+        divergence is taken between the teacher's and the student's distributions both renormalised over the
+        teacher's top-k tokens of each position (exact as k -> V; the mass outside them is not compared)."""
+        if self.opts.on_policy > 0:
+            raise BlockKDError("method.options.on_policy > 0 needs the live teacher (the student's generations are not "
+                               "in the cache); remove teacher.cache or set on_policy to 0")
+        if self.opts.token_mapping is not None:
+            raise BlockKDError("method.options.token_mapping does not apply to a teacher.cache (its ids are the "
+                               "teacher's); remove one of them")
+        if cache.vocab != vocab_of(self._s_view):
+            raise BlockKDError(f"teacher.cache {cache.folder} holds a teacher of {cache.vocab} tokens, the student "
+                               f"has {vocab_of(self._s_view)}: the token losses need one vocabulary")
+        self._cache = cache
+
+    def forward(self, x, y=None, *, epoch: float = 0.0, index: torch.Tensor | None = None):
+        if not self.training or y is None:
+            return self.student_logits(x)
+        return self.forward_train(x, y, epoch=epoch, index=index)
 
     def divergence(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Per-token divergence of this method's options (on the mapped ids where a mapping is set)."""
@@ -283,8 +331,16 @@ class LMKD(CausalLM):
         o = self.opts
         return token_divergence(o.loss, s, t, temperature=o.temperature, beta=o.jsd_beta, skew=o.skew)
 
-    def forward_train(self, x, y, *, epoch):
+    def forward_train(self, x, y, *, epoch, index=None):
+        if self._cache is not None:
+            return self._forward_cached(x, y, index)
         o = self.opts
+        y_ce = y
+        n_gen = round(o.on_policy * y.shape[0])
+        if n_gen:
+            x, y = self.on_policy_batch(x, y, n_gen)
+            y_ce = y.clone()
+            y_ce[:n_gen] = IGNORE  # the student's own tokens are no ground truth: divergence only
         idx = counted(y)
         s_head, t_head = self._s_view.head, self._t_view.head
         with torch.no_grad():
@@ -297,7 +353,76 @@ class LMKD(CausalLM):
             return (F.cross_entropy(s.float(), tgt, reduction="sum"), self.divergence(s, t).sum(), s.argmax(-1))
 
         hs = rows(hidden(self._s_view, x), idx)
-        ce, div, pred = _sum_and_cat(part, len(idx), o.chunk, hs, ht, y.reshape(-1)[idx])
+        ce, div, pred = _sum_and_cat(part, len(idx), o.chunk, hs, ht, y_ce.reshape(-1)[idx])
+        n, n_ce = max(len(idx), 1), max(int((y_ce != IGNORE).sum()), 1)
+        return predictions(y, idx, pred), {"loss_ce": o.ce_weight * ce / n_ce, "loss_kd": o.kd_weight * div / n}
+
+    @torch.no_grad()
+    def on_policy_batch(self, x: dict, y: torch.Tensor, n: int) -> tuple[dict, torch.Tensor]:
+        """The batch with its first ``n`` sequences replaced by the student's sampled continuations of their
+        prompts (GKD's on-policy data): prompt = the tokens before the first labelled one (at least
+        ``prompt_tokens``); the labels count the generated tokens only, up to and including a stop token.
+        Generation runs under no_grad with the model's KV cache (``generate``), the student in eval mode,
+        drawing from torch's global RNG, which the checkpoints save (an exact resume)."""
+        o, model = self.opts, self.student
+        ids, mask = x["input_ids"], x["attention_mask"]
+        length = ids.shape[1]
+        valid = mask[:n].sum(1)
+        labelled = y[:n] != IGNORE
+        first = torch.where(labelled.any(1), labelled.int().argmax(1), valid - 1)
+        plen = torch.minimum(torch.clamp(first + 1, min=o.prompt_tokens), valid - 1).clamp(min=1).tolist()
+        cfg = model.config
+        stop = list(o.stop_tokens) if o.stop_tokens else [int(t) for t in torch.tensor(cfg.eos_token_id).view(-1)] \
+            if cfg.eos_token_id is not None else []
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else (stop[0] if stop else 0)
+        p_max = max(plen)
+        prompts = torch.full((n, p_max), pad, dtype=ids.dtype, device=ids.device)  # left-padded for generate
+        p_mask = torch.zeros_like(prompts)
+        for b, p in enumerate(plen):
+            prompts[b, p_max - p:], p_mask[b, p_max - p:] = ids[b, :p], 1
+        was_training = model.training
+        model.eval()
+        try:
+            out = model.generate(input_ids=prompts, attention_mask=p_mask, do_sample=True,
+                                 temperature=o.gen_temperature, top_k=0, top_p=1.0,
+                                 max_new_tokens=min(o.max_new_tokens, length + 1 - min(plen)),
+                                 eos_token_id=stop or None, pad_token_id=pad, use_cache=True,
+                                 synced_gpus=torch.distributed.is_initialized())  # ranks step together (FSDP)
+        finally:
+            model.train(was_training)
+        gen = out[:, p_max:].tolist()
+        ids, mask, y = ids.clone(), mask.clone(), y.clone()
+        for b, p in enumerate(plen):
+            g = gen[b]
+            cut = next((i + 1 for i, t in enumerate(g) if t in stop), len(g))
+            seq = torch.tensor(ids[b, :p].tolist() + g[:cut], dtype=ids.dtype, device=ids.device)[:length + 1]
+            k = len(seq) - 1
+            ids[b], mask[b], y[b] = pad, 0, IGNORE
+            ids[b, :k + 1 if k < length else length] = seq[:length]
+            mask[b, :min(k + 1, length)] = 1
+            y[b, p - 1:k] = seq[p:]
+        return {**x, "input_ids": ids, "attention_mask": mask}, y
+
+    def _forward_cached(self, x, y, index):
+        """forward_train with the teacher's cached top-k log-probabilities of the batch's sequences ``index``."""
+        if index is None:
+            raise BlockKDError("lm-kd with a teacher.cache needs each batch's sequence indices (forward_train(x, y, "
+                               "epoch=..., index=...))")
+        o = self.opts
+        idx = counted(y)
+        lp, ids = self._cache.topk(index, y.device)
+        lp, ids = rows(lp, idx), rows(ids, idx)
+        s_head = self._s_view.head
+
+        def part(hs, lp, ids, tgt):
+            s = s_head(hs)
+            # the student's logits at the teacher's top-k ids; both softmaxes then renormalise over those k
+            d = token_divergence(o.loss, s.gather(-1, ids), lp, temperature=o.temperature, beta=o.jsd_beta,
+                                 skew=o.skew)
+            return F.cross_entropy(s.float(), tgt, reduction="sum"), d.sum(), s.argmax(-1)
+
+        hs = rows(hidden(self._s_view, x), idx)
+        ce, div, pred = _sum_and_cat(part, len(idx), o.chunk, hs, lp, ids, y.reshape(-1)[idx])
         n = max(len(idx), 1)
         return predictions(y, idx, pred), {"loss_ce": o.ce_weight * ce / n, "loss_kd": o.kd_weight * div / n}
 
