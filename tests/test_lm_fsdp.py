@@ -19,6 +19,9 @@ import yaml
 from blockkd import config, engine
 from blockkd.engine.checkpoint import load_checkpoint
 
+# torchrun with 2 gloo ranks: minutes; `make test-fast` (pytest -m "not slow") skips them.
+pytestmark = pytest.mark.slow
+
 VOCAB, LENGTH = 300, 32
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
