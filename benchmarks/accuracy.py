@@ -303,7 +303,8 @@ def render_markdown(report: dict[str, Any], png: Path) -> str:
     title = u.get("title", "Fashion-MNIST")
     if Path(u.get("recipes", "configs/fashion_mnist")).name != u.get("dataset", "fashion_mnist"):
         title += f", {u['teacher']} -> {u['student']}"  # a second setting on the same data (fashion_mnist_wide)
-    return section(f"Accuracy ({title})", [
+    # The file's name ends the title (as tune.py's do): two tables of one setting keep distinct titles.
+    return section(f"Accuracy ({title}; {png.stem})", [
         setup_line(report), markdown_table(*table(report)), place_line(report), *heads_lines(report),
         f"![accuracy per method]({image})",
         f"Machine: {machine_line(report['machine'])}; {report['minutes']:.0f} min in all. "

@@ -458,13 +458,13 @@ def test_sensitivity_points_follow_the_method_defaults(monkeypatch):
          "connector": "conv3x3_bn"}
     warm = sensitivity.warmup_key(d)
     assert warm in d and "warmup" in warm
-    g = sensitivity.grid("blockkd", {**d, warm: 3.0}, epochs=8)
+    g = sensitivity.grid("blockkd", {**d, warm: 0.3}, epochs=8)  # stone_warmup_fraction: a share of training
     assert [o for _, o in g["alpha_beta"]] == [{"alpha": 0.5, "beta": 0.25}, {"alpha": 2.0, "beta": 1.0}]
     assert [o["gamma"] for _, o in g["gamma"]] == [0.0, 0.4] and [o["temperature"] for _, o in g["temperature"]] == [1, 4]
     assert {o["connector"] for _, o in g["connector"]} == set(sensitivity.CONNECTORS.names()) - {"conv3x3_bn"}
-    assert [o[warm] for _, o in g["warmup"]] == [0.0, 6.0]
+    assert [o[warm] for _, o in g["warmup"]] == [0.0, 0.6]
     g0 = sensitivity.grid("blockkd", {**d, "gamma": 0.0, warm: 0.0}, epochs=8)  # from 0: fixed steps up
-    assert [o["gamma"] for _, o in g0["gamma"]] == [0.05, 0.2] and [o[warm] for _, o in g0["warmup"]] == [2, 4]
+    assert [o["gamma"] for _, o in g0["gamma"]] == [0.05, 0.2] and [o[warm] for _, o in g0["warmup"]] == [0.25, 0.5]
     points = sensitivity.points_of(["gamma", "connector"], "blockkd", d, 8, None)
     pinned = {k: d[k] for k in ("alpha", "beta", "gamma", "temperature", "connector", warm)}
     assert points[0] == ("defaults", None, "default", pinned)

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from ..registry import Registry
-from ..schema import BOOL, choice, number, option
+from ..schema import BOOL, option
 from .losses import dkd_parts, kl_div
 
 LS_EPS = 1e-7  # the authors' epsilon, added to the standard deviation
@@ -83,16 +83,3 @@ class LogitDivergence:
 def logit_standardization_option():
     return option(False, BOOL, "z-score each sample's logits (student and target) before the softmax "
                                "(Sun et al., CVPR 2024; their KD recipe: T 2, KD weight 9)")
-
-
-def divergence_option():
-    return option("kl", choice(*DIVERGENCES.names()), "the divergence of every distillation term: kl (T²·KL) "
-                                                      "or dkd (dkd_alpha·TCKD + dkd_beta·NCKD, Zhao et al. 2022)")
-
-
-def dkd_alpha_option():
-    return option(1.0, number(0), "with divergence dkd: weight of TCKD (target vs. non-target)")
-
-
-def dkd_beta_option():
-    return option(8.0, number(0), "with divergence dkd: weight of NCKD (among the non-target classes)")
