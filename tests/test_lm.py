@@ -362,10 +362,12 @@ def test_one_step_of_every_lm_method_through_the_api(runs, method, options):
 
 def test_a_classifier_method_on_lm_data_is_refused_in_one_line(runs, tmp_path):
     folder, names, _ = runs
-    cfg = {"model": {"name": names["student"]}, "teacher": {"name": names["teacher"], "checkpoint": str(folder / "teacher")},
+    cfg = {"model": {"name": names["student"]},
+           "teacher": {"name": names["teacher"], "checkpoint": str(folder / "teacher")},
            "method": {"name": "kd"}, "data": LM_DATA, "train": {"epochs": 1, "device": "cpu"},
            "output": {"dir": str(tmp_path), "name": "kd", "progress": False, "tensorboard": False}}
-    with pytest.raises(BlockKDError, match="^method kd does not fit data lm_fortunes: .* lm-blockkd, lm-blockkd-lite, lm-ce, lm-kd"):
+    with pytest.raises(BlockKDError,
+                       match="^method kd does not fit data lm_fortunes: .* lm-blockkd, lm-blockkd-lite, lm-ce, lm-kd"):
         train(cfg)
 
 

@@ -146,8 +146,8 @@ def test_rand_augment_operations_keep_shape_and_range_and_change_images():
     for op, _, hi in strong.OPS:
         y = op(x.float(), torch.full((6,), float(hi)))
         assert y.shape == x.shape and y.min() >= 0 and y.max() <= 255, op.__name__
-    changed = {op.__name__ for op, lo, hi in strong.OPS if not torch.equal(op(x.float(), torch.full((6,), 0.25 * lo + 0.75 * hi)),
-                                                                           x.float())}
+    changed = {op.__name__ for op, lo, hi in strong.OPS
+               if not torch.equal(op(x.float(), torch.full((6,), 0.25 * lo + 0.75 * hi)), x.float())}
     assert changed == {op.__name__ for op, _, _ in strong.OPS} - {"identity"}
     assert torch.equal(strong.posterize(x.float(), torch.full((6,), 4.0)), (x & 0xF0).float())  # PIL: keep 4 bits
     assert torch.equal(strong.solarize(x.float(), torch.full((6,), 128.0)),
@@ -191,7 +191,8 @@ def test_image_folder_second_view(tmp_path):
         (tmp_path / "train" / f"c{k}").mkdir(parents=True)
         (tmp_path / "val" / f"c{k}").mkdir(parents=True)
         for i in range(3):
-            Image.fromarray(rng.integers(0, 256, (20, 22, 3), dtype=np.uint8)).save(tmp_path / "train" / f"c{k}" / f"{i}.png")
+            Image.fromarray(rng.integers(0, 256, (20, 22, 3), dtype=np.uint8)).save(
+                tmp_path / "train" / f"c{k}" / f"{i}.png")
         Image.fromarray(rng.integers(0, 256, (20, 22, 3), dtype=np.uint8)).save(tmp_path / "val" / f"c{k}" / "0.png")
     b = data.build({"name": "imagefolder", "root": str(tmp_path), "image_size": 16, "batch_size": 3,
                     "num_workers": 0}, device=CPU, seed=1)
@@ -257,7 +258,8 @@ def test_rand_augment_operations_follow_pil():
                   (ImageEnhance.Contrast(pil).enhance(0.3), strong.contrast, 0.3),
                   (ImageEnhance.Sharpness(pil).enhance(0.2), strong.sharpness, 0.2)]
     exact = [(ImageOps.equalize(pil), strong.equalize, 0), (ImageOps.posterize(pil, 5), strong.posterize, 5.7),
-             (ImageOps.solarize(pil, 100), strong.solarize, 100), (affine(1, 0, -8, 0, 1, 0), strong.translate_x, -0.25),
+             (ImageOps.solarize(pil, 100), strong.solarize, 100),
+             (affine(1, 0, -8, 0, 1, 0), strong.translate_x, -0.25),
              (affine(1, 0, 0, 0, 1, 6.4), strong.translate_y, 0.2)]
     nearly = [(pil.rotate(20), strong.rotate, 20), (affine(1, 0.2, 0, 0, 1, 0), strong.shear_x, 0.2),
               (affine(1, 0, 0, -0.1, 1, 0), strong.shear_y, -0.1)]

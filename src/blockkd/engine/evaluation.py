@@ -135,7 +135,8 @@ def evaluate_checkpoint(path: str | Path, data_overrides: list[str] | None = Non
         result = evaluate(model, data.test, rt, metrics=metrics_of(data), progress=True)
         heads, note = _heads_of_run(saved, ckpt, data, rt)
         if heads is not None:
-            result.update({k: v for k, v in evaluate(heads, data.test, rt, heads=True).items() if k.startswith("top1_")})
+            result.update({k: v for k, v in evaluate(heads, data.test, rt, heads=True).items()
+                           if k.startswith("top1_")})
     note = "; ".join(n for n in (_picked(Path(path), folder, ckpt.meta), note) if n)
     return {"checkpoint": str(ckpt.path), "epoch": ckpt.meta.get("epoch"), "model": short(saved["model"]["name"]),
             "method": saved["method"]["name"], "data": data_cfg["name"], "metric_names": list(data.metric_names),

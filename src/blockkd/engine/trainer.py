@@ -309,7 +309,8 @@ class Trainer:
 
     def save(self, is_best: bool) -> None:
         meta = {"config": self.cfg.to_dict(), "classes": self.classes, "epoch": self.epoch, "step": self.step,
-                "history": self.history, "best_top1": self.best_top1, "best_epoch": self.best_epoch, "wall_time_s": self.wall_time(),
+                "history": self.history, "best_top1": self.best_top1, "best_epoch": self.best_epoch,
+                "wall_time_s": self.wall_time(),
                 "skipped_steps": self.guard.skipped, "rng": runtime.rng_state()}
         optimizer = fsdp.optimizer_state(self.optimizer) if self.fsdp else self.optimizer.state_dict()
         state = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
@@ -583,7 +584,8 @@ def train(cfg: Config | dict, *, resume: bool = False, overwrite: bool = False) 
             raise BlockKDError(error)
         out = cfg.output
         with runtime.reproducibility(t.deterministic), \
-                RunLogger(run_dir, enabled=runtime.is_main(), tensorboard=out.tensorboard, progress=out.progress) as log:
+                RunLogger(run_dir, enabled=runtime.is_main(), tensorboard=out.tensorboard,
+                          progress=out.progress) as log:
             if lock is not None and lock.stale:
                 log.warning(f"the run folder's last owner ({run_folder.describe_holder(lock.stale)}) ended without "
                             f"releasing it (killed?); taking over")
