@@ -166,9 +166,6 @@ def _picked(path: Path, folder: Path, meta: dict) -> str | None:
 def _deployed_of_run(saved: dict, ckpt, data, rt: Runtime):
     """The deployed classifier of a run whose method deploys more than the student (SimKD: projector and the
     teacher's head, both saved in the checkpoint), rebuilt with its distiller; None for the other methods."""
-    from .. import config, methods
-    from .build import build_distiller
-
     name = saved["method"]["name"]
     if name not in methods.names() or methods.get(name).deployed_model is methods.Distiller.deployed_model:
         return None

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .. import data as data_lib
-from .. import models
+from .. import methods, models, schema
 from .._hooks import debug_log, fault_point
 from ..config import Config, dump, flat_keys, validate
 from ..config.paths import short
@@ -290,7 +290,6 @@ class Trainer:
     def refuse_removed_options(self, saved: dict[str, Any], saved_cfg: dict[str, Any]) -> None:
         """One line where the run was trained with a method option since removed, at a value whose behaviour
         is gone (a value that trains as today's code does, e.g. the former default, resumes silently)."""
-        from .. import methods, schema
         name = saved_cfg.get("method", {}).get("name")
         if name not in methods.names():
             return
