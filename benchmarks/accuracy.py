@@ -7,8 +7,8 @@
 
 How, and why this way: every run is a plain ``blockkd.config.load`` of a recipe of ``--recipes`` (the
 teacher ``DIR/teacher.yaml``, the students ``DIR/<name>.yaml``: every other recipe there but the shared
-layers ``base``/``pair``, so a method with other options, such as ``kd-ls``, is an entry of its own) plus overrides, trained by
-``blockkd.engine.train`` (no second training loop), so the numbers are those a user gets from the recipes.
+layers ``base``/``pair``, so a method with other options, such as ``kd-ls``, is an entry of its own) plus overrides,
+trained by ``blockkd.engine.train`` (no second training loop), so the numbers are those a user gets from the recipes.
 One teacher, trained once with the same data and schedule overrides and cached by ``blockkd.demo`` (keyed
 by its recipe's fingerprint), serves every student. Recipes naming files by relative paths (the
 ``hf-config.configs/...`` models of ``configs/fortunes``) need the repository root as working directory,
@@ -23,8 +23,8 @@ images held out from the training set instead of the test split, for tuning with
 test split.
 
 Subset and schedule are the recipes' own (``DIR/base.yaml``) unless ``--train-subset``
-(0: all the training images) or ``--epochs`` (students only) say otherwise. Outputs: a table on stdout, ``--out`` (JSON), and
-beside it ``<name>.png`` (bars with error bars, mean test-accuracy curves) and ``<name>.md``
+(0: all the training images) or ``--epochs`` (students only) say otherwise. Outputs: a table on stdout, ``--out``
+(JSON), and beside it ``<name>.png`` (bars with error bars, mean test-accuracy curves) and ``<name>.md``
 (a section of results/README.md).
 """
 from __future__ import annotations
@@ -57,7 +57,8 @@ from common import (REPO, append_runs, fmt, machine_info, machine_line, markdown
 
 # How reports name the datasets (else their data.name; a GLUE task is "GLUE <task>"), and what the setup
 # line says of some.
-TITLES = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagefolder": "image folder"}
+TITLES = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100",
+          "imagefolder": "image folder"}
 ABOUT = {"fortunes": "topic classification of Debian's fortune files"}
 OPTIMIZERS = {"sgd": "SGD", "adamw": "AdamW", "adam": "Adam"}
 
@@ -151,7 +152,8 @@ def setup_of(cfg: dict[str, Any], teacher: dict[str, Any], s: dict[str, Any]) ->
     name = cfg["data"]["name"]
     title = f"GLUE {cfg['data']['task']}" if name == "glue" else TITLES.get(name, name)
     about = f" ({ABOUT[name]}, {sizes.num_classes} classes)" if name in ABOUT else ""
-    return {"dataset": name, "title": title, "about": about, "samples": "texts" if sizes.tokenizer is not None else "images",
+    return {"dataset": name, "title": title, "about": about,
+            "samples": "texts" if sizes.tokenizer is not None else "images",
             "student": short(cfg["model"]["name"]), "teacher": teacher["model"],
             "split": "val" if s["val"] else "test", "val_split": s["val"], "train_subset": cfg["data"]["train_subset"],
             "train_images": sizes.train_size, "eval_images": sizes.test_size, "epochs": cfg["train"]["epochs"],
@@ -230,7 +232,8 @@ def setup_line(report: dict[str, Any]) -> str:
     unit = u.get("samples", "images")
     data = f"{u['train_images']} training {unit}" + (" (all)" if not u["train_subset"] else " (fixed subset)")
     where = (f"the test split ({u['eval_images']} {unit})" if u["split"] == "test"
-             else f"{u['eval_images']} {unit} held out from the training set (data.val_split; the test split is unused)")
+             else f"{u['eval_images']} {unit} held out from the training set "
+                  f"(data.val_split; the test split is unused)")
     w = u.get("warmup_epochs")
     warmup = f", {w:g} warm-up epoch{'' if w == 1 else 's'}" if w else ""
     optim = OPTIMIZERS.get(u.get("optimizer", "sgd"), u.get("optimizer"))
@@ -390,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.perf_counter() - started) / 60
     if args.from_runs:  # the runs' own time: their wall-clock summed, over the runs side by side
         minutes = sum(r["wall_time_s"] for r in results) / 60 / max(1, args.jobs)
-    invocations = [{"command": shlex.join(["python", "benchmarks/accuracy.py", *(sys.argv[1:] if argv is None else argv)]),
+    invocations = [{"command": shlex.join(["python", "benchmarks/accuracy.py",
+                                           *(sys.argv[1:] if argv is None else argv)]),
                     "minutes": minutes}]
     machine = machine_info(runtime.resolve_device(next(iter(recipes.values()))["config"]["train"]["device"]))
     teacher_now = teacher_record(teacher_dir, teacher, list(s["seeds"]), machine["cpu"])

@@ -3,7 +3,7 @@
 What makes Block-KD's first phase harsh, and which default damps it: the ratio of the student's gradient norm
 under Block-KD to KD's on the first batch (at the progress the trainer passes for step 1 of 8 epochs of 8
 steps), for blockkd 0.1's defaults (alpha = beta = 0.35, conv1x1_bn, no warm-up, no cap), each of today's defaults
-added alone, and today's defaults. The pair is tests/test_stability.py's: a resnet14 teacher whose head is
+added alone, and today's defaults. The pair (tests/test_stability.py uses it too): a resnet14 teacher whose head is
 scaled to a logit std of 20, a resnet8 student, 64 random 16x16 images, three initialisations.
 
     python benchmarks/first_gradients.py [--student MobileNetV2]
@@ -27,6 +27,9 @@ VARIANTS = {"blockkd 0.1 defaults": FORMER, "+ stone_warmup_fraction 0.25": {**F
 
 
 def confident_pair(seed: int, student: str = "resnet8", std: float = 20.0):
+    """``student`` (resnet8 by default), a resnet14 teacher whose head is scaled to a mean per-sample logit std of
+    ``std`` on the batch (a stand-in for a teacher trained to high confidence), and the batch; the same for the
+    same seed. tests/test_stability.py uses it too."""
     torch.manual_seed(seed)
     x, y = torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,))
     student = blockkd.models.create(student, num_classes=10)
@@ -38,12 +41,17 @@ def confident_pair(seed: int, student: str = "resnet8", std: float = 20.0):
     return student, teacher, x, y
 
 
+def student_grad_norm(distiller, x, y, epoch: float) -> float:
+    """The norm of the gradient of the distiller's total loss on (x, y) into the student's parameters."""
+    _, losses = distiller(x, y, epoch=epoch)
+    grads = torch.autograd.grad(sum(losses.values()), list(distiller.student.parameters()))
+    return torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item()
+
+
 def grad_norm(method: str, seed: int, student: str, **options) -> float:
     student, teacher, x, y = confident_pair(seed, student)
     d = blockkd.methods.create(method, student, teacher, input_shape=(3, 16, 16), epochs=8, **options).train()
-    _, losses = d(x, y, epoch=1 / 8)
-    grads = torch.autograd.grad(sum(losses.values()), list(d.student.parameters()))
-    return torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item()
+    return student_grad_norm(d, x, y, epoch=1 / 8)
 
 
 def main() -> None:

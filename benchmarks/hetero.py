@@ -37,7 +37,8 @@ def render(reports: dict[str, dict], command: str) -> str:
             drops = [largest_drop(run["curve"]) for run in r["runs"] if run["method"] == m]
             top1 = v["last_top1"]
             rows.append([pair if k == 0 else "", m, f"{fmt(top1['mean'])} ± {fmt(top1.get('std'))}",
-                         str(len(v["seeds"])), fmt(max(drops), ".1f"), fmt(r["teacher"]["last_top1"]) if k == 0 else ""])
+                         str(len(v["seeds"])), fmt(max(drops), ".1f"),
+                         fmt(r["teacher"]["last_top1"]) if k == 0 else ""])
     table = markdown_table(["pair", "method", "test top-1 (last epoch)", "seeds", "largest epoch drop",
                             "teacher"], rows)
     return ("# Distillation across architecture families (Fashion-MNIST)\n\n"

@@ -64,7 +64,8 @@ def main() -> None:
             counts.update(calls=0, bytes=0)
             _, losses = d(x, y)
             sum(losses.values()).backward()
-        lines.append(f"| {method} | {counts['calls']} | {counts['bytes'] / 2 ** 20:.2f} | {counts['bytes'] / size:.2f} |")
+        lines.append(f"| {method} | {counts['calls']} | {counts['bytes'] / 2 ** 20:.2f} | "
+                     f"{counts['bytes'] / size:.2f} |")
     lines += ["", "lm-kd gathers every teacher layer once (forward only, no gradient) and every student unit for its "
               "forward and again for its backward; Block-KD's stones gather the teacher layers they cross again, "
               "in their forward and their backward."]

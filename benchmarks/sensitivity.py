@@ -182,7 +182,8 @@ def plot(report: dict[str, Any], path: Path) -> Path:
         ax.plot([k], [means[k]], marker="*", ms=16, color="tab:red", ls="", label="default", zorder=3)
         ax.axhline(means[k], color="tab:red", lw=0.8, ls=":")
         labels = [shown_value(knob, p).replace("α ", "").split(",")[0] for p in points]
-        ax.set_xticks(xs, labels, rotation=30 if knob == "connector" else 0, ha="right" if knob == "connector" else "center",
+        ax.set_xticks(xs, labels, rotation=30 if knob == "connector" else 0,
+                      ha="right" if knob == "connector" else "center",
                       fontsize=7 if knob == "connector" else 9)
         unit = report["setup"].get("warmup_unit")
         ax.set_title(TITLES[knob] + (f" ({unit})" if knob == "warmup" and unit else ""), fontsize=9)

@@ -272,7 +272,8 @@ def flops(pair: str, labels: list[str], batch_size: int, image_size: int, num_cl
                 per_step[label] = count_flops(build(label, "cpu")[0])
                 on_cpu.append(label)
             except Exception as e:  # noqa: BLE001 - reported, the benchmark goes on
-                uncounted[label] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}"
+                uncounted[label] = (f"{type(e).__name__}: "
+                                    f"{str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}")
     d = build("blockkd")[1]
     x = torch.empty(batch_size, 3, image_size, image_size, device="meta")
     parts: dict[str, int] = {}
@@ -398,7 +399,8 @@ def step_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
             "" if r.get("meets_goal") is None else (" ok" if r["meets_goal"] else " MISSED"))
         gflop = r["flops_per_step"] / 1e9 if r.get("flops_per_step") else None
         body.append([r["pair"], r["variant"], r["label"], fmt(r.get("images_per_s"), ".1f"),
-                     fmt(r.get("step_ms"), ".1f"), fmt(r.get("cost_vs_kd"), ".2f") + ("x" if r.get("cost_vs_kd") else ""),
+                     fmt(r.get("step_ms"), ".1f"),
+                     fmt(r.get("cost_vs_kd"), ".2f") + ("x" if r.get("cost_vs_kd") else ""),
                      fmt(gflop, ".2f"), fmt(r.get("flops_vs_kd"), ".2f") + ("x" if r.get("flops_vs_kd") else ""),
                      count(r.get("extra_params")), count(r.get("extra_buffers")), fmt(r.get("peak_memory_mb"), ".0f"),
                      r.get("error") and f"error: {r['error']}" or goal])
@@ -418,7 +420,8 @@ def flop_table(flop_info: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     for pair, f in flop_info.items():
         body += [[pair, part, fmt(v / 1e9, ".4g")] for part, v in f["parts"].items()]
         body.append([pair, "kd step = student fwd + bwd + teacher fwd", fmt(f["kd_from_parts"] / 1e9, ".4g")])
-        body.append([pair, f"blockkd step = kd step + all {f['num_blocks']} stones", fmt(f["blockkd_from_parts"] / 1e9, ".4g")])
+        body.append([pair, f"blockkd step = kd step + all {f['num_blocks']} stones",
+                     fmt(f["blockkd_from_parts"] / 1e9, ".4g")])
         body.append([pair, "blockkd-lite step = kd step + each of its stones on its share of the batch",
                      fmt(f["blockkd_lite_expected"] / 1e9, ".4g")])
     return header, body
@@ -442,7 +445,8 @@ def floor_lines(report: dict[str, Any]) -> list[str]:
         for r in report["train_step"]:
             if r["pair"] == pair and r["label"] in ("blockkd", "blockkd-lite") and r.get("cost_vs_kd"):
                 floor = f["floor_blockkd"] if r["label"] == "blockkd" else f["floor_blockkd_lite"]
-                line = f"  - {r['variant']}, {r['label']}: measured time ratio {r['cost_vs_kd']:.2f}x vs FLOP ratio {floor:.2f}x"
+                line = (f"  - {r['variant']}, {r['label']}: measured time ratio {r['cost_vs_kd']:.2f}x "
+                        f"vs FLOP ratio {floor:.2f}x")
                 kd_row = kd_rows.get(r["variant"])
                 added_ms = r["step_ms"] - kd_row["step_ms"] if kd_row else 0
                 if added_ms > 0:  # where the ratios differ: the FLOP rate of kd's step vs that of the added work
@@ -460,7 +464,8 @@ def uncounted_note(flop_info: dict[str, dict]) -> str:
     note = (f" GFLOP/step counts convolutions and matrix products (`FlopCounterMode`) on the `meta` device, for "
             f"{', '.join(on_cpu)} (data-dependent ops) in a real CPU step." if on_cpu else "")
     if why:
-        note += " No FLOP count for " + ", ".join(f"{label} ({reason.split(':')[0]})" for label, reason in why.items()) + "."
+        note += (" No FLOP count for "
+                 + ", ".join(f"{label} ({reason.split(':')[0]})" for label, reason in why.items()) + ".")
     return note
 
 
@@ -476,9 +481,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Machine: {machine_line(report['machine'])}.",
         f"Train step (forward + backward + SGD step), batch {s['batch_size']}, {s['image_size']}x{s['image_size']} "
         f"inputs, {s['num_classes']} classes, random-init models and data on the device; throughput is the median "
-        f"of {plural(s['windows'], 'window')} of {plural(s['steps'], 'step')} after {plural(s['warmup'], 'warm-up step')} "
-        f"(methods that draw stones per step: the mean over at least {plural(s['random_steps'], 'step')}); each case runs in its own "
-        f"process; peak MB is {'max_memory_allocated' if s['device'].startswith('cuda') else 'the peak RSS of that process'}. "
+        f"of {plural(s['windows'], 'window')} of {plural(s['steps'], 'step')} "
+        f"after {plural(s['warmup'], 'warm-up step')} "
+        f"(methods that draw stones per step: the mean over at least {plural(s['random_steps'], 'step')}); "
+        f"each case runs in its own "
+        f"process; peak MB is "
+        f"{'max_memory_allocated' if s['device'].startswith('cuda') else 'the peak RSS of that process'}. "
         f"Time vs kd is kd's images/s "
         f"over the method's; the goals are stated for {GOAL_PAIR}. Extra params: what the method trains besides the "
         f"student (connectors, regressors, embeddings); extra buffers: its untrained state (CRD's memory banks, "
@@ -510,7 +518,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pairs", nargs="+", help=f"teacher:student pairs (default {' '.join(PAIRS)})")
     p.add_argument("--methods", nargs="+", choices=METHODS, help="methods to time (default all)")
     p.add_argument("--variants", nargs="+", help="fp32|bf16|fp16 joined with +cl (channels_last) and/or +compile "
-                                                 f"(default CPU: {' '.join(CPU_VARIANTS)}; CUDA: {' '.join(CUDA_VARIANTS)})")
+                                                 f"(default CPU: {' '.join(CPU_VARIANTS)}; "
+                                                 f"CUDA: {' '.join(CUDA_VARIANTS)})")
     p.add_argument("--batch-size", type=int, help="train-step batch size (default 64)")
     p.add_argument("--data", nargs="*", help="datasets for the input-pipeline benchmark: fashion_mnist, synthetic "
                                              "(CIFAR-shaped) (default: fashion_mnist if installed, else synthetic); "

@@ -57,7 +57,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # Round 2, after round 1 found the 3x3 connector the one change that helped (docs/blockkd.md).
     "blockkd conv3x3_bn gamma 0": ("blockkd", {"connector": "conv3x3_bn", "gamma": 0.0}),
     "blockkd conv3x3_bn kd weights": ("blockkd", {"connector": "conv3x3_bn", "alpha": 0.1, "beta": 0.9, "gamma": 0.05}),
-    "blockkd conv3x3_bn unit weights": ("blockkd", {"connector": "conv3x3_bn", "alpha": 1.0, "beta": 1.0, "gamma": 1.0}),
+    "blockkd conv3x3_bn unit weights": ("blockkd", {"connector": "conv3x3_bn",
+                                                    "alpha": 1.0, "beta": 1.0, "gamma": 1.0}),
     # (round 5's stone_warmup 2 of the recipes' 8 epochs: stone_warmup_fraction 0.25)
     "blockkd conv3x3_bn stone_warmup 2": ("blockkd", {"connector": "conv3x3_bn", "stone_warmup_fraction": 0.25}),
     "blockkd conv3x3_bn_relu_conv1x1_bn": ("blockkd", {"connector": "conv3x3_bn_relu_conv1x1_bn"}),
@@ -201,7 +202,8 @@ def weight_sweeps(summary: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
     return out
 
 
-def sweep_table(sweeps: dict[str, dict[str, Any]], summary: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+def sweep_table(sweeps: dict[str, dict[str, Any]],
+                summary: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     header = ["method", "weight", "seeds", "x0.5", "x1 (recipe)", "x2", "chosen", "time/run"]
     rows = []
     for method, w in sweeps.items():
@@ -289,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
               "setup": {"recipes": students.shown(folder), "val_split": val, "seeds": seeds, "jobs": jobs,
                         "threads_per_job": threads,
                         "overrides": extra, "teacher_overrides": teacher_extra},
-              "teacher": {"model": teacher["model"], "run_dir": str(teacher_dir), "last_top1": teacher["last"]["test_top1"]},
+              "teacher": {"model": teacher["model"], "run_dir": str(teacher_dir),
+                          "last_top1": teacher["last"]["test_top1"]},
               "variants": summary, "runs": results, "minutes": sum(i["minutes"] for i in invocations)}
     write_json(out, report)
     text, md = render(report, out)
@@ -320,7 +323,8 @@ def render(report: dict[str, Any], out: Path) -> tuple[str, Path]:
     epochs = [o.split("=", 1)[1] for o in u["overrides"] if o.startswith("train.epochs=")]
     schedule = f"{epochs[-1]} epochs" if epochs else "the recipes' schedule"
     text = (f"Validation top-1 on {u['val_split']} images held out from the Fashion-MNIST training set (the test "
-            f"split is unused), {u.get('recipes', 'configs/fashion_mnist')} recipes, {schedule}, teacher {t['model']} at "
+            f"split is unused), {u.get('recipes', 'configs/fashion_mnist')} recipes, {schedule}, "
+            f"teacher {t['model']} at "
             f"{t['last_top1']:.2f}; seeds {', '.join(map(str, u['seeds']))} (the seeds column says how many each "
             f"variant ran with); {parallelism(report)}.")
     wide = "" if u.get("recipes", "configs/fashion_mnist") == "configs/fashion_mnist" else f", {u['recipes']}"

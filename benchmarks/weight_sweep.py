@@ -87,7 +87,8 @@ def main(argv=None) -> int:
             extra = {"train": {"seed": seed, **({"grad_clip": 5.0} if "clip" in name else {})}}
             if method != "ce":
                 extra["teacher"] = teacher
-            cfg = recipe(work, name.replace(" ", "_").replace(",", "").replace("=", "") + f"-seed{seed}", method, **extra)
+            cfg = recipe(work, name.replace(" ", "_").replace(",", "").replace("=", "") + f"-seed{seed}", method,
+                         **extra)
             cfg["method"]["options"].update(options)
             s = train(cfg, overwrite=True)
             rows.append({"variant": name, "seed": seed, "method": method, "options": cfg["method"]["options"],

@@ -149,7 +149,8 @@ def test_accuracy_report(runs):
         assert cfg["method"]["name"] == method and cfg["train"]["seed"] == 0 and cfg["data"]["val_split"] == 300
         assert report["recipes"][method]["fingerprint"] == r["fingerprint"]
     assert report["methods"]["ce"]["gain_vs_ce"] is None
-    assert report["methods"]["blockkd"]["gain_vs_ce"] == approx(runs_["blockkd"]["last_top1"] - runs_["ce"]["last_top1"])
+    assert report["methods"]["blockkd"]["gain_vs_ce"] == approx(runs_["blockkd"]["last_top1"]
+                                                                - runs_["ce"]["last_top1"])
 
     assert (folder / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (folder / "accuracy.md").read_text()
@@ -201,7 +202,8 @@ def test_accuracy_append_adds_methods_and_refuses_other_settings(runs, tmp_path)
                  "runs": [{**r, "teacher_sha256": "0" * 64} for r in before["runs"]]}
     (tmp_path / "out" / "accuracy.json").write_text(json.dumps(retrained))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(folder.parent / "cache")}  # the cached teacher
-    base = [sys.executable, str(BENCH / "accuracy.py"), "--quick", "--val", "300", "--append", "--out", "out/accuracy.json"]
+    base = [sys.executable, str(BENCH / "accuracy.py"), "--quick", "--val", "300", "--append",
+            "--out", "out/accuracy.json"]
     proc = subprocess.run(base + ["--methods", "kd-ls", "kd", "--jobs", "2"], cwd=tmp_path, env=env, text=True,
                           capture_output=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -273,7 +275,8 @@ def test_accuracy_on_another_recipe_folder(tmp_path):
     setup, student = report["setup"], "hf-config.configs/fortunes/models/student.json"
     assert (setup["dataset"], setup["recipes"], setup["samples"], setup["optimizer"]) == (
         "fortunes", "configs/fortunes", "texts", "adamw")
-    assert setup["student"] == student and report["teacher"]["model"] == "hf-config.configs/fortunes/models/teacher.json"
+    assert setup["student"] == student and report["teacher"]["model"] == (
+        "hf-config.configs/fortunes/models/teacher.json")
     assert setup["train_images"] == 128 and setup["split"] == "test" and setup["methods"] == ["ce", "blockkd"]
     assert Path(report["teacher"]["run_dir"]).is_relative_to(tmp_path / "cache")
     assert report["recipes"]["blockkd"]["file"] == "configs/fortunes/blockkd.yaml"
@@ -281,7 +284,8 @@ def test_accuracy_on_another_recipe_folder(tmp_path):
     assert r["blockkd"]["curve"][-1] == [1, r["blockkd"]["last_top1"]] and r["ce"]["last_top1"] <= r["ce"]["best_top1"]
     assert report["methods"]["blockkd"]["gain_vs_ce"] == approx(r["blockkd"]["last_top1"] - r["ce"]["last_top1"])
     md = (tmp_path / "out" / "text.md").read_text()
-    assert md.startswith("### Accuracy (fortunes") and "recipes `configs/fortunes/<method>.yaml` with 128 training texts" in md
+    assert (md.startswith("### Accuracy (fortunes")
+            and "recipes `configs/fortunes/<method>.yaml` with 128 training texts" in md)
     assert f"| {student} | blockkd | 1 |" in md and "text.png" in md and "AdamW lr 0.003" in md
     assert (tmp_path / "out" / "text.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -294,7 +298,8 @@ def test_accuracy_on_another_recipe_folder(tmp_path):
 def test_tuning_report(tmp_path):
     """tune.py runs each variant's options (checked in the run folders' configs) on the held-out split."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, str(BENCH / "tune.py"), "--quick", "--jobs", "2", "--out", "out/tuning.json"],
+    proc = subprocess.run([sys.executable, str(BENCH / "tune.py"), "--quick", "--jobs", "2",
+                           "--out", "out/tuning.json"],
                           cwd=tmp_path, env=env, text=True, capture_output=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "tuning.json").read_text())
@@ -304,7 +309,8 @@ def test_tuning_report(tmp_path):
     assert report["setup"]["jobs"] == 2 and report["setup"]["threads_per_job"] >= 1
     for r in report["runs"]:
         cfg = config.load(tmp_path / r["run_dir"] / "config.yaml")  # run_dir is relative to the cwd
-        assert cfg["data"]["val_split"] == 300 and cfg["method"]["name"] == ("kd" if r["variant"] == "kd" else "blockkd")
+        assert cfg["data"]["val_split"] == 300 and cfg["method"]["name"] == (
+            "kd" if r["variant"] == "kd" else "blockkd")
         if r["variant"] != "kd":
             assert cfg["method"]["options"]["temperature"] == (2.0 if r["variant"] == "blockkd T 2" else 4.0)
             # the variants of rounds 1-15 start from the method's defaults of then (tune.FORMER_DEFAULTS), not
@@ -321,8 +327,8 @@ def test_tuning_report(tmp_path):
     # --append: a second seed of kd joins the first run's results; the rest is kept as it was. --weights-of pkt
     # adds PKT at its recipe's distillation weight, half and twice it.
     proc = subprocess.run([sys.executable, str(BENCH / "tune.py"), "--quick", "--append", "--variants", "kd",
-                           "--weights-of", "pkt", "--seeds", "1", "--jobs", "1", "--out", "out/tuning.json"], cwd=tmp_path, env=env,
-                          text=True, capture_output=True, timeout=240)
+                           "--weights-of", "pkt", "--seeds", "1", "--jobs", "1", "--out", "out/tuning.json"],
+                          cwd=tmp_path, env=env, text=True, capture_output=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     merged = json.loads((tmp_path / "out" / "tuning.json").read_text())
     assert [i["command"].split("tune.py ")[1] for i in merged["invocations"]] == [
@@ -444,7 +450,8 @@ def test_held_out_settings_run_what_users_get(folder, monkeypatch):
     else:
         assert student == "vit_tiny_p4" and "reviewkd" not in entries
         assert config.fingerprint(teacher, ignore=("output",)) == config.fingerprint(
-            config.load(ROOT / "configs" / "fashion_mnist" / "teacher.yaml"), ignore=("output",))  # the same cached teacher
+            config.load(ROOT / "configs" / "fashion_mnist" / "teacher.yaml"),
+            ignore=("output",))  # the same cached teacher
 
 
 # ----------------------------------------------------------------------------------------- sensitivity
@@ -460,7 +467,8 @@ def test_sensitivity_points_follow_the_method_defaults(monkeypatch):
     assert warm in d and "warmup" in warm
     g = sensitivity.grid("blockkd", {**d, warm: 0.3}, epochs=8)  # stone_warmup_fraction: a share of training
     assert [o for _, o in g["alpha_beta"]] == [{"alpha": 0.5, "beta": 0.25}, {"alpha": 2.0, "beta": 1.0}]
-    assert [o["gamma"] for _, o in g["gamma"]] == [0.0, 0.4] and [o["temperature"] for _, o in g["temperature"]] == [1, 4]
+    assert ([o["gamma"] for _, o in g["gamma"]] == [0.0, 0.4]
+            and [o["temperature"] for _, o in g["temperature"]] == [1, 4])
     assert {o["connector"] for _, o in g["connector"]} == set(sensitivity.CONNECTORS.names()) - {"conv3x3_bn"}
     assert [o[warm] for _, o in g["warmup"]] == [0.0, 0.6]
     g0 = sensitivity.grid("blockkd", {**d, "gamma": 0.0, warm: 0.0}, epochs=8)  # from 0: fixed steps up
@@ -507,7 +515,8 @@ def test_sensitivity_report(tmp_path):
     assert f"| connector | **{d['connector']} (default)** | 1 |" in md
     assert (tmp_path / "out" / "sens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (tmp_path / "out" / "sens.md").unlink()
-    subprocess.run([sys.executable, str(BENCH / "sensitivity.py"), "--render", "--out", str(tmp_path / "out" / "sens.json")],
+    subprocess.run([sys.executable, str(BENCH / "sensitivity.py"), "--render",
+                    "--out", str(tmp_path / "out" / "sens.json")],
                    check=True, capture_output=True, timeout=120)
     assert (tmp_path / "out" / "sens.md").read_text() == md
 

@@ -352,7 +352,8 @@ def noise_root(tmp_path_factory) -> Path:
     for k in range(2):
         (root / "train" / f"c{k}").mkdir(parents=True)
         for i in range(6):
-            Image.fromarray(rng.integers(0, 256, (24, 28, 3), dtype=np.uint8)).save(root / "train" / f"c{k}" / f"{i}.png")
+            Image.fromarray(rng.integers(0, 256, (24, 28, 3), dtype=np.uint8)).save(
+                root / "train" / f"c{k}" / f"{i}.png")
     return root
 
 

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTH = ["data.name=synthetic", "data.image_size=16", "data.train_size=512", "data.test_size=256",
-         "data.batch_size=64", "data.eval_batch_size=256", "data.train_subset=null", "train.device=cpu", "output.tensorboard=true"]
+         "data.batch_size=64", "data.eval_batch_size=256", "data.train_subset=null", "train.device=cpu",
+         "output.tensorboard=true"]
 
 
 def cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -120,7 +121,8 @@ def test_cifar100_recipe_starts_on_cpu_with_plain_lines(tmp_path):
     assert re.search(r"^epoch 1/\d+: loss .* img/s", log, re.M)  # the epoch (cut by max_steps=3) as a line
     run = next((tmp_path / "runs").iterdir())
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    assert (cfg["method"]["name"], cfg["model"]["name"], cfg["teacher"]["name"]) == ("blockkd", "resnet8x4", "resnet32x4")
+    assert (cfg["method"]["name"], cfg["model"]["name"], cfg["teacher"]["name"]) == (
+        "blockkd", "resnet8x4", "resnet32x4")
     assert set(cfg["data"]) == {"name", "batch_size", "eval_batch_size", "augment", "train_subset", "val_split",
                                 "drop_last", "root", "download"}  # only the keys that apply to CIFAR-100
     assert json.loads((run / "summary.json").read_text())["steps"] == 3

@@ -115,7 +115,8 @@ def test_ce_run_writes_every_output(teacher_run):
         assert (run / name).stat().st_size > 0, name
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
-    assert {"step/loss", "step/loss_ce", "step/lr", "epoch/test_top1", "epoch/train_loss"} <= set(events.Tags()["scalars"])
+    assert {"step/loss", "step/loss_ce", "step/lr", "epoch/test_top1", "epoch/train_loss"} <= set(
+        events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("epoch/test_top1")] == [1, 2, 3, 4]
     history = rows(run)
     assert [r["epoch"] for r in history] == [1, 2, 3, 4]
@@ -175,7 +176,8 @@ def test_teacher_checkpoint_formats_and_checks(teacher_run, tmp_path, caplog):
     foreign = tmp_path / "ckpt_epoch_240.pth"  # RepDistiller/mdistiller layout
     torch.save({"model": teacher, "epoch": 240}, foreign)
     cfg = recipe(tmp_path, "pth", teacher__checkpoint=str(foreign), **one_step)
-    assert train(cfg)["teacher_test_top1"] == pytest.approx(evaluate_checkpoint(run, data_overrides=cfg["data"])["top1"])
+    assert train(cfg)["teacher_test_top1"] == pytest.approx(
+        evaluate_checkpoint(run, data_overrides=cfg["data"])["top1"])
 
     random_teacher = tmp_path / "random.safetensors"
     safetensors.torch.save_file(models.create("resnet14", num_classes=10).state_dict(), str(random_teacher))
@@ -253,7 +255,8 @@ def forget_setting(checkpoint: Path, key: str) -> None:
 
 def test_resume_names_settings_the_run_predates(teacher_run, tmp_path, caplog):
     """A run saved before a setting existed resumes with today's default for it: the user is told which,
-    and when the checkpoint then does not fit (blockkd-lite's num_stones went from null, every stone, to 2), how to fix it."""
+    and when the checkpoint then does not fit (blockkd-lite's num_stones went from null, every stone, to 2),
+    how to fix it."""
     run, _ = teacher_run
     lite = dict(method__name="blockkd-lite", teacher__name="resnet14", teacher__checkpoint=str(run))
     train(recipe(tmp_path, "old", **lite, train__epochs=1, method__options={"num_stones": None}))
@@ -345,7 +348,8 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
     save_checkpoint(tmp_path / "last", weights=weights, meta={"epoch": 2}, state={"optimizer": opt.state_dict()})
     assert load_checkpoint(tmp_path / "last.prev").meta["epoch"] == 1
     ckpt = load_checkpoint(folder)
-    assert ckpt.meta["epoch"] == 2 and ckpt.meta["version"] == 2 and len(ckpt.meta["sha256"]["weights.safetensors"]) == 64
+    assert (ckpt.meta["epoch"] == 2 and ckpt.meta["version"] == 2
+            and len(ckpt.meta["sha256"]["weights.safetensors"]) == 64)
     assert all(torch.equal(ckpt.weights[k], v) for k, v in weights.items())
     restored = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     restored.load_state_dict(ckpt.state["optimizer"])
@@ -358,7 +362,8 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
     # (a changed epoch, a forged sha256 of a replaced tensor file) is caught and named
     meta = json.loads((folder / "meta.json").read_text())
     (folder / "meta.json").write_text(json.dumps({**meta, "epoch": 7}))
-    with pytest.raises(BlockKDError, match=r"meta\.json is corrupt or truncated \(sha256 mismatch with meta\.json\.sha256\)"):
+    with pytest.raises(BlockKDError,
+                       match=r"meta\.json is corrupt or truncated \(sha256 mismatch with meta\.json\.sha256\)"):
         load_checkpoint(folder)
     (folder / "meta.json.sha256").unlink()
     with pytest.raises(BlockKDError, match=r"meta\.json\.sha256 is missing"):

@@ -20,19 +20,12 @@ from blockkd.data import lm as lm_data
 from blockkd.engine import train
 from blockkd.errors import BlockKDError
 from blockkd.methods.lm import LOSSES, chunked, token_divergence
+from helpers import assert_resumes_exactly, tiny_llama
 
 FORTUNES = Path("/usr/share/games/fortunes")
 VOCAB, LENGTH = 300, 32
 LM_DATA = {"name": "lm_fortunes", "categories": ["pets", "paradoxum"], "vocab_size": VOCAB, "seq_len": LENGTH,
            "batch_size": 4, "eval_batch_size": 16}
-
-
-def llama(layers: int, width: int, vocab: int = VOCAB) -> transformers.LlamaForCausalLM:
-    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width,
-                                   num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
-                                   max_position_embeddings=64, tie_word_embeddings=True, pad_token_id=0,
-                                   bos_token_id=0, eos_token_id=0)
-    return transformers.LlamaForCausalLM(cfg)
 
 
 def gpt2(layers: int = 2, width: int = 32) -> transformers.GPT2LMHeadModel:
@@ -65,7 +58,7 @@ def qwen2_sliding() -> transformers.Qwen2ForCausalLM:
         max_window_layers=1, layer_types=["full_attention", "sliding_attention"]))
 
 
-@pytest.mark.parametrize("make", [lambda: llama(4, 32), lambda: gpt2(2, 32), qwen2_sliding],
+@pytest.mark.parametrize("make", [lambda: tiny_llama(4, 32), lambda: gpt2(2, 32), qwen2_sliding],
                          ids=["llama", "gpt2", "qwen2-sliding"])
 def test_causal_lm_split_equals_forward_with_padding_and_positions(make):
     torch.manual_seed(0)
@@ -87,7 +80,7 @@ def test_causal_lm_split_equals_forward_with_padding_and_positions(make):
 
 
 def test_half_depth_half_width_student_pairs_by_depth_with_token_connectors():
-    teacher, student = llama(4, 32), llama(2, 16)
+    teacher, student = tiny_llama(4, 32), tiny_llama(2, 16)
     s_view, t_view = match(student, teacher, text_input(8))
     assert len(s_view.blocks) == len(t_view.blocks) == 2
     assert s_view.probe(text_input(8)) == [(8, 16), (8, 16)] and t_view.probe(text_input(8)) == [(8, 32), (8, 32)]
@@ -155,7 +148,7 @@ def test_causal_lm_names_fail_in_one_line(tmp_path):
 # ----------------------------------------------------------------------------------------- methods
 def test_lm_kd_losses_count_only_labelled_tokens_and_chunk_exactly():
     torch.manual_seed(0)
-    teacher, student = llama(4, 32), llama(2, 16)
+    teacher, student = tiny_llama(4, 32), tiny_llama(2, 16)
     x, y = batch()
     out = {}
     for chunk in (3, 1000):
@@ -172,7 +165,7 @@ def test_lm_kd_losses_count_only_labelled_tokens_and_chunk_exactly():
 
 
 def test_different_vocabularies_are_refused_unless_mapped(tmp_path):
-    teacher, student = llama(2, 16, vocab=320), llama(2, 16)
+    teacher, student = tiny_llama(2, 16, vocab=320), tiny_llama(2, 16)
     with pytest.raises(BlockKDError, match="vocabularies differ .320 vs 300|vocabularies differ .300 vs 320"):
         methods.create("lm-kd", student, teacher, text_input(12))
     x, y = batch()
@@ -186,7 +179,7 @@ def test_different_vocabularies_are_refused_unless_mapped(tmp_path):
 
 def test_lm_blockkd_stones_cross_the_teacher_and_train_the_student():
     torch.manual_seed(0)
-    teacher, student = llama(4, 32), llama(2, 16)
+    teacher, student = tiny_llama(4, 32), tiny_llama(2, 16)
     x, y = batch()
     d = methods.create("lm-blockkd", student, teacher, text_input(12), chunk=4, stone_tokens=None).train()
     assert d.num_blocks == 2 and len(d.connectors) == 2
@@ -317,7 +310,7 @@ def runs(tmp_path_factory):
     names = {}
     for role, (layers, width) in {"teacher": (4, 32), "student": (2, 16)}.items():
         path = folder / f"{role}.json"
-        llama(layers, width).config.to_json_file(str(path))
+        tiny_llama(layers, width).config.to_json_file(str(path))
         names[role] = f"hf-config.{path}"
     cfg = {"model": {"name": names["teacher"]}, "method": {"name": "lm-ce"}, "data": LM_DATA,
            "train": {"epochs": 1, "max_steps": 2, "device": "cpu"}, "optim": {"name": "adamw", "lr": 1e-3},
@@ -362,10 +355,12 @@ def test_one_step_of_every_lm_method_through_the_api(runs, method, options):
 
 def test_a_classifier_method_on_lm_data_is_refused_in_one_line(runs, tmp_path):
     folder, names, _ = runs
-    cfg = {"model": {"name": names["student"]}, "teacher": {"name": names["teacher"], "checkpoint": str(folder / "teacher")},
+    cfg = {"model": {"name": names["student"]},
+           "teacher": {"name": names["teacher"], "checkpoint": str(folder / "teacher")},
            "method": {"name": "kd"}, "data": LM_DATA, "train": {"epochs": 1, "device": "cpu"},
            "output": {"dir": str(tmp_path), "name": "kd", "progress": False, "tensorboard": False}}
-    with pytest.raises(BlockKDError, match="^method kd does not fit data lm_fortunes: .* lm-blockkd, lm-blockkd-lite, lm-ce, lm-kd"):
+    with pytest.raises(BlockKDError,
+                       match="^method kd does not fit data lm_fortunes: .* lm-blockkd, lm-blockkd-lite, lm-ce, lm-kd"):
         train(cfg)
 
 
@@ -435,8 +430,4 @@ def test_lm_blockkd_run_resumes_exactly(runs, tmp_path):
                 "output": {"dir": str(tmp_path), "name": name, "progress": False, "tensorboard": False,
                            "plot": False}}
 
-    train(cfg("full", 2))
-    train(cfg("resumed", 1))
-    train(cfg("resumed", 2), resume=True)
-    weights = [(tmp_path / r / "last" / "weights.safetensors").read_bytes() for r in ("full", "resumed")]
-    assert weights[0] == weights[1]
+    assert_resumes_exactly(cfg, tmp_path)

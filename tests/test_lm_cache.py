@@ -22,6 +22,7 @@ from blockkd.data.lm_cache import open_cache
 from blockkd.engine import train
 from blockkd.errors import BlockKDError
 from blockkd.methods.lm import LMKD
+from helpers import tiny_llama
 
 VOCAB, LENGTH = 300, 32
 LM_DATA = {"name": "lm_fortunes", "categories": ["pets", "paradoxum"], "vocab_size": VOCAB, "seq_len": LENGTH,
@@ -29,13 +30,6 @@ LM_DATA = {"name": "lm_fortunes", "categories": ["pets", "paradoxum"], "vocab_si
 from blockkd.blocks import text_input  # noqa: E402
 SPEC = text_input(LENGTH)
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-
-
-def llama(layers: int, width: int) -> transformers.LlamaForCausalLM:
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True,
-        pad_token_id=0, bos_token_id=0, eos_token_id=0))
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +41,7 @@ def setup(tmp_path_factory):
     os.environ["BLOCKKD_DATA"] = str(folder / "data")
     names = {}
     for role, (layers, width) in {"teacher": (2, 32), "student": (1, 16)}.items():
-        llama(layers, width).config.to_json_file(str(folder / f"{role}.json"))
+        tiny_llama(layers, width).config.to_json_file(str(folder / f"{role}.json"))
         names[role] = f"hf-config.{folder / f'{role}.json'}"
     out = {"dir": str(folder), "progress": False, "tensorboard": False, "plot": False}
     train({"model": {"name": names["teacher"]}, "method": {"name": "lm-ce"}, "data": LM_DATA,
@@ -121,7 +115,7 @@ def test_cache_holds_the_teachers_top_k_and_a_full_cache_gives_the_live_losses(s
     # k = the whole vocabulary: the renormalised top-k is the teacher's distribution, every loss as live
     assert main(["cache-logits", str(folder / "r.yaml"), "--top-k", str(VOCAB), "--out", str(tmp_path)]) == 0
     full = open_cache(tmp_path, tokenizer=bundle.tokenizer, seqs=seqs)
-    student = llama(1, 16)
+    student = tiny_llama(1, 16)
     x, y, index = bundle.train.data.input_ids[:4], bundle.train.data.labels[:4], torch.arange(4)
     x = {"input_ids": x, "attention_mask": torch.ones_like(x)}
     for loss in ("forward_kl", "reverse_kl", "jsd", "tvd"):

@@ -18,6 +18,7 @@ import yaml
 
 from blockkd import config, engine
 from blockkd.engine.checkpoint import load_checkpoint
+from helpers import tiny_llama
 
 # torchrun with 2 gloo ranks: minutes; `make test-fast` (pytest -m "not slow") skips them.
 pytestmark = pytest.mark.slow
@@ -26,18 +27,11 @@ VOCAB, LENGTH = 300, 32
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-def llama(layers: int, width: int) -> transformers.LlamaForCausalLM:
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True,
-        pad_token_id=0, bos_token_id=0, eos_token_id=0))
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     for role, (layers, width) in {"teacher": (2, 32), "student": (2, 16)}.items():
-        llama(layers, width).config.to_json_file(str(root / f"{role}.json"))
+        tiny_llama(layers, width).config.to_json_file(str(root / f"{role}.json"))
     return root
 
 

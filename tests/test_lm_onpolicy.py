@@ -3,23 +3,20 @@ a share of each batch, labelled on the generated tokens only, scored by the teac
 from __future__ import annotations
 
 import torch
-import transformers
 
 from blockkd import methods
 from blockkd.blocks import text_input
 from blockkd.engine import train
+from helpers import assert_resumes_exactly, tiny_llama
 
 VOCAB, LENGTH = 300, 32
 LM_DATA = {"name": "lm_fortunes", "categories": ["pets", "paradoxum"], "vocab_size": VOCAB, "seq_len": LENGTH,
            "batch_size": 4, "eval_batch_size": 16, "train_subset": 8}
 
 
-def llama(layers: int, width: int, seed: int = 0) -> transformers.LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True,
-        pad_token_id=0, bos_token_id=0, eos_token_id=7))
+def llama(layers: int, width: int, seed: int = 0):
+    """The tiny Llama with token 7 as its end of sequence, initialised from ``seed``."""
+    return tiny_llama(layers, width, VOCAB, eos_token_id=7, seed=seed)
 
 
 def test_on_policy_rows_are_the_students_continuations_of_their_prompts():
@@ -67,12 +64,8 @@ def test_on_policy_run_resumes_exactly(tmp_path, monkeypatch):
                 "output": {"dir": str(tmp_path), "name": name, "progress": False, "tensorboard": False,
                            "plot": False}}
 
-    train(cfg("full", 2))
-    train(cfg("resumed", 1))
-    train(cfg("resumed", 2), resume=True)
-    weights = [(tmp_path / r / "last" / "weights.safetensors").read_bytes() for r in ("full", "resumed")]
-    assert weights[0] == weights[1]
+    weights = assert_resumes_exactly(cfg, tmp_path)
     other = cfg("other", 2)
     other["train"]["seed"] = 4
     train(other)
-    assert (tmp_path / "other" / "last" / "weights.safetensors").read_bytes() != weights[0]
+    assert (tmp_path / "other" / "last" / "weights.safetensors").read_bytes() != weights

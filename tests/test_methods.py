@@ -176,7 +176,8 @@ def test_blockkd_loss_equals_paper_formula():
     expected = 0.3 * L_task + 0.7 * L_distill + 0.5 * L_cross
     total = sum(losses.values())
     assert total.item() == pytest.approx(expected.item(), rel=1e-4)
-    assert (losses["loss_task_student"] + losses["loss_task_stones"]).item() == pytest.approx(0.3 * L_task.item(), rel=1e-4)
+    assert (losses["loss_task_student"] + losses["loss_task_stones"]).item() == pytest.approx(
+        0.3 * L_task.item(), rel=1e-4)
     assert (losses["loss_distill_student"] + losses["loss_distill_stones"]).item() == pytest.approx(
         0.7 * L_distill.item(), rel=1e-4)
     assert losses["loss_cross"].item() == pytest.approx(0.5 * L_cross.item(), rel=1e-4)
@@ -493,7 +494,8 @@ def test_whole_batch_stones_see_every_sample_and_their_cross_term(k):
     with torch.no_grad():
         _, got = every.forward_train(x, y, epoch=1.0)
     assert {k: v.item() for k, v in got.items()} == pytest.approx({k: v.item() for k, v in ref.items()}, rel=1e-5)
-    with pytest.raises(BlockKDError, match=r"whole_batch_stones must be between 0 and the number of stones \(3\), got 4"):
+    with pytest.raises(BlockKDError,
+                       match=r"whole_batch_stones must be between 0 and the number of stones \(3\), got 4"):
         lite3(whole_batch_stones=4)
     with pytest.raises(BlockKDError, match=r"method\.options\.whole_batch_stones.*num_blocks is 2"):
         lite3(whole_batch_stones=3, num_blocks=2)

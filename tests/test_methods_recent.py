@@ -14,18 +14,9 @@ import torch.nn.functional as F
 import blockkd
 from blockkd.errors import BlockKDError
 from blockkd.methods.ctkd import curriculum_lambda
+from helpers import cifar_batch, cifar_pair, three_pairs
 
 TOL = dict(rel=1e-4, abs=1e-4)
-
-
-def cifar_pair(teacher="resnet32x4", student="resnet8x4", classes=100):
-    torch.manual_seed(0)
-    return blockkd.models.create(student, num_classes=classes), blockkd.models.create(teacher, num_classes=classes)
-
-
-def data(n=8, classes=100, size=32):
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(n, 3, size, size, generator=g), torch.randint(0, classes, (n,), generator=g)
 
 
 def logits_of(d, x):
@@ -84,7 +75,7 @@ def ref_standardize(z):
 def test_nkd_equals_the_paper(tau, gamma):
     s, t = cifar_pair()
     d = blockkd.methods.create("nkd", s, t, temperature=tau, gamma=gamma, ce_weight=0.5).train()
-    x, y = data()
+    x, y = cifar_batch()
     zs, zt = logits_of(d, x)
     _, losses = d(x, y)
     assert float(losses["loss_nkd"]) == pytest.approx(float(ref_nkd_rows(zs, zt, y, tau, gamma).mean()), **TOL)
@@ -111,7 +102,7 @@ def test_nkd_target_term_leaves_the_teacher_constant_and_ignores_the_target_logi
 def test_wttm_equals_the_paper(gamma):
     s, t = cifar_pair()
     d = blockkd.methods.create("wttm", s, t, power=gamma, beta=3.0).train()
-    x, y = data()
+    x, y = cifar_batch()
     zs, zt = logits_of(d, x)
     _, losses = d(x, y)
     assert float(losses["loss_wttm"]) == pytest.approx(3.0 * float(ref_wttm(zs, zt, gamma)), **TOL)
@@ -136,7 +127,7 @@ def test_ctkd_global_loss_and_reversed_temperature_gradient(base, ls):
     s, t = cifar_pair()
     d = blockkd.methods.create("ctkd", s, t, base=base, logit_standardization=ls, ce_weight=0.3, kd_weight=0.7,
                                dkd_alpha=1.0, dkd_beta=2.0).train()
-    x, y = data()
+    x, y = cifar_batch()
     zs, zt = logits_of(d, x)
     epoch = 3.4
     _, losses = d(x, y, epoch=epoch)
@@ -157,7 +148,7 @@ def test_ctkd_global_loss_and_reversed_temperature_gradient(base, ls):
 def test_ctkd_instance_predicts_one_temperature_per_sample_and_learns_it_reversed():
     s, t = cifar_pair()
     d = blockkd.methods.create("ctkd", s, t, mode="instance").train()
-    x, y = data()
+    x, y = cifar_batch()
     zs, zt = logits_of(d, x)
     _, losses = d(x, y, epoch=12.0)  # λ = −1: plain reversal
     tau = d.temperature(zs.float(), zt.float(), 12.0).detach().double()
@@ -192,7 +183,7 @@ def test_sdd_equals_the_paper(divergence, scales):
     s, t = cifar_pair()
     d = blockkd.methods.create("sdd", s, t, divergence=divergence, scales=scales, weight=0.9, warmup=0,
                                complementary_weight=2.0).train()
-    x, y = data(16)
+    x, y = cifar_batch(16)
     with torch.no_grad():
         fs, _ = d._views[0].features(x)
         ft, _ = d._views[1].features(x)
@@ -217,7 +208,7 @@ def test_sdd_equals_the_paper(divergence, scales):
 def test_sdd_whole_image_only_is_the_plain_loss():
     s, t = cifar_pair()
     d = blockkd.methods.create("sdd", s, t, divergence="kd", scales=[1], warmup=0).train()
-    x, y = data()
+    x, y = cifar_batch()
     zs, zt = logits_of(d, x)
     _, losses = d(x, y)
     assert float(losses["loss_sd_kd"]) == pytest.approx(float(ref_kl_rows(zs, zt, 4.0).mean()), rel=1e-4)
@@ -240,18 +231,9 @@ VARIANTS = [("nkd", {}), ("wttm", {}), ("ctkd", {}), ("ctkd", {"base": "dkd", "m
             ("sdd", {"divergence": "nkd"}), ("simkd", {}), ("fcfd", {})]
 
 
-def _pairs():
-    import torchvision
-    yield "resnet32x4->resnet8x4", *cifar_pair(), (3, 32, 32), 100
-    yield "wrn_40_2->ShuffleV1", *cifar_pair("wrn_40_2", "ShuffleV1"), (3, 32, 32), 100
-    torch.manual_seed(0)
-    yield ("torchvision resnet34->resnet18", torchvision.models.resnet18(num_classes=10),
-           torchvision.models.resnet34(num_classes=10), (3, 64, 64), 10)
-
-
 @pytest.mark.parametrize("method, options", VARIANTS)
 def test_one_training_step_on_three_pairs(method, options):
-    for name, s, t, shape, classes in _pairs():
+    for name, s, t, shape, classes in three_pairs():
         d = blockkd.methods.create(method, s, t, input_shape=shape, **options).train()
         x, y = torch.randn(4, *shape), torch.randint(0, classes, (4,))
         opt = torch.optim.SGD(d.trainable_parameters(), lr=0.01)
@@ -275,7 +257,7 @@ def test_one_training_step_on_three_pairs(method, options):
 def test_simkd_equals_the_paper_and_classifies_with_the_teachers_head(teacher, student):
     s, t = cifar_pair(teacher, student)
     d = blockkd.methods.create("simkd", s, t, feat_weight=2.0, ce_weight=0.5).train()
-    x, y = data()
+    x, y = cifar_batch()
     logits, losses = d(x, y)
     with torch.no_grad():  # the reference: the same modules, applied step by step (train-mode BN: same batch)
         fs, _ = d._views[0].features(x)
@@ -352,7 +334,7 @@ def test_fcfd_equals_the_paper(paths, epoch):
     import copy
     s, t = cifar_pair()
     d = blockkd.methods.create("fcfd", s, t, temperature=4.0, l2_weight=5.0, mixed_weight=0.5).train()
-    x, y = data()
+    x, y = cifar_batch()
     teacher_stats, student_copy = _bn_stats(t), copy.deepcopy(s)
     _, losses = d.forward_train(x, y, epoch=epoch, paths=paths)
     # the running statistics: the teacher's untouched, the student's those of its own path alone
@@ -399,7 +381,7 @@ def test_fcfd_trains_the_bridges_of_its_paths_and_never_the_teacher():
     s, t = cifar_pair()
     d = blockkd.methods.create("fcfd", s, t).train()
     assert d.candidates == [("t2s", 1), ("t2s", 2), ("s2t", 1), ("s2t", 2)]
-    x, y = data()
+    x, y = cifar_batch()
     _, losses = d.forward_train(x, y, epoch=1.0, paths=[("t2s", 1), ("t2s", 2)])
     sum(losses.values()).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in d.t2s.parameters())

@@ -9,26 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-import blockkd
 from blockkd import config, data, methods
 from blockkd.data import strong
 from blockkd.engine import train
 from blockkd.errors import BlockKDError
 from blockkd.methods.mlkd import MLKD, below_median_fraction
+from helpers import cifar_batch, cifar_pair, three_pairs
 
 CPU = torch.device("cpu")
 TOL = dict(rel=1e-4, abs=1e-4)
-
-
-def pair(teacher="resnet32x4", student="resnet8x4", classes=100):
-    torch.manual_seed(0)
-    return blockkd.models.create(student, num_classes=classes), blockkd.models.create(teacher, num_classes=classes)
-
-
-def batch(n=8, classes=100, size=32):
-    g = torch.Generator().manual_seed(1)
-    return (torch.randn(n, 3, size, size, generator=g), torch.randn(n, 3, size, size, generator=g),
-            torch.randint(0, classes, (n,), generator=g))
 
 
 # ------------------------------------------------------------------------------------------ the loss
@@ -66,9 +55,9 @@ def ref_mlkd(s_w, s_s, t_w, t_s, y, temps, n_strong, ce_weight, kd_weight, ls):
                                      {"temperatures": [2.0, 4.0], "strong_view_temperatures": 1}])
 @pytest.mark.parametrize("n", [8, 7])  # an even batch (mask fraction ½) and an odd one (the median is a sample)
 def test_mlkd_equals_the_formula(options, n):
-    s, t = pair()
+    s, t = cifar_pair()
     d = methods.create("mlkd", s, t, **options).train()
-    x_w, x_s, y = batch(n)
+    x_w, x_s, y = cifar_batch(n, views=2)
     _, losses = d(x_w, y, epoch=1.0, x_strong=x_s)
     with torch.no_grad():
         logits = [m(v).double() for m in (s, t) for v in (x_w, x_s)]
@@ -87,9 +76,9 @@ def test_mask_fraction_is_the_share_at_most_the_median():
 
 
 def test_the_strong_view_matters_and_the_teacher_never_learns():
-    s, t = pair()
+    s, t = cifar_pair()
     d = methods.create("mlkd", s, t).train()
-    x_w, x_s, y = batch()
+    x_w, x_s, y = cifar_batch(views=2)
     _, a = d(x_w, y, epoch=1.0, x_strong=x_s)
     _, b = d(x_w, y, epoch=1.0, x_strong=x_w)
     assert float(a["loss_ce"]) != pytest.approx(float(b["loss_ce"]))
@@ -99,18 +88,9 @@ def test_the_strong_view_matters_and_the_teacher_never_learns():
     assert all(p.grad is None for p in t.parameters())
 
 
-def _pairs():
-    import torchvision
-    yield "resnet32x4->resnet8x4", *pair(), (3, 32, 32), 100
-    yield "wrn_40_2->ShuffleV1", *pair("wrn_40_2", "ShuffleV1"), (3, 32, 32), 100
-    torch.manual_seed(0)
-    yield ("torchvision resnet34->resnet18", torchvision.models.resnet18(num_classes=10),
-           torchvision.models.resnet34(num_classes=10), (3, 64, 64), 10)
-
-
 @pytest.mark.parametrize("ls", [False, True])
 def test_one_training_step_on_three_pairs(ls):
-    for name, s, t, shape, classes in _pairs():
+    for name, s, t, shape, classes in three_pairs():
         d = methods.create("mlkd", s, t, input_shape=shape, logit_standardization=ls).train()
         x, x_s, y = torch.randn(4, *shape), torch.randn(4, *shape), torch.randint(0, classes, (4,))
         opt = torch.optim.SGD(d.trainable_parameters(), lr=0.01)
@@ -128,9 +108,9 @@ def test_one_training_step_on_three_pairs(ls):
 
 def test_listed_and_bad_inputs_refused():
     assert "mlkd" in methods.names() and methods.get("mlkd").paper and methods.describe("mlkd")
-    s, t = pair()
+    s, t = cifar_pair()
     d = methods.create("mlkd", s, t).train()
-    x, _, y = batch(4)
+    x, _, y = cifar_batch(4, views=2)
     with pytest.raises(BlockKDError, match="x_strong"):
         d(x, y, epoch=1.0)
     with pytest.raises(BlockKDError, match="method.options.temperatures"):
@@ -146,8 +126,8 @@ def test_rand_augment_operations_keep_shape_and_range_and_change_images():
     for op, _, hi in strong.OPS:
         y = op(x.float(), torch.full((6,), float(hi)))
         assert y.shape == x.shape and y.min() >= 0 and y.max() <= 255, op.__name__
-    changed = {op.__name__ for op, lo, hi in strong.OPS if not torch.equal(op(x.float(), torch.full((6,), 0.25 * lo + 0.75 * hi)),
-                                                                           x.float())}
+    changed = {op.__name__ for op, lo, hi in strong.OPS
+               if not torch.equal(op(x.float(), torch.full((6,), 0.25 * lo + 0.75 * hi)), x.float())}
     assert changed == {op.__name__ for op, _, _ in strong.OPS} - {"identity"}
     assert torch.equal(strong.posterize(x.float(), torch.full((6,), 4.0)), (x & 0xF0).float())  # PIL: keep 4 bits
     assert torch.equal(strong.solarize(x.float(), torch.full((6,), 128.0)),
@@ -191,7 +171,8 @@ def test_image_folder_second_view(tmp_path):
         (tmp_path / "train" / f"c{k}").mkdir(parents=True)
         (tmp_path / "val" / f"c{k}").mkdir(parents=True)
         for i in range(3):
-            Image.fromarray(rng.integers(0, 256, (20, 22, 3), dtype=np.uint8)).save(tmp_path / "train" / f"c{k}" / f"{i}.png")
+            Image.fromarray(rng.integers(0, 256, (20, 22, 3), dtype=np.uint8)).save(
+                tmp_path / "train" / f"c{k}" / f"{i}.png")
         Image.fromarray(rng.integers(0, 256, (20, 22, 3), dtype=np.uint8)).save(tmp_path / "val" / f"c{k}" / "0.png")
     b = data.build({"name": "imagefolder", "root": str(tmp_path), "image_size": 16, "batch_size": 3,
                     "num_workers": 0}, device=CPU, seed=1)
@@ -257,7 +238,8 @@ def test_rand_augment_operations_follow_pil():
                   (ImageEnhance.Contrast(pil).enhance(0.3), strong.contrast, 0.3),
                   (ImageEnhance.Sharpness(pil).enhance(0.2), strong.sharpness, 0.2)]
     exact = [(ImageOps.equalize(pil), strong.equalize, 0), (ImageOps.posterize(pil, 5), strong.posterize, 5.7),
-             (ImageOps.solarize(pil, 100), strong.solarize, 100), (affine(1, 0, -8, 0, 1, 0), strong.translate_x, -0.25),
+             (ImageOps.solarize(pil, 100), strong.solarize, 100),
+             (affine(1, 0, -8, 0, 1, 0), strong.translate_x, -0.25),
              (affine(1, 0, 0, 0, 1, 6.4), strong.translate_y, 0.2)]
     nearly = [(pil.rotate(20), strong.rotate, 20), (affine(1, 0.2, 0, 0, 1, 0), strong.shear_x, 0.2),
               (affine(1, 0, 0, -0.1, 1, 0), strong.shear_y, -0.1)]

@@ -1,5 +1,5 @@
-"""The NKD, CTKD, SDD, SimKD, FCFD and MLKD recipes carry the authors' published hyper-parameters, transcribed below with the file
-of their repository each value comes from; each recipe builds its distiller on its pair."""
+"""The NKD, CTKD, SDD, SimKD, FCFD and MLKD recipes carry the authors' published hyper-parameters, transcribed below
+with the file of their repository each value comes from; each recipe builds its distiller on its pair."""
 from pathlib import Path
 
 import pytest
@@ -80,8 +80,8 @@ MLKD_CIFAR = dict(temperatures=[4.0, 3.0, 5.0, 2.0, 6.0], strong_view_temperatur
 MLKD_IMAGENET = {**MLKD_CIFAR, "temperatures": [1.0, 3.0, 5.0, 2.0, 6.0], "ce_weight": 0.5, "kd_weight": 0.5}
 MLKD_LR = {**{f"cifar100/{p}/mlkd": 0.025 for p in ("resnet32x4_resnet8x4", "resnet110_resnet32", "resnet56_resnet20",
                                                     "vgg13_vgg8", "wrn_40_2_wrn_16_2", "wrn_40_2_wrn_40_1")},
-           **{f"cifar100/{p}/mlkd": 0.01 for p in ("ResNet50_MobileNetV2", "resnet32x4_ShuffleV1", "resnet32x4_ShuffleV2",
-                                                   "vgg13_MobileNetV2", "wrn_40_2_ShuffleV1")},
+           **{f"cifar100/{p}/mlkd": 0.01 for p in ("ResNet50_MobileNetV2", "resnet32x4_ShuffleV1",
+                                                   "resnet32x4_ShuffleV2", "vgg13_MobileNetV2", "wrn_40_2_ShuffleV1")},
            "cifar100/resnet32x4_resnet8x4/mlkd_ls": 0.025, "imagenet/resnet34_resnet18/mlkd": 0.1,
            "imagenet/resnet50_mobilenet_v2/mlkd": 0.2, "imagenet/resnet50_mobilenetv1/mlkd": 0.2}
 MLKD = {k: (MLKD_IMAGENET if k.startswith("imagenet") else MLKD_CIFAR) for k in MLKD_LR}

@@ -21,6 +21,7 @@ import torch
 
 import blockkd
 from blockkd.engine import train
+from first_gradients import confident_pair, student_grad_norm  # benchmarks/first_gradients.py: the same pair
 from weight_sweep import confident_teacher, recipe  # benchmarks/weight_sweep.py: the setting this test runs
 
 # Two short trainings and a teacher's: minutes; `make test-fast` (pytest -m "not slow") skips them.
@@ -38,26 +39,6 @@ def test_blockkd_defaults_are_stable_with_a_confident_teacher(tmp_path):
     assert defaults["last"]["test_top1"] > unit["last"]["test_top1"] + 5, (defaults["last"], unit["last"])
 
 
-def _confident_pair(seed: int, std: float = 20.0):
-    """resnet8 student, resnet14 teacher whose head is scaled to a mean per-sample logit std of ``std`` on the
-    batch (a stand-in for a teacher trained to high confidence), and the batch; the same for the same seed."""
-    torch.manual_seed(seed)
-    x, y = torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,))
-    student = blockkd.models.create("resnet8", num_classes=10)
-    teacher = blockkd.models.create("resnet14", num_classes=10).eval()
-    with torch.no_grad():
-        head = [m for m in teacher.modules() if isinstance(m, torch.nn.Linear)][-1]
-        scale = std / teacher(x).std(dim=1).mean().item()
-        head.weight.mul_(scale), head.bias.mul_(scale)
-    return student, teacher, x, y
-
-
-def _student_grad_norm(distiller, x, y, epoch: float) -> float:
-    _, losses = distiller(x, y, epoch=epoch)
-    grads = torch.autograd.grad(sum(losses.values()), list(distiller.student.parameters()))
-    return torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item()
-
-
 def test_blockkd_first_gradients_are_no_harsher_than_kds():
     """Block-KD's defaults, built beside KD's in one process on the same confident pairs (three initialisations):
     the gradient into the student on the first batch (at the progress the trainer passes for step 1 of 8 epochs
@@ -68,9 +49,9 @@ def test_blockkd_first_gradients_are_no_harsher_than_kds():
     for seed in range(3):
         norms = {}
         for method in ("kd", "blockkd"):
-            student, teacher, x, y = _confident_pair(seed)
+            student, teacher, x, y = confident_pair(seed)
             d = blockkd.methods.create(method, student, teacher, input_shape=(3, 16, 16), epochs=epochs).train()
-            norms[method] = _student_grad_norm(d, x, y, epoch=1 / steps)
+            norms[method] = student_grad_norm(d, x, y, epoch=1 / steps)
             if seed:
                 continue
             opt = torch.optim.SGD(d.trainable_parameters(), lr=0.3, momentum=0.9)

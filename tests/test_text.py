@@ -77,7 +77,8 @@ def test_teacher_run_and_its_hf_folder(teacher_run, bert_configs):
     # (whether a tiny BERT trained from scratch leaves chance level within 12 epochs depends on the CPU's
     # numerics: the suite asserts only what holds on any machine)
     assert summary["best"]["test_top1"] == max(r["test_top1"] for r in history)
-    assert summary["best"]["epoch"] == next(r["epoch"] for r in history if r["test_top1"] == summary["best"]["test_top1"])
+    assert summary["best"]["epoch"] == next(r["epoch"] for r in history
+                                            if r["test_top1"] == summary["best"]["test_top1"])
     # hf/: what transformers loads, equal to our checkpoint's model, with the tokenizer the data used
     hf = run / "hf"
     model = transformers.AutoModelForSequenceClassification.from_pretrained(str(hf)).eval()
@@ -212,14 +213,16 @@ def test_csv_and_jsonl_files(tmp_path):
     with (tmp_path / "pairs.jsonl").open("w") as f:
         for k in range(20):
             f.write(json.dumps({"a": texts[k], "b": texts[-k - 1], "y": k % 2}) + "\n")
-    pairs = data.build({"name": "textfile", "train": str(tmp_path / "pairs.jsonl"), "test": str(tmp_path / "pairs.jsonl"),
+    pairs = data.build({"name": "textfile", "train": str(tmp_path / "pairs.jsonl"),
+                        "test": str(tmp_path / "pairs.jsonl"),
                         "text_column": "a", "text_pair_column": "b", "label_column": "y", "tokenizer": "wordpiece",
                         "vocab_size": 300, "batch_size": 4}, device="cpu")
     x, _ = next(iter(pairs.train))
     assert pairs.classes == ["0", "1"] and bool((x["token_type_ids"] == 1).any())
     held_out = data.build({**cfg, "test": None, "val_split": 10}, device="cpu")
     assert (held_out.train_size, held_out.test_size) == (20, 10)
-    with pytest.raises(BlockKDError, match=r"data.text_column='txt' is not a column of .*train.csv .*did you mean 'text'"):
+    with pytest.raises(BlockKDError,
+                       match=r"data.text_column='txt' is not a column of .*train.csv .*did you mean 'text'"):
         data.build({**cfg, "text_column": "txt"}, device="cpu")
     with pytest.raises(BlockKDError, match="data.test is not set"):
         data.build({**cfg, "test": None}, device="cpu")

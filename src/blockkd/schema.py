@@ -122,7 +122,8 @@ def optional(check: Check) -> Check:
 
 
 def list_of(check: Check, *, increasing: bool = False) -> Check:
-    what = f"a list of {check.what.removeprefix('a ').removeprefix('an ')}s" + (", strictly increasing" if increasing else "")
+    what = (f"a list of {check.what.removeprefix('a ').removeprefix('an ')}s"
+            + (", strictly increasing" if increasing else ""))
     return Check(what, lambda v: isinstance(v, (list, tuple)) and all(check.ok(x) for x in v)
                  and (not increasing or all(a < b for a, b in zip(v, v[1:]))),
                  lambda v: [check.cast(x) for x in v])

@@ -20,7 +20,8 @@ CASES = {
                       r"did you mean 'resnet8'\?"),
     "unknown-method": (["ok.yaml", "method.name=blockdk"], r"unknown method 'blockdk' .*did you mean 'blockkd'\?"),
     "mistyped-key": (["ok.yaml", "optim.lrr=0.1"],
-                     r"unknown key 'optim\.lrr' in override 'optim\.lrr=0\.1' \(on ok\.yaml\); did you mean 'optim\.lr'\?"),
+                     r"unknown key 'optim\.lrr' in override 'optim\.lrr=0\.1' \(on ok\.yaml\); "
+                     r"did you mean 'optim\.lr'\?"),
     "mistyped-key-in-file": (["typo.yaml"],
                              r"unknown key 'train\.epoch' in typo\.yaml; did you mean 'train\.epochs'\?"),
     "unknown-option": (["ok.yaml", "method.options.temp=2"], r"did you mean 'method\.options\.temperature'\?"),
@@ -59,7 +60,8 @@ FM = str(Path(__file__).resolve().parents[2] / "configs/fashion_mnist/blockkd.ya
 ON_FM = r" \(on .*configs/fashion_mnist/blockkd\.yaml\)"
 CASES |= {
     "option-choice": ([FM, "method.options.connector=conv9x9", "data.root=nowhere"],
-                      r"^error: invalid method\.options\.connector=conv9x9 in override 'method\.options\.connector=conv9x9'"
+                      r"^error: invalid method\.options\.connector=conv9x9 "
+                      r"in override 'method\.options\.connector=conv9x9'"
                       + ON_FM + r": expected one of conv1x1_bn, conv3x3_bn, .* for method 'blockkd'; did you mean "
                       r"'conv\dx\d_bn'\?$"),
     "option-type": ([FM, "method.options.num_blocks=three", "data.root=nowhere"],
@@ -70,7 +72,8 @@ CASES |= {
                        r"^error: method\.options\.stones_every was removed in blockkd 0\.2 \(below KD, round 12: see "
                        r"docs/blockkd\.md\); delete it from override 'method\.options\.stones_every=4'" + ON_FM + "$"),
     "option-range": ([FM, "method.options.temperature=-1", "data.root=nowhere"],
-                     r"invalid method\.options\.temperature=-1 .*" + ON_FM + r": expected a number > 0 for method 'blockkd'"),
+                     r"invalid method\.options\.temperature=-1 .*" + ON_FM
+                     + r": expected a number > 0 for method 'blockkd'"),
     # known only once both networks are split: still one line naming the key and where it was set
     "option-known-later": (["ok.yaml", "method.name=blockkd", "method.options.whole_batch_stones=9"],
                            r"^error: invalid method\.options\.whole_batch_stones in override "

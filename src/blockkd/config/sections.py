@@ -101,7 +101,8 @@ class TrainSection:
     channels_last: Any = option("auto", choice("auto", True, False), "channels-last memory format (auto: on CUDA)")
     compile: bool = option(False, BOOL, "torch.compile the training forward")
     grad_clip: float | None = option(None, optional(number(0, strict=True)), "max gradient norm (null: off)")
-    nonfinite: str = option("stop", choice("stop", "skip"), "a NaN/Inf loss or gradient: stop the run, or skip the step")
+    nonfinite: str = option("stop", choice("stop", "skip"),
+                            "a NaN/Inf loss or gradient: stop the run, or skip the step")
     eval_every: int = option(1, integer(1), "epochs between evaluations (the last epoch is always evaluated)")
     sync_bn: bool = option(False, BOOL, "SyncBatchNorm under DDP (CUDA)")
     fsdp: bool = option(False, BOOL, "under torchrun: shard the student and the teacher with FSDP2 instead of DDP "

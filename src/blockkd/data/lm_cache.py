@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from .._hooks import fault_point
 from ..errors import BlockKDError
+from ..methods.lm import hidden
 
 MANIFEST = "cache.json"
 VERSION = 1
@@ -129,8 +130,6 @@ def build_cache(folder: str | Path, *, teacher_view, seqs, tokenizer, k: int, sh
     """Run the teacher over ``seqs`` and write the top-``k`` log-probabilities into ``folder`` (see the module
     docstring); an existing cache of the same manifest is completed, one of another refused. Returns the
     manifest."""
-    from ..methods.lm import hidden
-
     folder = Path(folder).expanduser()
     vocab = int(teacher_view.head[-1].out_features)
     if not 1 <= k <= vocab:

@@ -152,7 +152,8 @@ def _build(load, cfg: dict, *, device: torch.device, rank: int, world_size: int,
         train=train_loader, test=test_loader, num_classes=len(raw.classes),
         input_shape=text_input(length, token_type_ids=types), name=raw.name or cfg["name"], train_size=len(enc_train),
         test_size=len(enc_test), classes=list(raw.classes), metric_names=names,
-        check_model=functools.partial(check_model, data=raw.name or cfg["name"], vocab=len(tok), length=length, types=types),
+        check_model=functools.partial(check_model, data=raw.name or cfg["name"], vocab=len(tok), length=length,
+                                      types=types),
         tokenizer=tok)
 
 

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from .. import methods, models
 from ..config.paths import same_path_name, short
+from ..data.lm_cache import open_cache
 from ..models.external import create_causal_lm
 from ..utils import shown
 from ..errors import BlockKDError
@@ -139,10 +140,6 @@ def build_distiller(cfg, data, device: torch.device, *, sync_bn: bool = False):
 def open_teacher_cache(cfg, data):
     """``teacher.cache``: the cached top-k teacher logits, for a method that can read them, verified against the
     run's training sequences and tokenizer (:mod:`blockkd.data.lm_cache`)."""
-    from .. import methods
-    from ..data.lm_cache import open_cache
-    from ..errors import BlockKDError
-
     where = cfg.where("teacher.cache")
     if not getattr(methods.get(cfg.method.name), "reads_cache", False):
         live = "its stepping-stones run the teacher's own layers" if "blockkd" in cfg.method.name else \

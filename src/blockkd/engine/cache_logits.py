@@ -6,6 +6,9 @@ from __future__ import annotations
 import dataclasses
 
 from .. import data as data_lib
+from ..config import _check_teacher
+from ..data.lm_cache import build_cache
+from ..methods.lm import lm_view
 from ..errors import BlockKDError
 from . import runtime
 from .build import build_model
@@ -14,10 +17,6 @@ from .build import build_model
 def cache_logits(cfg, *, out: str | None = None, k: int = 32, shard_size: int = 256, batch_size: int | None = None,
                  log=print) -> dict:
     """Build (or complete) the logit cache of ``cfg``'s teacher and training data; returns its manifest."""
-    from ..config import _check_teacher
-    from ..data.lm_cache import build_cache
-    from ..methods.lm import lm_view
-
     folder = out or cfg.teacher.cache
     if folder is None:
         raise BlockKDError(f"where should the cache go? set teacher.cache in {cfg.source} or pass --out DIR")

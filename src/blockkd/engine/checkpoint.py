@@ -203,7 +203,8 @@ def read_meta(folder: str | Path) -> dict:
         if _sha256(raw) != want:
             raise BlockKDError(f"checkpoint file {path} is corrupt or truncated (sha256 mismatch with {META_SUM})")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise BlockKDError(f"{path} is not a blockkd checkpoint (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+        raise BlockKDError(f"{path} is not a blockkd checkpoint "
+                           f"(format {meta.get('format') if isinstance(meta, dict) else None!r})")
     if meta.get("version", 0) > VERSION:
         raise BlockKDError(f"{path} has checkpoint format version {meta['version']}; this blockkd reads up to "
                            f"{VERSION} (upgrade blockkd)")

@@ -135,7 +135,8 @@ def evaluate_checkpoint(path: str | Path, data_overrides: list[str] | None = Non
         result = evaluate(model, data.test, rt, metrics=metrics_of(data), progress=True)
         heads, note = _heads_of_run(saved, ckpt, data, rt)
         if heads is not None:
-            result.update({k: v for k, v in evaluate(heads, data.test, rt, heads=True).items() if k.startswith("top1_")})
+            result.update({k: v for k, v in evaluate(heads, data.test, rt, heads=True).items()
+                           if k.startswith("top1_")})
     note = "; ".join(n for n in (_picked(Path(path), folder, ckpt.meta), note) if n)
     return {"checkpoint": str(ckpt.path), "epoch": ckpt.meta.get("epoch"), "model": short(saved["model"]["name"]),
             "method": saved["method"]["name"], "data": data_cfg["name"], "metric_names": list(data.metric_names),
@@ -165,9 +166,6 @@ def _picked(path: Path, folder: Path, meta: dict) -> str | None:
 def _deployed_of_run(saved: dict, ckpt, data, rt: Runtime):
     """The deployed classifier of a run whose method deploys more than the student (SimKD: projector and the
     teacher's head, both saved in the checkpoint), rebuilt with its distiller; None for the other methods."""
-    from .. import config, methods
-    from .build import build_distiller
-
     name = saved["method"]["name"]
     if name not in methods.names() or methods.get(name).deployed_model is methods.Distiller.deployed_model:
         return None

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .. import data as data_lib
-from .. import models
+from .. import methods, models, schema
 from .._hooks import debug_log, fault_point
 from ..config import Config, dump, flat_keys, validate
 from ..config.paths import short
@@ -290,7 +290,6 @@ class Trainer:
     def refuse_removed_options(self, saved: dict[str, Any], saved_cfg: dict[str, Any]) -> None:
         """One line where the run was trained with a method option since removed, at a value whose behaviour
         is gone (a value that trains as today's code does, e.g. the former default, resumes silently)."""
-        from .. import methods, schema
         name = saved_cfg.get("method", {}).get("name")
         if name not in methods.names():
             return
@@ -309,7 +308,8 @@ class Trainer:
 
     def save(self, is_best: bool) -> None:
         meta = {"config": self.cfg.to_dict(), "classes": self.classes, "epoch": self.epoch, "step": self.step,
-                "history": self.history, "best_top1": self.best_top1, "best_epoch": self.best_epoch, "wall_time_s": self.wall_time(),
+                "history": self.history, "best_top1": self.best_top1, "best_epoch": self.best_epoch,
+                "wall_time_s": self.wall_time(),
                 "skipped_steps": self.guard.skipped, "rng": runtime.rng_state()}
         optimizer = fsdp.optimizer_state(self.optimizer) if self.fsdp else self.optimizer.state_dict()
         state = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
@@ -583,7 +583,8 @@ def train(cfg: Config | dict, *, resume: bool = False, overwrite: bool = False) 
             raise BlockKDError(error)
         out = cfg.output
         with runtime.reproducibility(t.deterministic), \
-                RunLogger(run_dir, enabled=runtime.is_main(), tensorboard=out.tensorboard, progress=out.progress) as log:
+                RunLogger(run_dir, enabled=runtime.is_main(), tensorboard=out.tensorboard,
+                          progress=out.progress) as log:
             if lock is not None and lock.stale:
                 log.warning(f"the run folder's last owner ({run_folder.describe_holder(lock.stale)}) ended without "
                             f"releasing it (killed?); taking over")

@@ -30,5 +30,5 @@ def method_modules() -> list[str]:
 for _module in method_modules():
     importlib.import_module(f"{__name__}.{_module}")
 
-__all__ = ["Distiller", "METHODS", "HELPERS", "create", "default_input", "defaults", "describe", "get", "method_modules", "names",
-           "needs_teacher", "parse_options", "register"]
+__all__ = ["Distiller", "METHODS", "HELPERS", "create", "default_input", "defaults", "describe", "get",
+           "method_modules", "names", "needs_teacher", "parse_options", "register"]

@@ -153,7 +153,8 @@ class BlockKD(Distiller):
         return self.connectors[i - self.stone_ids[0]](feat if rows is None else feat[rows])
 
     def run_stones(self, feats, which: list[int], inputs=None, rows=None) -> list[torch.Tensor]:
-        """Logits of the stepping-stones ``which`` (0-based) on ``rows`` of the batch (:func:`blockkd.methods.stones.run`)."""
+        """Logits of the stepping-stones ``which`` (0-based) on ``rows`` of the batch
+        (:func:`blockkd.methods.stones.run`)."""
         return run_stones(self._views[1], self.connect, feats, which, inputs, rows, self.opts.batched_stones)
 
     def stones(self, x) -> list[torch.Tensor]:
@@ -240,7 +241,8 @@ class BlockKD(Distiller):
                              + ramp * o.gamma * self.d(logits, ens)}
                     for i, zi, w in zip(self.stone_ids, z, self.stone_weights):
                         parts[f"stone{i + 1}"] = ramp * (o.alpha * w * cross_entropy(zi, y)
-                                                         + o.beta * w * self.d(zi, t_logits) + o.gamma * self.d(zi, ens))
+                                                         + o.beta * w * self.d(zi, t_logits)
+                                                         + o.gamma * self.d(zi, ens))
                     if bounded and sum(parts.values()).requires_grad:
                         torch.autograd.grad(sum(parts.values()), params)
                 for i in self.stone_ids:  # a stone reaches the student through its fork only: its part scales

@@ -46,7 +46,7 @@ from ..blocks import split
 from ..blocks.core import Blocks
 from ..errors import BlockKDError
 from ..schema import STRING, choice, integer, list_of, number, option, optional
-from .registry import register
+from .registry import parse_options, register
 from .base import Distiller
 
 IGNORE = -100
@@ -293,8 +293,6 @@ class LMKD(CausalLM):
     def from_cache(cls, student, cache, input_shape, options=None, **values) -> "LMKD":
         """The method distilling from ``cache`` (teacher.cache) with no teacher model: options as an Options
         instance or as keywords, as for :func:`blockkd.methods.create`."""
-        from . import parse_options
-
         distiller = cls(student, None, options if options is not None else parse_options("lm-kd", values),
                         input_shape)
         distiller.use_cache(cache)

@@ -176,7 +176,8 @@ def _create_hf(fam: str, base: str, num_classes: int) -> nn.Module:
     if folder.is_dir():  # a local folder: nothing to ask the hub
         return _from_pretrained(t, base, str(folder), num_classes, offline=False)
     if base.startswith((".", "/", "~")) or base.count("/") > 1 or "\\" in base:  # a path, not a hub id
-        raise BlockKDError(f"cannot load the Hugging Face model hf.{base}: the folder {folder.absolute()} does not exist")
+        raise BlockKDError(f"cannot load the Hugging Face model hf.{base}: "
+                           f"the folder {folder.absolute()} does not exist")
     return _from_pretrained(t, base, base, num_classes, offline=hub_offline())
 
 
@@ -221,7 +222,8 @@ def create_causal_lm(name: str) -> nn.Module:
             raise BlockKDError(f"cannot build hf-config.{base} from {path} as a causal LM: {first}") from None
     folder = Path(base).expanduser()
     if not folder.is_dir() and (base.startswith((".", "/", "~")) or base.count("/") > 1 or "\\" in base):
-        raise BlockKDError(f"cannot load the Hugging Face model hf.{base}: the folder {folder.absolute()} does not exist")
+        raise BlockKDError(f"cannot load the Hugging Face model hf.{base}: "
+                           f"the folder {folder.absolute()} does not exist")
     offline = not folder.is_dir() and hub_offline()
     try:
         with _hub_offline_mode(offline):

@@ -36,7 +36,8 @@ class NetworkBlock(nn.Module):
 
     def __init__(self, n: int, cin: int, cout: int, stride: int):
         super().__init__()
-        self.layer = nn.Sequential(*(BasicBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(n)))
+        self.layer = nn.Sequential(*(BasicBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1)
+                                     for i in range(n)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x)

@@ -9,4 +9,5 @@ from .dot import DOT, DOTOptions
 from .optimizers import OPTIMIZERS, Optimizer, build_optimizer
 from .schedules import SCHEDULES, Schedule, build_scheduler, lr_factor
 
-__all__ = ["DOT", "DOTOptions", "OPTIMIZERS", "Optimizer", "build_optimizer", "SCHEDULES", "Schedule", "build_scheduler", "lr_factor"]
+__all__ = ["DOT", "DOTOptions", "OPTIMIZERS", "Optimizer", "build_optimizer", "SCHEDULES", "Schedule",
+           "build_scheduler", "lr_factor"]

@@ -56,8 +56,9 @@ def _check_like(default: Any, annotation: str) -> Check:
     if isinstance(default, float):
         return number(0)
     if isinstance(default, tuple) and all(isinstance(v, (int, float)) for v in default):
-        return Check(f"a list of {len(default)} numbers", lambda v: isinstance(v, (list, tuple)) and len(v) == len(default)
-                     and list_of(number()).ok(v), lambda v: [float(x) for x in v])
+        return Check(f"a list of {len(default)} numbers",
+                     lambda v: isinstance(v, (list, tuple)) and len(v) == len(default) and list_of(number()).ok(v),
+                     lambda v: [float(x) for x in v])
     return ANY
 
 
@@ -78,7 +79,8 @@ def options_of(cls: type, overrides: dict[str, Any]) -> type:
         if isinstance(default, torch.Tensor):
             default = float(default)
         default = list(default) if isinstance(default, tuple) else default
-        annotation = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", str(p.annotation))
+        annotation = (p.annotation if isinstance(p.annotation, str)
+                      else getattr(p.annotation, "__name__", str(p.annotation)))
         check = BOUNDED.get(p.name) or _check_like(float(p.default) if isinstance(p.default, torch.Tensor)
                                                     else p.default, annotation)
         fields.append((p.name, Any, option(default, check, f"torch.optim.{cls.__name__}({p.name}=...)")))
@@ -97,7 +99,8 @@ def _torch_builder(cls: type):
 OPTIMIZERS: Registry[Optimizer] = Registry("optimizer")
 for _name, (_cls_name, _overrides) in TORCH_OPTIMIZERS.items():
     _cls = getattr(torch.optim, _cls_name)
-    OPTIMIZERS.register(_name, Optimizer(options_of(_cls, _overrides), _torch_builder(_cls), f"torch.optim.{_cls_name}"))
+    OPTIMIZERS.register(_name, Optimizer(options_of(_cls, _overrides), _torch_builder(_cls),
+                                         f"torch.optim.{_cls_name}"))
 
 
 def _build_dot(params, *, lr: float, weight_decay: float, options: DOTOptions) -> DOT:
