@@ -170,7 +170,8 @@ def test_options_are_declared_once_and_checked():
     for method in ("kd", "dkd"):
         assert blockkd.methods.defaults(method)["logit_standardization"] is False
     # Block-KD's divergence options lost (docs/blockkd.md, "Removed options"): naming one is one line.
-    assert not {"divergence", "dkd_alpha", "dkd_beta", "logit_standardization"} & set(blockkd.methods.defaults("blockkd"))
+    removed = {"divergence", "dkd_alpha", "dkd_beta", "logit_standardization"}
+    assert not removed & set(blockkd.methods.defaults("blockkd"))
     with pytest.raises(BlockKDError, match=r"method\.options\.divergence was removed"):
         make("blockkd", divergence="dkd")
     with pytest.raises(BlockKDError, match=r"logit_standardization"):
