@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -36,6 +35,7 @@ from .common import (SHUFFLE, DataBundle, check_not_empty, eval_shard, generator
                      per_rank_eval_batch, split_indices)
 from .text import check_model
 from .text_readers import _read_rows, read_fortunes
+from .tokenizer import save_to_cache
 
 IGNORE = -100
 EOT = "<|endoftext|>"
@@ -129,15 +129,10 @@ def train_bytebpe(texts: Sequence[str], vocab_size: int):
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT],
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)  # its bar: blank lines in logs
         tok.train_from_iterator(texts, trainer)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tok.save(str(tmp))
-            os.replace(tmp, path)
-        except OSError:
-            pass  # a read-only cache only costs the training next time
+        save_to_cache(tok, path)
     return _transformers().PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOT, bos_token=EOT, pad_token=EOT,
                                                    unk_token=EOT, model_input_names=["input_ids", "attention_mask"])
 

@@ -75,14 +75,20 @@ def trained_tokenizer(kind: str, vocab_size: int, texts: Sequence[str], name: st
         except Exception:  # a damaged cache file: train again
             pass
     tok = _train_tokenizer(kind, vocab_size, texts)
+    save_to_cache(tok, path)
+    return _fast(tok)
+
+
+def save_to_cache(tok, path: Path) -> None:
+    """Write a trained ``tokenizers.Tokenizer`` to the cache file ``path`` atomically (a reader never sees half
+    a file); a read-only cache only costs the training next time."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tok.save(str(tmp))
         os.replace(tmp, path)
     except OSError:
-        pass  # a read-only cache only costs the training next time
-    return _fast(tok)
+        pass
 
 
 def load_tokenizer(spec: str, *, vocab_size: int, texts: Sequence[str], name: str):

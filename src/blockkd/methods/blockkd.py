@@ -39,6 +39,17 @@ from .stones import StonePlan, ensemble as stones_ensemble, run as run_stones
 ANY = None  # a removed option whose every saved value trains as today's code does
 
 
+
+def match_views(student, teacher, input_shape, num_blocks: int | None):
+    """Both models' block views at the same n (:func:`blockkd.blocks.match`); an n the pair cannot take is an
+    error of the ``num_blocks`` option."""
+    try:
+        return match(student, teacher, input_shape, n=num_blocks)
+    except BlockKDError as e:
+        if num_blocks is None:
+            raise
+        raise OptionError("num_blocks", str(e)) from None
+
 @dataclass(frozen=True)
 class BlockKDOptions:
     """Each option's measurement: docs/blockkd.md, "Options". The defaults are the configuration chosen on
@@ -109,12 +120,7 @@ class BlockKD(Distiller):
     def __init__(self, student, teacher, options=None, input_shape=(3, 32, 32)):
         super().__init__(student, teacher, options, input_shape)
         o = self.opts
-        try:
-            s_view, t_view = match(student, self.teacher, self.input_shape, n=o.num_blocks)
-        except BlockKDError as e:
-            if o.num_blocks is None:
-                raise
-            raise OptionError("num_blocks", str(e)) from None
+        s_view, t_view = match_views(student, self.teacher, self.input_shape, o.num_blocks)
         # A plain tuple: the views share the models' modules and must not be registered a second time
         # (that would duplicate every key in the state_dict).
         self._views = (s_view, t_view)

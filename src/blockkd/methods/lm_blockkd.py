@@ -33,10 +33,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..blocks import match
 from ..blocks.core import Blocks
 from ..errors import BlockKDError
 from ..schema import STRING, OptionError, choice, integer, number, option, optional
+from .blockkd import match_views
 from .registry import register
 from .connectors import build_connectors
 from .lm import (CHUNK, LOSSES, CausalLM, _sum_and_cat, chunked, counted, load_token_mapping, predictions, rows,
@@ -86,12 +86,7 @@ class LMBlockKD(CausalLM):
         o = self.opts
         if not self.input_shape:
             raise BlockKDError("lm-blockkd needs the data's input spec (blockkd.blocks.text_input(L)) to pair blocks")
-        try:
-            s_view, t_view = match(student, self.teacher, self.input_shape, n=o.num_blocks)
-        except BlockKDError as e:
-            if o.num_blocks is None:
-                raise
-            raise OptionError("num_blocks", str(e)) from None
+        s_view, t_view = match_views(student, self.teacher, self.input_shape, o.num_blocks)
         self._views = (s_view, t_view)
         n = self.num_blocks = len(s_view.blocks)
         self.stone_ids = list(range(n - min(o.num_stones or n, n), n))
