@@ -39,7 +39,6 @@ from .stones import StonePlan, ensemble as stones_ensemble, run as run_stones
 ANY = None  # a removed option whose every saved value trains as today's code does
 
 
-
 def match_views(student, teacher, input_shape, num_blocks: int | None):
     """Both models' block views at the same n (:func:`blockkd.blocks.match`); an n the pair cannot take is an
     error of the ``num_blocks`` option."""
