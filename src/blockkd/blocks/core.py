@@ -319,3 +319,24 @@ def verify_view(model: nn.Module, view: Blocks, x: Any, *, what: str) -> None:
     if not exact:
         name = type(model).__name__
         raise BlockKDError(f"cannot split {name} {what} ({why}); {HOW_TO_REGISTER.format(cls=name)}")
+
+
+@torch.no_grad()
+def verify_on_tokens(model: nn.Module, view: Blocks, *, first_id: int = 0, pad_ids: bool = False,
+                     **extra: Any) -> None:
+    """:func:`verify_view` for a Hugging Face text model: a 2 x 8 probe of token ids from ``first_id`` on (past
+    an encoder's special tokens), the second row masked after 5 tokens (and, with ``pad_ids``, those ids set to
+    the config's pad id); ``extra`` joins the model's keywords (``use_cache=False``). One probe for the encoder
+    and the causal-LM splitters."""
+    param = next(model.parameters(), None)
+    if param is None or param.is_meta:
+        return
+    gen = torch.Generator(param.device).manual_seed(0)
+    vocab = int(model.config.vocab_size)
+    ids = torch.randint(min(first_id, vocab - 1), vocab, (2, 8), generator=gen, device=param.device)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    pad = getattr(model.config, "pad_token_id", None)
+    if pad_ids and pad is not None:
+        ids[1, 5:] = pad
+    verify_view(model, view, {"input_ids": ids, "attention_mask": mask, **extra}, what="into its layers")

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import BlockKDError
-from .core import HOW_TO_REGISTER, Blocks, Chain, register_splitter, verify_view
+from .core import HOW_TO_REGISTER, Blocks, Chain, register_splitter, verify_on_tokens
 
 SUPPORTED = ("BertForSequenceClassification", "DistilBertForSequenceClassification",
              "RobertaForSequenceClassification", "AlbertForSequenceClassification")
@@ -116,24 +116,6 @@ def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None, list[nn.Modul
     return base.embeddings, None, list(base.encoder.layer), base, head
 
 
-@torch.no_grad()
-def _check_exact(model: nn.Module, view: Blocks) -> None:
-    """The view must equal the model's logits on padded probe input (eval mode; modes and RNG untouched)."""
-    param = next(model.parameters(), None)
-    if param is None or param.is_meta:
-        return
-    gen = torch.Generator(param.device).manual_seed(0)
-    vocab = int(model.config.vocab_size)
-    ids = torch.randint(min(5, vocab - 1), vocab, (2, 8), generator=gen, device=param.device)
-    mask = torch.ones_like(ids)
-    mask[1, 5:] = 0
-    pad = getattr(model.config, "pad_token_id", None)
-    if pad is not None:
-        ids[1, 5:] = pad
-    x = {"input_ids": ids, "attention_mask": mask}
-    verify_view(model, view, x, what="into its layers")
-
-
 def split_encoder_classifier(model: nn.Module) -> Blocks:
     """One block per encoder layer (block 1 with the embeddings), then the classifier head; checked exact."""
     embeddings, project, layers, base, head = _parts(model)
@@ -141,7 +123,7 @@ def split_encoder_classifier(model: nn.Module) -> Blocks:
         raise BlockKDError(f"{type(model).__name__} has no encoder layers")
     first = Chain(Embed(embeddings, project), Layers(layers[:1], base))
     view = Blocks([first, *(Layers([layer], base) for layer in layers[1:])], head)
-    _check_exact(model, view)
+    verify_on_tokens(model, view, first_id=5, pad_ids=True)  # ids past BERT's special tokens
     return view
 
 

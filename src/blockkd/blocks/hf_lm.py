@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import BlockKDError
-from .core import Blocks, Chain, register_splitter, verify_view
+from .core import Blocks, Chain, register_splitter, verify_on_tokens
 
 CAUSAL_LMS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
               "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM"}
@@ -97,20 +97,6 @@ def decoder_parts(model: nn.Module) -> tuple[DecoderEmbed, list[nn.Module], nn.M
     return DecoderEmbed(base.embed_tokens), list(base.layers[:n]), base, nn.Sequential(base.norm, model.lm_head)
 
 
-@torch.no_grad()
-def _check_exact(model: nn.Module, view: Blocks) -> None:
-    """The view must equal the model's logits on a right-padded probe batch."""
-    param = next(model.parameters(), None)
-    if param is None or param.is_meta:
-        return
-    gen = torch.Generator(param.device).manual_seed(0)
-    vocab = int(model.config.vocab_size)
-    ids = torch.randint(0, vocab, (2, 8), generator=gen, device=param.device)
-    mask = torch.ones_like(ids)
-    mask[1, 5:] = 0
-    verify_view(model, view, {"input_ids": ids, "attention_mask": mask, "use_cache": False}, what="into its layers")
-
-
 def split_causal_lm(model: nn.Module) -> Blocks:
     """One block per decoder layer (block 1 with the embeddings), then the final norm and LM head; checked exact."""
     embed, layers, base, head = decoder_parts(model)
@@ -118,7 +104,7 @@ def split_causal_lm(model: nn.Module) -> Blocks:
         raise BlockKDError(f"{type(model).__name__} has no decoder layers")
     first = Chain(embed, DecoderLayers(layers[:1], base, 0))
     view = Blocks([first, *(DecoderLayers([layer], base, i) for i, layer in enumerate(layers) if i)], head)
-    _check_exact(model, view)
+    verify_on_tokens(model, view, use_cache=False)
     return view
 
 
