@@ -577,3 +577,34 @@ def test_recipes_carry_the_weights_chosen_on_the_validation_split(baseline_sweep
         assert means[f"{w['chosen_factor']:g}"] == max(means.values())
         recipe = config.load(ROOT / "configs" / "fashion_mnist" / f"{method}.yaml")["method"]["options"]
         assert recipe[w["key"]] == approx(w["chosen"]), f"{method}.yaml: {w['key']} is not the chosen {w['chosen']:g}"
+
+
+# ------------------------------------------------------------------------------------- fortunes LM
+def test_lm_benchmark_report(tmp_path):
+    """benchmarks/lm_fortunes.py --quick from the repository root: the teacher, then forward KL live and from
+    two logit caches (k = 8 and 16), each in its own process; the table ranks what the JSON holds."""
+    out = tmp_path / "lm.md"
+    proc = subprocess.run([sys.executable, str(BENCH / "lm_fortunes.py"), "--quick", "--seeds", "0", "--methods",
+                           "forward_kl", "forward_kl-cached-k8", "forward_kl-cached-k16", "--runs",
+                           str(tmp_path / "runs"), "--out", str(out)], cwd=ROOT, text=True, capture_output=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    runs = {m: rs[0] for m, rs in report["runs"].items()}
+    assert set(runs) == {"forward_kl", "forward_kl-cached-k8", "forward_kl-cached-k16"}
+    assert all(r["steps"] == 3 and r["peak_mib"] > 0 and r["peak_kind"] in ("RSS", "CUDA") for r in runs.values())
+    mass = report["cache_mass"]
+    assert 0 < mass["forward_kl-cached-k8"] < mass["forward_kl-cached-k16"] <= 1  # more of the teacher at larger k
+    assert sorted((tmp_path / "runs").glob("cache-k*")) == [tmp_path / "runs/cache-k16", tmp_path / "runs/cache-k8"]
+    table = [line.split("|")[1:-1] for line in out.read_text().splitlines() if re.match(r"^\| \d", line)]
+    assert [row[1].strip() for row in table] == sorted(runs, key=lambda m: runs[m]["perplexity"])
+    ratio = {row[1].strip(): row[6].strip() for row in table}
+    assert ratio["forward_kl"] == "1.00"
+    assert ratio["forward_kl-cached-k8"] == f"{runs['forward_kl-cached-k8']['step_s'] / runs['forward_kl']['step_s']:.2f}"
+
+
+def test_lm_benchmark_refuses_a_method_without_a_recipe(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "lm_fortunes.py"), "--quick", "--methods", "kd-nope",
+                           "--out", str(tmp_path / "x.md")], cwd=ROOT, text=True, capture_output=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip() == ("error: no recipe configs/lm_fortunes/kd-nope.yaml for "
+                                                            "method kd-nope")

@@ -82,6 +82,24 @@ def test_nkd_equals_the_paper(tau, gamma):
     assert float(losses["loss_ce"]) == pytest.approx(0.5 * float(F.cross_entropy(zs, y)), **TOL)
 
 
+def test_nkd_on_a_vit_student_distils_its_class_token_logits():
+    """The authors' ViT variant: NKD on the class token's logits (their DeiT recipe); the zoo's ViT reads it."""
+    s = blockkd.models.create("vit_tiny_p4", num_classes=10, in_channels=1)
+    t = blockkd.models.create("resnet8", num_classes=10, in_channels=1)
+    d = blockkd.methods.create("nkd", s, t, gamma=1.0).train()
+    x, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 3, 5, 9])
+    _, losses = d(x, y)
+    with torch.no_grad():
+        tokens = s.forward_features(x)
+        by_class_token = s.head(s.fc_norm(tokens[:, 0]))
+        by_mean_token = s.head(s.fc_norm(tokens[:, 1:].mean(1)))
+        zt = t(x)
+    expected = ref_nkd_rows(by_class_token.double(), zt.double(), y, 1.0, 1.0).mean()
+    assert float(losses["loss_nkd"]) == pytest.approx(float(expected), **TOL)
+    assert float(losses["loss_nkd"]) != pytest.approx(float(ref_nkd_rows(by_mean_token.double(), zt.double(), y,
+                                                                         1.0, 1.0).mean()), **TOL)
+
+
 def test_nkd_target_term_leaves_the_teacher_constant_and_ignores_the_target_logit_in_the_other():
     from blockkd.methods.nkd import nkd_per_sample
     s = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)

@@ -54,6 +54,8 @@ CTKD = {
 # NKDLoss temp 1.0, gamma 1.5; the student's own loss at weight 1 (mmcls' head loss).
 NKD = {f"imagenet/{pair}/nkd": dict(temperature=1.0, gamma=1.5, ce_weight=1.0)
        for pair in ("resnet34_resnet18", "resnet50_mobilenetv1")}
+# ... and deit-s3_distill_deit-t_img.py, the ViT pair: gamma 1.0 on the class-token logits.
+NKD["imagenet/deit_small_deit_tiny/nkd"] = dict(temperature=1.0, gamma=1.0, ce_weight=1.0)
 # DefangChen/SimKD README (resnet32x4 -> resnet8x4: --distill simkd -c 0 -d 0 -b 1; train_student.py -f 2).
 SIMKD = {"cifar100/resnet32x4_resnet8x4/simkd": dict(feat_weight=1.0, factor=2, ce_weight=0.0)}
 # LiuDongyang6/FCFD classification/experiments/cifar/<student>-<teacher>.yaml (T, weight_l2, the mixture's

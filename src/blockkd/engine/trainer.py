@@ -436,7 +436,8 @@ class Trainer:
         teacher = f", teacher {short(cfg.teacher.name)}" if self.distiller.teacher is not None else ""
         log.info(f"run {self.run_dir}: method {cfg.method.name}, student {short(cfg.model.name)} "
                  f"({n_params / 1e6:.2f}M params){teacher}; {self.data.name}: {self.data.train_size} train / "
-                 f"{self.data.test_size} test images, {self.steps_per_epoch} steps/epoch; {self.rt.describe()}")
+                 f"{self.data.test_size} test {_unit(self.data)}, {self.steps_per_epoch} steps/epoch; "
+                 f"{self.rt.describe()}")
         try:
             self.epochs_loop()
         except KeyboardInterrupt:
@@ -547,6 +548,12 @@ class Trainer:
         return summary
 
 
+def _unit(data) -> str:
+    """What the data's examples are, for the log lines."""
+    return "sequences" if getattr(data, "task", None) == "causal_lm" else "examples" if getattr(
+        data, "tokenizer", None) is not None else "images"
+
+
 def _epoch_line(row: dict, epochs: int) -> str:
     terms = " ".join(f"{k[len('train_loss_'):]}={v:.3f}" for k, v in row.items()
                      if k.startswith("train_loss_") and v is not None)
@@ -554,6 +561,8 @@ def _epoch_line(row: dict, epochs: int) -> str:
     train_acc = f"train {row['train_top1']:.1f}%" if row.get("train_top1") is not None else ""
     test = (f"test top-1 {row['test_top1']:.2f}% top-5 {row['test_top5']:.2f}% (best {row['best_top1']:.2f}%)"
             if row.get("test_top1") is not None else "no eval")
+    if row.get("test_perplexity") is not None:  # language models: top-1 is the token accuracy
+        test += f" perplexity {row['test_perplexity']:.2f}"
     return (f"epoch {row['epoch']}/{epochs}: {loss} {train_acc} | {test} | lr {row['lr']:.4g} | "
             f"{row['images_per_s']:.0f} img/s, {row['epoch_time_s']:.1f}s")
 

@@ -12,8 +12,11 @@ terms are cross-entropies, not KL divergences (they differ from KL by the teache
 the gradients are the same; the value logged is the code's). The student's own cross-entropy is separate
 (``ce_weight``, 1 in their distiller). Defaults are the ``NKDLoss`` defaults, which their ImageNet CNN recipes
 use (τ = 1, γ = 1.5; ``configs/distillers/imagenet/res34_distill_res18_img.py``); their CIFAR-100 recipe
-(res34 → res18 there, not a standard pair) uses τ = 3, γ = 3.5. The ViT token variant of the paper
-(distilling the class token of a DeiT) is not implemented: on a ViT pair this loss applies to the logits.
+(res34 → res18 there, not a standard pair) uses τ = 3, γ = 3.5. On ViTs (the paper's DeiT results) their code
+applies the same loss to the student's class-token logits (``head.layers.head(pre_logits)``, the class token)
+with γ = 1 (``deit-s3_distill_deit-t_img.py``): a timm ViT's head reads the class token (``global_pool='token'``,
+also the zoo's ``vit_tiny_p4``), so ``nkd`` with ``gamma: 1`` is that variant
+(configs/imagenet/deit_small_deit_tiny/nkd.yaml).
 """
 from __future__ import annotations
 
