@@ -72,7 +72,6 @@ def _train(recipe: str, overrides: list[str]) -> dict:
 def _cache(recipe: str, overrides: list[str], k: int) -> float:
     """Build the top-``k`` cache of ``recipe`` (resumed if partly there); returns the teacher's mean probability
     mass inside the cached top k over every cached position."""
-    import torch
     from safetensors import safe_open
 
     from blockkd import config
