@@ -4,7 +4,7 @@ time per step relative to forward KL and peak memory.
 
     python benchmarks/lm_fortunes.py [--methods ce forward_kl reverse_kl jsd blockkd gkd forward_kl-cached ...]
                                      [--seeds 0 1 2] [--epochs N] [--out results/lm_fortunes.md]
-                                     [--runs runs/bench-lm] [--quick]
+                                     [--runs runs/bench-lm] [--quick] [--render]
 
 Every run is ``blockkd.config.load(configs/lm_fortunes/<method>.yaml)`` plus overrides (the output folder, the
 seed, ``--epochs``), trained by ``blockkd.engine.train``: the numbers are what the recipes give. The teacher
@@ -18,7 +18,8 @@ top-8, each cached once per benchmark (``blockkd cache-logits``, in a process of
 Each run trains in a fresh process, so its peak memory is its own: CUDA's peak allocation on a GPU, the process's
 peak resident set (RSS, Python and PyTorch included) on the CPU. The table is rewritten after every run (an
 interrupted benchmark leaves the runs done so far). ``--quick``: two fortune files, sequences of 32 tokens, one
-epoch of at most 3 steps: a smoke run of the whole pipeline (tests), no result.
+epoch of at most 3 steps: a smoke run of the whole pipeline (tests), no result. ``--render``: train nothing, write
+the table again from the JSON report beside ``--out``.
 """
 from __future__ import annotations
 
@@ -143,7 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default="runs/bench-lm", help="folder of the run folders")
     p.add_argument("--out", default="results/lm_fortunes.md")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--render", action="store_true", help="only the table again, from the JSON beside --out")
     a = p.parse_args(argv)
+    out = Path(a.out)
+    if a.render:
+        report = json.loads(out.with_suffix(".json").read_text())
+        write_text(out, render(report, report["command"]))
+        return 0
     for m in a.methods:
         if not (RECIPES / f"{recipe_and_k(m)[0]}.yaml").is_file():
             print(f"error: no recipe {RECIPES}/{recipe_and_k(m)[0]}.yaml for method {m}", file=sys.stderr)
@@ -156,7 +163,6 @@ def main(argv: list[str] | None = None) -> int:
     report = {"machine": machine_info(), "command": command, "teacher": teacher["last"], "cache_mass": {},
               "runs": {m: [] for m in a.methods}, "minutes": 0.0}
     student = [f"teacher.checkpoint={teacher['run_dir']}"] + ([f"train.epochs={a.epochs}"] if a.epochs else [])
-    out = Path(a.out)
     for seed in a.seeds:
         for m in a.methods:
             recipe, k = recipe_and_k(m)

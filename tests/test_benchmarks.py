@@ -602,6 +602,11 @@ def test_lm_benchmark_report(tmp_path):
     assert ratio["forward_kl"] == "1.00"
     k8, live = runs["forward_kl-cached-k8"], runs["forward_kl"]
     assert ratio["forward_kl-cached-k8"] == f"{k8['step_s'] / live['step_s']:.2f}"
+    written = out.read_text()
+    out.unlink()
+    proc = subprocess.run([sys.executable, str(BENCH / "lm_fortunes.py"), "--render", "--out", str(out)], cwd=ROOT,
+                          text=True, capture_output=True, timeout=60)
+    assert proc.returncode == 0 and out.read_text() == written  # the table is the JSON's, nothing else
 
 
 def test_lm_benchmark_refuses_a_method_without_a_recipe(tmp_path):
