@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo test test-fast lint bench-speed bench-accuracy bench-tune bench-heldout bench-sensitivity data venv
+.PHONY: demo test test-fast lint bench-speed bench-accuracy bench-tune bench-heldout bench-sensitivity bench-lm data venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,3 +57,8 @@ bench-heldout: venv data
 
 bench-sensitivity: venv data
 	$(PY) benchmarks/sensitivity.py
+
+# The fortunes language-model benchmark (issues 33-34): the table of results/lm_fortunes.md.
+bench-lm: venv data
+	$(PY) benchmarks/lm_fortunes.py --methods ce forward_kl reverse_kl jsd blockkd gkd forward_kl-cached-k8 \
+		forward_kl-cached forward_kl-cached-k128 --seeds 0 1 2
