@@ -11,7 +11,9 @@ import json
 import os
 import platform
 import statistics
+import resource
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -74,6 +76,12 @@ def machine_line(info: dict[str, Any]) -> str:
     return (f"{info['date'][:10]}; device {dev}; CPU {info['cpu']} ({info['cpu_cores']} cores, "
             f"{info['torch_threads']} torch threads); torch {info['torch']}, torchvision {info['torchvision']}, "
             f"Python {info['python']}, {info['os']}" + (f"; blockkd {info['git']}" if info.get("git") else ""))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

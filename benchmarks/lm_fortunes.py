@@ -35,7 +35,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, machine_line, write_json, write_text  # noqa: E402
+from common import machine_info, machine_line, peak_rss_mb, write_json, write_text  # noqa: E402
 
 RECIPES = Path("configs/lm_fortunes")
 CACHED = re.compile(r"^(?P<recipe>.+-cached)(?:-k(?P<k>\d+))?$")  # forward_kl-cached[-kN]: top-N cache (32)
@@ -51,14 +51,11 @@ def recipe_and_k(method: str) -> tuple[str, int | None]:
 
 def peak_memory_mib() -> tuple[float, str]:
     """This process's peak memory (MiB) and what it is: CUDA's peak allocation, else the peak RSS."""
-    import resource
-
     import torch
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2 ** 20, "CUDA"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return (rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10), "RSS"
+    return peak_rss_mb(), "RSS"
 
 
 def _train(recipe: str, overrides: list[str]) -> dict:

@@ -34,7 +34,6 @@ import math
 import multiprocessing
 import multiprocessing.forkserver
 import os
-import resource
 import statistics
 import sys
 import time
@@ -52,8 +51,8 @@ from blockkd.errors import BlockKDError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_loader import reference_loader  # noqa: E402
-from common import (fmt, machine_info, machine_line, markdown_table, plural, section, text_table,  # noqa: E402
-                    write_json, write_text)
+from common import (fmt, machine_info, machine_line, markdown_table, peak_rss_mb, plural, section,  # noqa: E402
+                    text_table, write_json, write_text)
 
 PAIRS = ["resnet32x4:resnet8x4", "wrn_40_2:wrn_16_2"]  # teacher:student
 # every registered method for classifiers (the language-model methods: benchmarks/lm_stones.py)
@@ -164,12 +163,6 @@ def extra_sizes(distiller: methods.Distiller) -> dict[str, int]:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
 def measure(case: Case, warmup: int, steps: int, windows: int, random_steps: int) -> dict[str, Any]:
