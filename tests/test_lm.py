@@ -366,11 +366,145 @@ def test_a_classifier_method_on_lm_data_is_refused_in_one_line(runs, tmp_path):
 
 def test_gpt2_pair_runs_lm_blockkd():
     torch.manual_seed(0)
-    d = methods.create("lm-blockkd", gpt2(2, 16), gpt2(4, 32), text_input(12)).train()  # student, teacher
+    d = methods.create("lm-blockkd", gpt2(2, 16), gpt2(4, 32), text_input(12), epochs=4).train()  # student, teacher
     x, y = batch()
-    _, losses = d(x, y)
+    _, losses = d(x, y, epoch=1.0)  # the stones at full weight (stone_warmup_fraction 0.25 of 4 epochs)
     sum(losses.values()).backward()
     assert d.num_blocks == 2 and all(torch.isfinite(v) for v in losses.values())
+
+
+STONE_LOSSES = ("loss_task_stones", "loss_distill_stones", "loss_cross")
+
+
+def lm_blockkd_step(student, teacher, x, y, *, epoch: float = 1.0, **options):
+    """One training step of lm-blockkd (connectors initialised from seed 0, dropout from seed 1: equal between
+    calls) with the gradient into each student block's output (``block``: all its uses), into each connector's
+    input (``stone``: the stone's copy of the feature at its block) and into each later block's input (``next``,
+    by the index of the block before it: the student's copy); the losses and the student's and connectors'
+    parameter gradients."""
+    torch.manual_seed(0)
+    d = methods.create("lm-blockkd", student, teacher, text_input(12), epochs=4, **options).train()
+    student.zero_grad(set_to_none=True)
+    s_view = d._views[0]
+    out: dict[str, dict[int, torch.Tensor]] = {"block": {}, "stone": {}, "next": {}}
+
+    def watch(t: torch.Tensor, kind: str, i: int) -> None:  # None: the hooks leave inputs and outputs as they are
+        t.register_hook(lambda g: out[kind].__setitem__(i, g.detach().clone()))
+
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: watch(o, "block", i)) for i, b in enumerate(s_view.blocks)]
+    hooks += [b.register_forward_pre_hook(lambda m, a, i=i: watch(a[0], "next", i - 1))
+              for i, b in enumerate(s_view.blocks) if i]
+    hooks += [c.register_forward_pre_hook(lambda m, a, i=i: watch(a[0], "stone", i))
+              for i, c in zip(d.stone_ids, d.connectors)]
+    torch.manual_seed(1)
+    _, losses = d(x, y, epoch=epoch)
+    sum(losses.values()).backward()
+    for h in hooks:
+        h.remove()
+    params = {"student": [p.grad.clone() for p in student.parameters()],
+              "connectors": [p.grad.clone() for p in d.connectors.parameters()]}
+    return d, out, losses, params
+
+
+@pytest.mark.parametrize("cap", [0.02, 0.1])
+def test_lm_blockkd_stone_grad_cap_bounds_each_stone_s_pull_at_its_block(cap):
+    """stone_grad_cap (blockkd.methods.stone_grad, as in the image Block-KD): at each stone's block the gradient
+    into the student's feature is g_own + s·g_stone, s = min(1, cap·‖g_own‖ / ‖g_stone‖), so the stone's share
+    ‖s·g_stone‖ <= cap·‖g_own‖; g_own is what the rest of the objective sends there (the next block's input, at
+    the deepest block the unbounded step's total less the stone's). Here the stones pull ~0.1x the student's
+    own terms: cap 0.02 binds at both stones, 0.1 at least at one."""
+    torch.manual_seed(0)
+    student, teacher = gpt2(2, 16), gpt2(4, 32)
+    x, y = batch()
+    d, bounded, _, grads = lm_blockkd_step(student, teacher, x, y, stone_grad_cap=cap)
+    _, free, _, free_grads = lm_blockkd_step(student, teacher, x, y, stone_grad_cap=None)
+    assert d.stone_ids == [0, 1]
+    last = d.stone_ids[-1]
+    binding = []
+    for i in d.stone_ids:
+        stone = bounded["stone"][i]  # the stone's own gradient, before the bound
+        own = bounded["next"][i] if i < last else free["block"][i] - stone
+        assert own.norm() > 2 * stone.norm() > 0  # here the student's own terms pull harder than a stone
+        s = min(1.0, cap * float(own.norm()) / float(stone.norm()))
+        assert torch.allclose(bounded["block"][i], own + s * stone, rtol=1e-4, atol=1e-7), i
+        assert float((bounded["block"][i] - own).norm()) <= cap * float(own.norm()) * (1 + 1e-4) + 1e-8
+        binding.append(s < 1)
+    assert all(binding) if cap == 0.02 else any(binding)  # the bound acted (here: 0.1 at the deepest stone only)
+    # the bound acts on the student only: the connectors' gradients are those of the unbounded step
+    same = lambda part, **tol: all(torch.allclose(a, b, **tol) for a, b in zip(grads[part], free_grads[part]))  # noqa: E731
+    assert same("connectors", rtol=1e-5, atol=1e-8) and not same("student", rtol=1e-4, atol=1e-7)
+
+
+def test_lm_blockkd_without_a_cap_the_fork_changes_no_gradient():
+    """stone_grad_cap null: no fork, the gradients of the plain forward; a cap that never binds forks at each
+    stone's block (the stone reads its own copy) and gives the same gradients."""
+    torch.manual_seed(0)
+    student, teacher = gpt2(2, 16), gpt2(4, 32)
+    x, y = batch()
+    _, free, free_losses, free_grads = lm_blockkd_step(student, teacher, x, y, stone_grad_cap=None)
+    _, loose, losses, grads = lm_blockkd_step(student, teacher, x, y, stone_grad_cap=1e6)
+    assert all(torch.equal(free_losses[k], losses[k]) for k in losses)
+    for i in (0, 1):
+        assert torch.equal(free["stone"][i], free["block"][i])  # unforked: the connector reads the block's output
+        assert not torch.allclose(loose["stone"][i], loose["block"][i])  # forked: its own copy
+        assert torch.allclose(loose["block"][i], free["block"][i], rtol=1e-5, atol=1e-8)
+    for part in ("student", "connectors"):
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(grads[part], free_grads[part]))
+
+
+def test_lm_blockkd_stones_ramp_in_over_a_fraction_of_training():
+    """stone_warmup_fraction 0.25 of 4 epochs: the stones' terms and L_cross are 0 at epoch 0, half at 0.5, at
+    full weight from epoch 1 (= those of stone_warmup_fraction 0); the student's own terms never ramp. The ramp
+    follows the training length (8 epochs: half at epoch 1); unknown, it assumes 8 epochs and says so once."""
+    torch.manual_seed(0)
+    student, teacher = gpt2(2, 16), gpt2(4, 32)
+    x, y = batch()
+
+    def losses(epoch: float, epochs=4, **options):
+        torch.manual_seed(0)  # the same connectors
+        d = methods.create("lm-blockkd", student, teacher, text_input(12), epochs=epochs, **options).train()
+        torch.manual_seed(1)  # the same dropout
+        return d(x, y, epoch=epoch)[1]
+
+    full = losses(0.0, stone_warmup_fraction=0.0)
+    assert all(full[k] > 0 for k in STONE_LOSSES)
+    for epoch, share in [(0.0, 0.0), (0.5, 0.5), (1.0, 1.0), (3.0, 1.0)]:
+        ramped = losses(epoch)
+        for k in STONE_LOSSES:
+            assert torch.allclose(ramped[k], share * full[k], rtol=1e-5, atol=0), (epoch, k)
+        for k in ("loss_task_student", "loss_distill_student"):
+            assert torch.allclose(ramped[k], full[k], rtol=1e-6), (epoch, k)
+    assert losses(0.0)["loss_cross"].detach().item() == 0.0
+    assert torch.allclose(losses(1.0, epochs=8)["loss_task_stones"], 0.5 * full["loss_task_stones"], rtol=1e-5)
+    torch.manual_seed(0)
+    d = methods.create("lm-blockkd", student, teacher, text_input(12)).train()
+    with pytest.warns(UserWarning, match=r"training length is unknown.*over 2 epochs.*pass epochs="):
+        assert d.ramp(1.0) == pytest.approx(0.5)
+    assert d.ramp(2.0) == 1.0  # warned once
+
+
+@pytest.mark.parametrize("recipe", ["blockkd", "blockkd-lite"])
+def test_lm_blockkd_stone_warmup_was_removed(recipe):
+    """stone_warmup (epochs) is now stone_warmup_fraction, as in the image Block-KD: a recipe naming it gets one
+    line naming it; a run saved with it resumes where its value is stone_warmup_fraction x train.epochs."""
+    from types import SimpleNamespace
+
+    from blockkd import config
+    from blockkd.engine.trainer import Trainer
+
+    path = Path(__file__).parents[1] / f"configs/lm_fortunes/{recipe}.yaml"
+    with pytest.raises(BlockKDError) as e:
+        config.load(path, ["method.options.stone_warmup=1"])
+    assert "\n" not in str(e.value)
+    assert str(e.value).startswith("method.options.stone_warmup was removed in blockkd 0.2 (replaced by "
+                                   "stone_warmup_fraction")
+    with pytest.raises(BlockKDError, match=r"^method\.options\.stone_warmup was removed"):
+        methods.create(f"lm-{recipe}", gpt2(2, 16), gpt2(4, 32), text_input(12), stone_warmup=1.0)
+    cfg = config.load(path)  # 4 epochs, stone_warmup_fraction 0.25
+    saved = {"method": {"name": f"lm-{recipe}"}}
+    Trainer.refuse_removed_options(SimpleNamespace(cfg=cfg), {"method.options.stone_warmup": 1.0}, saved)
+    with pytest.raises(BlockKDError, match=r"^this run was trained with method\.options\.stone_warmup=0\.0, removed"):
+        Trainer.refuse_removed_options(SimpleNamespace(cfg=cfg), {"method.options.stone_warmup": 0.0}, saved)
 
 
 RECIPES = sorted(p.stem for p in (Path(__file__).parents[1] / "configs/lm_fortunes").glob("*.yaml")
@@ -423,7 +557,9 @@ def test_lm_blockkd_run_resumes_exactly(runs, tmp_path):
     folder, names, _ = runs
 
     def cfg(name: str, epochs: int) -> dict:
-        return {"model": {"name": names["student"]}, "method": {"name": "lm-blockkd", "options": {"stone_tokens": 8}},
+        # stone_warmup_fraction 0: the ramp's length follows train.epochs, which the resumed run changes
+        options = {"stone_tokens": 8, "stone_warmup_fraction": 0.0}
+        return {"model": {"name": names["student"]}, "method": {"name": "lm-blockkd", "options": options},
                 "teacher": {"name": names["teacher"], "checkpoint": str(folder / "teacher")},
                 "data": {**LM_DATA, "train_subset": 12}, "optim": {"name": "adamw", "lr": 1e-3},
                 "schedule": {"name": "constant"}, "train": {"epochs": epochs, "device": "cpu", "seed": 3},

@@ -33,7 +33,7 @@ from .base import Distiller
 from .connectors import CONNECTORS, build_connectors
 from .kd import TEMPERATURE, WEIGHT
 from .losses import cross_entropy, kl_div, linear_warmup
-from .stone_grad import fork
+from .stone_grad import forked_features
 from .stones import StonePlan, ensemble as stones_ensemble, run as run_stones
 
 ANY = None  # a removed option whose every saved value trains as today's code does
@@ -49,6 +49,46 @@ def match_views(student, teacher, input_shape, num_blocks: int | None):
             raise
         raise OptionError("num_blocks", str(e)) from None
 
+
+# The two options that keep the stones' first gradients no harsher than the student's own (docs/blockkd.md,
+# "Stable by default"), declared once for Block-KD and its causal-LM form (blockkd.methods.lm_blockkd).
+def stone_warmup_fraction_option():
+    return option(0.25, number(0, hi=1), "fraction of training over which the stones' terms and L_cross ramp up "
+                  "linearly from 0")
+
+
+def stone_grad_cap_option():
+    return option(1.0, optional(number(0)), "each stone's gradient into the student's feature at its block is "
+                  "scaled, per step, to at most this times the gradient the rest of the objective sends there "
+                  "(null: unbounded)")
+
+
+# The ramp in epochs, replaced by stone_warmup_fraction: a saved value trains as today's code does where it is
+# the fraction's share of the resumed run's epochs (the ``removed`` entry of both Options classes).
+STONE_WARMUP_REMOVED = ("replaced by stone_warmup_fraction, the same ramp as a fraction of training, "
+                        "stone_warmup / train.epochs", lambda v, cfg: math.isclose(
+                            v, cfg.method.options.stone_warmup_fraction * cfg.train.epochs, abs_tol=1e-9))
+
+# The training length assumed where the caller gives none (blockkd.methods.create without epochs=): the
+# schedule on which the warm-up was measured (configs/fashion_mnist).
+ASSUMED_EPOCHS = 8
+
+
+class StoneWarmup:
+    """The stones' warm-up of a distiller whose options have ``stone_warmup_fraction`` (Block-KD and
+    :class:`blockkd.methods.lm_blockkd.LMBlockKD`); the training length is the distiller's ``epochs``."""
+
+    def ramp(self, epoch: float) -> float:
+        """The stones' factor at ``epoch``: 0 → 1 over the first ``stone_warmup_fraction`` of training."""
+        fraction = self.opts.stone_warmup_fraction
+        if fraction and self.epochs is None and not getattr(self, "_warned", False):
+            self._warned = True
+            warnings.warn(f"Block-KD: the training length is unknown, so the stones ramp in over "
+                          f"{fraction * ASSUMED_EPOCHS:g} epochs ({fraction} of {ASSUMED_EPOCHS}); pass "
+                          f"epochs= to blockkd.methods.create", stacklevel=3)
+        return linear_warmup(epoch, fraction * (self.epochs or ASSUMED_EPOCHS))
+
+
 @dataclass(frozen=True)
 class BlockKDOptions:
     """Each option's measurement: docs/blockkd.md, "Options". The defaults are the configuration chosen on
@@ -61,8 +101,7 @@ class BlockKDOptions:
     connector: str = option("conv3x3_bn", registered(CONNECTORS), "C_i: the layers mapping a student block's output "
                             "into the teacher's feature space, where that is a feature map (transformer "
                             "tokens always get Linear + LayerNorm)")
-    stone_warmup_fraction: float = option(0.25, number(0, hi=1), "fraction of training over which the stones' "
-                                          "terms and L_cross ramp up linearly from 0")
+    stone_warmup_fraction: float = stone_warmup_fraction_option()
     num_blocks: int | None = option(None, optional(integer(1)), "n; null: one block per spatial resolution "
                                     "both networks share (transformers: the shallower side's layer count)")
     num_stones: int | None = option(None, optional(integer(1)), "k: only the k deepest stepping-stones are built "
@@ -72,9 +111,7 @@ class BlockKDOptions:
                                             "k: the k deepest stones on the whole batch, each other stone on its "
                                             "own random 1/m share of it (m stones)")
     batched_stones: bool = option(True, BOOL, "stones crossing the same teacher block run there as one batch")
-    stone_grad_cap: float | None = option(1.0, optional(number(0)), "each stone's gradient into the student's "
-                                          "feature at its block is scaled, per step, to at most this times the "
-                                          "gradient the rest of the objective sends there (null: unbounded)")
+    stone_grad_cap: float | None = stone_grad_cap_option()
 
     # Options that lost their measurements (docs/blockkd.md, "Removed options"): a recipe naming one gets one
     # line. A resumed run is refused where its saved value trained differently from today's code: name ->
@@ -95,9 +132,7 @@ class BlockKDOptions:
         "logit_standardization": ("it cost 2.6 points, round 4", (False,)),
         "connector_init": ("teacher_stats gained on one seed of two, rounds 5 and 6", ("default",)),
         "detach_ensemble": ("the ensemble is always a target: not detaching it gained nothing, round 1", (True,)),
-        "stone_warmup": ("replaced by stone_warmup_fraction, the same ramp as a fraction of training, "
-                         "stone_warmup / train.epochs", lambda v, cfg: math.isclose(
-                             v, cfg.method.options.stone_warmup_fraction * cfg.train.epochs, abs_tol=1e-9)),
+        "stone_warmup": STONE_WARMUP_REMOVED,
     }
 
     def check(self) -> None:
@@ -108,7 +143,7 @@ class BlockKDOptions:
 
 
 @register("blockkd")
-class BlockKD(Distiller):
+class BlockKD(StoneWarmup, Distiller):
     """Block-KD: the student plus n stepping-stone hybrids, trained through logits (the paper's method)."""
 
     Options = BlockKDOptions
@@ -146,11 +181,7 @@ class BlockKD(Distiller):
         view, cap = self._views[0], self.opts.stone_grad_cap
         if cap is None:
             return view.features(x)
-        feats, h = [], x
-        for i in range(self.num_blocks):
-            h = view.run_block(i, h, x)
-            h, mine = fork(h, cap, scales, i) if i in self.stone_ids else (h, h)
-            feats.append(mine)
+        feats, h = forked_features(view, x, self.stone_ids, cap, scales)
         return feats, view.run_head(h, x)
 
     def connect(self, i: int, feat: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -178,16 +209,6 @@ class BlockKD(Distiller):
         out = {"student": logits, **{f"stone{i + 1}": zi for i, zi in zip(self.stone_ids, z)}}
         out["ensemble"] = torch.stack(z).mean(0)
         return out
-
-    def ramp(self, epoch: float) -> float:
-        """The stones' factor at ``epoch``: 0 → 1 over the first ``stone_warmup_fraction`` of training."""
-        fraction = self.opts.stone_warmup_fraction
-        if fraction and self.epochs is None and not getattr(self, "_warned", False):
-            self._warned = True
-            warnings.warn(f"Block-KD: the training length is unknown, so the stones ramp in over "
-                          f"{fraction * ASSUMED_EPOCHS:g} epochs ({fraction} of {ASSUMED_EPOCHS}); pass "
-                          f"epochs= to blockkd.methods.create", stacklevel=3)
-        return linear_warmup(epoch, fraction * (self.epochs or ASSUMED_EPOCHS))
 
     # -- objective ---------------------------------------------------------------------------------
     def stone_terms(self, feats, logits, t_logits, y, x, rows):
@@ -276,11 +297,6 @@ class BlockKD(Distiller):
         for name, grads in self.part_gradients(x, y, epoch=epoch).items():
             out[f"grad_norm_{name}"] = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
         return out
-
-
-# The training length assumed where the caller gives none (blockkd.methods.create without epochs=): the
-# schedule on which the warm-up was measured (configs/fashion_mnist).
-ASSUMED_EPOCHS = 8
 
 
 @register("blockkd-lite")

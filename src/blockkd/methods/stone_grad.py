@@ -12,6 +12,8 @@ sit near 1x after the first steps, where the bound rarely binds.
 :func:`fork` returns two copies of a feature, one for the student's next block or head, one for the
 connector; one autograd node receives both gradients at once, so the bound is exact within the step at no
 extra backward pass. ``scales`` (a dict) receives each node's applied factor, for the diagnostics.
+:func:`forked_features` runs a student's blocks with a fork at each stone's block (Block-KD and its causal-LM
+form, :mod:`blockkd.methods.lm_blockkd`).
 """
 from __future__ import annotations
 
@@ -41,3 +43,16 @@ def fork(x: torch.Tensor, cap: float | None, scales: dict | None = None, key=Non
     if cap is None or not x.requires_grad:
         return x, x
     return _Fork.apply(x, float(cap), scales, key)
+
+
+def forked_features(view, x, stone_ids, cap: float | None, scales: dict | None = None
+                    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Every block's output of the student's block view ``view`` on the input ``x``, from one forward pass, and
+    the last block's output for the student's head. At a block in ``stone_ids`` the list holds the stone's copy
+    (:func:`fork`, key: the block's index) and the next block (or the head) gets the student's."""
+    feats, h = [], x
+    for i in range(len(view.blocks)):
+        h = view.run_block(i, h, x)
+        h, mine = fork(h, cap, scales, i) if i in stone_ids else (h, h)
+        feats.append(mine)
+    return feats, h
