@@ -2,7 +2,7 @@
 
     python benchmarks/accuracy.py [--recipes configs/fashion_mnist] [--seeds 0 1 2 3 4]
                                   [--methods ce kd ... blockkd-lite] [--epochs N] [--train-subset N]
-                                  [--val [N]] [--jobs 2] [--append] [--quick] [--out results/accuracy.json]
+                                  [--val [N]] [--jobs 2] [--append] [--resume] [--quick] [--out results/accuracy.json]
     python benchmarks/accuracy.py --render [--out results/accuracy.json]   # .md and .png again, from the JSON
 
 How, and why this way: every run is a plain ``blockkd.config.load`` of a recipe of ``--recipes`` (the
@@ -334,6 +334,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "(same teacher and overrides) and report all of them")
     p.add_argument("--from-runs", action="store_true", help="train nothing: report the finished runs already in "
                    "the run folders beside --out (a run stopped at a deadline, say), with the given settings")
+    p.add_argument("--resume", action="store_true", help="train only what is missing: a run in the run folders "
+                   "beside --out with today's recipe is reused if it finished and continued from its last "
+                   "checkpoint if not (a benchmark stopped by a deadline goes on where it stopped)")
     p.add_argument("--render", action="store_true", help="train nothing: only rewrite the .md and .png from the "
                    "JSON in --out (after a change to the report's format)")
     p.add_argument("--quick", action="store_true", help="tiny subset, 1 epoch, 1 seed, ce and blockkd: the smoke test")
@@ -371,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         quiet = ["output.progress=false"] if args.jobs > 1 else []
         recipes: dict[str, dict[str, Any]] = {}
         results = []
-        calls = [(folder, method, seed, extra + quiet, teacher_dir, runs_dir)
+        calls = [(folder, method, seed, extra + quiet, teacher_dir, runs_dir, None, args.resume)
                  for seed in s["seeds"] for method in s["methods"]]
         if args.from_runs:
             done = [(c, finished_run(runs_dir, c[1], c[2])) for c in calls]

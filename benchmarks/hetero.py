@@ -1,13 +1,14 @@
 """Distillation across architecture families: every pair folder of configs/fashion_mnist_hetero, one table.
 
     python benchmarks/hetero.py [--recipes configs/fashion_mnist_hetero] [--seeds 0 1 2] [--methods ...]
-                                [--pairs PAIR ...] [--jobs N] [--quick] [--render] [--out results/hetero.md]
+                                [--pairs PAIR ...] [--jobs N] [--resume] [--quick] [--render] [--out results/hetero.md]
 
 Each pair folder (``<teacher>-<student>/``, a recipe folder of its own) is run by ``benchmarks/accuracy.py``
 (no second training loop): its JSON, table and plot go to ``<out stem>/<pair>.json|.md|.png``. This file then
 writes ``--out``: per pair and method, the mean ± std over seeds of the last-epoch test top-1, and the
 largest drop of any run's test top-1 from one epoch to the next (issue 35: a drop above 10 points is a
-collapse). ``--quick``: accuracy.py's smoke test (tiny subset, 1 epoch, 1 seed) on every pair.
+collapse). ``--resume``: accuracy.py's (finished runs reused, interrupted ones continued: the benchmark takes
+hours on a CPU and goes on where a stop left it). ``--quick``: accuracy.py's smoke test (tiny subset, 1 epoch, 1 seed) on every pair.
 """
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="accuracy.py --quick on every pair: the smoke test")
+    p.add_argument("--resume", action="store_true", help="accuracy.py --resume: reuse the finished runs, continue "
+                   "the interrupted ones")
     p.add_argument("--pairs", nargs="+", metavar="PAIR", help="only these pair folders (default: every one)")
     p.add_argument("--render", action="store_true", help="train nothing: the table again from the pairs' JSON "
                    "reports already beside --out")
@@ -73,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     for pair in pairs:
         json_out = out.with_suffix("") / f"{pair}.json"
         cmd = ["--recipes", str(folder / pair), "--methods", *args.methods, "--jobs", str(args.jobs),
-               "--out", str(json_out)] + (["--quick"] if args.quick else ["--seeds", *map(str, args.seeds)])
+               "--out", str(json_out)] + (["--quick"] if args.quick else ["--seeds", *map(str, args.seeds)]) \
+            + (["--resume"] if args.resume else [])
         if args.render:
             if json_out.is_file():
                 reports[pair] = json.loads(json_out.read_text())

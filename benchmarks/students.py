@@ -85,19 +85,45 @@ def history_of(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def run_student(folder: Path, method: str, seed: int, extra: list[str], teacher_dir: Path, runs: Path,
-                name: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                name: str | None = None, resume: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train the recipe ``folder/<method>.yaml`` with ``seed``; returns (its resolved config, its per-run
     result). ``method`` is the recipe's name (kd-ls is the kd method with options).
 
-    ``name`` (default: the recipe's) names the run folder ``<name>-seed<seed>`` under ``runs``."""
+    ``name`` (default: the recipe's) names the run folder ``<name>-seed<seed>`` under ``runs``. ``resume``:
+    a run already in that folder with the same recipe (:func:`same_recipe`) is reused if it finished and
+    continued from its last checkpoint if not (a benchmark stopped by a deadline or a killed session goes on
+    where it stopped); a run of another recipe is trained again."""
     uses_teacher = methods.needs_teacher(config.load(folder / f"{method}.yaml", extra).method.name)
+    run_name = f"{name or method}-seed{seed}"
     cfg = config.load(folder / f"{method}.yaml", extra + [
-        f"train.seed={seed}", f"output.dir={runs}", f"output.name={name or method}-seed{seed}",
+        f"train.seed={seed}", f"output.dir={runs}", f"output.name={run_name}",
         *([f"teacher.checkpoint={teacher_dir}"] if uses_teacher else [])])
     print(f"\n== {method}, seed {seed}: {cfg.model.name}" + (f" <- {cfg.teacher.name}" if uses_teacher
                                                                     else ""), flush=True)
+    if resume and same_recipe(Path(runs) / run_name, cfg.to_dict()):
+        done = finished_run(Path(runs), name or method, seed)
+        if done is not None:
+            print(f"finished before in {Path(runs) / run_name}: reused", flush=True)
+            return done
+        return cfg.to_dict(), result_of(train(cfg, resume=True), method, seed)
     summary = train(cfg, overwrite=True)
     return cfg.to_dict(), result_of(summary, method, seed)
+
+
+def same_recipe(run: Path, cfg: dict[str, Any]) -> bool:
+    """Was the run in folder ``run`` started from the recipe ``cfg`` (its saved config equal but for
+    ``RUN_KEYS``)? False where there is no run."""
+    saved = run / "config.yaml"
+    if not saved.is_file():
+        return False
+    try:
+        before = config.load(saved).to_dict()
+    except BlockKDError:  # a config today's blockkd no longer takes (a removed option): another recipe
+        return False
+    # compared as values, not by fingerprint: the saved YAML may write a default 0 as 0.0
+    recipe = lambda d: {k: v for k, v in config.flat_keys(d).items()  # noqa: E731
+                        if not any(k == i or k.startswith(i + ".") for i in RUN_KEYS)}
+    return recipe(before) == recipe(cfg)
 
 
 def result_of(summary: dict[str, Any], method: str, seed: int) -> dict[str, Any]:

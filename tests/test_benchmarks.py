@@ -259,6 +259,34 @@ def test_accuracy_report_from_the_finished_runs(runs, tmp_path):
     assert "--from-runs" in after["invocations"][0]["command"]
 
 
+def test_accuracy_resume_reuses_finished_runs_and_continues_interrupted_ones(runs, tmp_path):
+    """--resume: a finished run is reused as it is, one stopped after its last checkpoint (no summary yet) is
+    continued from it, and the report equals the uninterrupted one; a run of another recipe is trained again."""
+    folder, _ = runs["accuracy"]
+    shutil.copytree(folder / "accuracy-runs", tmp_path / "out" / "accuracy-runs")
+    runs_dir = tmp_path / "out" / "accuracy-runs"
+    (runs_dir / "blockkd-seed0" / "summary.json").unlink()  # as if killed after its last checkpoint
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(folder.parent / "cache")}  # the cached teacher
+    base = [sys.executable, str(BENCH / "accuracy.py"), "--quick", "--val", "300", "--resume",
+            "--out", "out/accuracy.json"]
+    proc = subprocess.run(base, cwd=tmp_path, env=env, text=True, capture_output=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"finished before in {Path('out/accuracy-runs/ce-seed0')}: reused" in proc.stdout
+    assert "resuming" in (runs_dir / "blockkd-seed0" / "train.log").read_text()
+    before = json.loads((folder / "accuracy.json").read_text())
+    after = json.loads((tmp_path / "out" / "accuracy.json").read_text())
+    for m in ("ce", "blockkd"):
+        assert after["methods"][m]["last_top1"] == before["methods"][m]["last_top1"]
+    curves = lambda r: {x["method"]: x["curve"] for x in r["runs"]}  # noqa: E731
+    assert curves(after) == curves(before)
+    # another recipe (a changed override): nothing reused, every run trained again from its first step
+    proc = subprocess.run(base + ["--epochs", "2", "--methods", "ce"], cwd=tmp_path, env=env, text=True,
+                          capture_output=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "reused" not in proc.stdout and "resuming" not in (runs_dir / "ce-seed0" / "train.log").read_text()
+    assert [e for e, _ in json.loads((tmp_path / "out" / "accuracy.json").read_text())["runs"][0]["curve"]] == [1, 2]
+
+
 def test_accuracy_on_another_recipe_folder(tmp_path):
     """--recipes configs/fortunes: the same report for the text task (teacher and students from that folder),
     run from the repository root as the recipes' relative model paths need; a method without a recipe there
