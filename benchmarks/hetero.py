@@ -8,7 +8,8 @@ Each pair folder (``<teacher>-<student>/``, a recipe folder of its own) is run b
 writes ``--out``: per pair and method, the mean ± std over seeds of the last-epoch test top-1, and the
 largest drop of any run's test top-1 from one epoch to the next (issue 35: a drop above 10 points is a
 collapse). ``--resume``: accuracy.py's (finished runs reused, interrupted ones continued: the benchmark takes
-hours on a CPU and goes on where a stop left it). ``--quick``: accuracy.py's smoke test (tiny subset, 1 epoch, 1 seed) on every pair.
+hours on a CPU and goes on where a stop left it). ``--quick``: accuracy.py's smoke test (tiny subset, 1 epoch,
+1 seed) on every pair.
 """
 from __future__ import annotations
 
