@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import multiprocessing
 import multiprocessing.forkserver
 import os
@@ -68,13 +67,13 @@ COMPILE_WARMUP = 20  # warm-up steps of +compile variants whose step cost varies
 
 DEFAULTS: dict[str, Any] = {
     "pairs": PAIRS, "methods": METHODS, "batch_size": 64, "image_size": 32, "num_classes": 100,
-    "warmup": 3, "steps": 5, "windows": 5, "random_steps": 20,
+    "warmup": 3, "steps": 5, "windows": 5,
     "data": None, "data_batch_sizes": [64, 128], "data_size": None,  # data None: Fashion-MNIST if installed
 }
 # --quick: the whole pipeline on tiny models and data in well under a minute (the smoke test).
 QUICK: dict[str, Any] = {
     "pairs": ["resnet14:resnet8"], "batch_size": 8, "image_size": 16, "num_classes": 10,
-    "warmup": 1, "steps": 1, "windows": 2, "random_steps": 3,
+    "warmup": 1, "steps": 1, "windows": 2,
     "data": ["synthetic"], "data_batch_sizes": [64], "data_size": 512,
 }
 
@@ -100,12 +99,6 @@ class Case:
     def options(self) -> dict[str, Any]:
         return LABELS[self.label][1]
 
-    @property
-    def random_cost(self) -> bool:
-        """Does the cost of a step vary from step to step? No method's does since Block-KD's stones_per_step
-        (a drawn subset of stones) was removed in blockkd 0.2; the mean-over-steps statistic stays for one that
-        would."""
-        return False
 
 
 def parse_variant(variant: str) -> dict[str, Any]:
@@ -165,15 +158,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(case: Case, warmup: int, steps: int, windows: int, random_steps: int) -> dict[str, Any]:
+def measure(case: Case, warmup: int, steps: int, windows: int) -> dict[str, Any]:
     """Throughput and peak memory of ``case`` (meant to run alone in its own process)."""
     rss_start = peak_rss_mb()
     cuda = torch.device(case.device).type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(case.device)
     step, _, rt = build_step(case)
-    if case.random_cost:  # enough steps that the mean over them is the expected cost
-        steps = max(steps, math.ceil(random_steps / windows))
     if parse_variant(case.variant)["compile"]:  # compilation, and a recompilation per distinct set of stones drawn
         warmup = max(warmup, COMPILE_WARMUP)
     seconds = []
@@ -188,11 +179,10 @@ def measure(case: Case, warmup: int, steps: int, windows: int, random_steps: int
             synchronize(rt.device)
             seconds.append(time.perf_counter() - start)
     per_window = [steps * case.batch_size / s for s in seconds]
-    mean = windows * steps * case.batch_size / sum(seconds)
-    images_per_s = mean if case.random_cost else statistics.median(per_window)
+    images_per_s = statistics.median(per_window)
     return {
         "images_per_s": images_per_s,
-        "statistic": f"mean over {windows * steps} steps" if case.random_cost else f"median of {windows} windows",
+        "statistic": f"median of {windows} windows",
         "window_images_per_s": per_window, "steps_per_window": steps, "warmup_steps": warmup,
         "step_ms": 1000 * case.batch_size / images_per_s, "runtime": rt.describe(),
         "peak_memory_mb": torch.cuda.max_memory_allocated(case.device) / 2**20 if cuda else peak_rss_mb(),
@@ -223,7 +213,7 @@ def start_workers() -> multiprocessing.context.BaseContext:
 def run_case(ctx: multiprocessing.context.BaseContext, case: Case, settings: dict[str, Any]) -> dict[str, Any]:
     """``measure`` in a fresh process forked from ``start_workers``'s server."""
     recv, send = ctx.Pipe(duplex=False)
-    options = {k: settings[k] for k in ("warmup", "steps", "windows", "random_steps")}
+    options = {k: settings[k] for k in ("warmup", "steps", "windows")}
     proc = ctx.Process(target=_child, args=(send, dataclasses.asdict(case), options))  # not daemonic: inductor may fork
     proc.start()
     send.close()
@@ -475,10 +465,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Train step (forward + backward + SGD step), batch {s['batch_size']}, {s['image_size']}x{s['image_size']} "
         f"inputs, {s['num_classes']} classes, random-init models and data on the device; throughput is the median "
         f"of {plural(s['windows'], 'window')} of {plural(s['steps'], 'step')} "
-        f"after {plural(s['warmup'], 'warm-up step')} "
-        f"(methods that draw stones per step: the mean over at least {plural(s['random_steps'], 'step')}); "
-        f"each case runs in its own "
-        f"process; peak MB is "
+        f"after {plural(s['warmup'], 'warm-up step')}; each case runs in its own process; peak MB is "
         f"{'max_memory_allocated' if s['device'].startswith('cuda') else 'the peak RSS of that process'}. "
         f"Time vs kd is kd's images/s "
         f"over the method's; the goals are stated for {GOAL_PAIR}. Extra params: what the method trains besides the "
@@ -507,7 +494,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help=f"timed steps per window (default {DEFAULTS['steps']})")
     p.add_argument("--warmup", type=int, help=f"untimed steps first (default {DEFAULTS['warmup']})")
     p.add_argument("--windows", type=int, help=f"timed windows; the median is reported (default {DEFAULTS['windows']})")
-    p.add_argument("--random-steps", type=int, help="minimum timed steps of methods whose cost varies per step (20)")
     p.add_argument("--pairs", nargs="+", help=f"teacher:student pairs (default {' '.join(PAIRS)})")
     p.add_argument("--methods", nargs="+", choices=METHODS, help="methods to time (default all)")
     p.add_argument("--variants", nargs="+", help="fp32|bf16|fp16 joined with +cl (channels_last) and/or +compile "
