@@ -145,12 +145,15 @@ def build_step(case: Case, device: str | torch.device | None = None
 
 def extra_sizes(distiller: methods.Distiller) -> dict[str, int]:
     """What a method adds to the student: trainable parameters outside it (connectors, regressors,
-    embeddings) and buffers outside the student and the teacher (memory banks, BN statistics of connectors)."""
+    embeddings) and buffers outside the student and the teacher (memory banks, BN statistics of connectors);
+    and the parameters the deployed model has outside the student (SimKD: its projector and the teacher's head)."""
     student = {id(p) for p in distiller.student.parameters()}
     models_ = [m for m in (distiller.student, distiller.teacher) if m is not None]
     own_buffers = {id(b) for m in models_ for b in m.buffers()}
     return {"extra_params": sum(p.numel() for p in distiller.trainable_parameters() if id(p) not in student),
-            "extra_buffers": sum(b.numel() for b in distiller.buffers() if id(b) not in own_buffers)}
+            "extra_buffers": sum(b.numel() for b in distiller.buffers() if id(b) not in own_buffers),
+            "extra_inference_params": sum(p.numel() for p in distiller.deployed_model().parameters()
+                                          if id(p) not in student)}
 
 
 def synchronize(device: torch.device) -> None:
@@ -375,7 +378,7 @@ def batched_comparison(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def step_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     header = ["pair (teacher:student)", "variant", "method", "images/s", "ms/step", "time vs kd", "GFLOP/step",
-              "FLOPs vs kd", "extra params", "extra buffers", "peak MB", "goal"]
+              "FLOPs vs kd", "extra params", "extra buffers", "extra inference params", "peak MB", "goal"]
     body = []
     for r in rows:
         goal = "" if r.get("goal_vs_kd") is None else f"<= {r['goal_vs_kd']}" + (
@@ -385,7 +388,8 @@ def step_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
                      fmt(r.get("step_ms"), ".1f"),
                      fmt(r.get("cost_vs_kd"), ".2f") + ("x" if r.get("cost_vs_kd") else ""),
                      fmt(gflop, ".2f"), fmt(r.get("flops_vs_kd"), ".2f") + ("x" if r.get("flops_vs_kd") else ""),
-                     count(r.get("extra_params")), count(r.get("extra_buffers")), fmt(r.get("peak_memory_mb"), ".0f"),
+                     count(r.get("extra_params")), count(r.get("extra_buffers")),
+                     count(r.get("extra_inference_params")), fmt(r.get("peak_memory_mb"), ".0f"),
                      r.get("error") and f"error: {r['error']}" or goal])
     return header, body
 
@@ -470,7 +474,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Time vs kd is kd's images/s "
         f"over the method's; the goals are stated for {GOAL_PAIR}. Extra params: what the method trains besides the "
         f"student (connectors, regressors, embeddings); extra buffers: its untrained state (CRD's memory banks, "
-        f"connectors' BN statistics).{uncounted_note(report['flops'])} Reproduce: `{report['command']}`.",
+        f"connectors' BN statistics); extra inference params: what the deployed model has besides the student "
+        f"(SimKD: its projector and the teacher's classifier; its own classifier then goes unused)."
+        f"{uncounted_note(report['flops'])} Reproduce: `{report['command']}`.",
         markdown_table(*step_table(report["train_step"])),
     ]
     if report["batched_stones"]:

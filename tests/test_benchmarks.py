@@ -83,6 +83,9 @@ def test_speed_report(runs):
     assert rows["blockkd"]["extra_params"] > 0 and rows["fitnet"]["extra_params"] > 0
     crd = methods.defaults("crd")
     assert rows["crd"]["extra_buffers"] >= 2 * crd["num_data"] * crd["feat_dim"] and rows["crd"]["extra_params"] > 0
+    # Only SimKD deploys more than the student: its projector (trained) and the teacher's head (frozen).
+    assert {label for label, r in rows.items() if r["extra_inference_params"]} == {"simkd"}
+    assert rows["simkd"]["extra_inference_params"] > rows["simkd"]["extra_params"] > 0
     # The parts add up to the counted steps, so the floor derived from them is the steps' FLOP ratio.
     assert f["kd_from_parts"] == approx(per_step["kd"], rel=1e-3)
     assert f["blockkd_from_parts"] == approx(per_step["blockkd"], rel=1e-3)
