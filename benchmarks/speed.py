@@ -63,7 +63,7 @@ GOAL_PAIR = "resnet32x4:resnet8x4"  # ... on this pair
 CPU_VARIANTS = ["fp32"]
 CUDA_VARIANTS = ["fp32", "bf16", "bf16+cl", "bf16+cl+compile"]
 VARIANT_FLAGS = {"fp32", "bf16", "fp16", "cl", "compile"}
-COMPILE_WARMUP = 20  # warm-up steps of +compile variants whose step cost varies (graphs differ per step)
+COMPILE_WARMUP = 20  # warm-up steps of +compile variants: compilation and any recompilation stay untimed
 
 DEFAULTS: dict[str, Any] = {
     "pairs": PAIRS, "methods": METHODS, "batch_size": 64, "image_size": 32, "num_classes": 100,
@@ -98,7 +98,6 @@ class Case:
     @property
     def options(self) -> dict[str, Any]:
         return LABELS[self.label][1]
-
 
 
 def parse_variant(variant: str) -> dict[str, Any]:
@@ -168,7 +167,7 @@ def measure(case: Case, warmup: int, steps: int, windows: int) -> dict[str, Any]
     if cuda:
         torch.cuda.reset_peak_memory_stats(case.device)
     step, _, rt = build_step(case)
-    if parse_variant(case.variant)["compile"]:  # compilation, and a recompilation per distinct set of stones drawn
+    if parse_variant(case.variant)["compile"]:  # compilation (and any recompilation) before the timed windows
         warmup = max(warmup, COMPILE_WARMUP)
     seconds = []
     with runtime.reproducibility(False):  # cudnn autotuning on, as in a training run
