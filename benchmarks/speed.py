@@ -120,7 +120,9 @@ def build_step(case: Case, device: str | torch.device | None = None
     with rt.device:  # built in place: on "meta" (FLOP counting) nothing is ever computed
         student = models.create(student_name, case.num_classes)
         teacher = models.create(teacher_name, case.num_classes) if methods.needs_teacher(case.method) else None
-        distiller = methods.create(case.method, student, teacher, shape, **case.options)
+        # epochs: a training length for the schedules that follow it (Block-KD's stone ramp, CTKD's curriculum);
+        # a step costs the same at any point of them
+        distiller = methods.create(case.method, student, teacher, shape, epochs=1, **case.options)
     if rt.channels_last:
         distiller.to(memory_format=torch.channels_last)
     distiller.train()

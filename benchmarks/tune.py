@@ -1,7 +1,7 @@
 """Block-KD's open choices on a validation split (weights, temperature, connector, warm-up, stones)
 and each baseline's distillation weight (``DISTILL_WEIGHT``: the recipe's value, half and twice it).
 
-    python benchmarks/tune.py [--variants NAME ...] [--seeds 0] [--jobs 2] [--val 10000] [--quick]
+    python benchmarks/tune.py [--variants NAME ...] [--seeds 0] [--jobs 2] [--val 10000] [--resume] [--quick]
                               [--recipes configs/fashion_mnist] [--out results/tuning.json]
 
 Why: the accuracy benchmark's goal is Block-KD above KD and DKD; where it is not, the choices the paper
@@ -124,13 +124,16 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
 
-def run_variant(name: str, seed: int, extra: list[str], teacher_dir: str, runs: str, folder: str) -> dict[str, Any]:
-    """One training (in a worker process): the variant's recipe of ``folder`` with ``seed``; its per-run result."""
+def run_variant(name: str, seed: int, extra: list[str], teacher_dir: str, runs: str, folder: str,
+                resume: bool = False) -> dict[str, Any]:
+    """One training (in a worker process): the variant's recipe of ``folder`` with ``seed``; its per-run result.
+    ``resume``: ``students.run_student``'s (a finished run of the same recipe reused, an interrupted one
+    continued)."""
     method, options = VARIANTS[name]
     if method.startswith("blockkd"):  # relative to the method's defaults, not to the recipe's overrides
         options = {**methods.defaults(method), **({} if name == "blockkd defaults" else FORMER_DEFAULTS), **options}
     _, result = students.run_student(Path(folder), method, seed, extra + option_overrides(options),
-                                     Path(teacher_dir), Path(runs), name=slug(name))
+                                     Path(teacher_dir), Path(runs), name=slug(name), resume=resume)
     return {**result, "variant": name, "options": VARIANTS[name][1]}
 
 
@@ -232,6 +235,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch threads per training (default: cores / jobs)")
     p.add_argument("--append", action="store_true",
                    help="keep the runs already in --out (other variants or seeds) and summarise all of them")
+    p.add_argument("--resume", action="store_true", help="reuse the finished runs in the run folders beside --out "
+                   "and continue the interrupted ones (a sweep that spans several sittings)")
     p.add_argument("--from-runs", action="store_true", help="train nothing: report the finished runs already in "
                    "the run folders beside --out (an invocation that stopped or failed part-way, say)")
     p.add_argument("--render", action="store_true", help="only rewrite the .md from the JSON in --out (no training)")
@@ -276,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         minutes = sum(r["wall_time_s"] for r in results) / 60 / jobs  # the runs' own time, side by side
     else:
-        results = students.side_by_side(run_variant, [(n, seed, extra, str(teacher_dir), str(runs), str(folder))
-                                                      for seed in seeds for n in names], jobs, threads)
+        results = students.side_by_side(run_variant, [(n, seed, extra, str(teacher_dir), str(runs), str(folder),
+                                                       args.resume) for seed in seeds for n in names], jobs, threads)
         minutes = (time.perf_counter() - started) / 60
     command = shlex.join(["python", "benchmarks/tune.py", *(sys.argv[1:] if argv is None else argv)])
     invocations = [{"command": command, "minutes": minutes,

@@ -401,6 +401,13 @@ def test_tuning_report(tmp_path):
     assert stamps == {k: (tmp_path / r["run_dir"] / "summary.json").stat().st_mtime_ns for k, r in pkt_runs.items()}
     assert again["variants"]["pkt feat_weight x2"] == merged["variants"]["pkt feat_weight x2"]
     assert len(again["invocations"]) == 3 and "--from-runs" in again["invocations"][2]["command"]
+    # --resume: the finished runs of the same recipe are reused, not trained again
+    proc = subprocess.run([sys.executable, str(BENCH / "tune.py"), "--quick", "--append", "--resume", "--weights-of",
+                           "pkt", "--seeds", "1", "--jobs", "1", "--out", "out/tuning.json"], cwd=tmp_path,
+                          env=env, text=True, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("finished before in") == 3
+    assert stamps == {k: (tmp_path / r["run_dir"] / "summary.json").stat().st_mtime_ns for k, r in pkt_runs.items()}
     proc = subprocess.run([sys.executable, str(BENCH / "tune.py"), "--quick", "--append", "--from-runs", "--variants",
                            "kd", "--seeds", "5", "--out", "out/tuning.json"], cwd=tmp_path, env=env, text=True,
                           capture_output=True, timeout=120)

@@ -413,7 +413,8 @@ def test_runtime_settings_are_resolved_and_restored():
     with pytest.raises(BlockKDError, match="fp16 needs a CUDA device"):
         runtime.resolve_amp("fp16", cpu)
     rt = runtime.resolve("cpu", "auto", "auto")
-    assert (rt.device, rt.amp_dtype, rt.channels_last) == (cpu, None, False)
+    assert (rt.device, rt.amp_dtype, rt.channels_last) == (cpu, None, True)
+    assert not runtime.resolve("cpu", "auto", False).channels_last
     before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
     with runtime.reproducibility(True):
         assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
