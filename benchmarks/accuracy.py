@@ -93,6 +93,15 @@ def teacher_record(teacher_dir: Path, teacher: dict[str, Any], seeds: list[int],
             "seeds": seeds, "cpu": cpu}
 
 
+def same_teacher(old: dict[str, Any], teacher_dir: Path) -> bool:
+    """Is ``teacher_dir`` the teacher of an earlier invocation (``old``)? Its cache folder, named by the teacher
+    recipe's fingerprint, or, where a key added to the config since renamed that folder, the same weights."""
+    if old["run_dir"] == str(teacher_dir):
+        return True
+    sha = read_meta(checkpoint_dir(teacher_dir)).get("sha256", {}).get(WEIGHTS)
+    return sha is not None and sha == old.get("weights_sha256")
+
+
 def teachers_of(before: dict[str, Any] | None, now: dict[str, Any]) -> dict[str, Any]:
     """``now``, with the earlier invocations' teachers under "earlier" when they were other weights."""
     if not before:
@@ -367,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         teacher_extra, extra = overrides(s, args.quick)
         teacher_dir, teacher = train_or_reuse_teacher(folder, teacher_extra)
         before = json.loads(out.read_text()) if args.append and out.is_file() else None
-        if before and (before["teacher"]["run_dir"] != str(teacher_dir) or before["setup"]["overrides"] != extra
+        if before and (not same_teacher(before["teacher"], teacher_dir) or before["setup"]["overrides"] != extra
                        or before["setup"].get("recipes", "configs/fashion_mnist") != shown(folder)):
             raise BlockKDError(f"--append: {out} was made with another teacher, other overrides or other recipes")
         # Side-by-side runs print one line per epoch, no live bars (not a setting: --append mixes both).

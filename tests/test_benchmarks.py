@@ -240,6 +240,14 @@ def test_accuracy_append_adds_methods_and_refuses_other_settings(runs, tmp_path)
     proc = subprocess.run(base + ["--methods", "kd", "--epochs", "2"], cwd=tmp_path, env=env, text=True,
                           capture_output=True, timeout=240)
     assert proc.returncode == 2 and "another teacher, other overrides or other recipes" in proc.stderr
+    # A teacher cached under another folder name (a key added to the config since changes the recipe's
+    # fingerprint) is the same teacher where its weights are: appended to; other weights are refused.
+    for sha, code in ((after["teacher"]["weights_sha256"], 0), ("0" * 64, 2)):
+        moved = {**after, "teacher": {**after["teacher"], "run_dir": "/elsewhere/teacher-0123", "weights_sha256": sha}}
+        (tmp_path / "out" / "accuracy.json").write_text(json.dumps(moved))
+        proc = subprocess.run(base + ["--methods", "kd", "--from-runs"], cwd=tmp_path, env=env, text=True,
+                              capture_output=True, timeout=240)
+        assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def test_accuracy_report_from_the_finished_runs(runs, tmp_path):
