@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import students  # noqa: E402
@@ -285,10 +285,12 @@ def main(argv: list[str] | None = None) -> int:
                                                        args.resume) for seed in seeds for n in names], jobs, threads)
         minutes = (time.perf_counter() - started) / 60
     command = shlex.join(["python", "benchmarks/tune.py", *(sys.argv[1:] if argv is None else argv)])
-    invocations = [{"command": command, "minutes": minutes,
-                    "date": machine_info()["date"], "jobs": jobs, "threads_per_job": threads}]
+    invocations = [{"command": command, "minutes": minutes, "date": machine_info()["date"], "jobs": jobs,
+                    "threads_per_job": threads, "teacher_top1": teacher["last"]["test_top1"]}]
     if args.append and out.is_file():  # earlier runs first, minus those just redone
         results, invocations = append_runs(before, results, invocations, key=lambda r: (r["variant"], r["seed"]))
+        for i in invocations:  # each invocation's teacher: the cache is per machine and may have been retrained
+            i.setdefault("teacher_top1", before["teacher"]["last_top1"])
         seeds = sorted({r["seed"] for r in results})
     names = [n for n in VARIANTS if any(r["variant"] == n for r in results)]
     summary = summarise(results, names)
@@ -312,14 +314,28 @@ def parallelism(report: dict[str, Any]) -> str:
     u = report["setup"]
     each = [(i.get("jobs", u["jobs"]), i.get("threads_per_job", u["threads_per_job"])) for i in report["invocations"]]
     phrase = lambda j, t: f"{j} runs side by side, {t} thread(s) each" if j > 1 else f"one run at a time, {t} thread(s)"  # noqa: E731
-    if len(set(each)) == 1:
-        return phrase(*each[0])
+    return per_command(each, lambda jt: phrase(*jt))
+
+
+def per_command(values: list[Any], phrase: Callable[[Any], str]) -> str:
+    """One phrase where every invocation had the same value, else one per run of equal values, naming its
+    commands ("... (commands 1–3 below); ... (command 4 below)")."""
+    if len(set(values)) == 1:
+        return phrase(values[0])
     parts, k = [], 1
-    for (j, t), group in itertools.groupby(each):
+    for v, group in itertools.groupby(values):
         n = len(list(group))
-        parts.append(f"{phrase(j, t)} (command{'s' if n > 1 else ''} {k}{f'–{k + n - 1}' if n > 1 else ''} below)")
+        parts.append(f"{phrase(v)} (command{'s' if n > 1 else ''} {k}{f'–{k + n - 1}' if n > 1 else ''} below)")
         k += n
     return "; ".join(parts)
+
+
+def teacher_top1s(report: dict[str, Any]) -> str:
+    """The teacher's test top-1, per command where the teacher was retrained between invocations (another
+    machine's cache: the same recipe, other weights)."""
+    tops = [i.get("teacher_top1", report["teacher"]["last_top1"]) for i in report["invocations"]]
+    return per_command(tops, lambda v: f"{v:.2f}") + ("" if len(set(tops)) == 1 else
+                                                       ": retrained from its recipe between invocations")
 
 
 def render(report: dict[str, Any], out: Path) -> tuple[str, Path]:
@@ -330,7 +346,7 @@ def render(report: dict[str, Any], out: Path) -> tuple[str, Path]:
     text = (f"Validation top-1 on {u['val_split']} images held out from the Fashion-MNIST training set (the test "
             f"split is unused), {u.get('recipes', 'configs/fashion_mnist')} recipes, {schedule}, "
             f"teacher {t['model']} at "
-            f"{t['last_top1']:.2f}; seeds {', '.join(map(str, u['seeds']))} (the seeds column says how many each "
+            f"{teacher_top1s(report)}; seeds {', '.join(map(str, u['seeds']))} (the seeds column says how many each "
             f"variant ran with); {parallelism(report)}.")
     wide = "" if u.get("recipes", "configs/fashion_mnist") == "configs/fashion_mnist" else f", {u['recipes']}"
     summary = report["variants"]

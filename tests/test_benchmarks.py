@@ -397,6 +397,17 @@ def test_tuning_report(tmp_path):
     assert sweep and f"{recipe / 2:g}: {means['pkt feat_weight x0.5']:.2f} ± 0.00" in sweep[1]
     assert f"**{pkt[best]['options']['feat_weight']:g}** (x{factor[best]:g})" in sweep[1]
 
+    # each invocation records its teacher; one retrained between invocations (another machine's cache) is said
+    assert [i["teacher_top1"] for i in merged["invocations"]] == [report["teacher"]["last_top1"]] * 2
+    assert f"teacher resnet20 at {report['teacher']['last_top1']:.2f}; seeds" in md
+    doctored = {**merged, "invocations": [{**merged["invocations"][0], "teacher_top1": 12.34},
+                                          merged["invocations"][1]]}
+    (tmp_path / "other.json").write_text(json.dumps(doctored))
+    subprocess.run([sys.executable, str(BENCH / "tune.py"), "--render", "--out", "other.json"], cwd=tmp_path,
+                   check=True, capture_output=True)
+    assert (f"teacher resnet20 at 12.34 (command 1 below); {report['teacher']['last_top1']:.2f} (command 2 below): "
+            "retrained from its recipe between invocations; seeds") in (tmp_path / "other.md").read_text()
+
     # --from-runs: the finished runs are reported again, nothing is trained (their summaries stay as they were)
     pkt_runs = {(r["variant"], r["seed"]): r for r in merged["runs"] if r["variant"].startswith("pkt")}
     stamps = {k: (tmp_path / r["run_dir"] / "summary.json").stat().st_mtime_ns for k, r in pkt_runs.items()}
