@@ -457,7 +457,8 @@ def uncounted_note(flop_info: dict[str, dict]) -> str:
     return note
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def render_markdown(report: dict[str, Any], stem: str = "speed") -> str:
+    """The report's section; titled by the output's stem where it is not the main table (one title each)."""
     s = report["settings"]
     f0 = next(iter(report["flops"].values()), None)
     floor = ""
@@ -491,7 +492,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                        f"flip + normalise, delivered on `{s['device']}`: `blockkd.data`'s on-device loader vs "
                        f"torchvision's DataLoader + PIL transforms with the given workers.",
                        markdown_table(*data_table(report["data_path"]))]
-    return section("Speed", paragraphs)
+    return section("Speed" if stem == "speed" else f"Speed ({stem})", paragraphs)
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -575,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     write_json(out, report)
-    md = write_text(out.with_suffix(".md"), render_markdown(report))
+    md = write_text(out.with_suffix(".md"), render_markdown(report, out.stem))
     print("\n" + text_table(*step_table(report["train_step"])))
     for b in report["batched_stones"]:
         print(f"batched_stones on {b['pair']} {b['variant']}: {b['speedup']:.2f}x ({b['faster']} is faster)")

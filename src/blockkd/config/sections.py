@@ -99,7 +99,7 @@ class TrainSection:
     device: str = option("auto", DEVICE, "auto, cpu, cuda, cuda:1 ...")
     amp: str = option("auto", AMP, "mixed precision: auto (bf16 on CUDA when supported), off, bf16, fp16")
     channels_last: Any = option("auto", choice("auto", True, False),
-                                "channels-last memory format (auto: on CUDA and CPU, where it measured 1.3–1.4×"
+                                "channels-last memory format (auto: on CUDA and CPU, where it measured 1.1–1.55×"
                                 " faster)")
     compile: bool = option(False, BOOL, "torch.compile the training forward")
     grad_clip: float | None = option(None, optional(number(0, strict=True)), "max gradient norm (null: off)")

@@ -201,8 +201,8 @@ def resolve(device: str | torch.device | None = "auto", amp: str = "auto", chann
             ) -> Runtime:
     """The Runtime of a ``train`` section's device, amp and channels_last settings.
 
-    channels_last ``auto`` is on for CUDA and CPU: on a CPU it made the training step 1.3-1.4x faster too
-    (``benchmarks/speed.py --device cpu --variants fp32 fp32+cl``); off elsewhere (MPS supports it unevenly)."""
+    channels_last ``auto`` is on for CUDA and CPU: on a CPU it made the distillation step 1.1-1.55x faster too
+    (results/speed-cpu-layout.md); off elsewhere (MPS supports it unevenly)."""
     dev = resolve_device(device)
     cl = dev.type in ("cuda", "cpu") if channels_last in ("auto", None) else bool(channels_last)
     return Runtime(dev, resolve_amp(amp, dev), cl)
