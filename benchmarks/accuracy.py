@@ -82,6 +82,11 @@ def aggregate(runs: list[dict[str, Any]], method_names: list[str]) -> dict[str, 
 
 
 # ----------------------------------------------------------------------------------------- report
+def weights_sha256(run_dir: Path) -> str | None:
+    """The sha256 of the weights a run's checkpoint holds (the one students load), as its meta.json records it."""
+    return read_meta(checkpoint_dir(run_dir)).get("sha256", {}).get(WEIGHTS)
+
+
 def teacher_record(teacher_dir: Path, teacher: dict[str, Any], seeds: list[int], cpu: str) -> dict[str, Any]:
     """The teacher of this invocation: its scores and the sha256 of the weights the students distil (the
     teacher cache is per machine, so an ``--append`` elsewhere retrains it from the same recipe and seed,
@@ -89,7 +94,7 @@ def teacher_record(teacher_dir: Path, teacher: dict[str, Any], seeds: list[int],
     ckpt = checkpoint_dir(teacher_dir)
     return {"model": teacher["model"], "run_dir": str(teacher_dir), "last_top1": teacher["last"]["test_top1"],
             "best_top1": teacher["best"]["test_top1"], "wall_time_s": teacher.get("wall_time_s"),
-            "checkpoint": ckpt.name, "weights_sha256": read_meta(ckpt).get("sha256", {}).get(WEIGHTS),
+            "checkpoint": ckpt.name, "weights_sha256": weights_sha256(teacher_dir),
             "seeds": seeds, "cpu": cpu}
 
 
@@ -98,7 +103,7 @@ def same_teacher(old: dict[str, Any], teacher_dir: Path) -> bool:
     recipe's fingerprint, or, where a key added to the config since renamed that folder, the same weights."""
     if old["run_dir"] == str(teacher_dir):
         return True
-    sha = read_meta(checkpoint_dir(teacher_dir)).get("sha256", {}).get(WEIGHTS)
+    sha = weights_sha256(teacher_dir)
     return sha is not None and sha == old.get("weights_sha256")
 
 
