@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from blockkd import config, methods
 from blockkd.data import fashion_mnist
@@ -300,22 +301,25 @@ def test_accuracy_resume_reuses_finished_runs_and_continues_interrupted_ones(run
 
 def test_accuracy_on_another_recipe_folder(tmp_path):
     """--recipes configs/fortunes: the same report for the text task (teacher and students from that folder),
-    run from the repository root as the recipes' relative model paths need; a method without a recipe there
-    is refused before any training."""
+    run where the recipes' relative paths resolve: configs/ and the pre-trained teacher's runs/fortunes-bert-mlm
+    (here benchmarks/fortunes_mlm.py --quick's); a method without a recipe there is refused before any training."""
     if not Path("/usr/share/games/fortunes/computers").is_file():
         pytest.skip("Debian's fortune files are missing: `make data` (apt-get install fortunes)")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    pre = subprocess.run([sys.executable, str(BENCH / "fortunes_mlm.py"), "--quick", "--epochs", "1"], cwd=tmp_path,
+                         env=env, text=True, capture_output=True, timeout=240)
+    assert pre.returncode == 0 and (tmp_path / "runs" / "fortunes-bert-mlm" / "pretraining.json").is_file(), pre.stderr
     base = [sys.executable, str(BENCH / "accuracy.py"), "--quick", "--recipes", "configs/fortunes", "--out",
             str(tmp_path / "out" / "text.json")]
-    proc = subprocess.run(base + ["--methods", "ce", "blockkd"], cwd=ROOT, env=env, text=True, capture_output=True,
-                          timeout=240)
+    proc = subprocess.run(base + ["--methods", "ce", "blockkd"], cwd=tmp_path, env=env, text=True,
+                          capture_output=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "text.json").read_text())
     setup, student = report["setup"], "hf-config.configs/fortunes/models/student.json"
     assert (setup["dataset"], setup["recipes"], setup["samples"], setup["optimizer"]) == (
         "fortunes", "configs/fortunes", "texts", "adamw")
-    assert setup["student"] == student and report["teacher"]["model"] == (
-        "hf-config.configs/fortunes/models/teacher.json")
+    assert setup["student"] == student and report["teacher"]["model"] == "hf.runs/fortunes-bert-mlm"
     assert setup["train_images"] == 128 and setup["split"] == "test" and setup["methods"] == ["ce", "blockkd"]
     assert Path(report["teacher"]["run_dir"]).is_relative_to(tmp_path / "cache")
     assert report["recipes"]["blockkd"]["file"] == "configs/fortunes/blockkd.yaml"
@@ -328,9 +332,59 @@ def test_accuracy_on_another_recipe_folder(tmp_path):
     assert f"| {student} | blockkd | 1 |" in md and "text.png" in md and "AdamW lr 0.003" in md
     assert (tmp_path / "out" / "text.png").read_bytes()[:4] == b"\x89PNG"
 
-    proc = subprocess.run(base + ["--methods", "blockkd-lite"], cwd=ROOT, env=env, text=True, capture_output=True,
-                          timeout=120)
+    proc = subprocess.run(base + ["--methods", "blockkd-lite"], cwd=tmp_path, env=env, text=True,
+                          capture_output=True, timeout=120)
     assert proc.returncode == 2 and "configs/fortunes has no recipe for blockkd-lite" in proc.stderr, proc.stderr
+
+
+def test_text_teacher_pretraining_never_reads_a_test_text(monkeypatch):
+    """fortunes_mlm.py's corpus: every fortune entry (all files, deduplicated) except the task's test texts."""
+    if not Path("/usr/share/games/fortunes/computers").is_file():
+        pytest.skip("Debian's fortune files are missing: `make data` (apt-get install fortunes)")
+    monkeypatch.syspath_prepend(str(BENCH))
+    import dataclasses
+
+    import fortunes_mlm
+    from blockkd.data.text_readers import load_fortunes, read_fortunes
+
+    options = dataclasses.asdict(config.load(ROOT / "configs" / "fortunes" / "teacher.yaml").data.options)
+    texts, left_out = fortunes_mlm.corpus(options)
+    test = set(load_fortunes(options).test.texts)
+    every = {t for p in Path(options["root"]).glob("*") if p.is_file() and "." not in p.name for t in read_fortunes(p)}
+    assert left_out == len(test) > 0 and not test & set(texts)
+    assert len(texts) == len(set(texts)) == len(every) - len(test)
+
+
+def test_text_teacher_pretraining_writes_what_hf_models_load(tmp_path):
+    """--quick: the folder holds the MLM weights, the tokenizer and the record; ``hf.<folder>`` loads those
+    weights into the classifier's encoder and ``data.tokenizer: <folder>`` that tokenizer; a finished folder is
+    kept unless --force."""
+    if not Path("/usr/share/games/fortunes/computers").is_file():
+        pytest.skip("Debian's fortune files are missing: `make data` (apt-get install fortunes)")
+    from safetensors.torch import load_file
+
+    from blockkd import models
+    from blockkd.data.tokenizer import load_tokenizer
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    out = tmp_path / "mlm"
+    cmd = [sys.executable, str(BENCH / "fortunes_mlm.py"), "--quick", "--epochs", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads((out / "pretraining.json").read_text())
+    assert [e for e, _, _ in record["curve"]] == [1, 2] and record["texts"] + record["held_out_texts"] == 256
+    assert not list(tmp_path.glob(".mlm.*"))  # the temporary folder was renamed onto --out
+    saved = load_file(out / "model.safetensors")
+    model = models.create(f"hf.{out}", num_classes=6, in_channels=None)
+    key = "bert.encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(model.state_dict()[key], saved[key])
+    tok = load_tokenizer(str(out), vocab_size=0, texts=[], name="unused")
+    assert len(tok) == record["tokens"] and "token_type_ids" in tok("a fortune")
+
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    again = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True, timeout=120)
+    assert again.returncode == 0 and "already pretrained" in again.stdout
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
 
 
 # ----------------------------------------------------------------------------------------- tuning
