@@ -221,7 +221,7 @@ class CRD(Distiller):
 
     def forward(self, x, y=None, *, epoch: float = 0.0, index: torch.Tensor | None = None):
         if not self.training or y is None:
-            return self.student(x)
+            return self.student_logits(x)
         return self.forward_train(x, y, epoch=epoch, index=index)
 
     @staticmethod

@@ -65,7 +65,7 @@ class DIST(Distiller):
 
     def forward_train(self, x, y, *, epoch):
         o = self.opts
-        logits = self.student(x)
+        logits = self.student_logits(x)
         t_logits = self.teacher_logits(x)
         inter, intra = dist_parts(logits, t_logits, o.temperature)
         return logits, {

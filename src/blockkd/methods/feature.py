@@ -63,6 +63,16 @@ def check_pooling_head(view, shape: tuple[int, ...], method: str, side: str) -> 
                            f"global average pooling followed by a classifier")
 
 
+def require_maps(name: str, student_shapes, teacher_shapes) -> None:
+    """One line, not a shape error deep in a conv, where a method that compares feature maps meets blocks
+    that output tokens (text, ViT) or vectors."""
+    for side, shapes in (("student", student_shapes), ("teacher", teacher_shapes)):
+        bad = [s for s in shapes if len(s) != 3]
+        if bad:
+            raise BlockKDError(f"method {name} needs convolutional feature maps (C, H, W) at every block, "
+                               f"but the {side}'s blocks output {bad[0]}")
+
+
 class FeatureDistiller(Distiller):
     """A distiller reading student and teacher features from block views.
 
@@ -90,11 +100,7 @@ class FeatureDistiller(Distiller):
         self.student_shapes = views[0].probe(self.input_shape)
         self.teacher_shapes = views[1].probe(self.input_shape)
         if self.needs_maps:
-            for side, shapes in (("student", self.student_shapes), ("teacher", self.teacher_shapes)):
-                bad = [s for s in shapes if len(s) != 3]
-                if bad:
-                    raise BlockKDError(f"method {name} needs convolutional feature maps (C, H, W) at every block, "
-                                       f"but the {side}'s blocks output {bad[0]}")
+            require_maps(name, self.student_shapes, self.teacher_shapes)
         if self.needs_embedding:
             for side, shapes in (("student", self.student_shapes), ("teacher", self.teacher_shapes)):
                 if len(shapes[-1]) not in (1, 3):

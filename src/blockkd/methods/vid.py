@@ -26,6 +26,7 @@ from ..schema import OptionError, number, option
 from .registry import register
 from .base import Distiller
 from .kd import WEIGHT
+from .feature import require_maps
 from .losses import cross_entropy
 
 
@@ -69,6 +70,7 @@ class VID(Distiller):
         s_view, t_view = match(student, self.teacher, self.input_shape)
         self._views = (s_view, t_view)  # plain tuple: the views share the models' modules
         s_shapes, t_shapes = s_view.probe(self.input_shape), t_view.probe(self.input_shape)
+        require_maps(type(self).__name__, s_shapes, t_shapes)
         self.regressors = nn.ModuleList(regressor(s[0], t[0], t[0]) for s, t in zip(s_shapes, t_shapes))
         alpha = math.log(math.expm1(o.init_pred_var - o.eps))  # softplus(alpha) + eps = init_pred_var
         self.log_scales = nn.ParameterList(nn.Parameter(torch.full((t[0],), alpha)) for t in t_shapes)
