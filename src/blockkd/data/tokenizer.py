@@ -108,7 +108,8 @@ def load_tokenizer(spec: str, *, vocab_size: int, texts: Sequence[str], name: st
                     spec, local_files_only=not path.exists() and hub_offline())  # offline: no retry loop
         except Exception as e:  # OSError offline / missing files, ValueError for a bad folder
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            local = "" if path.exists() else (f"; offline, download it on a connected machine (hf "
+            local = "" if path.exists() else (f"; no folder {path.absolute()} exists; if {spec!r} is a hub id, "
+                                              f"offline, download it on a connected machine (hf "
                                               f"download {spec} --local-dir tokenizers/{spec.split('/')[-1]}) and "
                                               f"set data.tokenizer to that folder")
             raise BlockKDError(f"cannot load the tokenizer data.tokenizer={spec!r} ({type(e).__name__}: {first})"
