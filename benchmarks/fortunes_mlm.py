@@ -35,7 +35,7 @@ import torch
 from common import machine_info
 
 from blockkd import config as bk_config
-from blockkd.data.text_readers import load_fortunes, read_fortunes
+from blockkd.data.text_readers import fortune_files, load_fortunes, read_fortunes
 from blockkd.data.tokenizer import trained_tokenizer
 from blockkd.errors import BlockKDError
 
@@ -48,8 +48,8 @@ def corpus(options: dict) -> tuple[list[str], int]:
     root = Path(options["root"]).expanduser()
     test = set(load_fortunes(options).test.texts)
     texts: set[str] = set()
-    for path in sorted(p for p in root.glob("*") if p.is_file() and "." not in p.name):
-        texts.update(read_fortunes(path))
+    for name in fortune_files(root):
+        texts.update(read_fortunes(root / name))
     kept = sorted(texts - test, key=lambda t: hashlib.sha1(t.encode()).hexdigest())
     return kept, len(texts & test)
 

@@ -26,6 +26,8 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 approx = pytest.approx
+needs_fortunes = pytest.mark.skipif(not Path("/usr/share/games/fortunes/computers").is_file(),
+                                    reason="Debian's fortune files are missing: `make data` (apt-get install fortunes)")
 
 
 @pytest.fixture(scope="module")
@@ -299,12 +301,11 @@ def test_accuracy_resume_reuses_finished_runs_and_continues_interrupted_ones(run
     assert [e for e, _ in json.loads((tmp_path / "out" / "accuracy.json").read_text())["runs"][0]["curve"]] == [1, 2]
 
 
+@needs_fortunes
 def test_accuracy_on_another_recipe_folder(tmp_path):
     """--recipes configs/fortunes: the same report for the text task (teacher and students from that folder),
     run where the recipes' relative paths resolve: configs/ and the pre-trained teacher's runs/fortunes-bert-mlm
     (here benchmarks/fortunes_mlm.py --quick's); a method without a recipe there is refused before any training."""
-    if not Path("/usr/share/games/fortunes/computers").is_file():
-        pytest.skip("Debian's fortune files are missing: `make data` (apt-get install fortunes)")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     pre = subprocess.run([sys.executable, str(BENCH / "fortunes_mlm.py"), "--quick", "--epochs", "1"], cwd=tmp_path,
@@ -337,30 +338,30 @@ def test_accuracy_on_another_recipe_folder(tmp_path):
     assert proc.returncode == 2 and "configs/fortunes has no recipe for blockkd-lite" in proc.stderr, proc.stderr
 
 
+@needs_fortunes
 def test_text_teacher_pretraining_never_reads_a_test_text(monkeypatch):
     """fortunes_mlm.py's corpus: every fortune entry (all files, deduplicated) except the task's test texts."""
-    if not Path("/usr/share/games/fortunes/computers").is_file():
-        pytest.skip("Debian's fortune files are missing: `make data` (apt-get install fortunes)")
     monkeypatch.syspath_prepend(str(BENCH))
     import dataclasses
 
     import fortunes_mlm
-    from blockkd.data.text_readers import load_fortunes, read_fortunes
+    from blockkd.data.text_readers import fortune_files, load_fortunes, read_fortunes
 
     options = dataclasses.asdict(config.load(ROOT / "configs" / "fortunes" / "teacher.yaml").data.options)
     texts, left_out = fortunes_mlm.corpus(options)
     test = set(load_fortunes(options).test.texts)
-    every = {t for p in Path(options["root"]).glob("*") if p.is_file() and "." not in p.name for t in read_fortunes(p)}
+    root = Path(options["root"])
+    every = {t for name in fortune_files(root) for t in read_fortunes(root / name)}
+    assert len(fortune_files(root)) > len(options["categories"])  # every file, not only the task's six
     assert left_out == len(test) > 0 and not test & set(texts)
     assert len(texts) == len(set(texts)) == len(every) - len(test)
 
 
+@needs_fortunes
 def test_text_teacher_pretraining_writes_what_hf_models_load(tmp_path):
     """--quick: the folder holds the MLM weights, the tokenizer and the record; ``hf.<folder>`` loads those
     weights into the classifier's encoder and ``data.tokenizer: <folder>`` that tokenizer; a finished folder is
     kept unless --force."""
-    if not Path("/usr/share/games/fortunes/computers").is_file():
-        pytest.skip("Debian's fortune files are missing: `make data` (apt-get install fortunes)")
     from safetensors.torch import load_file
 
     from blockkd import models

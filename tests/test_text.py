@@ -391,8 +391,9 @@ def test_one_line_errors(monkeypatch, bert_configs):
     with pytest.raises(BlockKDError, match="did you mean 'sports'") as e:
         data.build({**DATA, "categories": ["sport"]}, device="cpu")
     one_line(e)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a tokenizer folder not made yet (configs/fortunes before its
-    with pytest.raises(BlockKDError, match=r"no folder \S*runs/no-such-mlm exists") as e:  # pretraining) is named
+    # a tokenizer folder not made yet (configs/fortunes before its pretraining) is named, not only a hub id
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BlockKDError, match=r"no folder \S*runs/no-such-mlm exists") as e:
         data.build({**DATA, "tokenizer": "runs/no-such-mlm"}, device="cpu")
     one_line(e)
     # a tokenizer larger than the model's embeddings; an image model on text; text model on images

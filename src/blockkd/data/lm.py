@@ -34,7 +34,7 @@ from ..utils import data_home
 from .common import (SHUFFLE, DataBundle, check_not_empty, eval_shard, generator, per_rank_batch,
                      per_rank_eval_batch, split_indices)
 from .text import check_model
-from .text_readers import _read_rows, read_fortunes
+from .text_readers import _read_rows, fortune_files, read_fortunes
 from .tokenizer import save_to_cache
 
 IGNORE = -100
@@ -302,7 +302,7 @@ def _split_docs(train: list, test: list | None, fraction: float) -> tuple[list, 
 
 def load_fortune_docs(cfg: dict) -> list[str]:
     root = Path(cfg["root"]).expanduser()
-    files = sorted(p.name for p in root.glob("*") if p.is_file() and "." not in p.name) if root.is_dir() else []
+    files = fortune_files(root)
     if not files:
         raise BlockKDError(f"no fortune files in {root}: install Debian's fortunes package (apt-get install "
                            f"fortunes; `make data`) or set data.root")

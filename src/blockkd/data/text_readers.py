@@ -198,6 +198,11 @@ def read_fortunes(path: Path) -> list[str]:
     return [e.strip() for e in re.split(r"^%\s*$", text, flags=re.M) if e.strip()]
 
 
+def fortune_files(root: Path) -> list[str]:
+    """The names of the fortune files in ``root``, sorted (the ``.dat`` indexes and ``.u8`` links left out)."""
+    return sorted(p.name for p in root.glob("*") if p.is_file() and "." not in p.name) if root.is_dir() else []
+
+
 def load_fortunes(cfg: dict) -> RawText:
     """Each category file is a class. Entries are ordered by the hash of their text (independent of the file's
     order and of the seed), entries found in several categories dropped, the first ``max_per_class`` kept, and
@@ -206,7 +211,7 @@ def load_fortunes(cfg: dict) -> RawText:
     categories = list(cfg["categories"])
     if len(set(categories)) != len(categories):
         raise BlockKDError(f"data.categories lists a category twice: {categories}")
-    available = sorted(p.name for p in root.glob("*") if p.is_file() and "." not in p.name) if root.is_dir() else []
+    available = fortune_files(root)
     entries = {}
     for name in categories:
         if name not in available:
