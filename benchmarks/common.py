@@ -112,10 +112,17 @@ def mean_std(values: Sequence[float]) -> dict[str, Any]:
 def append_runs(before: dict[str, Any], runs: list[dict], invocations: list[dict], key: Callable[[dict], Any]
                 ) -> tuple[list[dict], list[dict]]:
     """``--append``: an earlier report's runs first, minus those redone now (same ``key``), then ``runs``;
-    and every invocation in order (a report from before invocations were kept counts as one)."""
+    and every invocation in order (a report from before invocations were kept counts as one). The same command
+    run again right after itself (``--resume`` going on after a stop) is one invocation, its minutes summed:
+    reproducing needs it once."""
     done = {key(r) for r in runs}
-    earlier = before.get("invocations", [{k: before.get(k) for k in ("command", "minutes")}])
-    return [r for r in before["runs"] if key(r) not in done] + runs, earlier + invocations
+    merged = [dict(i) for i in before.get("invocations", [{k: before.get(k) for k in ("command", "minutes")}])]
+    for inv in invocations:
+        if merged and merged[-1]["command"] == inv["command"]:
+            merged[-1]["minutes"] = (merged[-1].get("minutes") or 0) + (inv.get("minutes") or 0)
+        else:
+            merged.append(dict(inv))
+    return [r for r in before["runs"] if key(r) not in done] + runs, merged
 
 
 def reproduce_line(invocations: list[dict]) -> str:

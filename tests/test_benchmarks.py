@@ -253,6 +253,25 @@ def test_accuracy_append_adds_methods_and_refuses_other_settings(runs, tmp_path)
         assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+def test_a_resumed_invocation_is_reproduced_once(monkeypatch):
+    """--append after the same command again (a --resume going on after a stop): one invocation, minutes summed;
+    another command in between keeps both."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from common import append_runs, reproduce_line
+
+    a, b = "python benchmarks/accuracy.py --append --resume --methods x", "python benchmarks/accuracy.py --methods y"
+    before = {"runs": [{"m": "x", "s": 0}, {"m": "y", "s": 0}], "invocations": [{"command": b, "minutes": 1.0},
+                                                                                 {"command": a, "minutes": 2.0}]}
+    runs, inv = append_runs(before, [{"m": "x", "s": 0, "new": True}], [{"command": a, "minutes": 3.0}],
+                            key=lambda r: (r["m"], r["s"]))
+    assert runs == [{"m": "y", "s": 0}, {"m": "x", "s": 0, "new": True}]
+    assert inv == [{"command": b, "minutes": 1.0}, {"command": a, "minutes": 5.0}]
+    assert before["invocations"][1]["minutes"] == 2.0  # the earlier report is not changed in place
+    assert reproduce_line(inv) == f"Reproduce, in order: `{b}`; `{a}`."
+    _, inv = append_runs({"runs": [], "invocations": inv}, [], [{"command": b, "minutes": 1.0}], key=id)
+    assert [i["command"] for i in inv] == [b, a, b]
+
+
 def test_accuracy_report_from_the_finished_runs(runs, tmp_path):
     """--from-runs trains nothing: it reports the finished runs in the run folders (a benchmark stopped at a
     deadline), the same numbers as the run that made them; an unfinished run is left out."""
