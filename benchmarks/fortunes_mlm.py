@@ -1,6 +1,7 @@
 """Pre-train the text benchmark's BERT teacher by masked-language modelling, as real text teachers are.
 
-    python benchmarks/fortunes_mlm.py [--out runs/fortunes-bert-mlm] [--epochs 30] [--quick]
+    python benchmarks/fortunes_mlm.py [--arch CONFIG.json] [--out runs/fortunes-bert-mlm] [--tokenizer FOLDER]
+                                      [--epochs 30] [--quick] [--force]
 
 Why: trained from scratch on the task's 2880 labelled texts, the teacher memorised them as the students do and
 ended no better than a student trained alone (53.06 vs ce 52.41 ± 1.18, results/text-ce.md): nothing to
@@ -15,7 +16,9 @@ corpus. ``configs/fortunes`` names it twice: ``hf.<folder>`` fine-tunes it as th
 on the pretrained encoder), and ``data.tokenizer: <folder>`` gives students and teacher the same tokens.
 ``pretraining.json`` beside the weights records the corpus, the schedule and the held-out MLM loss per epoch.
 The folder appears whole or not at all (written beside it, then renamed); an existing one is kept unless
-``--force``.
+``--force``. ``--arch configs/fortunes/models/student.json --tokenizer runs/fortunes-bert-mlm --out
+runs/fortunes-bert-mlm-student`` pre-trains a student the same way with the teacher's tokenizer (one of the
+measurements on the recipe's stability in ``configs/fortunes/base.yaml``; the recipes' students do not use it).
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from common import machine_info
 
 from blockkd import config as bk_config
 from blockkd.data.text_readers import fortune_files, load_fortunes, read_fortunes
-from blockkd.data.tokenizer import trained_tokenizer
+from blockkd.data.tokenizer import load_tokenizer, trained_tokenizer
 from blockkd.errors import BlockKDError
 
 ARCH = "configs/fortunes/models/teacher.json"
@@ -65,7 +68,9 @@ def pretrain(args: argparse.Namespace) -> dict:
         texts = texts[:256]
     n_val = max(1, len(texts) // 20)  # 5 %: the held-out MLM loss says the pretraining learnt something
     val, train = texts[:n_val], texts[n_val:]
-    tok = trained_tokenizer(options["tokenizer"], options["vocab_size"], train, "fortunes-mlm")
+    # WordPiece, BERT's own: not the recipe's data.tokenizer, which names the folder this script writes
+    tok = (load_tokenizer(args.tokenizer, vocab_size=options["vocab_size"], texts=train, name="fortunes-mlm")
+           if args.tokenizer else trained_tokenizer("wordpiece", options["vocab_size"], train, "fortunes-mlm"))
     arch = tf.AutoConfig.from_pretrained(args.arch)
     if len(tok) > arch.vocab_size:
         raise BlockKDError(f"the tokenizer has {len(tok)} tokens, more than {args.arch}'s vocab_size "
@@ -113,7 +118,8 @@ def pretrain(args: argparse.Namespace) -> dict:
               f"(perplexity {math.exp(v):.1f}), {time.time() - start:.0f}s", flush=True)
     return {"model": model, "tokenizer": tok, "record": {
         "command": "python benchmarks/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "recipe": args.recipe, "architecture": args.arch, "texts": len(train), "held_out_texts": len(val),
+        "recipe": args.recipe, "architecture": args.arch, "tokenizer": args.tokenizer or "wordpiece (trained)",
+        "texts": len(train), "held_out_texts": len(val),
         "test_texts_left_out": n_test, "tokens": len(tok), "epochs": args.epochs, "batch_size": args.batch_size,
         "lr": args.lr, "seed": args.seed, "curve": curve, "minutes": round((time.time() - start) / 60, 1),
         "machine": machine_info(args.device)}}
@@ -137,6 +143,8 @@ def main() -> int:
                    "section says the fortune files, the test split to leave out and the tokenizer to train")
     p.add_argument("--arch", default=ARCH, help="the teacher's architecture, a Hugging Face BERT config.json")
     p.add_argument("--out", default="runs/fortunes-bert-mlm", help="the save_pretrained folder to write")
+    p.add_argument("--tokenizer", help="reuse this folder's tokenizer instead of training one (a student "
+                   "pre-trained beside the teacher must share its token ids)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)

@@ -400,11 +400,23 @@ def test_text_teacher_pretraining_writes_what_hf_models_load(tmp_path):
     assert torch.equal(model.state_dict()[key], saved[key])
     tok = load_tokenizer(str(out), vocab_size=0, texts=[], name="unused")
     assert len(tok) == record["tokens"] and "token_type_ids" in tok("a fortune")
+    # BERT's WordPiece, not whatever the recipe's data.tokenizer names (there: this very folder)
+    assert json.loads((out / "tokenizer.json").read_text())["model"]["type"] == "WordPiece"
 
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     again = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True, timeout=120)
     assert again.returncode == 0 and "already pretrained" in again.stdout
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+
+    # a student pre-trained with --tokenizer <the teacher's folder> shares its token ids
+    student = tmp_path / "mlm-student"
+    proc = subprocess.run([sys.executable, str(BENCH / "fortunes_mlm.py"), "--quick", "--epochs", "1", "--arch",
+                           "configs/fortunes/models/student.json", "--tokenizer", str(out), "--out", str(student)],
+                          cwd=ROOT, env=env, text=True, capture_output=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (json.loads((student / "tokenizer.json").read_text())["model"]["vocab"]
+            == json.loads((out / "tokenizer.json").read_text())["model"]["vocab"])
+    assert json.loads((student / "config.json").read_text())["hidden_size"] == 32
 
 
 # ----------------------------------------------------------------------------------------- tuning
