@@ -292,6 +292,26 @@ def test_hf_split_is_exact_with_padding(kind):
     assert view.probe(text_input(LENGTH)) == [(LENGTH, 32)] * 4
 
 
+def test_a_pretrained_folder_loads_with_one_line_on_what_it_did_not_load(tmp_path, caplog, capfd):
+    """hf.<folder of an MLM>: the encoder's weights as saved, and one log line naming the new head and the unused
+    MLM head instead of transformers' table of every key and its progress bar."""
+    t = hf()
+    mlm = t.BertForMaskedLM(t.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=64, vocab_size=VOCAB))
+    mlm.save_pretrained(tmp_path / "mlm")
+    with caplog.at_level("INFO", logger="blockkd.engine"):
+        model = blockkd.models.create(f"hf.{tmp_path / 'mlm'}", num_classes=LABELS, in_channels=None)
+    key = "bert.encoder.layer.1.output.dense.weight"
+    assert torch.equal(model.state_dict()[key], mlm.state_dict()[key])
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("blockkd")]
+    assert lines == [f"hf.{tmp_path / 'mlm'}: newly initialised: bert.pooler.dense, classifier (4 tensors); unused: "
+                     "cls.predictions, cls.predictions.transform.LayerNorm, cls.predictions.transform.dense "
+                     "(5 tensors)"]
+    out, err = capfd.readouterr()
+    assert "MISSING" not in out + err and "Loading weights" not in out + err
+    assert t.utils.logging.get_verbosity() != t.utils.logging.ERROR  # transformers' own level is restored
+
+
 def test_hf_input_ids_tensor_and_unsupported_models():
     t = hf()
     model = bert().eval()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import logging
 import os
 import socket
 import threading
@@ -35,6 +36,7 @@ import torch.nn as nn
 from ..errors import BlockKDError
 from ..registry import UnknownNameError
 
+LOG = logging.getLogger("blockkd.engine.models")  # under the run's logger: its lines reach train.log and the console
 FAMILIES = ("torchvision", "timm", "hf", "hf-config")
 TEXT_FAMILIES = ("hf", "hf-config")
 NLP_INSTALL = "pip install 'blockkd[nlp]'"
@@ -181,12 +183,46 @@ def _create_hf(fam: str, base: str, num_classes: int) -> nn.Module:
     return _from_pretrained(t, base, base, num_classes, offline=hub_offline())
 
 
+@contextlib.contextmanager
+def _quiet_transformers(t):
+    """transformers' own load report (a table of every missing and unused tensor, each time a model is built)
+    and its progress bar off while inside: :func:`_report_loading` says the same in one line."""
+    tl = t.utils.logging
+    level, bar = tl.get_verbosity(), tl.is_progress_bar_enabled()
+    tl.set_verbosity_error()
+    tl.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tl.set_verbosity(level)
+        if bar:
+            tl.enable_progress_bar()
+
+
+def _modules(keys: list[str], most: int = 4) -> str:
+    """The modules that hold ``keys`` (``classifier.weight`` -> ``classifier``), the first ``most`` of them."""
+    names = sorted({k.rpartition(".")[0] or k for k in keys})
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _report_loading(name: str, info: dict) -> None:
+    """One line for what ``from_pretrained`` did not load as is: the new head is expected when fine-tuning, a
+    missing encoder tensor is worth seeing."""
+    parts = [f"{what} {_modules(info[key])} ({len(info[key])} tensors)"
+             for key, what in (("missing_keys", "newly initialised:"), ("unexpected_keys", "unused:"))
+             if info.get(key)]
+    if parts:
+        LOG.info(f"{name}: " + "; ".join(parts))
+
+
 def _from_pretrained(t, base: str, source: str, num_classes: int, *, offline: bool) -> nn.Module:
     """``from_pretrained(source)``; offline, from the local cache only (no hub retries)."""
     try:
-        with _hub_offline_mode(offline):
-            return t.AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_classes,
-                                                                       local_files_only=offline)
+        with _hub_offline_mode(offline), _quiet_transformers(t):
+            model, info = t.AutoModelForSequenceClassification.from_pretrained(
+                source, num_labels=num_classes, local_files_only=offline, output_loading_info=True)
+        _report_loading(f"hf.{base}", info)
+        return model
     except (OSError, ValueError, EnvironmentError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         leaf = base.rstrip("/").split("/")[-1]
@@ -226,9 +262,11 @@ def create_causal_lm(name: str) -> nn.Module:
                            f"the folder {folder.absolute()} does not exist")
     offline = not folder.is_dir() and hub_offline()
     try:
-        with _hub_offline_mode(offline):
-            return t.AutoModelForCausalLM.from_pretrained(str(folder) if folder.is_dir() else base,
-                                                          local_files_only=offline)
+        with _hub_offline_mode(offline), _quiet_transformers(t):
+            model, info = t.AutoModelForCausalLM.from_pretrained(str(folder) if folder.is_dir() else base,
+                                                                 local_files_only=offline, output_loading_info=True)
+        _report_loading(f"hf.{base}", info)
+        return model
     except (OSError, ValueError, EnvironmentError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         leaf = base.rstrip("/").split("/")[-1]
