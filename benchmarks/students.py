@@ -9,6 +9,8 @@ import concurrent.futures
 import json
 import multiprocessing
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -67,9 +69,22 @@ def side_by_side(fn: Callable[..., Any], calls: list[tuple], jobs: int, threads:
         return [(_with_threads(threads, fn, c) if threads else fn(*c)) for c in calls]
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no thread pools inherited by a fork
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_die_with_parent,
+                                                initargs=(os.getpid(),)) as pool:
         futures = [pool.submit(_with_threads, threads, fn, c) for c in calls]
         return [f.result() for f in futures]
+
+
+def _die_with_parent(parent: int) -> None:
+    """In a worker: exit once the benchmark that started it is gone. A pool's workers outlive a kill of their
+    parent and would go on training unseen, holding the cores and their run folders; the runs' checkpoints
+    are whole at any instant, so ``--resume`` goes on from them."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
 
 
 def _with_threads(threads: int, fn: Callable[..., Any], args: tuple) -> Any:

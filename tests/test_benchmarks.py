@@ -12,6 +12,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -251,6 +252,46 @@ def test_accuracy_append_adds_methods_and_refuses_other_settings(runs, tmp_path)
         proc = subprocess.run(base + ["--methods", "kd", "--from-runs"], cwd=tmp_path, env=env, text=True,
                               capture_output=True, timeout=240)
         assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` is still running (a zombie waiting for its reaper is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads process states from /proc (Linux)")
+def test_side_by_side_trainings_stop_when_their_benchmark_is_killed(tmp_path):
+    """A benchmark killed outright (SIGKILL: no cleanup runs) takes its side-by-side workers with it: they
+    would otherwise go on training unseen, holding the cores and their run folders."""
+    script = tmp_path / "bench.py"
+    script.write_text(
+        "import os, sys, time\n"
+        f"sys.path.insert(0, {str(BENCH)!r})\n"
+        "import students\n\n"
+        "def work(path):\n"
+        "    open(path + '.tmp', 'w').write(str(os.getpid()))\n"
+        "    os.replace(path + '.tmp', path)\n"
+        "    time.sleep(300)\n\n"
+        "if __name__ == '__main__':\n"
+        f"    students.side_by_side(work, [({str(tmp_path / 'a')!r},), ({str(tmp_path / 'b')!r},)], 2, 1)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    pid_files = [tmp_path / "a", tmp_path / "b"]
+    for _ in range(240):
+        if all(p.is_file() for p in pid_files) or proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    workers = [int(p.read_text()) for p in pid_files]
+    assert all(_running(w) for w in workers)
+    proc.kill()
+    proc.wait()
+    for _ in range(20):
+        if not any(_running(w) for w in workers):
+            break
+        time.sleep(0.5)
+    assert not any(_running(w) for w in workers)
 
 
 def test_a_resumed_invocation_is_reproduced_once(monkeypatch):
