@@ -18,7 +18,7 @@ on the pretrained encoder), and ``data.tokenizer: <folder>`` gives students and 
 The folder appears whole or not at all (written beside it, then renamed); an existing one is kept unless
 ``--force``. ``--arch configs/fortunes/models/student.json --tokenizer runs/fortunes-bert-mlm --out
 runs/fortunes-bert-mlm-student`` pre-trains a student the same way with the teacher's tokenizer (one of the
-measurements on the recipe's stability in ``configs/fortunes/base.yaml``; the recipes' students do not use it).
+measurements on the recipe's stability in results/README.md, "Text"; the recipes' students do not use it).
 """
 from __future__ import annotations
 

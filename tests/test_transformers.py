@@ -307,9 +307,17 @@ def test_a_pretrained_folder_loads_with_one_line_on_what_it_did_not_load(tmp_pat
     assert lines == [f"hf.{tmp_path / 'mlm'}: newly initialised: bert.pooler.dense, classifier (4 tensors); unused: "
                      "cls.predictions, cls.predictions.transform.LayerNorm, cls.predictions.transform.dense "
                      "(5 tensors)"]
+    assert [r.levelname for r in caplog.records if r.name.startswith("blockkd")] == ["INFO"]  # the expected head
     out, err = capfd.readouterr()
     assert "MISSING" not in out + err and "Loading weights" not in out + err
     assert t.utils.logging.get_verbosity() != t.utils.logging.ERROR  # transformers' own level is restored
+    # a folder without one of the encoder's tensors: a warning, which an API user sees outside a run
+    broken = {k: v for k, v in mlm.state_dict().items() if k != "bert.encoder.layer.0.output.dense.weight"}
+    mlm.save_pretrained(tmp_path / "broken", state_dict=broken)
+    caplog.clear()
+    blockkd.models.create(f"hf.{tmp_path / 'broken'}", num_classes=LABELS, in_channels=None)
+    warned = [r for r in caplog.records if r.name.startswith("blockkd") and r.levelname == "WARNING"]
+    assert len(warned) == 1 and "bert.encoder.layer.0.output.dense" in warned[0].getMessage()
 
 
 def test_hf_input_ids_tensor_and_unsupported_models():

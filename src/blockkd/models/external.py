@@ -205,14 +205,17 @@ def _modules(keys: list[str], most: int = 4) -> str:
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
-def _report_loading(name: str, info: dict) -> None:
-    """One line for what ``from_pretrained`` did not load as is: the new head is expected when fine-tuning, a
-    missing encoder tensor is worth seeing."""
+def _report_loading(name: str, info: dict, model: nn.Module) -> None:
+    """One line for what ``from_pretrained`` did not load as is. A new head (and pooler, which MLM checkpoints
+    lack) is what fine-tuning expects: an info line. A new tensor inside the pretrained body means the folder
+    is not the model it claims to be: a warning, which shows outside a run too."""
     parts = [f"{what} {_modules(info[key])} ({len(info[key])} tensors)"
              for key, what in (("missing_keys", "newly initialised:"), ("unexpected_keys", "unused:"))
              if info.get(key)]
+    body = getattr(model, "base_model_prefix", "") + "."
+    in_body = [k for k in info.get("missing_keys") or [] if k.startswith(body) and ".pooler." not in k]
     if parts:
-        LOG.info(f"{name}: " + "; ".join(parts))
+        LOG.log(logging.WARNING if in_body else logging.INFO, f"{name}: " + "; ".join(parts))
 
 
 def _from_pretrained(t, base: str, source: str, num_classes: int, *, offline: bool) -> nn.Module:
@@ -221,7 +224,7 @@ def _from_pretrained(t, base: str, source: str, num_classes: int, *, offline: bo
         with _hub_offline_mode(offline), _quiet_transformers(t):
             model, info = t.AutoModelForSequenceClassification.from_pretrained(
                 source, num_labels=num_classes, local_files_only=offline, output_loading_info=True)
-        _report_loading(f"hf.{base}", info)
+        _report_loading(f"hf.{base}", info, model)
         return model
     except (OSError, ValueError, EnvironmentError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -265,7 +268,7 @@ def create_causal_lm(name: str) -> nn.Module:
         with _hub_offline_mode(offline), _quiet_transformers(t):
             model, info = t.AutoModelForCausalLM.from_pretrained(str(folder) if folder.is_dir() else base,
                                                                  local_files_only=offline, output_loading_info=True)
-        _report_loading(f"hf.{base}", info)
+        _report_loading(f"hf.{base}", info, model)
         return model
     except (OSError, ValueError, EnvironmentError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
