@@ -58,6 +58,8 @@ def torchrun(path: Path, *args: str, fault: str | None = None) -> None:
            "train", str(path), "train.fsdp=true", *args]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert (out.returncode != 0) == bool(fault), out.stdout[-3000:] + out.stderr[-3000:]
+    if not fault:  # the summary is printed once, by rank 0
+        assert out.stdout.count("run_dir:") == 1, out.stdout
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:

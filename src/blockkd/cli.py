@@ -26,8 +26,11 @@ def _train(args: argparse.Namespace) -> int:
         print(config.dump(cfg), end="")
         return 0
     from . import engine
+    from .engine.runtime import dist_env
 
     summary = engine.train(cfg, resume=args.resume, overwrite=args.overwrite)
+    if dist_env()[0] != 0:  # under torchrun the summary is printed once, by rank 0
+        return 0
     for key, value in summary.items():
         if isinstance(value, dict):
             value = " ".join(f"{k}={_short(v)}" for k, v in value.items() if not isinstance(v, (dict, list)))

@@ -604,4 +604,4 @@ def train(cfg: Config | dict, *, resume: bool = False, overwrite: bool = False) 
         if lock is not None:
             lock.release()
         if created_group:
-            torch.distributed.destroy_process_group()
+            runtime.close_distributed()
