@@ -73,9 +73,12 @@ def machine_info(device: torch.device | str | None = None) -> dict[str, Any]:
 def machine_line(info: dict[str, Any]) -> str:
     """One markdown line naming the machine and software behind a set of numbers."""
     dev = "CPU" if info.get("cuda") is None else f"{info['device_name']} (CUDA {info['cuda']})"
-    return (f"{info['date'][:10]}; device {dev}; CPU {info['cpu']} ({info['cpu_cores']} cores, "
-            f"{info['torch_threads']} torch threads); torch {info['torch']}, torchvision {info['torchvision']}, "
-            f"Python {info['python']}, {info['os']}" + (f"; blockkd {info['git']}" if info.get("git") else ""))
+    threads = f"{info['torch_threads']} torch threads"
+    if info.get("jobs", 1) > 1:
+        threads += f" per run, {info['jobs']} runs side by side"
+    return (f"{info['date'][:10]}; device {dev}; CPU {info['cpu']} ({info['cpu_cores']} cores, {threads}); "
+            f"torch {info['torch']}, torchvision {info['torchvision']}, Python {info['python']}, {info['os']}"
+            + (f"; blockkd {info['git']}" if info.get("git") else ""))
 
 
 def peak_rss_mb() -> float:

@@ -313,6 +313,21 @@ def test_a_resumed_invocation_is_reproduced_once(monkeypatch):
     assert [i["command"] for i in inv] == [b, a, b]
 
 
+def test_machine_line_names_the_threads_each_side_by_side_run_had(monkeypatch):
+    """Runs side by side (--jobs) train in workers on a share of the cores: the machine line says that share,
+    not the parent process's thread count."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from common import machine_info, machine_line
+    from students import threads_per_job
+
+    info = machine_info()
+    assert f"({info['cpu_cores']} cores, {info['torch_threads']} torch threads)" in machine_line(info)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    info.update(cpu_cores=8, jobs=4, torch_threads=threads_per_job(4))
+    assert "(8 cores, 2 torch threads per run, 4 runs side by side)" in machine_line(info)
+    assert threads_per_job(16) == 1
+
+
 def test_accuracy_report_from_the_finished_runs(runs, tmp_path):
     """--from-runs trains nothing: it reports the finished runs in the run folders (a benchmark stopped at a
     deadline), the same numbers as the run that made them; an unfinished run is left out."""
