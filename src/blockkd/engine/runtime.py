@@ -135,9 +135,9 @@ def init_distributed(device: torch.device) -> None:
 
 def close_distributed() -> None:
     """Leave the process group. Why collect first: DDP and FSDP modules sit in reference cycles (their hooks)
-    that hold the group; left to the interpreter's exit, gloo's worker threads were torn down during
-    finalisation and the process aborted ("terminate called without an active exception") after a run
-    that had succeeded. Freed here, the group is destroyed while everything is still alive."""
+    that can hold the group's pending work; freed only at the interpreter's exit, gloo's threads meet a
+    half-finalised interpreter (CI once saw a rank abort, "terminate called without an active exception",
+    after a run that had succeeded). Collected here, they go while everything is still alive."""
     gc.collect()
     dist.destroy_process_group()
 
