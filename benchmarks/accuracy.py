@@ -51,8 +51,7 @@ from blockkd.errors import BlockKDError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from students import (DEFAULTS, QUICK, RUN_KEYS, entries_in, finished_run, ordered, overrides, pm,  # noqa: E402
-                      recipe_folder, run_student, shown, side_by_side, threads_per_job,
-                      train_or_reuse_teacher)
+                      recipe_folder, run_student, shown, side_by_side, train_or_reuse_teacher)
 from common import (REPO, append_runs, fmt, machine_info, machine_line, markdown_table, mean_std,  # noqa: E402
                     plural, reproduce_line, section, text_table, write_json, write_text)
 
@@ -414,9 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     invocations = [{"command": shlex.join(["python", "benchmarks/accuracy.py",
                                            *(sys.argv[1:] if argv is None else argv)]),
                     "minutes": minutes}]
-    machine = machine_info(runtime.resolve_device(next(iter(recipes.values()))["config"]["train"]["device"]))
-    if args.jobs > 1:  # the trainings ran in workers, each on its share of the cores, not on this process's
-        machine.update(jobs=args.jobs, torch_threads=threads_per_job(args.jobs))
+    machine = machine_info(runtime.resolve_device(next(iter(recipes.values()))["config"]["train"]["device"]),
+                           jobs=args.jobs)
     teacher_now = teacher_record(teacher_dir, teacher, list(s["seeds"]), machine["cpu"])
     for r in results:  # which weights taught it: an --append elsewhere may have retrained the teacher
         r["teacher_sha256"] = teacher_now["weights_sha256"]

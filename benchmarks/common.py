@@ -45,8 +45,16 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def machine_info(device: torch.device | str | None = None) -> dict[str, Any]:
-    """Date, hardware and software versions; deliberately no hostname or user name."""
+def threads_per_job(jobs: int) -> int:
+    """The torch threads of each of ``jobs`` trainings run side by side: the cores shared out."""
+    return max(1, (os.cpu_count() or 1) // max(1, jobs))
+
+
+def machine_info(device: torch.device | str | None = None, *, jobs: int = 1,
+                 threads: int | None = None) -> dict[str, Any]:
+    """Date, hardware and software versions; deliberately no hostname or user name. ``jobs`` trainings run
+    side by side on ``threads`` torch threads each (default: the cores shared out) are recorded as such: the
+    numbers came from those workers, not from this process's thread count."""
     import torchvision
 
     import blockkd
@@ -57,7 +65,8 @@ def machine_info(device: torch.device | str | None = None) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_model(),
         "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": threads or (threads_per_job(jobs) if jobs > 1 else torch.get_num_threads()),
+        **({"jobs": jobs} if jobs > 1 else {}),
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import time
@@ -45,7 +44,7 @@ from blockkd.engine import runtime  # noqa: E402
 from blockkd.errors import BlockKDError  # noqa: E402
 from blockkd.methods.connectors import CONNECTORS  # noqa: E402
 from common import (REPO, append_runs, machine_info, machine_line, markdown_table, mean_std,  # noqa: E402
-                    reproduce_line, section, text_table, write_json, write_text)
+                    reproduce_line, section, text_table, threads_per_job, write_json, write_text)
 
 KNOBS = ["alpha_beta", "gamma", "temperature", "connector", "warmup"]
 TITLES = {"alpha_beta": "α = β (task and distillation weights)", "gamma": "γ (L_cross weight)",
@@ -271,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     calls = [(name, options, seed, extra, str(teacher_dir), str(out.with_name(out.stem + "-runs")), str(folder),
               args.method) for seed in seeds for name, _, _, options in points]
     jobs = max(1, min(args.jobs, len(calls)))
-    threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
+    threads = args.threads or threads_per_job(jobs)
     results = students.side_by_side(run_point, calls, jobs, threads)
     meta = {name: (knob, label) for name, knob, label, _ in points}
     for r in results:
@@ -282,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     if before:  # earlier runs first, minus those just redone
         results, invocations = append_runs(before, results, invocations, key=lambda r: (r["point"], r["seed"]))
     report: dict[str, Any] = {
-        "machine": machine_info(runtime.resolve_device("auto")), "invocations": invocations,
+        "machine": machine_info(runtime.resolve_device("auto"), jobs=jobs, threads=threads), "invocations": invocations,
         "setup": {"method": args.method, "recipes": students.shown(folder), "val_split": val, "epochs": epochs,
                   "warmup_unit": warmup_key(defaults) and ("fraction of training" if warmup_in_fraction(
                       args.method, warmup_key(defaults)) else "epochs"),

@@ -61,18 +61,13 @@ def ordered(names) -> list[str]:
     return [n for n in ORDER if n in names] + sorted(names - set(ORDER))
 
 
-def threads_per_job(jobs: int) -> int:
-    """The torch threads of each of ``jobs`` trainings run side by side: the cores shared out."""
-    return max(1, (os.cpu_count() or 1) // max(1, jobs))
-
-
 def side_by_side(fn: Callable[..., Any], calls: list[tuple], jobs: int, threads: int | None = None) -> list[Any]:
     """``[fn(*c) for c in calls]``, ``jobs`` at a time in fresh processes of ``threads`` torch threads each
     (default: cores / jobs). Why: the small CPU models use two cores poorly, two runs side by side finish
     sooner than one after the other. ``jobs`` 1 runs here, in order, with the caller's threads."""
     if jobs <= 1:
         return [(_with_threads(threads, fn, c) if threads else fn(*c)) for c in calls]
-    threads = threads or threads_per_job(jobs)
+    threads = threads or common.threads_per_job(jobs)
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no thread pools inherited by a fork
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_die_with_parent,
                                                 initargs=(os.getpid(),)) as pool:

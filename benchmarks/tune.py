@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import shlex
 import statistics
 import sys
@@ -35,7 +34,7 @@ from blockkd import config, methods  # noqa: E402
 from blockkd.engine import runtime  # noqa: E402
 from blockkd.errors import BlockKDError  # noqa: E402
 from common import (append_runs, machine_info, machine_line, markdown_table, mean_std, reproduce_line,  # noqa: E402
-                    section, text_table, write_json, write_text)
+                    section, text_table, threads_per_job, write_json, write_text)
 
 # name -> (method, method.options): the baselines, then one Block-KD choice changed at a time. The variants of
 # rounds 1-15 ran from the method's defaults of then (FORMER_DEFAULTS below, pinned so that their reproduce lines
@@ -273,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     jobs = max(1, min(args.jobs, len(names) * len(seeds)))
-    threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
+    threads = args.threads or threads_per_job(jobs)
     if args.from_runs:
         results = [r for seed in seeds for n in names if (r := finished_variant(n, seed, runs))]
         if not results:
@@ -294,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         seeds = sorted({r["seed"] for r in results})
     names = [n for n in VARIANTS if any(r["variant"] == n for r in results)]
     summary = summarise(results, names)
-    report = {"machine": machine_info(runtime.resolve_device("auto")), "invocations": invocations,
+    report = {"machine": machine_info(runtime.resolve_device("auto"), jobs=jobs, threads=threads),
+              "invocations": invocations,
               "setup": {"recipes": students.shown(folder), "val_split": val, "seeds": seeds, "jobs": jobs,
                         "threads_per_job": threads,
                         "overrides": extra, "teacher_overrides": teacher_extra},

@@ -317,14 +317,13 @@ def test_machine_line_names_the_threads_each_side_by_side_run_had(monkeypatch):
     """Runs side by side (--jobs) train in workers on a share of the cores: the machine line says that share,
     not the parent process's thread count."""
     monkeypatch.syspath_prepend(str(BENCH))
-    from common import machine_info, machine_line
-    from students import threads_per_job
+    from common import machine_info, machine_line, threads_per_job
 
     info = machine_info()
-    assert f"({info['cpu_cores']} cores, {info['torch_threads']} torch threads)" in machine_line(info)
+    assert f"({info['cpu_cores']} cores, {torch.get_num_threads()} torch threads)" in machine_line(info)
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    info.update(cpu_cores=8, jobs=4, torch_threads=threads_per_job(4))
-    assert "(8 cores, 2 torch threads per run, 4 runs side by side)" in machine_line(info)
+    assert "(8 cores, 2 torch threads per run, 4 runs side by side)" in machine_line(machine_info(jobs=4))
+    assert "(8 cores, 3 torch threads per run, 2 runs side by side)" in machine_line(machine_info(jobs=2, threads=3))
     assert threads_per_job(16) == 1
 
 
