@@ -1,14 +1,16 @@
 """Distillation across architecture families: every pair folder of configs/fashion_mnist_hetero, one table.
 
     python benchmarks/hetero.py [--recipes configs/fashion_mnist_hetero] [--seeds 0 1 2] [--methods ...]
-                                [--pairs PAIR ...] [--jobs N] [--resume] [--quick] [--render] [--out results/hetero.md]
+                                [--pairs PAIR ...] [--jobs N] [--resume] [--from-runs] [--quick] [--render]
+                                [--out results/hetero.md]
 
 Each pair folder (``<teacher>-<student>/``, a recipe folder of its own) is run by ``benchmarks/accuracy.py``
 (no second training loop): its JSON, table and plot go to ``<out stem>/<pair>.json|.md|.png``. This file then
 writes ``--out``: per pair and method, the mean ± std over seeds of the last-epoch test top-1, and the
 largest drop of any run's test top-1 from one epoch to the next (issue 35: a drop above 10 points is a
 collapse). ``--resume``: accuracy.py's (finished runs reused, interrupted ones continued: the benchmark takes
-hours on a CPU and goes on where a stop left it). ``--quick``: accuracy.py's smoke test (tiny subset, 1 epoch,
+hours on a CPU and goes on where a stop left it); ``--from-runs``: accuracy.py's (train nothing, report
+the runs finished so far; a pair with none is left out). ``--quick``: accuracy.py's smoke test (tiny subset, 1 epoch,
 1 seed) on every pair.
 """
 from __future__ import annotations
@@ -59,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="accuracy.py --quick on every pair: the smoke test")
     p.add_argument("--resume", action="store_true", help="accuracy.py --resume: reuse the finished runs, continue "
                    "the interrupted ones")
+    p.add_argument("--from-runs", action="store_true", help="accuracy.py --from-runs: train nothing, table the "
+                   "runs finished so far (a pair with none is left out)")
     p.add_argument("--pairs", nargs="+", metavar="PAIR", help="only these pair folders (default: every one)")
     p.add_argument("--render", action="store_true", help="train nothing: the table again from the pairs' JSON "
                    "reports already beside --out")
@@ -78,10 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         json_out = out.with_suffix("") / f"{pair}.json"
         cmd = ["--recipes", str(folder / pair), "--methods", *args.methods, "--jobs", str(args.jobs),
                "--out", str(json_out)] + (["--quick"] if args.quick else ["--seeds", *map(str, args.seeds)]) \
-            + (["--resume"] if args.resume else [])
+            + (["--resume"] if args.resume else []) + (["--from-runs"] if args.from_runs else [])
         if args.render:
             if json_out.is_file():
                 reports[pair] = json.loads(json_out.read_text())
+            continue
+        if args.from_runs and not any((json_out.with_name(json_out.stem + "-runs")).glob("*/summary.json")):
+            print(f"{pair}: no finished run yet, left out", flush=True)
             continue
         if accuracy.main(cmd) != 0:
             return 2

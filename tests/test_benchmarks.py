@@ -812,3 +812,50 @@ def test_lm_benchmark_refuses_a_method_without_a_recipe(tmp_path):
                            "--out", str(tmp_path / "x.md")], cwd=ROOT, text=True, capture_output=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.strip() == ("error: no recipe configs/lm_fortunes/kd-nope.yaml for "
                                                             "method kd-nope")
+
+
+# ----------------------------------------------------------------------------------------- across families
+HETERO = ROOT / "configs" / "fashion_mnist_hetero"
+
+
+@pytest.mark.parametrize("pair", sorted(d.name for d in HETERO.iterdir() if d.is_dir()))
+def test_heterogeneous_pairs_run_the_main_recipes_with_their_models(pair):
+    """Issue 35's table: each pair's recipe for a method is configs/fashion_mnist's, the models and the teacher's
+    checkpoint aside (nothing tuned per pair; run names follow), with Block-KD at the method's defaults."""
+    here = HETERO / pair
+    teacher_name, student_name = pair.split("-")
+    flat = lambda c: {k: v for k, v in config.flat_keys(c.to_dict()).items()  # noqa: E731
+                      if k not in ("model.name", "teacher.name", "teacher.checkpoint") and not k.startswith("output.")}
+    entries = sorted(p.stem for p in here.glob("*.yaml") if p.stem not in ("pair", "teacher"))
+    assert set(entries) >= {"ce", "kd", "dkd", "reviewkd", "dist", "blockkd"}
+    for m in entries:
+        cfg = config.load(here / f"{m}.yaml")
+        assert cfg["model"]["name"].lower() == student_name, m
+        assert flat(cfg) == flat(config.load(ROOT / "configs" / "fashion_mnist" / f"{m}.yaml")), m
+        if m != "ce":
+            assert cfg["teacher"]["name"] == teacher_name, m
+    assert config.load(here / "blockkd.yaml")["method"]["options"] == methods.defaults("blockkd")
+    assert config.load(here / "teacher.yaml")["model"]["name"] == teacher_name
+
+
+def test_heterogeneous_table_reports_each_pairs_mean_and_largest_drop(monkeypatch):
+    """The combined table: per pair and method the mean ± std of the last-epoch top-1 over the seeds, and the
+    largest fall of any of its runs from one epoch to the next (issue 35's collapse criterion)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import hetero
+
+    assert hetero.largest_drop([[2, 40.0], [1, 50.0], [3, 70.0]]) == 10.0  # epochs sorted first
+    assert hetero.largest_drop([[1, 10.0], [2, 20.0]]) == 0.0
+    runs = [{"method": "dkd", "seed": 0, "curve": [[1, 60.0], [2, 44.0], [3, 80.0]]},
+            {"method": "dkd", "seed": 1, "curve": [[1, 50.0], [2, 55.0], [3, 81.0]]},
+            {"method": "blockkd", "seed": 0, "curve": [[1, 30.0], [2, 27.5], [3, 84.0]]}]
+    report = {"teacher": {"last_top1": 88.7}, "runs": runs,
+              "methods": {"dkd": {"seeds": [0, 1], "last_top1": {"mean": 80.5, "std": 0.71}},
+                          "blockkd": {"seeds": [0], "last_top1": {"mean": 84.0, "std": None}}}}
+    md = hetero.render({"resnet20-shufflev1": report}, "python benchmarks/hetero.py --from-runs")
+    rows = {r.split("|")[2].strip(): [c.strip() for c in r.split("|")[1:-1]] for r in md.splitlines()
+            if r.startswith("|") and r.split("|")[2].strip() in ("dkd", "blockkd")}
+    assert rows["dkd"][0] == "resnet20-shufflev1" and rows["dkd"][5] == "88.70"
+    assert rows["dkd"][2:5] == ["80.50 ± 0.71", "2", "16.0"]
+    assert rows["blockkd"][0] == "" and rows["blockkd"][3:5] == ["1", "2.5"]
+    assert "`python benchmarks/hetero.py --from-runs`" in md
