@@ -820,18 +820,25 @@ HETERO = ROOT / "configs" / "fashion_mnist_hetero"
 
 @pytest.mark.parametrize("pair", sorted(d.name for d in HETERO.iterdir() if d.is_dir()))
 def test_heterogeneous_pairs_run_the_main_recipes_with_their_models(pair):
-    """Issue 35's table: each pair's recipe for a method is configs/fashion_mnist's, the models and the teacher's
-    checkpoint aside (nothing tuned per pair; run names follow), with Block-KD at the method's defaults."""
+    """Issue 35's table: each pair's recipe for a method is configs/fashion_mnist's, the models, the teacher's
+    checkpoint and the student family's learning rate aside (nothing tuned per pair or method; run names
+    follow), with Block-KD at the method's defaults."""
     here = HETERO / pair
     teacher_name, student_name = pair.split("-")
+    pair_keys = ("model.name", "teacher.name", "teacher.checkpoint", "optim.lr")
     flat = lambda c: {k: v for k, v in config.flat_keys(c.to_dict()).items()  # noqa: E731
-                      if k not in ("model.name", "teacher.name", "teacher.checkpoint") and not k.startswith("output.")}
+                      if k not in pair_keys and not k.startswith("output.")}
     entries = sorted(p.stem for p in here.glob("*.yaml") if p.stem not in ("pair", "teacher"))
     assert set(entries) >= {"ce", "kd", "dkd", "reviewkd", "dist", "blockkd"}
     for m in entries:
         cfg = config.load(here / f"{m}.yaml")
         assert cfg["model"]["name"].lower() == student_name, m
-        assert flat(cfg) == flat(config.load(ROOT / "configs" / "fashion_mnist" / f"{m}.yaml")), m
+        main = config.load(ROOT / "configs" / "fashion_mnist" / f"{m}.yaml")
+        assert flat(cfg) == flat(main), m
+        # MobileNet/ShuffleNet students: the CIFAR-100 recipes' lr rule, 0.01 where the others have 0.05
+        lr = cfg["optim"]["lr"]
+        assert student_name.startswith(("shuffle", "mobilenet")) and lr == approx(main["optim"]["lr"] / 5), m
+        assert lr == config.load(ROOT / "configs/cifar100/resnet32x4_ShuffleV1/pair.yaml")["optim"]["lr"], m
         if m != "ce":
             assert cfg["teacher"]["name"] == teacher_name, m
     assert config.load(here / "blockkd.yaml")["method"]["options"] == methods.defaults("blockkd")
