@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from students import (DEFAULTS, QUICK, RUN_KEYS, entries_in, finished_run, ordered, overrides, pm,  # noqa: E402
                       recipe_folder, run_student, shown, side_by_side, train_or_reuse_teacher)
 from common import (REPO, append_runs, fmt, machine_info, machine_line, markdown_table, mean_std,  # noqa: E402
-                    plural, reproduce_line, section, text_table, write_json, write_text)
+                    plural, reproduce_line, runs_beside, section, text_table, write_json, write_text)
 
 # How reports name the datasets (else their data.name; a GLUE task is "GLUE <task>"), and what the setup
 # line says of some.
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         png = plot(report, out.with_suffix(".png"))
         print(f"{write_text(out.with_suffix('.md'), render_markdown(report, png))}, {png}")
         return 0
-    runs_dir = out.with_name(out.stem + "-runs")
+    runs_dir = runs_beside(out)
     started = time.perf_counter()
     try:
         folder = recipe_folder(args.recipes)

@@ -45,6 +45,12 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def runs_beside(out: Path) -> Path:
+    """The folder of a report's training runs: ``<out stem>-runs`` beside it (``--resume`` and ``--from-runs``
+    find them there)."""
+    return out.with_name(out.stem + "-runs")
+
+
 def threads_per_job(jobs: int) -> int:
     """The torch threads of each of ``jobs`` trainings run side by side: the cores shared out."""
     return max(1, (os.cpu_count() or 1) // max(1, jobs))

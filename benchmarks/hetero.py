@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy  # noqa: E402
-from common import REPO, fmt, markdown_table, write_text  # noqa: E402
+from common import REPO, fmt, markdown_table, runs_beside, write_text  # noqa: E402
 
 DEFAULT_METHODS = ["ce", "kd", "dkd", "reviewkd", "dist", "blockkd"]
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             if json_out.is_file():
                 reports[pair] = json.loads(json_out.read_text())
             continue
-        if args.from_runs and not any((json_out.with_name(json_out.stem + "-runs")).glob("*/summary.json")):
+        if args.from_runs and not any(runs_beside(json_out).glob("*/summary.json")):
             print(f"{pair}: no finished run yet, left out", flush=True)
             continue
         if accuracy.main(cmd) != 0:

@@ -44,7 +44,7 @@ from blockkd.engine import runtime  # noqa: E402
 from blockkd.errors import BlockKDError  # noqa: E402
 from blockkd.methods.connectors import CONNECTORS  # noqa: E402
 from common import (REPO, append_runs, machine_info, machine_line, markdown_table, mean_std,  # noqa: E402
-                    reproduce_line, section, text_table, threads_per_job, write_json, write_text)
+                    reproduce_line, runs_beside, section, text_table, threads_per_job, write_json, write_text)
 
 KNOBS = ["alpha_beta", "gamma", "temperature", "connector", "warmup"]
 TITLES = {"alpha_beta": "α = β (task and distillation weights)", "gamma": "γ (L_cross weight)",
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     points = points_of(args.knobs or KNOBS, args.method, defaults, epochs, quick.get("points"))
-    calls = [(name, options, seed, extra, str(teacher_dir), str(out.with_name(out.stem + "-runs")), str(folder),
+    calls = [(name, options, seed, extra, str(teacher_dir), str(runs_beside(out)), str(folder),
               args.method) for seed in seeds for name, _, _, options in points]
     jobs = max(1, min(args.jobs, len(calls)))
     threads = args.threads or threads_per_job(jobs)

@@ -34,7 +34,7 @@ from blockkd import config, methods  # noqa: E402
 from blockkd.engine import runtime  # noqa: E402
 from blockkd.errors import BlockKDError  # noqa: E402
 from common import (append_runs, machine_info, machine_line, markdown_table, mean_std, reproduce_line,  # noqa: E402
-                    section, text_table, threads_per_job, write_json, write_text)
+                    runs_beside, section, text_table, threads_per_job, write_json, write_text)
 
 # name -> (method, method.options): the baselines, then one Block-KD choice changed at a time. The variants of
 # rounds 1-15 ran from the method's defaults of then (FORMER_DEFAULTS below, pinned so that their reproduce lines
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     val = args.val or quick.get("val") or 10000
     s = {**students.DEFAULTS, **(students.QUICK if args.quick else {}), "val": val, "device": None}
     s.update({k: getattr(args, k) for k in ("epochs", "train_subset") if getattr(args, k) is not None})
-    runs = out.with_name(out.stem + "-runs")
+    runs = runs_beside(out)
     started = time.perf_counter()
     teacher_extra, extra = students.overrides(s, args.quick)
     extra.append("output.progress=false")  # side-by-side runs: one line per epoch, no live bars
