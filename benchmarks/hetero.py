@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy  # noqa: E402
+import students  # noqa: E402
 from common import REPO, fmt, markdown_table, runs_beside, write_text  # noqa: E402
 
 DEFAULT_METHODS = ["ce", "kd", "dkd", "reviewkd", "dist", "blockkd"]
@@ -40,7 +41,7 @@ def render(reports: dict[str, dict], command: str) -> str:
         for k, (m, v) in enumerate(r["methods"].items()):
             drops = [largest_drop(run["curve"]) for run in r["runs"] if run["method"] == m]
             top1 = v["last_top1"]
-            rows.append([pair if k == 0 else "", m, f"{fmt(top1['mean'])} ± {fmt(top1.get('std'))}",
+            rows.append([pair if k == 0 else "", m, students.pm(top1),
                          str(len(v["seeds"])), fmt(max(drops), ".1f"),
                          fmt(r["teacher"]["last_top1"]) if k == 0 else ""])
     table = markdown_table(["pair", "method", "test top-1 (last epoch)", "seeds", "largest epoch drop",

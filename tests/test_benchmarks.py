@@ -167,8 +167,10 @@ def test_accuracy_report(runs):
     heads = runs_["blockkd"]["last_heads"]  # the stones and their ensemble, on a line of their own
     assert set(heads) == {"stone1", "stone2", "stone3", "ensemble"} and not runs_["ce"]["last_heads"]
     line = next(x for x in md.splitlines() if x.startswith("blockkd's heads"))
-    assert f"stone 1 {heads['stone1']:.2f} ± 0.00" in line and f"ensemble {heads['ensemble']:.2f} ± 0.00" in line
-    assert line.endswith(f"the student {runs_['blockkd']['last_top1']:.2f} ± 0.00.") and "ce's heads" not in md
+    # one run: each value alone, no "± 0.00" spread that one seed cannot show
+    assert f"stone 1 {heads['stone1']:.2f}," in line and f"ensemble {heads['ensemble']:.2f};" in line
+    assert line.endswith(f"the student {runs_['blockkd']['last_top1']:.2f}.") and "±" not in line
+    assert "ce's heads" not in md
 
     # --render: the .md again from the JSON alone, byte for byte
     (folder / "accuracy.md").unlink()
@@ -535,7 +537,7 @@ def test_tuning_report(tmp_path):
     factor = {"pkt": 1, "pkt feat_weight x0.5": 0.5, "pkt feat_weight x2": 2}
     best = max(factor, key=means.get)
     sweep = re.search(r"^\| pkt \| feat_weight \| 1 \| (.*)$", (tmp_path / "out" / "tuning.md").read_text(), re.M)
-    assert sweep and f"{recipe / 2:g}: {means['pkt feat_weight x0.5']:.2f} ± 0.00" in sweep[1]
+    assert sweep and f"{recipe / 2:g}: {means['pkt feat_weight x0.5']:.2f} |" in sweep[1]
     assert f"**{pkt[best]['options']['feat_weight']:g}** (x{factor[best]:g})" in sweep[1]
 
     # each invocation records its teacher; one retrained between invocations (another machine's cache) is said
@@ -858,11 +860,11 @@ def test_heterogeneous_table_reports_each_pairs_mean_and_largest_drop(monkeypatc
             {"method": "blockkd", "seed": 0, "curve": [[1, 30.0], [2, 27.5], [3, 84.0]]}]
     report = {"teacher": {"last_top1": 88.7}, "runs": runs,
               "methods": {"dkd": {"seeds": [0, 1], "last_top1": {"mean": 80.5, "std": 0.71}},
-                          "blockkd": {"seeds": [0], "last_top1": {"mean": 84.0, "std": None}}}}
+                          "blockkd": {"seeds": [0], "last_top1": {"mean": 84.0, "std": 0.0, "n": 1, "values": [84.0]}}}}
     md = hetero.render({"resnet20-shufflev1": report}, "python benchmarks/hetero.py --from-runs")
     rows = {r.split("|")[2].strip(): [c.strip() for c in r.split("|")[1:-1]] for r in md.splitlines()
             if r.startswith("|") and r.split("|")[2].strip() in ("dkd", "blockkd")}
     assert rows["dkd"][0] == "resnet20-shufflev1" and rows["dkd"][5] == "88.70"
     assert rows["dkd"][2:5] == ["80.50 ± 0.71", "2", "16.0"]
-    assert rows["blockkd"][0] == "" and rows["blockkd"][3:5] == ["1", "2.5"]
+    assert rows["blockkd"][0] == "" and rows["blockkd"][2:5] == ["84.00", "1", "2.5"]  # one seed: no "± 0.00"
     assert "`python benchmarks/hetero.py --from-runs`" in md
