@@ -1,7 +1,8 @@
 """Distillation across architecture families: every pair folder of configs/fashion_mnist_hetero, one table.
 
     python benchmarks/hetero.py [--recipes configs/fashion_mnist_hetero] [--seeds 0 1 2] [--methods ...]
-                                [--pairs PAIR ...] [--jobs N] [--resume] [--from-runs] [--quick] [--render]
+                                [--pairs PAIR ...] [--jobs N] [--resume] [--from-runs] [--append] [--quick]
+                                [--render]
                                 [--out results/hetero.md]
 
 Each pair folder (``<teacher>-<student>/``, a recipe folder of its own) is run by ``benchmarks/accuracy.py``
@@ -10,8 +11,10 @@ writes ``--out``: per pair and method, the mean ± std over seeds of the last-ep
 largest drop of any run's test top-1 from one epoch to the next (issue 35: a drop above 10 points is a
 collapse). ``--resume``: accuracy.py's (finished runs reused, interrupted ones continued: the benchmark takes
 hours on a CPU and goes on where a stop left it); ``--from-runs``: accuracy.py's (train nothing, report
-the runs finished so far; a pair with none is left out). ``--quick``: accuracy.py's smoke test (tiny subset, 1 epoch,
-1 seed) on every pair.
+the runs finished so far; a pair with none is left out). ``--append``: accuracy.py's (the runs already in each
+pair's report are kept, those named now added: run folders stay on the machine that trained them, so runs
+finished elsewhere join by their report; a teacher retrained from the same recipe is recorded beside the
+earlier one). ``--quick``: accuracy.py's smoke test (tiny subset, 1 epoch, 1 seed) on every pair.
 """
 from __future__ import annotations
 
@@ -65,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                    "the interrupted ones")
     p.add_argument("--from-runs", action="store_true", help="accuracy.py --from-runs: train nothing, table the "
                    "runs finished so far (a pair with none is left out)")
+    p.add_argument("--append", action="store_true", help="accuracy.py --append: keep the runs already in each "
+                   "pair's report and add these")
     p.add_argument("--pairs", nargs="+", metavar="PAIR", help="only these pair folders (default: every one)")
     p.add_argument("--render", action="store_true", help="train nothing: the table again from the pairs' JSON "
                    "reports already beside --out")
@@ -84,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         json_out = out.with_suffix("") / f"{pair}.json"
         cmd = ["--recipes", str(folder / pair), "--methods", *args.methods, "--jobs", str(args.jobs),
                "--out", str(json_out)] + (["--quick"] if args.quick else ["--seeds", *map(str, args.seeds)]) \
-            + (["--resume"] if args.resume else []) + (["--from-runs"] if args.from_runs else [])
+            + (["--resume"] if args.resume else []) + (["--from-runs"] if args.from_runs else []) \
+            + (["--append"] if args.append else [])
         if args.render:
             if json_out.is_file():
                 reports[pair] = json.loads(json_out.read_text())

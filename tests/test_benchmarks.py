@@ -847,6 +847,35 @@ def test_heterogeneous_pairs_run_the_main_recipes_with_their_models(pair):
     assert config.load(here / "teacher.yaml")["model"]["name"] == teacher_name
 
 
+def test_heterogeneous_benchmark_passes_its_run_options_to_each_pair(monkeypatch, tmp_path):
+    """hetero.py runs each pair through accuracy.py: --from-runs and --append reach it (a session's finished runs
+    join the pair's report), a pair with no finished run is left out, and the table names the command."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import accuracy
+    import hetero
+
+    calls = []
+
+    def fake_accuracy(argv):
+        calls.append(argv)
+        out = Path(argv[argv.index("--out") + 1])
+        out.write_text(json.dumps({"teacher": {"last_top1": 88.0}, "runs": [], "methods": {}}))
+        return 0
+
+    monkeypatch.setattr(accuracy, "main", fake_accuracy)
+    out = tmp_path / "hetero.md"
+    (tmp_path / "hetero" / "resnet20-shufflev1-runs" / "kd-seed1").mkdir(parents=True)
+    (tmp_path / "hetero" / "resnet20-shufflev1-runs" / "kd-seed1" / "summary.json").write_text("{}")
+    argv = ["--pairs", "resnet20-shufflev1", "resnet20-mobilenetv2", "--methods", "kd", "--seeds", "1",
+            "--from-runs", "--append", "--jobs", "2", "--out", str(out)]
+    assert hetero.main(argv) == 0
+    assert len(calls) == 1  # resnet20-mobilenetv2: no finished run, left out
+    assert calls[0][0] == "--recipes" and Path(calls[0][1]).resolve() == HETERO / "resnet20-shufflev1"
+    assert {"--from-runs", "--append"} <= set(calls[0]) and "--resume" not in calls[0]
+    assert calls[0][calls[0].index("--out") + 1] == str(tmp_path / "hetero" / "resnet20-shufflev1.json")
+    assert "--from-runs --append" in out.read_text()
+
+
 def test_heterogeneous_table_reports_each_pairs_mean_and_largest_drop(monkeypatch):
     """The combined table: per pair and method the mean ± std of the last-epoch top-1 over the seeds, and the
     largest fall of any of its runs from one epoch to the next (issue 35's collapse criterion)."""
