@@ -897,3 +897,10 @@ def test_heterogeneous_table_reports_each_pairs_mean_and_largest_drop(monkeypatc
     assert rows["dkd"][2:5] == ["80.50 ± 0.71", "2", "16.0"]
     assert rows["blockkd"][0] == "" and rows["blockkd"][2:5] == ["84.00", "1", "2.5"]  # one seed: no "± 0.00"
     assert "`python benchmarks/hetero.py --from-runs`" in md
+    # a teacher retrained between sessions: both, the runs each taught named in the pair's own report
+    report["teacher"] = {"last_top1": 88.82, "weights_sha256": "b", "earlier": [
+        {"last_top1": 88.65, "weights_sha256": "a"}]}
+    for r, sha in zip(runs, "aab"):
+        r["teacher_sha256"] = sha
+    md = hetero.render({"resnet20-shufflev1": report}, "python benchmarks/hetero.py --from-runs")
+    assert "| resnet20-shufflev1 | dkd | 80.50 ± 0.71 | 2 | 16.0 | 88.65 / 88.82 |" in md
