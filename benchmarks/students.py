@@ -165,8 +165,8 @@ def finished_run(runs: Path, method: str, seed: int) -> tuple[dict[str, Any], di
 
 
 def pm(stat: dict[str, Any]) -> str:
-    """"mean ± std"; one value alone has no spread to show (not "± 0.00")."""
-    if stat.get("n", len(stat.get("values", [])) or 2) == 1:
+    """"mean ± std" of a ``common.mean_std``; one value alone has no spread to show (not "± 0.00")."""
+    if stat.get("n") == 1:
         return f"{stat['mean']:.2f}"
     return f"{stat['mean']:.2f} ± {stat['std']:.2f}"
 
