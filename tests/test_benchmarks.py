@@ -849,7 +849,8 @@ def test_heterogeneous_pairs_run_the_main_recipes_with_their_models(pair):
 
 def test_heterogeneous_benchmark_passes_its_run_options_to_each_pair(monkeypatch, tmp_path):
     """hetero.py runs each pair through accuracy.py: --from-runs and --append reach it (a session's finished runs
-    join the pair's report), a pair with no finished run is left out, and the table names the command."""
+    join the pair's report), a pair with no finished run is left out, and a pair not run now keeps its rows from
+    its report (pairs run in different sessions share one table)."""
     monkeypatch.syspath_prepend(str(BENCH))
     import accuracy
     import hetero
@@ -866,6 +867,9 @@ def test_heterogeneous_benchmark_passes_its_run_options_to_each_pair(monkeypatch
     out = tmp_path / "hetero.md"
     (tmp_path / "hetero" / "resnet20-shufflev1-runs" / "kd-seed1").mkdir(parents=True)
     (tmp_path / "hetero" / "resnet20-shufflev1-runs" / "kd-seed1" / "summary.json").write_text("{}")
+    earlier = {"teacher": {"last_top1": 91.25}, "runs": [{"method": "kd", "seed": 0, "curve": [[1, 80.0]]}],
+               "methods": {"kd": {"seeds": [0], "last_top1": {"mean": 80.0, "std": 0.0, "n": 1}}}}
+    (tmp_path / "hetero" / "wrn_16_2-shufflev1.json").write_text(json.dumps(earlier))
     argv = ["--pairs", "resnet20-shufflev1", "resnet20-mobilenetv2", "--methods", "kd", "--seeds", "1",
             "--from-runs", "--append", "--jobs", "2", "--out", str(out)]
     assert hetero.main(argv) == 0
@@ -873,7 +877,9 @@ def test_heterogeneous_benchmark_passes_its_run_options_to_each_pair(monkeypatch
     assert calls[0][0] == "--recipes" and Path(calls[0][1]).resolve() == HETERO / "resnet20-shufflev1"
     assert {"--from-runs", "--append"} <= set(calls[0]) and "--resume" not in calls[0]
     assert calls[0][calls[0].index("--out") + 1] == str(tmp_path / "hetero" / "resnet20-shufflev1.json")
-    assert "--from-runs --append" in out.read_text()
+    assert "| wrn_16_2-shufflev1 | kd | 80.00 | 1 | 0.0 | 91.25 |" in out.read_text()  # not run now, kept
+    assert hetero.main(["--render", "--out", str(out)]) == 0 and len(calls) == 1  # --render trains nothing
+    assert "| wrn_16_2-shufflev1 | kd | 80.00 |" in out.read_text()
 
 
 def test_heterogeneous_table_reports_each_pairs_mean_and_largest_drop(monkeypatch):
@@ -890,17 +896,17 @@ def test_heterogeneous_table_reports_each_pairs_mean_and_largest_drop(monkeypatc
     report = {"teacher": {"last_top1": 88.7}, "runs": runs,
               "methods": {"dkd": {"seeds": [0, 1], "last_top1": {"mean": 80.5, "std": 0.71}},
                           "blockkd": {"seeds": [0], "last_top1": {"mean": 84.0, "std": 0.0, "n": 1, "values": [84.0]}}}}
-    md = hetero.render({"resnet20-shufflev1": report}, "python benchmarks/hetero.py --from-runs")
+    md = hetero.render({"resnet20-shufflev1": report})
     rows = {r.split("|")[2].strip(): [c.strip() for c in r.split("|")[1:-1]] for r in md.splitlines()
             if r.startswith("|") and r.split("|")[2].strip() in ("dkd", "blockkd")}
     assert rows["dkd"][0] == "resnet20-shufflev1" and rows["dkd"][5] == "88.70"
     assert rows["dkd"][2:5] == ["80.50 ± 0.71", "2", "16.0"]
     assert rows["blockkd"][0] == "" and rows["blockkd"][2:5] == ["84.00", "1", "2.5"]  # one seed: no "± 0.00"
-    assert "`python benchmarks/hetero.py --from-runs`" in md
+    assert "`python benchmarks/hetero.py --render`" in md  # how to make it again, whichever command ran
     # a teacher retrained between sessions: both, the runs each taught named in the pair's own report
     report["teacher"] = {"last_top1": 88.82, "weights_sha256": "b", "earlier": [
         {"last_top1": 88.65, "weights_sha256": "a"}]}
     for r, sha in zip(runs, "aab"):
         r["teacher_sha256"] = sha
-    md = hetero.render({"resnet20-shufflev1": report}, "python benchmarks/hetero.py --from-runs")
+    md = hetero.render({"resnet20-shufflev1": report})
     assert "| resnet20-shufflev1 | dkd | 80.50 ± 0.71 | 2 | 16.0 | 88.65 / 88.82 |" in md
