@@ -3,22 +3,28 @@
     python benchmarks/fortunes_mlm.py [--arch CONFIG.json] [--out runs/fortunes-bert-mlm] [--tokenizer FOLDER]
                                       [--epochs 30] [--quick] [--force]
 
-Why: trained from scratch on the task's 2880 labelled texts, the teacher memorised them as the students do and
+Why: trained from scratch on the task's labelled texts, the teacher memorised them as the students do and
 ended no better than a student trained alone (53.06 vs ce 52.41 ± 1.18, results/text-ce.md): nothing to
 distil. A BERT teacher in practice has read far more text than its task. Here it reads every entry of Debian's
 fortune files (~14.5k; all files, not only the task's six) except the task's test texts, so no test text is
 ever seen, labelled or not. The students keep starting from random weights: what they gain over ``ce`` is what
 distillation hands down.
 
+The tokenizer is a WordPiece (BERT's) trained on the task's training texts, the one a model trained from
+scratch on the task would get (``data.tokenizer: wordpiece``): a WordPiece trained on this whole corpus left the
+randomly initialised students unstable (results/README.md, "Text"). It is saved in the folder and the recipes
+read it from there (``data.tokenizer: <folder>``), because trained again elsewhere a WordPiece need not give the
+same ids (ties between equally frequent pieces are broken differently in each process).
+
 Writes one ``save_pretrained`` folder: the encoder weights (safetensors), the model config
-(``configs/fortunes/models/teacher.json``'s architecture) and the WordPiece tokenizer trained on the same
-corpus. ``configs/fortunes`` names it twice: ``hf.<folder>`` fine-tunes it as the teacher (a fresh classifier
-on the pretrained encoder), and ``data.tokenizer: <folder>`` gives students and teacher the same tokens.
-``pretraining.json`` beside the weights records the corpus, the schedule and the held-out MLM loss per epoch.
-The folder appears whole or not at all (written beside it, then renamed); an existing one is kept unless
-``--force``. ``--arch configs/fortunes/models/student.json --tokenizer runs/fortunes-bert-mlm --out
-runs/fortunes-bert-mlm-student`` pre-trains a student the same way with the teacher's tokenizer (one of the
-measurements on the recipe's stability in results/README.md, "Text"; the recipes' students do not use it).
+(``configs/fortunes/models/teacher.json``'s architecture) and that tokenizer. ``configs/fortunes`` names it
+twice: ``hf.<folder>`` fine-tunes it as the teacher (a fresh classifier on the pretrained encoder), and
+``data.tokenizer: <folder>`` gives students and teacher the same tokens. ``pretraining.json`` beside the
+weights records the corpus, the schedule and the held-out MLM loss per epoch. The folder appears whole or not
+at all (written beside it, then renamed); an existing one is kept unless ``--force``. ``--arch
+configs/fortunes/models/student.json --tokenizer runs/fortunes-bert-mlm --out runs/fortunes-bert-mlm-student``
+pre-trains a student the same way with the teacher's tokenizer (a measurement on the recipe in
+results/README.md, "Text"; the recipes' students do not use it).
 """
 from __future__ import annotations
 
@@ -68,9 +74,10 @@ def pretrain(args: argparse.Namespace) -> dict:
         texts = texts[:256]
     n_val = max(1, len(texts) // 20)  # 5 %: the held-out MLM loss says the pretraining learnt something
     val, train = texts[:n_val], texts[n_val:]
-    # WordPiece, BERT's own: not the recipe's data.tokenizer, which names the folder this script writes
-    tok = (load_tokenizer(args.tokenizer, vocab_size=options["vocab_size"], texts=train, name="fortunes-mlm")
-           if args.tokenizer else trained_tokenizer("wordpiece", options["vocab_size"], train, "fortunes-mlm"))
+    # the task's training texts, as data.tokenizer: wordpiece would (and cached under the same key)
+    tok = (load_tokenizer(args.tokenizer, vocab_size=options["vocab_size"], texts=[], name="fortunes-mlm")
+           if args.tokenizer else
+           trained_tokenizer("wordpiece", options["vocab_size"], load_fortunes(options).train.texts, "fortunes"))
     arch = tf.AutoConfig.from_pretrained(args.arch)
     if len(tok) > arch.vocab_size:
         raise BlockKDError(f"the tokenizer has {len(tok)} tokens, more than {args.arch}'s vocab_size "
@@ -118,7 +125,8 @@ def pretrain(args: argparse.Namespace) -> dict:
               f"(perplexity {math.exp(v):.1f}), {time.time() - start:.0f}s", flush=True)
     return {"model": model, "tokenizer": tok, "record": {
         "command": "python benchmarks/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "recipe": args.recipe, "architecture": args.arch, "tokenizer": args.tokenizer or "wordpiece (trained)",
+        "recipe": args.recipe, "architecture": args.arch,
+        "tokenizer": args.tokenizer or "wordpiece trained on the task's training texts",
         "texts": len(train), "held_out_texts": len(val),
         "test_texts_left_out": n_test, "tokens": len(tok), "epochs": args.epochs, "batch_size": args.batch_size,
         "lr": args.lr, "seed": args.seed, "curve": curve, "minutes": round((time.time() - start) / 60, 1),
@@ -140,7 +148,7 @@ def save(out: Path, result: dict) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipe", default="configs/fortunes/teacher.yaml", help="the text task's recipe: its data "
-                   "section says the fortune files, the test split to leave out and the tokenizer to train")
+                   "section says the fortune files and the test split to leave out")
     p.add_argument("--arch", default=ARCH, help="the teacher's architecture, a Hugging Face BERT config.json")
     p.add_argument("--out", default="runs/fortunes-bert-mlm", help="the save_pretrained folder to write")
     p.add_argument("--tokenizer", help="reuse this folder's tokenizer instead of training one (a student "

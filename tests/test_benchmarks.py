@@ -435,15 +435,19 @@ def test_text_teacher_pretraining_never_reads_a_test_text(monkeypatch):
 
 @needs_fortunes
 def test_text_teacher_pretraining_writes_what_hf_models_load(tmp_path):
-    """--quick: the folder holds the MLM weights, the tokenizer and the record; ``hf.<folder>`` loads those
-    weights into the classifier's encoder and ``data.tokenizer: <folder>`` that tokenizer; a finished folder is
-    kept unless --force."""
+    """--quick: the folder holds the MLM weights, the recipe's own tokenizer (the token ids the students read)
+    and the record; ``hf.<folder>`` loads those weights into the classifier's encoder; a finished folder is kept
+    unless --force; a student pre-trained the same way shares the teacher's token ids."""
+    import dataclasses
+
     from safetensors.torch import load_file
 
     from blockkd import models
-    from blockkd.data.tokenizer import load_tokenizer
+    from blockkd.data.text_readers import load_fortunes
+    from blockkd.data.tokenizer import cache_path, load_tokenizer
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache"),
+           "BLOCKKD_DATA": str(tmp_path / "data")}  # where the tokenizer it trains is cached
     out = tmp_path / "mlm"
     cmd = [sys.executable, str(BENCH / "fortunes_mlm.py"), "--quick", "--epochs", "2", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True, timeout=240)
@@ -457,8 +461,13 @@ def test_text_teacher_pretraining_writes_what_hf_models_load(tmp_path):
     assert torch.equal(model.state_dict()[key], saved[key])
     tok = load_tokenizer(str(out), vocab_size=0, texts=[], name="unused")
     assert len(tok) == record["tokens"] and "token_type_ids" in tok("a fortune")
-    # BERT's WordPiece, not whatever the recipe's data.tokenizer names (there: this very folder)
-    assert json.loads((out / "tokenizer.json").read_text())["model"]["type"] == "WordPiece"
+    # a WordPiece trained on the task's training texts (the one data.tokenizer: wordpiece trains, by its cache
+    # file), not on the MLM corpus and not whatever the recipe's data.tokenizer names (there: this very folder)
+    options = dataclasses.asdict(config.load(ROOT / "configs" / "fortunes" / "teacher.yaml").data.options)
+    name = cache_path("wordpiece", options["vocab_size"], load_fortunes(options).train.texts, "fortunes").name
+    cached = list((tmp_path / "data").rglob(name))
+    assert len(cached) == 1 and json.loads((out / "tokenizer.json").read_text())["model"]["type"] == "WordPiece"
+    assert tok.get_vocab() == load_tokenizer(str(cached[0]), vocab_size=0, texts=[], name="unused").get_vocab()
 
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     again = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True, timeout=120)

@@ -61,14 +61,20 @@ def _fast(tokenizer_object):
         tokenizer_object=tokenizer_object, model_input_names=inputs, **{k: v for k, v in special.items() if v})
 
 
+def cache_path(kind: str, vocab_size: int, texts: Sequence[str], name: str) -> Path:
+    """Where ``trained_tokenizer`` keeps the tokenizer of these inputs. The cache is what makes the ids
+    repeatable: trained again, a tokenizer need not give the same ids (ties are broken anew in each process)."""
+    h = hashlib.sha256(f"{kind}:{vocab_size}".encode())
+    for t in texts:
+        h.update(t.encode("utf-8", errors="replace") + b"\0")
+    return data_home() / "tokenizers" / f"{name}-{kind}-{vocab_size}-{h.hexdigest()[:16]}.json"
+
+
 def trained_tokenizer(kind: str, vocab_size: int, texts: Sequence[str], name: str):
     """``kind`` (wordpiece/bpe) trained on ``texts``, cached by its inputs under ``$BLOCKKD_DATA/tokenizers``."""
     from tokenizers import Tokenizer
 
-    h = hashlib.sha256(f"{kind}:{vocab_size}".encode())
-    for t in texts:
-        h.update(t.encode("utf-8", errors="replace") + b"\0")
-    path = data_home() / "tokenizers" / f"{name}-{kind}-{vocab_size}-{h.hexdigest()[:16]}.json"
+    path = cache_path(kind, vocab_size, texts, name)
     if path.is_file():
         try:
             return _fast(Tokenizer.from_file(str(path)))
