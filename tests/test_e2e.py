@@ -147,3 +147,24 @@ def test_demo_quick_prints_the_table(tmp_path, monkeypatch, capsys):
     run, summary = demo.train_or_reuse_teacher(demo.recipes_dir(), list(demo.QUICK))
     assert "teacher: reusing" in capsys.readouterr().out
     assert summary == report["teacher"] and run.parent == tmp_path / "cache" / "blockkd" / "demo"
+
+
+def test_a_teacher_pre_trained_again_is_not_reused_from_the_cache(tmp_path):
+    """The cached teacher is keyed by its recipe and by the local files it starts from (a pre-trained
+    ``hf.<folder>``, a tokenizer folder): after ``fortunes_mlm.py --force`` the recipe is the same but the
+    weights are not, and the teacher fine-tuned from the earlier ones must not be reused."""
+    from blockkd import config, demo
+
+    pre = tmp_path / "mlm"
+    pre.mkdir()
+    (pre / "model.safetensors").write_bytes(b"weights")
+    cfg = config.load(REPO / "configs" / "fortunes" / "teacher.yaml",
+                      [f"model.name=hf.{pre}", f"data.tokenizer={pre}"])
+    first = demo.teacher_cache_dir(cfg)
+    assert demo.teacher_cache_dir(cfg) == first  # nothing changed: the same teacher
+    (pre / "model.safetensors").write_bytes(b"weights, pre-trained again")
+    assert demo.teacher_cache_dir(cfg) != first
+    # a recipe that starts from no local files keeps its former cache folder (the recipe's fingerprint alone)
+    plain = config.load(REPO / "configs" / "fashion_mnist" / "teacher.yaml")
+    assert demo.teacher_cache_dir(plain).name == "teacher-" + config.fingerprint(
+        plain, ignore=("output", "train.device", "train.diagnostics_every"))

@@ -8,6 +8,7 @@ is a recipe runner, not a second training loop.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -42,12 +43,35 @@ def _overrides(args) -> list[str]:
     return extra
 
 
-def train_or_reuse_teacher(folder: Path, extra: list[str]) -> tuple[Path, dict]:
-    """Train the teacher once per distinct recipe; later demos reuse it from the cache."""
-    cfg = config.load(folder / "teacher.yaml", extra)
+def local_inputs(cfg: config.Config) -> list[tuple[str, int, int]]:
+    """The local files a teacher recipe starts from beyond its data (a pre-trained ``hf.<folder>``, a tokenizer
+    folder or file), as (path, size, modification time): pre-trained again, they make another teacher instead of
+    reusing the one fine-tuned from the earlier weights (the cache is per machine, so the times are enough)."""
+    flat = config.flat_keys(cfg.to_dict())
+    named = [str(flat.get("model.name", ""))[3:] if str(flat.get("model.name", "")).startswith("hf.") else "",
+             str(flat.get("data.tokenizer") or "")]
+    found = []
+    for p in (Path(n).expanduser() for n in named if n):
+        for f in sorted([p] if p.is_file() else p.rglob("*") if p.is_dir() else []):
+            if f.is_file():
+                found.append((str(f), f.stat().st_size, f.stat().st_mtime_ns))
+    return found
+
+
+def teacher_cache_dir(cfg: config.Config) -> Path:
+    """The cache folder of the teacher ``cfg`` trains: one per distinct recipe and starting files."""
     # Keys that cannot change the teacher's weights do not make another teacher (diagnostics: logging only).
     key = config.fingerprint(cfg, ignore=("output", "train.device", "train.diagnostics_every"))
-    run = cache_home() / "demo" / f"teacher-{key}"
+    inputs = local_inputs(cfg)
+    if inputs:
+        key += "-" + hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:8]
+    return cache_home() / "demo" / f"teacher-{key}"
+
+
+def train_or_reuse_teacher(folder: Path, extra: list[str]) -> tuple[Path, dict]:
+    """Train the teacher once per distinct recipe and starting files; later demos reuse it from the cache."""
+    cfg = config.load(folder / "teacher.yaml", extra)
+    run = teacher_cache_dir(cfg)
     cfg = cfg.replace(output=dataclasses.replace(cfg.output, dir=str(run.parent), name=run.name))
     summary_file = run / "summary.json"
     if summary_file.is_file():
