@@ -99,7 +99,8 @@ class GlueOptions:
 class FortunesOptions:
     root: str = option(FORTUNES_ROOT, STRING, "folder of the fortune files (Debian: apt-get install fortunes)")
     categories: list = option(list(FORTUNE_CATEGORIES), STRINGS, "the classes: fortune files of root")
-    max_per_class: int | None = option(200, optional(integer(2)), "at most this many fortunes of each category (null: all of them)")
+    max_per_class: int | None = option(200, optional(integer(2)),
+                                       "at most this many fortunes of each category (null: all of them)")
     test_fraction: float = option(0.2, number(0, strict=True, hi=0.9), "share of each category held out as test")
     tokenizer: str = _tokenizer("wordpiece")
     max_length: int = _max_length(64)
