@@ -10,7 +10,8 @@ teacher ``DIR/teacher.yaml``, the students ``DIR/<name>.yaml``: every other reci
 layers ``base``/``pair``, so a method with other options, such as ``kd-ls``, is an entry of its own) plus overrides,
 trained by ``blockkd.engine.train`` (no second training loop), so the numbers are those a user gets from the recipes.
 One teacher, trained once with the same data and schedule overrides and cached by ``blockkd.demo`` (keyed
-by its recipe's fingerprint), serves every student. Recipes naming files by relative paths (the
+by its recipe's fingerprint and the local files it starts from, such as a pre-trained ``hf.<folder>``), serves
+every student. Recipes naming files by relative paths (the
 ``hf-config.configs/...`` models of ``configs/fortunes``) need the repository root as working directory,
 as for ``blockkd train``. Text recipes work the same way (``--recipes configs/fortunes``; their top-1 is
 the accuracy on texts). For each seed, every method gets the same ``train.seed``, hence the same
