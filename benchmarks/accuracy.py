@@ -9,11 +9,12 @@ How, and why this way: every run is a plain ``blockkd.config.load`` of a recipe 
 teacher ``DIR/teacher.yaml``, the students ``DIR/<name>.yaml``: every other recipe there but the shared
 layers ``base``/``pair``, so a method with other options, such as ``kd-ls``, is an entry of its own) plus overrides,
 trained by ``blockkd.engine.train`` (no second training loop), so the numbers are those a user gets from the recipes.
-One teacher, trained once with the same data and schedule overrides and cached by ``blockkd.demo`` (keyed
-by its recipe's fingerprint and the local files it starts from, such as a pre-trained ``hf.<folder>``), serves
-every student. Recipes naming files by relative paths (the ``hf-config.configs/...`` models of
-``configs/fortunes``) need the repository root as working directory, as for ``blockkd train``. Text recipes work the same way (``--recipes configs/fortunes``; their top-1 is
-the accuracy on texts). For each seed, every method gets the same ``train.seed``, hence the same
+One teacher, trained once with the same data and schedule overrides and cached by ``blockkd.demo`` (keyed by its
+recipe's fingerprint and the local files it starts from, such as a pre-trained ``hf.<folder>``), serves every
+student. Recipes naming files by relative paths (the ``hf-config.configs/...`` models of ``configs/fortunes``) need
+the repository root as working directory, as for ``blockkd train``. Text recipes work the same way (``--recipes
+configs/fortunes``; their top-1 is the accuracy on texts). For each seed, every method gets the same ``train.seed``,
+hence the same
 initialisation and data order. Reported per method:
 mean ± std over seeds of the last-epoch top-1 and of the best-epoch top-1 (the best epoch is chosen on
 the evaluated split, so it is optimistic and labelled as such), the gain over ``ce`` (means of the last

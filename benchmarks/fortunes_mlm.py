@@ -13,8 +13,8 @@ distillation hands down.
 The tokenizer is a WordPiece (BERT's) trained on the task's training texts, the one a model trained from
 scratch on the task would get (``data.tokenizer: wordpiece``): a WordPiece trained on this whole corpus left the
 randomly initialised students unstable (results/README.md, "Text"). It is saved in the folder and the recipes
-read it from there (``data.tokenizer: <folder>``), because trained again elsewhere a WordPiece need not give the
-same ids (ties between equally frequent pieces are broken differently in each process).
+read it from there (``data.tokenizer: <folder>``), because trained again a WordPiece need not give the same
+ids (two trainings on the same texts, in two processes, did not here).
 
 Writes one ``save_pretrained`` folder: the encoder weights (safetensors), the model config
 (``configs/fortunes/models/teacher.json``'s architecture) and that tokenizer. ``configs/fortunes`` names it

@@ -63,7 +63,8 @@ def _fast(tokenizer_object):
 
 def cache_path(kind: str, vocab_size: int, texts: Sequence[str], name: str) -> Path:
     """Where ``trained_tokenizer`` keeps the tokenizer of these inputs. The cache is what makes the ids
-    repeatable: trained again, a tokenizer need not give the same ids (ties are broken anew in each process)."""
+    repeatable: trained again, a tokenizer need not give the same ids (two WordPiece trainings on the same texts,
+    in two processes, did not)."""
     h = hashlib.sha256(f"{kind}:{vocab_size}".encode())
     for t in texts:
         h.update(t.encode("utf-8", errors="replace") + b"\0")
