@@ -14,8 +14,7 @@ recipe's fingerprint and the local files it starts from, such as a pre-trained `
 student. Recipes naming files by relative paths (the ``hf-config.configs/...`` models of ``configs/fortunes``) need
 the repository root as working directory, as for ``blockkd train``. Text recipes work the same way (``--recipes
 configs/fortunes``; their top-1 is the accuracy on texts). For each seed, every method gets the same ``train.seed``,
-hence the same
-initialisation and data order. Reported per method:
+hence the same initialisation and data order. Reported per method:
 mean ± std over seeds of the last-epoch top-1 and of the best-epoch top-1 (the best epoch is chosen on
 the evaluated split, so it is optimistic and labelled as such), the gain over ``ce`` (means of the last
 epochs) and the wall-clock time; for a method with extra heads (Block-KD's stepping-stones and their
