@@ -74,10 +74,10 @@ def pretrain(args: argparse.Namespace) -> dict:
         texts = texts[:256]
     n_val = max(1, len(texts) // 20)  # 5 %: the held-out MLM loss says the pretraining learnt something
     val, train = texts[:n_val], texts[n_val:]
-    # the task's training texts, as data.tokenizer: wordpiece would (and cached under the same key)
+    # the task's training texts under the dataset's name: what data.tokenizer: wordpiece trains, same cache key
     tok = (load_tokenizer(args.tokenizer, vocab_size=options["vocab_size"], texts=[], name="fortunes-mlm")
            if args.tokenizer else
-           trained_tokenizer("wordpiece", options["vocab_size"], load_fortunes(options).train.texts, "fortunes"))
+           trained_tokenizer("wordpiece", options["vocab_size"], load_fortunes(options).train.texts, data.name))
     arch = tf.AutoConfig.from_pretrained(args.arch)
     if len(tok) > arch.vocab_size:
         raise BlockKDError(f"the tokenizer has {len(tok)} tokens, more than {args.arch}'s vocab_size "

@@ -44,17 +44,17 @@ def _overrides(args) -> list[str]:
 
 
 def local_inputs(cfg: config.Config) -> list[tuple[str, int, int]]:
-    """The local files a teacher recipe starts from beyond its data (a pre-trained ``hf.<folder>``, a tokenizer
-    folder or file), as (path, size, modification time): pre-trained again, they make another teacher instead of
-    reusing the one fine-tuned from the earlier weights (the cache is per machine, so the times are enough)."""
-    flat = config.flat_keys(cfg.to_dict())
-    named = [str(flat.get("model.name", ""))[3:] if str(flat.get("model.name", "")).startswith("hf.") else "",
-             str(flat.get("data.tokenizer") or "")]
+    """The local files a teacher recipe starts from beyond its data (the path in its model name, such as a
+    pre-trained ``hf.<folder>``; a tokenizer folder or file), as (path, size, modification time): pre-trained
+    again, they make another teacher instead of reusing the one fine-tuned from the earlier weights (the cache is
+    per machine, so the times are enough)."""
+    name = cfg.model.name
+    prefix = next((p for p in config.paths.PATH_PREFIXES if name.startswith(p)), None)
+    named = [name[len(prefix):] if prefix else "", str(config.flat_keys(cfg.to_dict()).get("data.tokenizer") or "")]
     found = []
     for p in (Path(n).expanduser() for n in named if n):
-        for f in sorted([p] if p.is_file() else p.rglob("*") if p.is_dir() else []):
-            if f.is_file():
-                found.append((str(f), f.stat().st_size, f.stat().st_mtime_ns))
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.is_file() else []
+        found += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     return found
 
 
