@@ -20,6 +20,7 @@ import torch
 from blockkd import methods
 from blockkd.data.fashion_mnist import MEAN, STD, find, read_idx
 from blockkd.engine.checkpoint import WEIGHTS
+from blockkd.methods.losses import cross_entropy
 from blockkd.models import create, read_state_dict
 
 RECIPE = {"alpha": 1.0, "beta": 1.0, "connector": "conv3x3_bn"}  # configs/fashion_mnist/blockkd.yaml
@@ -46,12 +47,13 @@ def main() -> None:
         for cap in (None, 1.0):
             torch.manual_seed(0)
             d = methods.create("blockkd", create(name, 10, 1), teacher_from(Path(args.teacher)),
-                               input_shape=(1, 28, 28), stone_grad_cap=cap, **RECIPE).train()
+                               input_shape=(1, 28, 28), epochs=8, stone_grad_cap=cap, **RECIPE).train()
             parts[cap] = d.diagnostics(x, y, epoch=1e9)
         feats, logits = d._views[0].features(x)
         t_logits = d.teacher_logits(x)
         stones = d.run_stones(feats, d.stone_ids, x)
-        (ce, dist, _), terms = d._stone_terms(logits, stones, t_logits, y)
+        ce, dist = cross_entropy(logits, y), d.d(logits, t_logits)
+        terms = [(cross_entropy(z, y), d.d(z, t_logits)) for z in stones]
         shapes = [tuple(f.shape[1:]) for f in feats]
         print(f"{name}: {d.num_blocks} blocks {shapes}; deepest connector "
               f"{sum(p.numel() for p in d.connectors[-1].parameters())} weights")

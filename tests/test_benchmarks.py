@@ -919,3 +919,28 @@ def test_heterogeneous_table_reports_each_pairs_mean_and_largest_drop(monkeypatc
         r["teacher_sha256"] = sha
     md = hetero.render({"resnet20-shufflev1": report})
     assert "| resnet20-shufflev1 | dkd | 80.50 ± 0.71 | 2 | 16.0 | 88.65 / 88.82 |" in md
+
+
+def test_precise_bn_report_trains_the_same_weights_again(tmp_path):
+    """benchmarks/precise_bn.py: the run trained again with train.precise_bn has the same weights (so its curve
+    differs only in the BN statistics evaluated), and a broken weight would be caught."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_engine import recipe
+    from blockkd.engine import train
+    train(recipe(tmp_path, "r"))
+    out = tmp_path / "report" / "pbn.json"
+    subprocess.run([sys.executable, str(BENCH / "precise_bn.py"), str(tmp_path / "r"), "--batches", "2", "--out",
+                    str(out)], check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    report = json.loads(out.read_text())
+    assert report["same_weights"] is True and report["precise_bn"] == 2
+    assert len(report["test_top1"]) == len(report["test_top1_precise_bn"]) == 2
+    assert "| largest epoch drop |" in out.with_suffix(".md").read_text()
+    sys.path.insert(0, str(BENCH))
+    from precise_bn import same_weights
+    import safetensors.torch
+    again = out.with_name("pbn-runs") / "r" / "last" / "weights.safetensors"
+    sd = safetensors.torch.load_file(again)
+    key = next(k for k in sd if k.endswith("conv1.weight"))
+    sd[key] = sd[key] + 1e-3
+    safetensors.torch.save_file(sd, again)
+    assert not same_weights(tmp_path / "r", again.parent.parent)

@@ -1,6 +1,7 @@
 """Recipes: every shipped recipe validates; composition, overrides and each kind of user error."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -397,3 +398,14 @@ def test_paths_in_names_and_run_names(tmp_path, monkeypatch):
     for name in ("../escape", "a/../../b", "/tmp/x", "~/x", "", "."):
         with pytest.raises(BlockKDError, match="expected a folder name inside output.dir"):
             config.validate({"model": {"name": "resnet8"}, "output": {"name": name}})
+
+
+def test_a_key_added_later_keeps_fingerprints_at_the_value_that_trains_as_before():
+    """Cached teachers and benchmark runs are named by fingerprint: train.precise_bn (added after them) at 0
+    must leave those names alone, and any other value must make another fingerprint."""
+    cfg = config.load("configs/fashion_mnist/teacher.yaml")
+    flat = cfg.to_dict()
+    before = {**flat, "train": {k: v for k, v in flat["train"].items() if k != "precise_bn"}}
+    assert config.fingerprint(cfg) == config.fingerprint(before)
+    assert config.fingerprint(cfg.replace(train=dataclasses.replace(cfg.train, precise_bn=20))) != \
+        config.fingerprint(cfg)

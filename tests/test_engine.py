@@ -425,3 +425,31 @@ def test_runtime_settings_are_resolved_and_restored():
     runtime.set_rng_state(json.loads(json.dumps(state)))  # as stored in meta.json
     b = (torch.rand(3), np.random.rand(), random.random())
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+def test_precise_bn_changes_the_evaluated_statistics_and_nothing_trained(tmp_path, monkeypatch):
+    """``train.precise_bn``: the evaluated student's BN statistics are the average over the last epoch's first
+    training batches under the final weights; the weights (and the loss's RNG draws) are those of a run
+    without it."""
+    from blockkd import data as data_lib
+    from blockkd.engine.precise_bn import recompute_bn
+    patch_forward(monkeypatch, noisy)
+    train(recipe(tmp_path, "plain"))
+    done = train(recipe(tmp_path, "precise", train__precise_bn=2))
+    plain, precise = (safetensors.torch.load_file(tmp_path / r / "last" / "weights.safetensors")
+                      for r in ("plain", "precise"))
+    stats = [k for k in plain if k.endswith(("running_mean", "running_var"))]
+    assert stats and plain.keys() == precise.keys()
+    assert all(torch.equal(plain[k], precise[k]) for k in plain if k not in stats and "num_batches" not in k)
+    assert not all(torch.allclose(plain[k], precise[k]) for k in stats)
+
+    cfg = recipe(tmp_path, "again")
+    model = models.create("resnet8", 10, 3)
+    model.load_state_dict({k.removeprefix("student."): v for k, v in plain.items() if k.startswith("student.")})
+    data = data_lib.build(cfg.data, device="cpu", seed=cfg.train.seed)
+    data.set_epoch(1)
+    recompute_bn(model, data.train, 2)
+    for k, v in model.state_dict().items():
+        if k.endswith(("running_mean", "running_var")):
+            assert torch.allclose(v, precise[f"student.{k}"], rtol=1e-4, atol=1e-6), k
+    assert done["last"]["test_top1"] == evaluate_checkpoint(tmp_path / "precise" / "last")["top1"]

@@ -258,13 +258,19 @@ def flat_keys(cfg: Mapping, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Keys added after fingerprints named cached teachers and benchmark runs, with the value that trains as before
+# they existed: left out of the fingerprint at that value, so what was cached keeps its name.
+ADDED_KEYS = {"train.precise_bn": 0}
+
+
 def fingerprint(cfg: Config | Mapping, ignore: Iterable[str] = ("output",)) -> str:
     """A short stable hash of ``cfg`` without the ``ignore``d sections/dotted keys.
 
     Why: a cached artefact (the demo's teacher) is reused only when the recipe that made it is the same.
     """
     d = cfg.to_dict() if isinstance(cfg, Config) else cfg
-    flat = {k: v for k, v in flat_keys(d).items() if not any(k == i or k.startswith(i + ".") for i in ignore)}
+    flat = {k: v for k, v in flat_keys(d).items() if not any(k == i or k.startswith(i + ".") for i in ignore)
+            and not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -106,6 +106,8 @@ class TrainSection:
     nonfinite: str = option("stop", choice("stop", "skip"),
                             "a NaN/Inf loss or gradient: stop the run, or skip the step")
     eval_every: int = option(1, integer(1), "epochs between evaluations (the last epoch is always evaluated)")
+    precise_bn: int = option(0, integer(0), "training batches whose BN statistics, under the epoch's final weights, "
+                             "replace the running averages before each evaluation (0: off; engine/precise_bn.py)")
     sync_bn: bool = option(False, BOOL, "SyncBatchNorm under DDP (CUDA)")
     fsdp: bool = option(False, BOOL, "under torchrun: shard the student and the teacher with FSDP2 instead of DDP "
                         "(causal LMs, the lm-* methods; docs/lm.md)")

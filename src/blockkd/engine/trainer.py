@@ -30,6 +30,7 @@ from .build import build_distiller
 from .evaluation import evaluate, metrics_of
 from .guards import NonFiniteGuard, oom_advice
 from .lm_eval import write_samples
+from .precise_bn import recompute_bn
 from .logger import RunLogger, quiet_libraries
 from .plots import plot_curves
 from .runtime import Runtime
@@ -468,11 +469,15 @@ class Trainer:
             self.data.set_epoch(epoch)
             with train_oom():
                 trained = self.run_epoch(epoch)
-            self.sync_buffers()
             last = epoch + 1 == self.epochs or self.out_of_steps()
+            evaluating = (epoch + 1) % cfg.train.eval_every == 0 or last
+            if evaluating and cfg.train.precise_bn:
+                with train_oom():
+                    recompute_bn(self.distiller, self.data.train, cfg.train.precise_bn, self.rt)
+            self.sync_buffers()
             with eval_oom():
                 test = evaluate(self.distiller, self.data.test, self.rt, heads=True, metrics=metrics_of(self.data),
-                                progress=self.log.progress) if (epoch + 1) % cfg.train.eval_every == 0 or last else {}
+                                progress=self.log.progress) if evaluating else {}
             if test and test["top1"] > self.best_top1:
                 self.best_top1, self.best_epoch = test["top1"], epoch + 1
             row: dict[str, Any] = {
