@@ -30,9 +30,9 @@ from .build import build_distiller
 from .evaluation import evaluate, metrics_of
 from .guards import NonFiniteGuard, oom_advice
 from .lm_eval import write_samples
-from .precise_bn import recompute_bn
 from .logger import RunLogger, quiet_libraries
 from .plots import plot_curves
+from .precise_bn import recompute_bn
 from .runtime import Runtime
 
 
