@@ -6,14 +6,13 @@
 RUN is a finished run folder (its config.yaml). Its recipe is trained again, same seed, into a folder beside
 --out, with ``train.precise_bn=BATCHES``: before each evaluation the student's (and the connectors') BN
 statistics are recomputed over that many training batches under the epoch's final weights, without
-touching the weights or any RNG. On the machine and thread count that trained RUN, the two runs have the
-same weights at every epoch (checked at the end), so the two curves differ only in the BN statistics the
-evaluation used. Writes the JSON and a markdown table beside it. Measures; asserts nothing.
+touching the weights or any RNG. On the machine and thread count that trained RUN, the two runs end with the
+same weights (checked), so the two curves differ only in the BN statistics the evaluation used. Writes the
+JSON and a markdown table beside it. Measures; asserts nothing.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, machine_line, markdown_table, write_json, write_text  # noqa: E402
+from hetero import largest_drop  # noqa: E402
+from students import history_of  # noqa: E402
 
 from blockkd import config  # noqa: E402
 from blockkd.engine import train  # noqa: E402
@@ -31,12 +32,9 @@ from blockkd.engine.checkpoint import WEIGHTS  # noqa: E402
 STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def curve(run: Path) -> list[float]:
-    return [json.loads(line)["test_top1"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def largest_drop(top1: list[float]) -> float:
-    return max([a - b for a, b in zip(top1, top1[1:])] + [0.0])
+def curve(run: Path) -> list[tuple[int, float]]:
+    """(epoch, test top-1) of each evaluated epoch, as the accuracy reports keep it."""
+    return [(r["epoch"], r["test_top1"]) for r in history_of(run) if r.get("test_top1") is not None]
 
 
 def same_weights(a: Path, b: Path) -> bool:
@@ -59,11 +57,12 @@ def main() -> None:
     again = Path(train(config.validate(raw), resume=(runs_dir / args.run.name).is_dir())["run_dir"])
     plain, precise = curve(args.run), curve(again)
     report = {"run": str(args.run), "precise_bn": args.batches, "same_weights": same_weights(args.run, again),
-              "test_top1": plain, "test_top1_precise_bn": precise, "machine": machine_info(),
+              "test_top1": [v for _, v in plain], "test_top1_precise_bn": [v for _, v in precise],
+              "machine": machine_info(),
               "minutes": (time.perf_counter() - started) / 60,
               "command": f"python benchmarks/precise_bn.py {args.run} --batches {args.batches} --out {args.out}"}
     write_json(args.out, report)
-    rows = [[e + 1, f"{a:.2f}", f"{b:.2f}"] for e, (a, b) in enumerate(zip(plain, precise))]
+    rows = [[e, f"{a:.2f}", f"{b:.2f}"] for (e, a), (_, b) in zip(plain, precise)]
     rows.append(["largest epoch drop", f"{largest_drop(plain):.2f}", f"{largest_drop(precise):.2f}"])
     md = "\n\n".join([
         f"### BN statistics at evaluation: {args.run.name} of {args.run.parent.name}",
