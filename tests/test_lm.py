@@ -18,6 +18,7 @@ from blockkd import data, methods
 from blockkd.blocks import match, split, text_input
 from blockkd.data import lm as lm_data
 from blockkd.engine import train
+from blockkd.engine.checkpoint import saved_tokenizer
 from blockkd.errors import BlockKDError
 from blockkd.methods.lm import LOSSES, chunked, token_divergence
 from helpers import assert_resumes_exactly, tiny_llama
@@ -317,6 +318,20 @@ def runs(tmp_path_factory):
            "output": {"dir": str(folder), "name": "teacher", "progress": False, "tensorboard": False, "plot": False}}
     summary = train(cfg)
     return folder, names, summary
+
+
+def test_the_bytebpe_tokenizer_travels_with_the_checkpoint(runs, tmp_path, monkeypatch):
+    """The teacher's checkpoint holds its byte-level BPE; on another machine (an empty cache, where a new
+    training is refused) the data built with it gives the same ids, with end-of-text as eos and padding."""
+    folder, _, _ = runs
+    here = data.build(LM_DATA, device="cpu")
+    saved = saved_tokenizer(folder / "teacher")
+    assert saved is not None and saved.read_text() == here.tokenizer.backend_tokenizer.to_str()
+    monkeypatch.setenv("BLOCKKD_DATA", str(tmp_path / "elsewhere"))
+    monkeypatch.setattr(lm_data, "train_bytebpe", lambda *a, **k: pytest.fail("the tokenizer was trained again"))
+    there = data.build(LM_DATA, device="cpu", tokenizer_file=saved)
+    assert there.tokenizer.eos_token == there.tokenizer.pad_token == lm_data.EOT
+    assert torch.equal(there.train.data.input_ids, here.train.data.input_ids)
 
 
 def test_teacher_run_reports_perplexity_and_exports_for_the_pipeline(runs):

@@ -4,6 +4,7 @@ stand-in `datasets` module (no network); dynamic padding, length buckets, task m
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -16,8 +17,10 @@ import transformers  # the test extra installs it (and tokenizers)
 
 from blockkd import config, data, models  # noqa: E402
 from blockkd.data import text  # noqa: E402
+from blockkd.data import tokenizer as text_tokenizer  # noqa: E402
 from blockkd.engine import metrics  # noqa: E402
 from blockkd.engine import evaluate_checkpoint, load_checkpoint, train  # noqa: E402
+from blockkd.engine.checkpoint import saved_tokenizer  # noqa: E402
 from blockkd.engine.build import build_model  # noqa: E402
 from blockkd.errors import BlockKDError  # noqa: E402
 from helpers import rows, untimed, with_changes  # noqa: E402
@@ -137,17 +140,55 @@ def test_teacher_by_hf_name_needs_no_checkpoint(teacher_run, bert_configs, tmp_p
     one_line(e)
 
 
-def test_resume_is_exact(teacher_run, bert_configs, tmp_path):
+def elsewhere(monkeypatch, tmp_path) -> None:
+    """Another machine: an empty tokenizer cache, and a tokenizer trained there would not be the one trained
+    here (two trainings on the same texts need not give the same ids), so training one fails the test."""
+    monkeypatch.setenv("BLOCKKD_DATA", str(tmp_path / "elsewhere"))
+
+    def trained_again(*args, **kwargs):
+        raise AssertionError("the tokenizer was trained again instead of read from the checkpoint")
+
+    monkeypatch.setattr(text_tokenizer, "_train_tokenizer", trained_again)
+
+
+def test_resume_is_exact(teacher_run, bert_configs, tmp_path, monkeypatch):
     """The teacher's run, stopped after half its epochs (the lr schedule still that of the whole run) and
-    resumed, gives the same metrics and weights: data order, dropout RNG, optimizer and schedule restored."""
+    resumed on another machine, gives the same metrics and weights: data order, dropout RNG, optimizer and
+    schedule restored, and the tokenizer the run trained read back from its checkpoint."""
     run, _ = teacher_run
     steps = rows(run)[0]["step"]
     train(recipe(tmp_path, "r", bert_configs["teacher"], train__max_steps=steps * EPOCHS // 2))
     assert len(rows(tmp_path / "r")) == EPOCHS // 2
+    elsewhere(monkeypatch, tmp_path)
     train(recipe(tmp_path, "r", bert_configs["teacher"]), resume=True)
     assert untimed(rows(tmp_path / "r")) == untimed(rows(run))
     assert (tmp_path / "r" / "last" / "weights.safetensors").read_bytes() == \
            (run / "last" / "weights.safetensors").read_bytes()
+
+
+def test_the_trained_tokenizer_travels_with_the_checkpoint(teacher_run, bert_configs, tmp_path, monkeypatch):
+    """Each checkpoint holds the tokenizer its run trained (checksummed in meta.json); elsewhere, evaluating
+    the run and distilling from it read that one, never a new training: the teacher's accuracy is its own."""
+    run, teacher = teacher_run
+    here = data.build({**DATA, "tokenizer": "wordpiece"}, device="cpu").tokenizer
+    for name in ("last", "best"):
+        saved = run / name / "tokenizer.json"
+        assert saved.read_text() == here.backend_tokenizer.to_str()
+        assert json.loads((run / name / "meta.json").read_text())["sha256"]["tokenizer.json"]
+    assert saved_tokenizer(run) == run / "last" / "tokenizer.json" and saved_tokenizer(run / "best") == saved
+    elsewhere(monkeypatch, tmp_path)
+    assert evaluate_checkpoint(run, device="cpu")["top1"] == pytest.approx(teacher["best"]["test_top1"])
+    cfg = recipe(tmp_path, "kd", bert_configs["student"], teacher__name=bert_configs["teacher"],
+                 teacher__checkpoint=str(run), method__name="kd", train__max_steps=1)
+    assert train(cfg)["teacher_test_top1"] == pytest.approx(teacher["best"]["test_top1"])
+    assert (tmp_path / "kd" / "last" / "tokenizer.json").read_text() == here.backend_tokenizer.to_str()
+    # a damaged copy is named, not silently replaced by a new training
+    copy = tmp_path / "copy"
+    shutil.copytree(run / "best", copy)
+    (copy / "tokenizer.json").write_text("{}")
+    with pytest.raises(BlockKDError, match=r"no readable tokenizer.json in .*copy: .*sha256 mismatch") as e:
+        saved_tokenizer(copy)
+    one_line(e)
 
 
 # ------------------------------------------------------------------------------------------- batches

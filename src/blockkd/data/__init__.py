@@ -144,13 +144,22 @@ def arrays(cfg: Mapping[str, Any] | DataSection) -> ArrayData:
     return load(section.flat())
 
 
+TRAINED_TOKENIZERS = (*text.TRAINED, lm.BYTEBPE)  # data.tokenizer values trained here on the training text
+
+
 def build(cfg: Mapping[str, Any] | DataSection, *, device: torch.device | str, rank: int = 0, world_size: int = 1,
-          seed: int = 0) -> DataBundle:
-    """Train and test loaders for the data section ``cfg`` on ``device``, for rank ``rank``."""
+          seed: int = 0, tokenizer_file: str | os.PathLike | None = None) -> DataBundle:
+    """Train and test loaders for the data section ``cfg`` on ``device``, for rank ``rank``.
+
+    ``tokenizer_file``: the ``tokenizer.json`` a checkpoint saved (``engine.checkpoint.saved_tokenizer``), used
+    instead of training the tokenizer ``cfg`` names (``wordpiece``, ``bpe``, ``bytebpe``) again: trained again,
+    on another machine, it need not give the ids the checkpoint's weights learned."""
     section = parse(cfg)
     if not 0 <= rank < world_size:
         raise BlockKDError(f"rank {rank} is outside world_size {world_size}")
     flat = section.flat()
+    if tokenizer_file is not None and flat.get("tokenizer") in TRAINED_TOKENIZERS:
+        flat["tokenizer"] = os.fspath(tokenizer_file)
     for key in PATH_KEYS:  # stored absolute (config.paths); read and named as typed when below the working dir
         if isinstance(flat.get(key), str) and os.path.isabs(flat[key]):
             flat[key] = shown(flat[key])

@@ -39,6 +39,7 @@ from .tokenizer import save_to_cache
 
 IGNORE = -100
 EOT = "<|endoftext|>"
+BYTEBPE = "bytebpe"  # data.tokenizer: a byte-level BPE trained here
 FORTUNES_ROOT = "/usr/share/games/fortunes"
 
 NAMES = Check("a non-empty list of names", lambda v: isinstance(v, (list, tuple)) and bool(v)
@@ -133,14 +134,22 @@ def train_bytebpe(texts: Sequence[str], vocab_size: int):
                                       show_progress=False)  # its bar: blank lines in logs
         tok.train_from_iterator(texts, trainer)
         save_to_cache(tok, path)
-    return _transformers().PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOT, bos_token=EOT, pad_token=EOT,
-                                                   unk_token=EOT, model_input_names=["input_ids", "attention_mask"])
+    return _fast(tok)
+
+
+def _fast(tok):
+    """A ``tokenizers.Tokenizer`` as a transformers tokenizer; GPT-2's end-of-text token, where it has one, is
+    its eos, bos, padding and unknown token (what ``bytebpe`` trains; a ``tokenizer.json`` file names no roles)."""
+    roles = dict(eos_token=EOT, bos_token=EOT, pad_token=EOT, unk_token=EOT) if tok.token_to_id(EOT) is not None \
+        else {}
+    return _transformers().PreTrainedTokenizerFast(tokenizer_object=tok, model_input_names=["input_ids",
+                                                                                          "attention_mask"], **roles)
 
 
 def load_lm_tokenizer(spec: str, *, vocab_size: int, texts: Sequence[str]):
     """The tokenizer ``spec`` names, with an end-of-text token (and a padding token: end-of-text if none)."""
     t = _transformers()
-    if spec == "bytebpe":
+    if spec == BYTEBPE:
         tok = train_bytebpe(texts, vocab_size)
     else:
         path = Path(spec).expanduser()
@@ -148,7 +157,7 @@ def load_lm_tokenizer(spec: str, *, vocab_size: int, texts: Sequence[str]):
             if path.is_file():
                 from tokenizers import Tokenizer
 
-                tok = t.PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_file(str(path)))
+                tok = _fast(Tokenizer.from_file(str(path)))
             else:
                 tok = t.AutoTokenizer.from_pretrained(spec)
         except Exception as e:  # OSError offline / missing files, ValueError for a bad folder

@@ -12,6 +12,7 @@ from ..methods.lm import lm_view
 from ..errors import BlockKDError
 from . import runtime
 from .build import build_model
+from .checkpoint import teacher_tokenizer
 
 
 def cache_logits(cfg, *, out: str | None = None, k: int = 32, shard_size: int = 256, batch_size: int | None = None,
@@ -27,7 +28,8 @@ def cache_logits(cfg, *, out: str | None = None, k: int = 32, shard_size: int = 
     _check_teacher(cfg.replace(teacher=dataclasses.replace(cfg.teacher, cache=None)))
     runtime.seed_everything(cfg.train.seed)
     device = runtime.resolve_device(cfg.train.device)
-    data = data_lib.build(cfg.data, device="cpu", seed=cfg.train.seed)
+    data = data_lib.build(cfg.data, device="cpu", seed=cfg.train.seed,
+                          tokenizer_file=teacher_tokenizer(cfg.teacher.checkpoint, cfg.data.flat()))
     if getattr(data, "task", None) != "causal_lm":
         raise BlockKDError(f"cache-logits caches a language model's token distributions; data.name={data.name} is "
                            f"not language-model data (lm_*)")

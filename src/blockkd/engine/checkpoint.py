@@ -1,4 +1,6 @@
-"""Checkpoints: folders holding ``weights.safetensors``, ``optim.safetensors`` and ``meta.json``.
+"""Checkpoints: folders holding ``weights.safetensors``, ``optim.safetensors`` and ``meta.json`` (and
+``tokenizer.json`` for text data whose tokenizer was trained by the run: its ids are what the weights learned, and
+a tokenizer trained again elsewhere need not give the same ones).
 
 Why this shape: safetensors + JSON load without pickle (a checkpoint from elsewhere cannot run code),
 the weights file is usable on its own, and ``meta.json`` is readable by people and other tools.
@@ -30,6 +32,7 @@ FORMAT = "blockkd-checkpoint"
 VERSION = 2  # 2: meta.json has its own checksum file
 WEIGHTS, OPTIM, META = "weights.safetensors", "optim.safetensors", "meta.json"
 META_SUM = "meta.json.sha256"  # sha256 of meta.json (which holds the sha256 of the tensor files)
+TOKENIZER = "tokenizer.json"  # the run's trained tokenizer (text data), where it has one
 
 
 @dataclasses.dataclass
@@ -91,15 +94,18 @@ def _sha256(data: bytes) -> str:
 
 
 def save_checkpoint(folder: str | Path, *, weights: dict[str, torch.Tensor], meta: dict,
-                    state: dict | None = None, keep_prev: bool = True) -> Path:
+                    state: dict | None = None, keep_prev: bool = True, tokenizer: bytes | None = None) -> Path:
     """Write a checkpoint folder atomically; ``state`` (nested, with tensors) goes to optim.safetensors.
 
     ``keep_prev``: leave the replaced checkpoint as ``<folder>.prev/`` (the fallback for ``--resume``).
+    ``tokenizer``: a trained tokenizer's ``tokenizer.json``, kept (and checksummed) with the weights.
     """
     folder = Path(folder)
     state_tensors: dict[str, torch.Tensor] = {}
     state_json = pack_state(state or {}, state_tensors)
     files = {WEIGHTS: _tensors_bytes(weights), OPTIM: _tensors_bytes(state_tensors)}
+    if tokenizer is not None:
+        files[TOKENIZER] = tokenizer
     meta = {"format": FORMAT, "version": VERSION, **meta, "state": state_json,
             "sha256": {name: _sha256(data) for name, data in files.items()}}
     files[META] = json.dumps(meta, indent=1).encode("utf-8")
@@ -115,7 +121,8 @@ def copy_checkpoint(src: str | Path, folder: str | Path, *, keep_prev: bool = Fa
     """
     src, folder = Path(src), Path(folder)
     with _writing(folder) as tmp:
-        files = {name: (src / name).read_bytes() for name in (WEIGHTS, OPTIM, META, META_SUM)}
+        files = {name: (src / name).read_bytes() for name in (WEIGHTS, OPTIM, META, META_SUM, TOKENIZER)
+                 if name != TOKENIZER or (src / name).is_file()}
         return _write_and_publish(tmp, folder, files, keep_prev, json.loads(files[META]).get("epoch"))
 
 
@@ -230,6 +237,42 @@ def checkpoint_dir(path: str | Path) -> Path:
         if (path / name / META).is_file():
             return path / name
     raise BlockKDError(f"{path} is neither a run folder with best/ or last/ nor a checkpoint folder")
+
+
+def saved_tokenizer(path: str | Path | None) -> Path | None:
+    """The trained tokenizer a run folder or checkpoint folder holds (``tokenizer.json``, checked against
+    meta.json's sha256), or None: none saved, or ``path`` is no checkpoint of ours (a ``.safetensors`` file).
+    For a run folder, any of its checkpoints serves: they all hold the run's one tokenizer."""
+    if not path:
+        return None
+    path = Path(path)
+    errors = []
+    for folder in (path, *(path / name for name in ("last", "last.prev", "best", "best.prev"))):
+        file = folder / TOKENIZER
+        if not ((folder / META).is_file() and file.is_file()):
+            continue
+        try:
+            sha = read_meta(folder).get("sha256", {}).get(TOKENIZER)
+            if sha is not None and _sha256(file.read_bytes()) != sha:
+                raise BlockKDError(f"checkpoint file {file} is corrupt or truncated (sha256 mismatch with meta.json)")
+            return file
+        except (BlockKDError, OSError) as e:  # another checkpoint of the run holds the same tokenizer
+            errors.append(str(e))
+    if errors:  # saved, but unreadable: training one again would give other ids than the weights learned
+        raise BlockKDError(f"no readable {TOKENIZER} in {path}: {'; '.join(errors)}")
+    return None
+
+
+def teacher_tokenizer(checkpoint: str | Path | None, data: dict) -> Path | None:
+    """The trained tokenizer of a teacher checkpoint, when its run's ``data.tokenizer`` and ``data.vocab_size``
+    are this run's (``data``, flat): the ids its logits were learned with. Other settings: None (the run trains
+    the tokenizer its config names, as without a saved one)."""
+    file = saved_tokenizer(checkpoint)
+    if file is None:
+        return None
+    saved = read_meta(file.parent).get("config", {}).get("data", {})
+    same = all(saved.get(k) == data.get(k) for k in ("tokenizer", "vocab_size"))
+    return file if same else None
 
 
 def load_resumable(run_dir: Path, warn: Callable[[str], None]) -> Checkpoint | None:

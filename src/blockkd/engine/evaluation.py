@@ -23,7 +23,7 @@ from ..errors import BlockKDError
 from ..utils import eval_mode
 from . import runtime
 from .build import build_distiller, build_model, check_fits
-from .checkpoint import checkpoint_dir, load_checkpoint, read_meta
+from .checkpoint import checkpoint_dir, load_checkpoint, read_meta, saved_tokenizer
 from .guards import oom_advice
 from .lm_eval import evaluate_lm
 from .logger import progress_bar
@@ -121,7 +121,7 @@ def evaluate_checkpoint(path: str | Path, data_overrides: list[str] | None = Non
     ckpt = load_checkpoint(folder, with_state=False)
     train = saved["train"]
     rt = runtime.resolve(device or train["device"], train["amp"], train["channels_last"])
-    data = data_lib.build(data_cfg, device=rt.device, seed=train["seed"])
+    data = data_lib.build(data_cfg, device=rt.device, seed=train["seed"], tokenizer_file=saved_tokenizer(folder))
     model = _deployed_of_run(saved, ckpt, data, rt)
     if model is None:
         model = build_model(saved["model"]["name"], data, kwargs=saved["model"].get("kwargs"))

@@ -129,11 +129,12 @@ class RunFolder:
         if runtime.is_main():
             atomic_write(self.path / "config.yaml", text)
 
-    def save(self, *, weights, meta: dict, state: dict, is_best: bool) -> None:
-        """``last/`` (and ``best/``) from the current state; rank 0 only."""
+    def save(self, *, weights, meta: dict, state: dict, is_best: bool, tokenizer: bytes | None = None) -> None:
+        """``last/`` (and ``best/``) from the current state (and the trained tokenizer's json); rank 0 only."""
         if not runtime.is_main():
             return
-        last = save_checkpoint(self.path / "last", weights=weights, meta=meta, state=state, keep_prev=True)
+        last = save_checkpoint(self.path / "last", weights=weights, meta=meta, state=state, keep_prev=True,
+                               tokenizer=tokenizer)
         if is_best:
             copy_checkpoint(last, self.path / "best")
 

@@ -25,8 +25,10 @@ from ..config import Config, dump, flat_keys, validate
 from ..config.paths import short
 from ..errors import BlockKDError
 from ..optim import build_optimizer, build_scheduler
+from ..utils import shown
 from . import fsdp, run_folder, runtime
 from .build import build_distiller
+from .checkpoint import saved_tokenizer, teacher_tokenizer
 from .evaluation import evaluate, metrics_of
 from .guards import NonFiniteGuard, oom_advice
 from .lm_eval import write_samples
@@ -175,7 +177,8 @@ class Trainer:
         tcfg = cfg.train
         runtime.seed_everything(tcfg.seed)
         self.data = data_lib.build(cfg.data, device=rt.device, rank=runtime.rank(),
-                                   world_size=runtime.world_size(), seed=tcfg.seed)
+                                   world_size=runtime.world_size(), seed=tcfg.seed,
+                                   tokenizer_file=self.trained_tokenizer(resume))
         sync_bn = tcfg.sync_bn and runtime.is_distributed()
         if sync_bn and rt.device.type != "cuda":
             raise BlockKDError(f"train.sync_bn needs CUDA devices (this run uses {rt.device}); set it to false")
@@ -230,6 +233,18 @@ class Trainer:
         log.open_tensorboard(purge_step=self.step + 1 if resume else None)
 
     # -- state ---------------------------------------------------------------------------------------
+    def trained_tokenizer(self, resume: bool) -> Path | None:
+        """The tokenizer.json to use for a tokenizer the data trains (wordpiece, bpe, bytebpe): the run's own,
+        resumed; else the teacher's, trained with the same settings, which its logits were learned with; None:
+        train it (or read the cache)."""
+        if self.cfg.data.flat().get("tokenizer") not in data_lib.TRAINED_TOKENIZERS:
+            return None
+        file = (saved_tokenizer(self.run_dir) if resume else None) or \
+            teacher_tokenizer(self.cfg.teacher.checkpoint, self.cfg.data.flat())
+        if file is not None:
+            self.log.info(f"data.tokenizer={self.cfg.data.flat()['tokenizer']}: the trained tokenizer {shown(file)}")
+        return file
+
     def restore(self) -> None:
         ckpt = self.folder.resumable()
         if ckpt is None:
@@ -314,7 +329,9 @@ class Trainer:
                 "skipped_steps": self.guard.skipped, "rng": runtime.rng_state()}
         optimizer = fsdp.optimizer_state(self.optimizer) if self.fsdp else self.optimizer.state_dict()
         state = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
-        self.folder.save(weights=self.train_state(), meta=meta, state=state, is_best=is_best)
+        trained = self.cfg.data.flat().get("tokenizer") in data_lib.TRAINED_TOKENIZERS
+        self.folder.save(weights=self.train_state(), meta=meta, state=state, is_best=is_best,
+                         tokenizer=self.data.tokenizer.backend_tokenizer.to_str().encode() if trained else None)
 
     def train_state(self) -> dict[str, torch.Tensor]:
         """What a checkpoint holds: the distiller's trained tensors, full (gathered on every rank) under FSDP."""
