@@ -944,3 +944,27 @@ def test_precise_bn_report_trains_the_same_weights_again(tmp_path):
     sd[key] = sd[key] + 1e-3
     safetensors.torch.save_file(sd, again)
     assert not same_weights(tmp_path / "r", again.parent.parent)
+
+
+def test_first_epoch_report_starts_every_variant_alike(tmp_path):
+    """benchmarks/first_epoch.py: every variant starts from the same student on the same first batch (the same
+    CE at step 1), and at step 1 Block-KD's gradient into the student is that of KD with CE 1 + KD 1 (its
+    stepping-stones ramp in from 0), which the report's attribution rests on."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_engine import recipe
+    from blockkd.engine import train
+    train(recipe(tmp_path, "t", train__epochs=1))
+    train(recipe(tmp_path, "b", method__name="blockkd", teacher__name="resnet8", teacher__checkpoint=str(tmp_path / "t"),
+                 train__max_steps=1))
+    out = tmp_path / "report" / "fe.json"
+    subprocess.run([sys.executable, str(BENCH / "first_epoch.py"), str(tmp_path / "b"), "--steps", "2", "--out",
+                    str(out)], check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    report = json.loads(out.read_text())
+    runs = report["variants"]
+    assert set(runs) == {"blockkd (RUN's)", "kd, CE 0.1 + KD 0.9", "kd, CE 1 + KD 1", "kd, CE 0 + KD 1", "ce"}
+    assert all(len(r) == 2 for r in runs.values())
+    first = [r[0]["ce"] for r in runs.values()]
+    assert max(first) - min(first) < 1e-5
+    assert runs["blockkd (RUN's)"][0]["grad_norm"] == pytest.approx(runs["kd, CE 1 + KD 1"][0]["grad_norm"], rel=1e-4)
+    assert runs["kd, CE 1 + KD 1"][0]["grad_norm"] > runs["kd, CE 0.1 + KD 0.9"][0]["grad_norm"]
+    assert "| kd, CE 1 + KD 1 |" in out.with_suffix(".md").read_text()
