@@ -954,8 +954,8 @@ def test_first_epoch_report_starts_every_variant_alike(tmp_path):
     from test_engine import recipe
     from blockkd.engine import train
     train(recipe(tmp_path, "t", train__epochs=1))
-    train(recipe(tmp_path, "b", method__name="blockkd", teacher__name="resnet8", teacher__checkpoint=str(tmp_path / "t"),
-                 train__max_steps=1))
+    train(recipe(tmp_path, "b", method__name="blockkd", teacher__name="resnet8",
+                 teacher__checkpoint=str(tmp_path / "t"), train__max_steps=1))
     out = tmp_path / "report" / "fe.json"
     subprocess.run([sys.executable, str(BENCH / "first_epoch.py"), str(tmp_path / "b"), "--steps", "2", "--out",
                     str(out)], check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
