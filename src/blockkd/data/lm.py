@@ -140,10 +140,9 @@ def train_bytebpe(texts: Sequence[str], vocab_size: int):
 def _fast(tok):
     """A ``tokenizers.Tokenizer`` as a transformers tokenizer; GPT-2's end-of-text token, where it has one, is
     its eos, bos, padding and unknown token (what ``bytebpe`` trains; a ``tokenizer.json`` file names no roles)."""
-    roles = dict(eos_token=EOT, bos_token=EOT, pad_token=EOT, unk_token=EOT) if tok.token_to_id(EOT) is not None \
-        else {}
-    return _transformers().PreTrainedTokenizerFast(tokenizer_object=tok, model_input_names=["input_ids",
-                                                                                          "attention_mask"], **roles)
+    roles = ("eos_token", "bos_token", "pad_token", "unk_token") if tok.token_to_id(EOT) is not None else ()
+    return _transformers().PreTrainedTokenizerFast(tokenizer_object=tok, **dict.fromkeys(roles, EOT),
+                                                   model_input_names=["input_ids", "attention_mask"])
 
 
 def load_lm_tokenizer(spec: str, *, vocab_size: int, texts: Sequence[str]):
