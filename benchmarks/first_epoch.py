@@ -74,16 +74,22 @@ def first_steps(raw: dict, method: dict | None, steps: int) -> list[dict]:
     return rows
 
 
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def window_ce(rows: list[dict]) -> list[float]:
+    """The student's mean CE over each ``WINDOW`` steps."""
+    return [mean([q["ce"] for q in rows[i:i + WINDOW]]) for i in range(0, len(rows), WINDOW)]
+
+
 def report_md(report: dict) -> str:
-    windows = range(0, report["steps"], WINDOW)
     header = ["variant", "grad norm, step 1", *(f"CE, steps {i + 1}-{min(i + WINDOW, report['steps'])}"
-                                                for i in windows), "peak logit std", "train top-1, last 20 steps"]
-    rows = []
-    for name, r in report["variants"].items():
-        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-        rows.append([name, f"{r[0]['grad_norm']:.1f}", *(f"{mean([q['ce'] for q in r[i:i + WINDOW]]):.2f}"
-                                                         for i in windows),
-                     f"{max(q['logit_std'] for q in r):.1f}", f"{mean([q['top1'] for q in r[-20:]]):.1f}"])
+                                                for i in range(0, report["steps"], WINDOW)),
+              "peak logit std", "train top-1, last 20 steps"]
+    rows = [[name, f"{r[0]['grad_norm']:.1f}", *(f"{v:.2f}" for v in window_ce(r)),
+             f"{max(q['logit_std'] for q in r):.1f}", f"{mean([q['top1'] for q in r[-20:]]):.1f}"]
+            for name, r in report["variants"].items()]
     return "\n".join([
         f"### First epoch, step by step ({report['run']})", "",
         f"The first {report['steps']} optimizer steps of the recipe of `{report['run']}` (student, teacher, data, "
@@ -108,9 +114,7 @@ def main() -> None:
     variants = {}
     for name, method in VARIANTS.items():
         variants[name] = first_steps(raw, method, args.steps)
-        print(f"{name}: CE per {WINDOW} steps", [round(sum(q["ce"] for q in variants[name][i:i + WINDOW]) /
-                                                       len(variants[name][i:i + WINDOW]), 2)
-                                                 for i in range(0, args.steps, WINDOW)], flush=True)
+        print(f"{name}: CE per {WINDOW} steps", [round(v, 2) for v in window_ce(variants[name])], flush=True)
     report = {"run": str(args.run), "steps": args.steps, "variants": variants,
               "machine": machine_info(raw["train"]["device"] if raw["train"]["device"] != "auto" else None),
               "minutes": (time.perf_counter() - started) / 60}

@@ -179,13 +179,19 @@ def _publish(tmp: Path, folder: Path, keep_prev: bool, where: dict) -> Path:
     return folder
 
 
-def _read_tensors(path: Path, sha: str | None) -> dict[str, torch.Tensor]:
+def _verified(path: Path, sha: str | None) -> bytes:
+    """The bytes of checkpoint file ``path``, checked against its sha256 in meta.json (where it has one)."""
     try:
         data = path.read_bytes()
     except OSError as e:
         raise BlockKDError(f"cannot read checkpoint file {path}: {e.strerror}") from None
     if sha is not None and _sha256(data) != sha:
         raise BlockKDError(f"checkpoint file {path} is corrupt or truncated (sha256 mismatch with meta.json)")
+    return data
+
+
+def _read_tensors(path: Path, sha: str | None) -> dict[str, torch.Tensor]:
+    data = _verified(path, sha)
     try:
         return safetensors.torch.load(data)
     except Exception as e:  # safetensors raises its own error types for bad headers
@@ -252,11 +258,9 @@ def saved_tokenizer(path: str | Path | None) -> Path | None:
         if not ((folder / META).is_file() and file.is_file()):
             continue
         try:
-            sha = read_meta(folder).get("sha256", {}).get(TOKENIZER)
-            if sha is not None and _sha256(file.read_bytes()) != sha:
-                raise BlockKDError(f"checkpoint file {file} is corrupt or truncated (sha256 mismatch with meta.json)")
+            _verified(file, read_meta(folder).get("sha256", {}).get(TOKENIZER))
             return file
-        except (BlockKDError, OSError) as e:  # another checkpoint of the run holds the same tokenizer
+        except BlockKDError as e:  # another checkpoint of the run holds the same tokenizer
             errors.append(str(e))
     if errors:  # saved, but unreadable: training one again would give other ids than the weights learned
         raise BlockKDError(f"no readable {TOKENIZER} in {path}: {'; '.join(errors)}")

@@ -179,6 +179,9 @@ class Trainer:
         self.data = data_lib.build(cfg.data, device=rt.device, rank=runtime.rank(),
                                    world_size=runtime.world_size(), seed=tcfg.seed,
                                    tokenizer_file=self.trained_tokenizer(resume))
+        # a tokenizer trained on the training text goes into every checkpoint (engine/checkpoint.py: TOKENIZER)
+        trained = cfg.data.flat().get("tokenizer") in data_lib.TRAINED_TOKENIZERS
+        self.tokenizer_json = self.data.tokenizer.backend_tokenizer.to_str().encode() if trained else None
         sync_bn = tcfg.sync_bn and runtime.is_distributed()
         if sync_bn and rt.device.type != "cuda":
             raise BlockKDError(f"train.sync_bn needs CUDA devices (this run uses {rt.device}); set it to false")
@@ -237,12 +240,13 @@ class Trainer:
         """The tokenizer.json to use for a tokenizer the data trains (wordpiece, bpe, bytebpe): the run's own,
         resumed; else the teacher's, trained with the same settings, which its logits were learned with; None:
         train it (or read the cache)."""
-        if self.cfg.data.flat().get("tokenizer") not in data_lib.TRAINED_TOKENIZERS:
+        data = self.cfg.data.flat()
+        if data.get("tokenizer") not in data_lib.TRAINED_TOKENIZERS:
             return None
         file = (saved_tokenizer(self.run_dir) if resume else None) or \
-            teacher_tokenizer(self.cfg.teacher.checkpoint, self.cfg.data.flat())
+            teacher_tokenizer(self.cfg.teacher.checkpoint, data)
         if file is not None:
-            self.log.info(f"data.tokenizer={self.cfg.data.flat()['tokenizer']}: the trained tokenizer {shown(file)}")
+            self.log.info(f"data.tokenizer={data['tokenizer']}: the trained tokenizer {shown(file)}")
         return file
 
     def restore(self) -> None:
@@ -329,9 +333,8 @@ class Trainer:
                 "skipped_steps": self.guard.skipped, "rng": runtime.rng_state()}
         optimizer = fsdp.optimizer_state(self.optimizer) if self.fsdp else self.optimizer.state_dict()
         state = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
-        trained = self.cfg.data.flat().get("tokenizer") in data_lib.TRAINED_TOKENIZERS
         self.folder.save(weights=self.train_state(), meta=meta, state=state, is_best=is_best,
-                         tokenizer=self.data.tokenizer.backend_tokenizer.to_str().encode() if trained else None)
+                         tokenizer=self.tokenizer_json)
 
     def train_state(self) -> dict[str, torch.Tensor]:
         """What a checkpoint holds: the distiller's trained tensors, full (gathered on every rank) under FSDP."""
