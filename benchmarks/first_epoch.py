@@ -7,9 +7,10 @@ RUN is a Block-KD run folder (its config.yaml: the pair, data, teacher checkpoin
 Each variant trains RUN's student from the same initialisation and data order for --steps optimizer steps
 (the recipe's lr schedule, the trainer's own step, ``engine.train_step``) and records, per step, the student's
 cross-entropy on the batch, the per-sample std of its logits and the norm of the gradient into the student.
-The variants: Block-KD as RUN ran it; KD with the weights of RUN's KD recipe (CE 0.1, KD 0.9); KD with CE 1 and
-KD 1 (Block-KD's own terms for the student, α = β = 1, without the stepping-stones: they ramp in from 0);
-KD with CE 0 and KD 1; and CE alone. Writes the JSON and a markdown table beside it. Measures; asserts
+The variants: Block-KD as RUN's recipe trains with today's code; KD with the weights of RUN's KD recipe (CE 0.1,
+KD 0.9); KD with CE 1 and KD 1 (the student's own terms in Block-KD before its task term joined the warm-up,
+α = β = 1, without the stepping-stones: they ramp in from 0); KD with CE 0 and KD 1 (the student's terms in
+Block-KD at step 1 today); and CE alone. Writes the JSON and a markdown table beside it. Measures; asserts
 nothing.
 """
 from __future__ import annotations

@@ -948,8 +948,8 @@ def test_precise_bn_report_trains_the_same_weights_again(tmp_path):
 
 def test_first_epoch_report_starts_every_variant_alike(tmp_path):
     """benchmarks/first_epoch.py: every variant starts from the same student on the same first batch (the same
-    CE at step 1), and at step 1 Block-KD's gradient into the student is that of KD with CE 1 + KD 1 (its
-    stepping-stones ramp in from 0), which the report's attribution rests on."""
+    CE at step 1), and at step 1 Block-KD's gradient into the student is that of KD with CE 0 + KD 1 (its task
+    terms and stepping-stones ramp in from 0; before that ramp, CE 1 + KD 1's), which the report rests on."""
     sys.path.insert(0, str(Path(__file__).parent))
     from test_engine import recipe
     from blockkd.engine import train
@@ -965,6 +965,6 @@ def test_first_epoch_report_starts_every_variant_alike(tmp_path):
     assert all(len(r) == 2 for r in runs.values())
     first = [r[0]["ce"] for r in runs.values()]
     assert max(first) - min(first) < 1e-5
-    assert runs["blockkd (RUN's)"][0]["grad_norm"] == pytest.approx(runs["kd, CE 1 + KD 1"][0]["grad_norm"], rel=1e-4)
+    assert runs["blockkd (RUN's)"][0]["grad_norm"] == pytest.approx(runs["kd, CE 0 + KD 1"][0]["grad_norm"], rel=1e-4)
     assert runs["kd, CE 1 + KD 1"][0]["grad_norm"] > runs["kd, CE 0.1 + KD 0.9"][0]["grad_norm"]
     assert "| kd, CE 1 + KD 1 |" in out.with_suffix(".md").read_text()

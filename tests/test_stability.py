@@ -43,8 +43,9 @@ def test_blockkd_first_gradients_are_no_harsher_than_kds():
     """Block-KD's defaults, built beside KD's in one process on the same confident pairs (three initialisations):
     the gradient into the student on the first batch (at the progress the trainer passes for step 1 of 8 epochs
     of 8 steps) is at most 1.5x KD's, and 16 steps at an aggressive SGD lr stay finite. Why it can be harsher:
-    the untrained connectors feed large errors back through the frozen teacher; the stones ramp in over
-    stone_warmup_fraction of training. (blockkd 0.1's defaults, no ramp: 1.34x, 3.67x, 2.77x here.)"""
+    the untrained connectors feed large errors back through the frozen teacher; the stones (and the student's
+    task term) ramp in over stone_warmup_fraction of training. (blockkd 0.1's defaults, no ramp: 1.34x, 3.67x,
+    2.77x here.)"""
     epochs, steps = 8, 8
     for seed in range(3):
         norms = {}

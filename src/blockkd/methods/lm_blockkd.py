@@ -74,7 +74,7 @@ class LMBlockKDOptions:
     stone_tokens: int | None = option(1024, optional(integer(1)), "counted tokens per step, drawn at random, on "
                                       "which the stones' terms and L_cross are taken (null: all): bounds the "
                                       "stones' LM-head cost at large vocabularies")
-    stone_warmup_fraction: float = stone_warmup_fraction_option()
+    stone_warmup_fraction: float = stone_warmup_fraction_option(student_task=False)
     stone_grad_cap: float | None = stone_grad_cap_option()
     token_mapping: str | None = option(None, optional(STRING), "vocabularies of other sizes: shared or a JSON file "
                                        "of [student_id, teacher_id] pairs (see lm-kd)")
