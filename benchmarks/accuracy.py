@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -52,8 +51,8 @@ from blockkd.errors import BlockKDError
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from students import (DEFAULTS, QUICK, RUN_KEYS, entries_in, finished_run, ordered, overrides, pm,  # noqa: E402
                       recipe_folder, run_student, shown, side_by_side, train_or_reuse_teacher)
-from common import (REPO, append_runs, fmt, machine_info, machine_line, markdown_table, mean_std,  # noqa: E402
-                    plural, reproduce_line, runs_beside, section, text_table, write_json, write_text)
+from common import (REPO, append_runs, command_line, fmt, machine_info, machine_line, markdown_table,  # noqa: E402
+                    mean_std, plural, reproduce_line, runs_beside, section, text_table, write_json, write_text)
 
 # How reports name the datasets (else their data.name; a GLUE task is "GLUE <task>"), and what the setup
 # line says of some.
@@ -410,8 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.perf_counter() - started) / 60
     if args.from_runs:  # the runs' own time: their wall-clock summed, over the runs side by side
         minutes = sum(r["wall_time_s"] for r in results) / 60 / max(1, args.jobs)
-    invocations = [{"command": shlex.join(["python", "benchmarks/accuracy.py",
-                                           *(sys.argv[1:] if argv is None else argv)]),
+    invocations = [{"command": command_line("accuracy.py", sys.argv[1:] if argv is None else argv),
                     "minutes": minutes}]
     machine = machine_info(runtime.resolve_device(next(iter(recipes.values()))["config"]["train"]["device"]),
                            jobs=args.jobs)

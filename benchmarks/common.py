@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
 import resource
 import subprocess
@@ -141,6 +142,18 @@ def append_runs(before: dict[str, Any], runs: list[dict], invocations: list[dict
         else:
             merged.append(dict(inv))
     return [r for r in before["runs"] if key(r) not in done] + runs, merged
+
+
+def command_line(script: str, argv: Sequence[str]) -> str:
+    """The command a report records for an invocation of ``benchmarks/<script>`` with ``argv``: as run, except
+    that ``--from-runs`` (which trains nothing, so reproduces nothing where the runs are not) is written as
+    ``--resume``, which trains the runs that are missing and reports those already finished."""
+    recorded: list[str] = []
+    for a in argv:
+        a = "--resume" if a == "--from-runs" else a
+        if not (a == "--resume" and a in recorded):
+            recorded.append(a)
+    return shlex.join(["python", f"benchmarks/{script}", *recorded])
 
 
 def reproduce_line(invocations: list[dict]) -> str:

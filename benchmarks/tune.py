@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import shlex
 import statistics
 import sys
 import time
@@ -33,8 +32,8 @@ import students  # noqa: E402
 from blockkd import config, methods  # noqa: E402
 from blockkd.engine import runtime  # noqa: E402
 from blockkd.errors import BlockKDError  # noqa: E402
-from common import (append_runs, machine_info, machine_line, markdown_table, mean_std, reproduce_line,  # noqa: E402
-                    runs_beside, section, text_table, threads_per_job, write_json, write_text)
+from common import (append_runs, command_line, machine_info, machine_line, markdown_table, mean_std,  # noqa: E402
+                    reproduce_line, runs_beside, section, text_table, threads_per_job, write_json, write_text)
 
 # name -> (method, method.options): the baselines, then one Block-KD choice changed at a time. The variants of
 # rounds 1-15 ran from the method's defaults of then (FORMER_DEFAULTS below, pinned so that their reproduce lines
@@ -283,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         results = students.side_by_side(run_variant, [(n, seed, extra, str(teacher_dir), str(runs), str(folder),
                                                        args.resume) for seed in seeds for n in names], jobs, threads)
         minutes = (time.perf_counter() - started) / 60
-    command = shlex.join(["python", "benchmarks/tune.py", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("tune.py", sys.argv[1:] if argv is None else argv)
     invocations = [{"command": command, "minutes": minutes, "date": machine_info()["date"], "jobs": jobs,
                     "threads_per_job": threads, "teacher_top1": teacher["last"]["test_top1"]}]
     if args.append and out.is_file():  # earlier runs first, minus those just redone

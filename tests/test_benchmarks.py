@@ -346,7 +346,8 @@ def test_accuracy_report_from_the_finished_runs(runs, tmp_path):
     assert after["setup"]["methods"] == ["ce"] and list(after["methods"]) == ["ce"]
     assert after["methods"]["ce"]["last_top1"] == before["methods"]["ce"]["last_top1"]
     assert after["recipes"]["ce"]["config"]["method"] == before["recipes"]["ce"]["config"]["method"]
-    assert "--from-runs" in after["invocations"][0]["command"]
+    # its Reproduce command trains the runs where they are not (--resume), not nothing (--from-runs)
+    assert after["invocations"][0]["command"].endswith("--quick --val 300 --resume --out out/accuracy.json")
 
 
 def test_accuracy_resume_reuses_finished_runs_and_continues_interrupted_ones(runs, tmp_path):
@@ -571,7 +572,8 @@ def test_tuning_report(tmp_path):
     assert {(r["variant"], r["seed"]): r for r in again["runs"] if r["variant"].startswith("pkt")} == pkt_runs
     assert stamps == {k: (tmp_path / r["run_dir"] / "summary.json").stat().st_mtime_ns for k, r in pkt_runs.items()}
     assert again["variants"]["pkt feat_weight x2"] == merged["variants"]["pkt feat_weight x2"]
-    assert len(again["invocations"]) == 3 and "--from-runs" in again["invocations"][2]["command"]
+    assert len(again["invocations"]) == 3 and "--from-runs" not in again["invocations"][2]["command"]
+    assert "--append --resume --weights-of" in again["invocations"][2]["command"]  # trains where runs are not
     # --resume: the finished runs of the same recipe are reused, not trained again
     proc = subprocess.run([sys.executable, str(BENCH / "tune.py"), "--quick", "--append", "--resume", "--weights-of",
                            "pkt", "--seeds", "1", "--jobs", "1", "--out", "out/tuning.json"], cwd=tmp_path,
