@@ -155,7 +155,9 @@ def test_dot_under_torchrun_matches_a_single_process_run(tmp_path, monkeypatch):
 def test_text_blockkd_under_torchrun_keeps_the_ranks_identical(tmp_path):
     """The text path (tokenised dict batches, dynamic padding, length buckets, token connectors) under DDP:
     two ranks train a tiny BERT student with Block-KD from a BERT teacher, and end every epoch with
-    identical weights, equal to rank 0's checkpoint; rank 0 alone writes the run and the save_pretrained folder."""
+    identical weights, equal to rank 0's checkpoint; rank 0 alone writes the run and the save_pretrained folder.
+    The tokenizer the data trains (a fresh cache) is trained by rank 0 alone and sent to rank 1, which reads the
+    same ids: trained once per rank, it need not be the same."""
     import transformers
 
     models = {}
@@ -185,6 +187,9 @@ output: {{dir: {tmp_path / 'runs'}, name: ddp, tensorboard: false, progress: fal
             os.environ.pop(key, None)
     digests = [[r["weights_sha256"] for r in records(tmp_path / "ddp", rank, "weights_sha256")] for rank in (0, 1)]
     assert len(digests[0]) == 2 and digests[0] == digests[1] and digests[0][0] != digests[0][1]
+    tokenizers = [records(tmp_path / "ddp", rank, "tokenizer_sha256") for rank in (0, 1)]
+    assert [[r["tokenizer_source"] for r in t] for t in tokenizers] == [["trained or cached"], ["rank 0"]]
+    assert tokenizers[0][0]["tokenizer_sha256"] == tokenizers[1][0]["tokenizer_sha256"]
     run = tmp_path / "runs" / "ddp"
     assert state_digest(load_checkpoint(run / "last").weights) == digests[0][-1]
     assert [m["epoch"] for m in metrics(run)] == [1, 2] and (run / "hf" / "config.json").is_file()

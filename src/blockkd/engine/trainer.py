@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -176,12 +178,7 @@ class Trainer:
         self.started = time.perf_counter()
         tcfg = cfg.train
         runtime.seed_everything(tcfg.seed)
-        self.data = data_lib.build(cfg.data, device=rt.device, rank=runtime.rank(),
-                                   world_size=runtime.world_size(), seed=tcfg.seed,
-                                   tokenizer_file=self.trained_tokenizer(resume))
-        # a tokenizer trained on the training text goes into every checkpoint (engine/checkpoint.py: TOKENIZER)
-        trained = cfg.data.flat().get("tokenizer") in data_lib.TRAINED_TOKENIZERS
-        self.tokenizer_json = self.data.tokenizer.backend_tokenizer.to_str().encode() if trained else None
+        self.data, self.tokenizer_json = self.build_data(resume)
         sync_bn = tcfg.sync_bn and runtime.is_distributed()
         if sync_bn and rt.device.type != "cuda":
             raise BlockKDError(f"train.sync_bn needs CUDA devices (this run uses {rt.device}); set it to false")
@@ -236,6 +233,31 @@ class Trainer:
         log.open_tensorboard(purge_step=self.step + 1 if resume else None)
 
     # -- state ---------------------------------------------------------------------------------------
+    def build_data(self, resume: bool) -> tuple[data_lib.DataBundle, bytes | None]:
+        """This rank's data, and the tokenizer.json of a tokenizer trained on the training text (None for other
+        data), which goes into every checkpoint (engine/checkpoint.py: TOKENIZER). Under DDP such a tokenizer
+        is trained by rank 0 alone and sent to the others: trained twice, it need not give the same ids."""
+        cfg, rank = self.cfg, runtime.rank()
+        build = functools.partial(data_lib.build, cfg.data, device=self.rt.device, rank=rank,
+                                  world_size=runtime.world_size(), seed=cfg.train.seed)
+        if cfg.data.flat().get("tokenizer") not in data_lib.TRAINED_TOKENIZERS:
+            return build(), None
+        file = self.trained_tokenizer(resume)
+        source = "file" if file is not None else "trained or cached"
+        if file is None and runtime.is_distributed():
+            data = build() if rank == 0 else None
+            trained = runtime.broadcast_object(data.tokenizer.backend_tokenizer.to_str() if rank == 0 else None)
+            if rank != 0:
+                with tempfile.TemporaryDirectory() as tmp:
+                    (Path(tmp) / "tokenizer.json").write_text(trained, encoding="utf-8")
+                    data, source = build(tokenizer_file=Path(tmp) / "tokenizer.json"), "rank 0"
+        else:
+            data = build(tokenizer_file=file)
+        tokenizer_json = data.tokenizer.backend_tokenizer.to_str().encode()
+        debug_log(rank, lambda: {"tokenizer_sha256": hashlib.sha256(tokenizer_json).hexdigest(),
+                                 "tokenizer_source": source})
+        return data, tokenizer_json
+
     def trained_tokenizer(self, resume: bool) -> Path | None:
         """The tokenizer.json to use for a tokenizer the data trains (wordpiece, bpe, bytebpe): the run's own,
         resumed; else the teacher's, trained with the same settings, which its logits were learned with; None:
