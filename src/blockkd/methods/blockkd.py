@@ -12,9 +12,9 @@ Y^ens = mean_i Y^{N_i} (a target: no gradient flows into it):
     L         = α·L_task + β·L_distill + γ·L_cross
 
 The stones' terms, L_cross and the student's task term ramp in over the first ``stone_warmup_fraction`` of
-training, so the student first learns from the teacher's logits alone (docs/blockkd.md, "Stable by default"). Which stones
-exist and which rows of the batch each runs on (``num_stones``, ``whole_batch_stones``) is decided in
-:mod:`blockkd.methods.stones`; every option and the measurement behind it: docs/blockkd.md.
+training, so the student first learns from the teacher's logits alone (docs/blockkd.md, "Stable by default").
+Which stones exist and which rows of the batch each runs on (``num_stones``, ``whole_batch_stones``) is decided
+in :mod:`blockkd.methods.stones`; every option and the measurement behind it: docs/blockkd.md.
 """
 from __future__ import annotations
 
