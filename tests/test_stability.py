@@ -2,12 +2,13 @@
 
 The objective sums many KL·T² terms whose gradients reach the student through the frozen teacher's later
 blocks; a teacher with large logits (std ≳ 15) makes those gradients large. benchmarks/stability.py and
-benchmarks/weight_sweep.py measure it; this test runs the weight sweep's setting (synthetic data, a
-resnet14 teacher scaled to logit std 20, resnet8 student, SGD lr 0.05) and compares, in one process,
-the defaults with the paper's unit weights (α = β = γ = 1), in one process, where a fixed accuracy threshold
-would not hold on every CPU. The margin was ~35 points with blockkd 0.1's defaults (no warm-up, no bound on the
-stones' gradients); the stone warm-up and ``stone_grad_cap``, which the unit weights get too, bring it to ~10
-(65.6 against 55.9 on the project's CPU), still far outside a seed's spread.
+benchmarks/weight_sweep.py measure it; the first test runs the weight sweep's setting (synthetic data, a
+resnet14 teacher scaled to logit std 20, resnet8 student, SGD lr 0.05) with the defaults and with the paper's
+unit weights (α = β = γ = 1): both train to the end on finite losses that fall. It used to assert the defaults
+~10 points above the unit weights too; since the student's task term joined the warm-up (which the unit weights
+get as well) the two are level there, and in that 4-epoch toy the defaults' rank against KD turns on the thread
+count (`python benchmarks/weight_sweep.py --variants ce kd unit defaults`; results/README.md, "Block-KD's
+default weights: stable with a confident teacher").
 """
 from __future__ import annotations
 
@@ -33,10 +34,10 @@ def test_blockkd_defaults_are_stable_with_a_confident_teacher(tmp_path):
     defaults = train(recipe(tmp_path, "defaults", "blockkd", teacher=teacher))
     unit = train(recipe(tmp_path, "unit", "blockkd", teacher=teacher,
                         method={"options": {"alpha": 1.0, "beta": 1.0, "gamma": 1.0}}))
-    for summary in (defaults, unit):  # both trained to the end on finite losses
+    for summary in (defaults, unit):  # both trained to the end on finite losses that fell
         rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
         assert len(rows) == 4 and all(math.isfinite(r["train_loss"]) for r in rows)
-    assert defaults["last"]["test_top1"] > unit["last"]["test_top1"] + 5, (defaults["last"], unit["last"])
+        assert rows[-1]["train_loss"] < rows[0]["train_loss"], rows
 
 
 def test_blockkd_first_gradients_are_no_harsher_than_kds():
