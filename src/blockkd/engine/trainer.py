@@ -240,9 +240,10 @@ class Trainer:
         cfg, rank = self.cfg, runtime.rank()
         build = functools.partial(data_lib.build, cfg.data, device=self.rt.device, rank=rank,
                                   world_size=runtime.world_size(), seed=cfg.train.seed)
-        if cfg.data.flat().get("tokenizer") not in data_lib.TRAINED_TOKENIZERS:
+        section = cfg.data.flat()
+        if section.get("tokenizer") not in data_lib.TRAINED_TOKENIZERS:
             return build(), None
-        file = self.trained_tokenizer(resume)
+        file = self.trained_tokenizer(resume, section)
         source = "file" if file is not None else "trained or cached"
         if file is None and runtime.is_distributed():
             data = build() if rank == 0 else None
@@ -258,13 +259,10 @@ class Trainer:
                                  "tokenizer_source": source})
         return data, tokenizer_json
 
-    def trained_tokenizer(self, resume: bool) -> Path | None:
-        """The tokenizer.json to use for a tokenizer the data trains (wordpiece, bpe, bytebpe): the run's own,
-        resumed; else the teacher's, trained with the same settings, which its logits were learned with; None:
-        train it (or read the cache)."""
-        data = self.cfg.data.flat()
-        if data.get("tokenizer") not in data_lib.TRAINED_TOKENIZERS:
-            return None
+    def trained_tokenizer(self, resume: bool, data: dict[str, Any]) -> Path | None:
+        """The tokenizer.json to use for the tokenizer that the data section ``data`` (flat) trains (wordpiece,
+        bpe, bytebpe): the run's own, resumed; else the teacher's, trained with the same settings, which its
+        logits were learned with; None: train it (or read the cache)."""
         file = (saved_tokenizer(self.run_dir) if resume else None) or \
             teacher_tokenizer(self.cfg.teacher.checkpoint, data)
         if file is not None:
